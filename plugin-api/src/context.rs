@@ -1,0 +1,223 @@
+//! [`Context`]: what the host lends a handler for the length of one call.
+//!
+//! The host owns the SQLite database; plugins never link SQLite themselves
+//! (two copies of SQLite in one process break its file locking). Instead the
+//! host lends SQL access through [`HostServices`], inside the transaction it
+//! opened for the call: if the handler fails, everything it wrote is rolled
+//! back. The context also carries the clock, logging and this host's public
+//! identity. Private keys never cross this boundary.
+
+// sabi_trait expands to impls inside a const block, which this newer lint flags.
+#![allow(non_local_definitions)]
+
+use abi_stable::{
+    sabi_trait,
+    sabi_types::RMut,
+    std_types::{RResult, RSlice, RStr, RString, RVec},
+    StableAbi,
+};
+
+use crate::{PluginError, Value};
+
+/// The result of a query: column names and rows of values.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    /// Column names, in select order.
+    pub columns: RVec<RString>,
+    /// Each row holds one value per column.
+    pub rows: RVec<RVec<Value>>,
+}
+
+impl Rows {
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows, each as a [`Row`] that can be read by column index or name.
+    pub fn iter(&self) -> impl Iterator<Item = Row<'_>> {
+        self.rows.iter().map(move |values| Row {
+            columns: &self.columns,
+            values,
+        })
+    }
+
+    /// The first row, if any.
+    pub fn first(&self) -> Option<Row<'_>> {
+        self.iter().next()
+    }
+}
+
+/// One row of [`Rows`].
+#[derive(Clone, Copy, Debug)]
+pub struct Row<'a> {
+    columns: &'a [RString],
+    values: &'a [Value],
+}
+
+impl<'a> Row<'a> {
+    /// The value in column `i` (0-based); [`Value::Null`] past the end.
+    pub fn get(&self, i: usize) -> &'a Value {
+        const NULL: &Value = &Value::Null;
+        self.values.get(i).unwrap_or(NULL)
+    }
+
+    /// The value in the column named `name`; [`Value::Null`] if there is none.
+    pub fn named(&self, name: &str) -> &'a Value {
+        match self.columns.iter().position(|c| c.as_str() == name) {
+            Some(i) => self.get(i),
+            None => &Value::Null,
+        }
+    }
+
+    /// Column `i` as text.
+    pub fn str(&self, i: usize) -> Option<&'a str> {
+        self.get(i).as_str()
+    }
+
+    /// Column `i` as an integer.
+    pub fn int(&self, i: usize) -> Option<i64> {
+        self.get(i).as_int()
+    }
+
+    /// Column `i` as bytes.
+    pub fn bytes(&self, i: usize) -> Option<&'a [u8]> {
+        self.get(i).as_bytes()
+    }
+
+    /// All values of the row.
+    pub fn values(&self) -> &'a [Value] {
+        self.values
+    }
+}
+
+/// This host's public identity. It never contains secret key material.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct Identity {
+    /// The peer id other hosts know this host by.
+    pub peer_id: RString,
+    /// The host's X25519 public key (32 bytes).
+    pub public_key: RVec<u8>,
+}
+
+/// Log levels for [`Context::log`].
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Fine detail, off by default.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something an operator may want to look at.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// The host side of a [`Context`], as an ABI-stable trait object.
+///
+/// Plugin authors use [`Context`]; this trait is for the host and for test
+/// harnesses that stand in for it.
+#[sabi_trait]
+pub trait HostServices {
+    /// Runs a query and returns all its rows.
+    fn query(&mut self, sql: RStr<'_>, params: RSlice<'_, Value>) -> RResult<Rows, RString>;
+
+    /// Runs a statement and returns the number of rows it changed.
+    fn execute(&mut self, sql: RStr<'_>, params: RSlice<'_, Value>) -> RResult<u64, RString>;
+
+    /// Milliseconds since the Unix epoch, from the host's clock.
+    fn now_ms(&self) -> i64;
+
+    /// Logs a line under the plugin's name.
+    fn log(&self, level: LogLevel, message: RStr<'_>);
+
+    /// This host's public identity.
+    #[sabi(last_prefix_field)]
+    fn identity(&self) -> Identity;
+}
+
+/// The FFI-safe handle to the host's services that crosses the boundary.
+pub type HostRef<'a> = HostServices_TO<'a, RMut<'a, ()>>;
+
+/// The host's service object, handed to [`crate::Handler::process`] and
+/// [`crate::Handler::run_job`]. See the [module docs](self).
+pub struct Context<'a> {
+    host: HostRef<'a>,
+}
+
+impl<'a> Context<'a> {
+    /// Wraps the host's services. The plugin-api glue does this for you.
+    pub fn new(host: HostRef<'a>) -> Self {
+        Self { host }
+    }
+
+    /// Runs `sql` with positional parameters (`?1`, `?2`, … or `?`) and
+    /// returns every row.
+    ///
+    /// ```ignore
+    /// let peers = ctx.query(
+    ///     "SELECT peer_id, ip, port FROM addresses WHERE network_id = ?",
+    ///     params![network_id],
+    /// )?;
+    /// ```
+    pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Rows, PluginError> {
+        self.host
+            .query(sql.into(), params.into())
+            .into_result()
+            .map_err(|e| PluginError::msg(e.into_string()))
+    }
+
+    /// Runs a statement and returns the number of rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, PluginError> {
+        self.host
+            .execute(sql.into(), params.into())
+            .into_result()
+            .map_err(|e| PluginError::msg(e.into_string()))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.host.now_ms()
+    }
+
+    /// Logs `message` at `level`, tagged with the plugin's name.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        self.host.log(level, message.into())
+    }
+
+    /// Logs at [`LogLevel::Info`].
+    pub fn info(&self, message: &str) {
+        self.log(LogLevel::Info, message)
+    }
+
+    /// Logs at [`LogLevel::Warn`].
+    pub fn warn(&self, message: &str) {
+        self.log(LogLevel::Warn, message)
+    }
+
+    /// Logs at [`LogLevel::Debug`].
+    pub fn debug(&self, message: &str) {
+        self.log(LogLevel::Debug, message)
+    }
+
+    /// This host's public identity.
+    pub fn identity(&self) -> Identity {
+        self.host.identity()
+    }
+}
+
+/// Builds a `&[Value]` parameter list for [`Context::query`] and
+/// [`Context::execute`]: `params![network_id, 42, b"raw".to_vec()]`.
+#[macro_export]
+macro_rules! params {
+    () => { &[] as &[$crate::Value] };
+    ($($p:expr),+ $(,)?) => { &[$($crate::Value::from($p)),+][..] };
+}

@@ -1,0 +1,163 @@
+//! [`Handler`]: the trait plugin authors implement, and the ABI glue that
+//! makes it safe to call from the host.
+//!
+//! The seed design gives a handler three calls: `filter` decides whether an
+//! envelope is for it, `process` turns one envelope into more, and `run_job`
+//! is what the scheduler calls when a job in `jobs.yaml` names the handler.
+//! A handler also lists the event types it subscribes to, so the host only
+//! crosses the ABI for envelopes the handler can want.
+//!
+//! Every call into a plugin runs under `catch_unwind`: a panic becomes an
+//! error value the host reports, because a panic that reached the ABI would
+//! end the whole host process.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+// sabi_trait expands to impls inside a const block, which this newer lint flags.
+#![allow(non_local_definitions)]
+
+use abi_stable::{
+    sabi_trait,
+    sabi_trait::TD_Opaque,
+    std_types::{RBox, ROk, RResult, RString, RVec},
+    StableAbi,
+};
+
+use crate::{Context, Envelope, HostRef, PluginError, Value};
+
+/// The subscription that matches every event type.
+pub const ANY_EVENT_TYPE: &str = "*";
+
+/// A handler, as plugin authors write it. See the [module docs](self).
+///
+/// ```
+/// use quiet_plugin_api::{envelope, Context, Envelope, Handler, PluginError, Value};
+///
+/// struct Echo;
+///
+/// impl Handler for Echo {
+///     fn name(&self) -> &str { "echo" }
+///     fn event_types(&self) -> &[&str] { &["ping"] }
+///     fn process(&self, env: &Envelope, _ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
+///         Ok(vec![envelope! { "event_type" => "pong", "n" => env.int("n") }])
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// The name `jobs.yaml` refers to in `handler:`. Unique across the plugins
+    /// a host loads.
+    fn name(&self) -> &str;
+
+    /// The event types this handler wants; `"*"` ([`ANY_EVENT_TYPE`]) means all.
+    /// A handler that only runs jobs returns an empty list.
+    fn event_types(&self) -> &[&str];
+
+    /// Whether to process `envelope`, which has one of the subscribed event
+    /// types. Runs outside any transaction. Defaults to `true`.
+    fn filter(&self, envelope: &Envelope) -> bool {
+        let _ = envelope;
+        true
+    }
+
+    /// Handles one envelope and returns the envelopes it produces, which the
+    /// host feeds back into its pipeline.
+    fn process(&self, envelope: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
+        let _ = (envelope, ctx);
+        Ok(Vec::new())
+    }
+
+    /// Runs this handler's job with the `params` map from `jobs.yaml`, and
+    /// returns envelopes for the pipeline. Handlers without a job keep the
+    /// default, which fails with a clear message.
+    fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
+        let _ = (ctx, params);
+        Err(PluginError::msg(format!("handler '{}' has no run_job", self.name())))
+    }
+}
+
+/// What a handler declares about itself, read once when the plugin loads.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct HandlerSpec {
+    /// See [`Handler::name`].
+    pub name: RString,
+    /// See [`Handler::event_types`].
+    pub event_types: RVec<RString>,
+}
+
+/// The ABI-stable form of a [`Handler`]. Plugin authors never implement this;
+/// [`crate::export_plugin!`] wraps each [`Handler`] in it.
+#[sabi_trait]
+pub trait AbiHandler: Send + Sync {
+    /// See [`HandlerSpec`].
+    fn spec(&self) -> RResult<HandlerSpec, RString>;
+
+    /// See [`Handler::filter`].
+    fn filter(&self, envelope: &Envelope) -> RResult<bool, RString>;
+
+    /// See [`Handler::process`].
+    fn process(&self, envelope: &Envelope, host: HostRef<'_>) -> RResult<RVec<Envelope>, RString>;
+
+    /// See [`Handler::run_job`].
+    #[sabi(last_prefix_field)]
+    fn run_job(&self, host: HostRef<'_>, params: &Value) -> RResult<RVec<Envelope>, RString>;
+}
+
+/// An owned, type-erased handler as it crosses the boundary.
+pub type HandlerBox = AbiHandler_TO<'static, RBox<()>>;
+
+/// Boxes a [`Handler`] for the ABI. Used by [`crate::export_plugin!`] and by
+/// in-process test harnesses.
+pub fn into_abi<H: Handler>(handler: H) -> HandlerBox {
+    HandlerBox::from_value(Guarded(handler), TD_Opaque)
+}
+
+/// Runs `f`, turning both its error and any panic into an error string.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => ROk(v),
+        Ok(Err(e)) => RResult::RErr(e.message().into()),
+        Err(payload) => RResult::RErr(panic_message(payload.as_ref()).into()),
+    }
+}
+
+/// Text of a caught panic, prefixed so that the host can tell panics apart.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload");
+    format!("panicked: {text}")
+}
+
+struct Guarded<H>(H);
+
+impl<H: Handler> AbiHandler for Guarded<H> {
+    fn spec(&self) -> RResult<HandlerSpec, RString> {
+        guarded(|| {
+            Ok(HandlerSpec {
+                name: self.0.name().into(),
+                event_types: self.0.event_types().iter().map(|t| RString::from(*t)).collect(),
+            })
+        })
+    }
+
+    fn filter(&self, envelope: &Envelope) -> RResult<bool, RString> {
+        guarded(|| Ok(self.0.filter(envelope)))
+    }
+
+    fn process(&self, envelope: &Envelope, host: HostRef<'_>) -> RResult<RVec<Envelope>, RString> {
+        guarded(|| {
+            let mut ctx = Context::new(host);
+            self.0.process(envelope, &mut ctx).map(RVec::from)
+        })
+    }
+
+    fn run_job(&self, host: HostRef<'_>, params: &Value) -> RResult<RVec<Envelope>, RString> {
+        guarded(|| {
+            let mut ctx = Context::new(host);
+            self.0.run_job(&mut ctx, params).map(RVec::from)
+        })
+    }
+}
