@@ -7,8 +7,6 @@
 //! back. The context also carries the clock, logging and this host's public
 //! identity. Private keys never cross this boundary.
 
-// sabi_trait expands to impls inside a const block, which this newer lint flags.
-#![allow(non_local_definitions)]
 
 use abi_stable::{
     sabi_trait,

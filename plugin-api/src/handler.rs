@@ -13,8 +13,6 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-// sabi_trait expands to impls inside a const block, which this newer lint flags.
-#![allow(non_local_definitions)]
 
 use abi_stable::{
     sabi_trait,

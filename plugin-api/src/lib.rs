@@ -45,9 +45,12 @@
 //!   error (build plugins with the default `panic = "unwind"`);
 //! - private keys never reach a plugin; the host seals and opens envelopes.
 
+// sabi_trait expands to impls inside a const block, which a newer lint flags.
+#[allow(non_local_definitions)]
 pub mod context;
 pub mod envelope;
 pub mod error;
+#[allow(non_local_definitions)]
 pub mod handler;
 pub mod module;
 pub mod value;
