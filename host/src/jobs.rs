@@ -1,1 +1,783 @@
-//! placeholder
+//! Parsing and validation of `jobs.yaml`, the list of jobs the host runs.
+//!
+//! Operators edit this file while the host runs. An invalid edit must be
+//! refused with a `file:line:column` message they can act on, and the host
+//! keeps running the last good config (the caller does the keeping; this
+//! module only says yes or no). So every check runs while the YAML
+//! deserializer is positioned on the offending value, which is how
+//! serde_yaml attaches a location to an error.
+//!
+//! This is the only module that knows serde_yaml (deprecated upstream), so
+//! replacing it later touches this one file.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use quiet_plugin_api::{Field, Value};
+use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// The smallest accepted `frequency_ms`.
+pub const MIN_FREQUENCY_MS: u64 = 100;
+/// The largest accepted `frequency_ms`: one year.
+const MAX_FREQUENCY_MS: u64 = 31_536_000_000;
+/// The longest accepted job name, in characters.
+const MAX_NAME_LEN: usize = 64;
+
+/// A valid `jobs.yaml`: the jobs in file order, names unique.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobsConfig {
+    /// Every job, enabled or not, in file order.
+    pub jobs: Vec<JobSpec>,
+}
+
+/// One entry of `jobs.yaml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSpec {
+    /// Unique name: 1 to 64 characters from `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// The plugin handler to call, same charset as `name`.
+    pub handler: String,
+    /// How often to run, in `MIN_FREQUENCY_MS..=` one year.
+    pub frequency_ms: u64,
+    /// Whether the job runs; `true` unless the file says otherwise.
+    pub enabled: bool,
+    /// The job's parameters; always a [`Value::Map`] (empty if absent).
+    pub params: Value,
+}
+
+impl JobsConfig {
+    /// The job called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&JobSpec> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+
+    /// The enabled jobs, in file order.
+    pub fn enabled(&self) -> impl Iterator<Item = &JobSpec> {
+        self.jobs.iter().filter(|j| j.enabled)
+    }
+}
+
+/// Why a `jobs.yaml` was refused. Displays as one line,
+/// `path:line:column: message`, or `path: message` without a location.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {}", .path.display(), location(.line, .column), .message.replace(['\r', '\n'], " "))]
+pub struct ConfigError {
+    /// The file, as given to [`parse`] or [`load`].
+    pub path: PathBuf,
+    /// 1-based line of the offending value, when known.
+    pub line: Option<usize>,
+    /// 1-based column of the offending value, when known.
+    pub column: Option<usize>,
+    /// What is wrong, without the location.
+    pub message: String,
+}
+
+fn location(line: &Option<usize>, column: &Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+/// Reads and parses the file at `path`; returns the config and the raw text.
+pub fn load(path: &Path) -> Result<(JobsConfig, String), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let msg = e.to_string();
+        // "No such file or directory (os error 2)" -> drop the errno.
+        let msg = msg.split(" (os error").next().unwrap_or_default();
+        ConfigError {
+            path: path.into(),
+            line: None,
+            column: None,
+            message: format!("cannot read: {msg}"),
+        }
+    })?;
+    Ok((parse(&text, path)?, text))
+}
+
+/// Parses and validates the text of a `jobs.yaml`; `path` is only used in
+/// error messages. An empty or comment-only text is a valid empty config.
+pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
+    let err = match run_pass(text, None) {
+        (Ok(file), _) => {
+            let jobs = file.and_then(|f| f.jobs).unwrap_or_default();
+            let jobs = jobs.into_iter().map(|j| JobSpec {
+                name: j.name,
+                handler: j.handler,
+                frequency_ms: j.frequency_ms,
+                enabled: j.enabled,
+                params: j.params,
+            });
+            return Ok(JobsConfig {
+                jobs: jobs.collect(),
+            });
+        }
+        (Err(e), None) => return Err(config_error(&e, path)),
+        (Err(e), Some(first)) => (e, first),
+    };
+    // A duplicate name: the error sits on the second occurrence. Re-run,
+    // failing on purpose at the first one, to get its real line too.
+    let (dup, first) = err;
+    let mut out = config_error(&dup, path);
+    let probe = run_pass(text, Some(first)).0;
+    match probe.err().and_then(|e| e.location()) {
+        Some(loc) => out.message += &format!(" (first at line {})", loc.line()),
+        None => out.message += &format!(" (first at jobs[{first}])"),
+    }
+    Err(out)
+}
+
+/// Converts params to JSON for storage: maps become objects, bytes become
+/// `{"$bytes": "<lowercase hex>"}`, non-finite floats become `null`.
+pub fn params_to_json(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Null => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        Value::Text(s) => J::String(s.to_string()),
+        Value::Bytes(b) => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            serde_json::json!({ "$bytes": hex })
+        }
+        Value::List(l) => J::Array(l.iter().map(params_to_json).collect()),
+        Value::Map(m) => J::Object(
+            m.iter()
+                .map(|f| (f.key.to_string(), params_to_json(&f.value)))
+                .collect(),
+        ),
+        // Test-only variants of `Value` (feature unification) have no JSON form.
+        #[allow(unreachable_patterns)]
+        _ => J::Null,
+    }
+}
+
+fn config_error(err: &serde_yaml::Error, path: &Path) -> ConfigError {
+    let loc = err.location();
+    let mut message = err.to_string();
+    if let Some(l) = &loc {
+        let suffix = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(i) = message.rfind(&suffix) {
+            message.replace_range(i..i + suffix.len(), "");
+        }
+    }
+    ConfigError {
+        path: path.into(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.map(|l| l.column()),
+        message,
+    }
+}
+
+// ---- the file's shape ----------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsFile {
+    #[serde(default)]
+    jobs: Option<Vec<Job>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Job {
+    #[serde(deserialize_with = "de_name")]
+    name: String,
+    #[serde(deserialize_with = "de_handler")]
+    handler: String,
+    #[serde(deserialize_with = "de_frequency")]
+    frequency_ms: u64,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "empty_map", deserialize_with = "de_params")]
+    params: Value,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn empty_map() -> Value {
+    Value::Map(Default::default())
+}
+
+// ---- duplicate names -----------------------------------------------------
+
+/// Names seen so far in the current pass. Serde gives visitors no context,
+/// so `de_name` reaches it through a thread-local; `run_pass` resets it.
+#[derive(Default)]
+struct NameTracker {
+    names: Vec<String>,
+    /// Fail (to learn its location) at the name of this job index.
+    probe: Option<usize>,
+    /// Set when a duplicate was found: the index of the first occurrence.
+    dup_first: Option<usize>,
+}
+
+thread_local! {
+    static NAMES: RefCell<NameTracker> = RefCell::default();
+}
+
+/// One deserialization of `text`; also returns the index of the first
+/// occurrence when it failed on a duplicate name.
+fn run_pass(
+    text: &str,
+    probe: Option<usize>,
+) -> (Result<Option<JobsFile>, serde_yaml::Error>, Option<usize>) {
+    let fresh = NameTracker {
+        probe,
+        ..Default::default()
+    };
+    NAMES.with(|t| *t.borrow_mut() = fresh);
+    let result = serde_yaml::from_str(text);
+    let dup_first = NAMES.with(|t| std::mem::take(&mut *t.borrow_mut()).dup_first);
+    (result, dup_first)
+}
+
+fn see_name(name: &str) -> Result<(), String> {
+    NAMES.with(|t| {
+        let mut t = t.borrow_mut();
+        let index = t.names.len();
+        if t.probe == Some(index) {
+            return Err("probe".into());
+        }
+        if let Some(first) = t.names.iter().position(|n| n == name) {
+            t.dup_first = Some(first);
+            return Err(format!("duplicate job name '{name}'"));
+        }
+        t.names.push(name.to_owned());
+        Ok(())
+    })
+}
+
+// ---- field validators (run while positioned on the value) ----------------
+
+/// A job name (unique, at most `MAX_NAME_LEN` long) or a handler name.
+struct Ident {
+    job_name: bool,
+}
+
+impl<'de> Visitor<'de> for Ident {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string of A-Z a-z 0-9 _ . -")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        if v.is_empty() {
+            return Err(E::custom("must not be empty"));
+        }
+        let bad = |c: &char| !(c.is_ascii_alphanumeric() || "_.-".contains(*c));
+        if let Some(c) = v.chars().find(bad) {
+            let msg = format!("may only contain A-Z a-z 0-9 _ . - (found {c:?})");
+            return Err(E::custom(msg));
+        }
+        if self.job_name && v.len() > MAX_NAME_LEN {
+            let msg = format!("must be at most {MAX_NAME_LEN} characters, got {}", v.len());
+            return Err(E::custom(msg));
+        }
+        if self.job_name {
+            see_name(v).map_err(E::custom)?;
+        }
+        Ok(v.to_owned())
+    }
+}
+
+fn de_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_str(Ident { job_name: true })
+}
+
+fn de_handler<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_str(Ident { job_name: false })
+}
+
+struct Frequency;
+
+impl<'de> Visitor<'de> for Frequency {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an integer number of milliseconds")
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        frequency(v.into())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        frequency(v.into())
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<u64, E> {
+        frequency(v)
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<u64, E> {
+        frequency(i128::try_from(v).unwrap_or(i128::MAX))
+    }
+}
+
+fn frequency<E: de::Error>(v: i128) -> Result<u64, E> {
+    let (min, max) = (MIN_FREQUENCY_MS, MAX_FREQUENCY_MS);
+    if v < i128::from(min) {
+        Err(E::custom(format!("must be at least {min} ms, got {v}")))
+    } else if v > i128::from(max) {
+        Err(E::custom(format!(
+            "must be at most {max} ms (1 year), got {v}"
+        )))
+    } else {
+        Ok(v as u64)
+    }
+}
+
+fn de_frequency<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(Frequency)
+}
+
+// ---- params: YAML -> Value -----------------------------------------------
+
+/// Any YAML value; with `top`, only a mapping (or null, meaning empty).
+struct AnyValue {
+    top: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for AnyValue {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+fn de_params<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    AnyValue { top: true }.deserialize(d)
+}
+
+impl AnyValue {
+    fn leaf<E: de::Error>(&self, v: Value, unexpected: de::Unexpected) -> Result<Value, E> {
+        if self.top {
+            Err(E::invalid_type(unexpected, self))
+        } else {
+            Ok(v)
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for AnyValue {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let what = if self.top {
+            "a mapping"
+        } else {
+            "a YAML value"
+        };
+        f.write_str(what)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(if self.top { empty_map() } else { Value::Null })
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.leaf(Value::Bool(v), de::Unexpected::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.leaf(Value::Int(v), de::Unexpected::Signed(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        match i64::try_from(v) {
+            Ok(i) => self.visit_i64(i),
+            Err(_) => Err(E::custom(format!(
+                "integer {v} is too large (max {})",
+                i64::MAX
+            ))),
+        }
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+        Err(E::custom(format!("integer {v} does not fit in 64 bits")))
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+        Err(E::custom(format!("integer {v} does not fit in 64 bits")))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.leaf(Value::Float(v), de::Unexpected::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.leaf(Value::from(v), de::Unexpected::Str(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        if self.top {
+            return Err(de::Error::invalid_type(de::Unexpected::Seq, &self));
+        }
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(AnyValue { top: false })? {
+            items.push(v);
+        }
+        Ok(Value::from(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields: Vec<Field> = Vec::new();
+        while let Some(key) = map.next_key_seed(Key(&fields))? {
+            let value = map.next_value_seed(AnyValue { top: false })?;
+            let key = key.into();
+            fields.push(Field { key, value });
+        }
+        Ok(Value::Map(fields.into()))
+    }
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        let (tag, _) = data.variant::<String>()?;
+        let msg = format!("YAML tags are not supported (found !{tag})");
+        Err(de::Error::custom(msg))
+    }
+}
+
+/// A params key: a string not already in the map.
+struct Key<'a>(&'a [Field]);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        if self.0.iter().any(|f| f.key.as_str() == v) {
+            return Err(E::custom(format!("duplicate key {v:?}")));
+        }
+        Ok(v.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "# jobs.yaml
+jobs:
+  - name: sync_with_peers
+    handler: sync
+    frequency_ms: 3000
+    enabled: true        # optional, default true
+    params:              # optional, default empty map; any YAML
+      network_id: net_1
+      max_events_per_response: 1000
+";
+
+    fn parse_str(text: &str) -> Result<JobsConfig, ConfigError> {
+        parse(text, Path::new("jobs.yaml"))
+    }
+
+    /// A one-job file (lines 1-4) with `extra` appended at job indent.
+    fn job(extra: &str) -> String {
+        format!("jobs:\n  - name: a\n    handler: h\n    frequency_ms: 3000\n{extra}")
+    }
+
+    /// `text` is refused at `line`, with `msg` in the message and the
+    /// location not repeated in it.
+    #[track_caller]
+    fn refused(text: &str, line: usize, msg: &str) -> ConfigError {
+        let e = parse_str(text).expect_err("should be refused");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.message.contains(msg), "{e}");
+        assert!(
+            !e.message.contains(&format!("at line {line} column")),
+            "{e}"
+        );
+        e
+    }
+
+    fn empty() -> Value {
+        Value::map(Vec::<(&str, Value)>::new())
+    }
+
+    #[test]
+    fn example_parses() {
+        let cfg = parse_str(EXAMPLE).unwrap();
+        let want = JobSpec {
+            name: "sync_with_peers".into(),
+            handler: "sync".into(),
+            frequency_ms: 3000,
+            enabled: true,
+            params: Value::map([
+                ("network_id", Value::from("net_1")),
+                ("max_events_per_response", 1000.into()),
+            ]),
+        };
+        assert_eq!(
+            cfg,
+            JobsConfig {
+                jobs: vec![want.clone()]
+            }
+        );
+        assert_eq!(cfg.get("sync_with_peers"), Some(&want));
+        assert_eq!(cfg.get("nope"), None);
+        assert_eq!(cfg.enabled().count(), 1);
+    }
+
+    #[test]
+    fn empty_files_and_defaults() {
+        for text in [
+            "",
+            "\n",
+            "# only a comment\n  # another\n",
+            "jobs: []\n",
+            "jobs:\n",
+        ] {
+            assert_eq!(parse_str(text).unwrap().jobs, vec![], "{text:?}");
+        }
+        let spec = &parse_str(&job("")).unwrap().jobs[0];
+        assert!(spec.enabled);
+        assert_eq!(spec.params, empty());
+        assert_eq!(
+            parse_str(&job("    params:\n")).unwrap().jobs[0].params,
+            empty()
+        );
+        let cfg = parse_str(&job("    enabled: false\n")).unwrap();
+        assert_eq!((cfg.jobs.len(), cfg.enabled().count()), (1, 0));
+    }
+
+    #[test]
+    fn unknown_and_missing_fields() {
+        let e = refused(
+            &job("    frequncy_ms: 3000\n"),
+            5,
+            "unknown field `frequncy_ms`",
+        );
+        assert_eq!(e.column, Some(5));
+        refused("jobs: []\njob: []\n", 2, "unknown field `job`");
+        // A missing field is reported where the job's mapping starts.
+        refused(
+            "jobs:\n  - name: a\n    frequency_ms: 3000\n",
+            2,
+            "missing field `handler`",
+        );
+        refused(
+            "jobs:\n\n  - handler: h\n    frequency_ms: 3000\n",
+            3,
+            "missing field `name`",
+        );
+        refused(
+            "jobs:\n  - name: a\n    handler: h\n",
+            2,
+            "missing field `frequency_ms`",
+        );
+        refused(
+            &job("    enabled: yes\n"),
+            5,
+            "enabled: invalid type: string \"yes\"",
+        );
+    }
+
+    #[test]
+    fn names_and_handlers() {
+        let f = |n: &str| format!("jobs:\n  - name: {n}\n    handler: h\n    frequency_ms: 3000\n");
+        let e = refused(
+            &f("'a b'"),
+            2,
+            "jobs[0].name: may only contain A-Z a-z 0-9 _ . - (found ' ')",
+        );
+        assert_eq!(e.column, Some(11));
+        refused(&f("''"), 2, "name: must not be empty");
+        refused(&f(""), 2, "name: must not be empty");
+        refused(
+            &f(&"x".repeat(65)),
+            2,
+            "name: must be at most 64 characters, got 65",
+        );
+        assert!(parse_str(&f(&"x".repeat(64))).is_ok());
+        assert!(parse_str(&f("A-z_0.9")).is_ok());
+        refused(
+            "jobs:\n  - name: a\n    handler: sync/x\n    frequency_ms: 3000\n",
+            3,
+            "handler: may only",
+        );
+        refused(
+            "jobs:\n  - name: a\n    handler: ''\n    frequency_ms: 3000\n",
+            3,
+            "handler: must not be empty",
+        );
+    }
+
+    #[test]
+    fn frequency_bounds() {
+        let f = |v: &str| format!("jobs:\n  - name: a\n    handler: h\n    frequency_ms: {v}\n");
+        let e = refused(&f("5"), 4, "frequency_ms: must be at least 100 ms, got 5");
+        assert_eq!(
+            e.to_string(),
+            "jobs.yaml:4:19: jobs[0].frequency_ms: must be at least 100 ms, got 5"
+        );
+        refused(&f("-5"), 4, "must be at least 100 ms, got -5");
+        refused(
+            &f("31536000001"),
+            4,
+            "must be at most 31536000000 ms (1 year), got 31536000001",
+        );
+        refused(
+            &f("99999999999999999999999"),
+            4,
+            "got 99999999999999999999999",
+        );
+        refused(
+            &f("'3000'"),
+            4,
+            "expected an integer number of milliseconds",
+        );
+        refused(
+            &f("3000.5"),
+            4,
+            "expected an integer number of milliseconds",
+        );
+        assert_eq!(
+            parse_str(&f("100")).unwrap().jobs[0].frequency_ms,
+            MIN_FREQUENCY_MS
+        );
+        assert_eq!(
+            parse_str(&f("31536000000")).unwrap().jobs[0].frequency_ms,
+            MAX_FREQUENCY_MS
+        );
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let two = "  - name: b\n    handler: h\n    frequency_ms: 3000\n";
+        let text = job(two) + "\n  - name: a\n    handler: h\n    frequency_ms: 3000\n";
+        let e = refused(&text, 9, "duplicate job name 'a' (first at line 2)");
+        assert_eq!(e.column, Some(11));
+        // The name tracker is per parse: the next parse starts clean.
+        assert!(parse_str(&job(two)).is_ok());
+    }
+
+    #[test]
+    fn params_validation() {
+        let p = |body: &str| job(&format!("    params:\n{body}"));
+        refused(
+            &job("    params: [1]\n"),
+            5,
+            "params: invalid type: sequence, expected a mapping",
+        );
+        refused(&job("    params: 3\n"), 5, "expected a mapping");
+        refused(
+            &p("      n: 9223372036854775808\n"),
+            6,
+            "params.n: integer 9223372036854775808 is too large",
+        );
+        refused(
+            &p("      1: a\n"),
+            6,
+            "invalid type: integer `1`, expected a string key",
+        );
+        refused(&p("      x: 1\n      x: 2\n"), 7, "duplicate key \"x\"");
+        refused(
+            &p("      a:\n        - !custom 1\n"),
+            7,
+            "YAML tags are not supported (found !custom)",
+        );
+    }
+
+    #[test]
+    fn params_nested_conversion() {
+        let body = "      list: [1, two, 3.5, ~]\n      map:\n        ok: true\n        inner:\n          - k: -1\n";
+        let params = &parse_str(&job(&format!("    params:\n{body}      empty: {{}}\n")))
+            .unwrap()
+            .jobs[0]
+            .params;
+        let inner = Value::from(vec![Value::map([("k", -1)])]);
+        let want = Value::map([
+            (
+                "list",
+                Value::from(vec![1.into(), "two".into(), 3.5.into(), Value::Null]),
+            ),
+            (
+                "map",
+                Value::map([("ok", Value::Bool(true)), ("inner", inner)]),
+            ),
+            ("empty", empty()),
+        ]);
+        assert_eq!(params, &want);
+        let keys: Vec<_> = params
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|f| f.key.as_str())
+            .collect();
+        assert_eq!(keys, ["list", "map", "empty"], "file order is kept");
+    }
+
+    #[test]
+    fn syntax_errors_keep_their_location() {
+        let e = refused("jobs:\n  - name: a\n\thandler: h\n", 3, "tab character");
+        assert_eq!(e.column, Some(1));
+        refused("jobs:\n  - name: [a\n    handler: h\n", 4, "");
+        // Several documents: serde_yaml gives no location.
+        let e = parse_str("jobs: []\n---\njobs: []\n").unwrap_err();
+        assert_eq!((e.line, e.column), (None, None));
+        assert!(e.to_string().starts_with("jobs.yaml: "), "{e}");
+    }
+
+    #[test]
+    fn display_is_one_line_starting_with_the_path() {
+        let s = parse_str(&job("    frequncy_ms: 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.starts_with("jobs.yaml:5:5: jobs[0]: unknown field `frequncy_ms`"),
+            "{s}"
+        );
+        assert!(!s.contains('\n'));
+        let e = ConfigError {
+            path: "/etc/jobs.yaml".into(),
+            line: None,
+            column: None,
+            message: "a\nb".into(),
+        };
+        assert_eq!(e.to_string(), "/etc/jobs.yaml: a b");
+    }
+
+    #[test]
+    fn load_reads_or_says_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.yaml");
+        let e = load(&path).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (None, "cannot read: No such file or directory")
+        );
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let (cfg, raw) = load(&path).unwrap();
+        assert_eq!((cfg.jobs.len(), raw.as_str()), (1, EXAMPLE));
+        std::fs::write(&path, job("    frequncy_ms: 1\n")).unwrap();
+        assert!(load(&path)
+            .unwrap_err()
+            .to_string()
+            .starts_with(&format!("{}:5:5: ", path.display())));
+    }
+
+    #[test]
+    fn params_to_json_shapes() {
+        let v = Value::map([
+            ("b", Value::from(vec![0x00u8, 0xab, 0x10])),
+            (
+                "l",
+                Value::from(vec![
+                    Value::Int(1),
+                    Value::Float(0.5),
+                    Value::Null,
+                    Value::Bool(false),
+                ]),
+            ),
+            ("m", Value::map([("t", "x")])),
+            ("nan", Value::Float(f64::NAN)),
+        ]);
+        let want = serde_json::json!({
+            "b": {"$bytes": "00ab10"}, "l": [1, 0.5, null, false], "m": {"t": "x"}, "nan": null
+        });
+        assert_eq!(params_to_json(&v), want);
+    }
+}

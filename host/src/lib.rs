@@ -1,1 +1,25 @@
+//! quiet-host: a long-lived host for the Quiet sync design.
+//!
+//! Follow one envelope from top to bottom:
+//! - [`scheduler`] finds a due job in [`jobs`] and calls the job's
+//!   [`handler`] inside a transaction ([`db`]);
+//! - [`pipeline`] hands each envelope it returned to the handlers that
+//!   subscribe to it, giving each a [`context`] onto the same transaction,
+//!   and records failures as dead letters;
+//! - handlers come from plugin libraries that [`loader`] loads and
+//!   [`registry`] indexes, one generation at a time, kept current by
+//!   [`reload`];
+//! - [`host`] starts all of it, and [`status`] reads back what it did.
+
+pub mod context;
+pub mod db;
+pub mod handler;
+pub mod host;
+pub mod identity;
 pub mod jobs;
+pub mod loader;
+pub mod pipeline;
+pub mod registry;
+pub mod reload;
+pub mod scheduler;
+pub mod status;

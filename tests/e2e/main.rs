@@ -1,1 +1,46 @@
+//! End-to-end tests: real `quiet-host` processes, real compiled plugins
+//! loaded with dlopen, real SQLite files.
+//!
+//! Each test builds the plugins it needs with cargo (see
+//! `quiet_test_support::plugin`), starts hosts in temporary folders and
+//! checks what they did through `quiet-host status --json` and the database.
 
+mod faults;
+mod jobs;
+mod reload;
+mod restart;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+/// The `quiet-host` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_quiet-host"))
+}
+
+/// A read-only connection to a host's database.
+pub fn db(data: &Path) -> Connection {
+    let conn = Connection::open_with_flags(data.join("quiet.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn
+}
+
+/// One integer from a query, or `None` if the query fails (for example
+/// because a plugin's table does not exist yet).
+pub fn query_i64(data: &Path, sql: &str) -> Option<i64> {
+    db(data).query_row(sql, [], |r| r.get(0)).ok()
+}
+
+/// The status entry of the job called `name`.
+pub fn job<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    status["jobs"].as_array()?.iter().find(|j| j["name"] == name)
+}
+
+/// The status entry of the plugin file whose name is `file`.
+pub fn plugin_file<'a>(status: &'a serde_json::Value, file: &str) -> Option<&'a serde_json::Value> {
+    status["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["file"].as_str().is_some_and(|f| f.ends_with(&format!("/{file}"))))
+}

@@ -1,1 +1,90 @@
-//! placeholder
+//! Retention: keeps the host's `dead_letters` table from growing without
+//! bound.
+//!
+//! Run it as a job from `jobs.yaml`, for example hourly:
+//!
+//! ```yaml
+//! - name: retention
+//!   handler: retention
+//!   params:
+//!     dead_letter_max_age_ms: 604800000  # 7 days (the default)
+//!     max_dead_letters: 10000            # the default
+//! ```
+//!
+//! Each run deletes dead letters older than `dead_letter_max_age_ms`, then
+//! keeps only the newest `max_dead_letters` (by id). A run that deleted
+//! anything logs the count and records it in `retention_log`.
+
+use quiet_plugin_api::{
+    bail, export_plugin, params, Context, Envelope, Handler, PluginError, Value,
+};
+
+const DEFAULT_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+const DEFAULT_MAX_DEAD_LETTERS: i64 = 10_000;
+
+/// The `retention` job handler. It subscribes to no events.
+pub struct Retention;
+
+impl Handler for Retention {
+    fn name(&self) -> &str {
+        "retention"
+    }
+
+    fn event_types(&self) -> &[&str] {
+        &[]
+    }
+
+    fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
+        let max_age_ms = non_negative_param(params, "dead_letter_max_age_ms", DEFAULT_MAX_AGE_MS)?;
+        let max_rows = non_negative_param(params, "max_dead_letters", DEFAULT_MAX_DEAD_LETTERS)?;
+        let now = ctx.now_ms();
+
+        let expired = ctx.execute(
+            "DELETE FROM dead_letters WHERE at_ms < ?1",
+            params![now.saturating_sub(max_age_ms)],
+        )?;
+        // Everything at or below the id of the first row past the newest
+        // `max_rows`; with fewer rows than that, the subquery is NULL and
+        // nothing matches.
+        let excess = ctx.execute(
+            "DELETE FROM dead_letters WHERE id <= \
+             (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            params![max_rows],
+        )?;
+
+        let deleted = expired + excess;
+        if deleted > 0 {
+            ctx.execute(
+                "INSERT INTO retention_log (at_ms, deleted) VALUES (?1, ?2)",
+                params![now, i64::try_from(deleted)?],
+            )?;
+            ctx.info(&format!(
+                "deleted {deleted} dead letters ({expired} older than {max_age_ms} ms, \
+                 {excess} over the limit of {max_rows})"
+            ));
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// The integer param `name`, or `default` when it is absent or null.
+fn non_negative_param(params: &Value, name: &str, default: i64) -> Result<i64, PluginError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Int(n)) if *n >= 0 => Ok(*n),
+        Some(Value::Int(n)) => {
+            bail!("retention: param '{name}' must be a non-negative integer, got {n}")
+        }
+        Some(other) => bail!(
+            "retention: param '{name}' must be a non-negative integer, got {}",
+            other.kind()
+        ),
+    }
+}
+
+export_plugin! {
+    name: "retention",
+    version: env!("CARGO_PKG_VERSION"),
+    migrations: ["CREATE TABLE IF NOT EXISTS retention_log (at_ms INTEGER NOT NULL, deleted INTEGER NOT NULL)"],
+    handlers: [Retention],
+}

@@ -1,0 +1,193 @@
+//! The host side of a plugin's `Context`: SQL, clock, logging and identity.
+//!
+//! A [`HostContext`] borrows the connection on which the caller has already
+//! opened a transaction, so everything a handler does in one call commits or
+//! rolls back together. Statements that would end or fork that transaction
+//! (`BEGIN`, `COMMIT`, `ATTACH`, …) are refused.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use quiet_plugin_api::{
+    abi_stable::{
+        sabi_trait::TD_Opaque,
+        std_types::{RResult, RSlice, RStr, RString, RVec},
+    },
+    HostRef, HostServices, HostServices_TO, Identity, LogLevel, Rows, Value,
+};
+use rusqlite::{
+    types::{ToSqlOutput, ValueRef},
+    Connection, ToSql,
+};
+
+use crate::db;
+
+/// Statement kinds a plugin may not run: they would end, fork or escape the
+/// transaction the host opened for the call.
+const FORBIDDEN: &[&str] = &[
+    "BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM",
+];
+
+/// What a handler call may use of the host.
+pub struct HostContext<'a> {
+    conn: &'a Connection,
+    plugin: &'a str,
+    identity: &'a Identity,
+}
+
+impl<'a> HostContext<'a> {
+    /// A context over `conn`, which must be inside a transaction.
+    pub fn new(conn: &'a Connection, plugin: &'a str, identity: &'a Identity) -> Self {
+        Self { conn, plugin, identity }
+    }
+
+    /// The FFI-safe handle to pass into a plugin.
+    pub fn as_abi(&mut self) -> HostRef<'_> {
+        HostServices_TO::from_ptr(self, TD_Opaque)
+    }
+
+    fn prepare(&self, sql: &str) -> Result<rusqlite::CachedStatement<'a>, String> {
+        let first = sql.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+        if FORBIDDEN.iter().any(|k| k.eq_ignore_ascii_case(first)) {
+            return Err(format!(
+                "{} statements are not allowed: the host owns the transaction",
+                first.to_ascii_uppercase()
+            ));
+        }
+        self.conn.prepare_cached(sql).map_err(|e| e.to_string())
+    }
+
+    fn query_rows(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {
+        let mut stmt = self.prepare(sql)?;
+        let columns: RVec<RString> = stmt.column_names().into_iter().map(RString::from).collect();
+        let n = columns.len();
+        let params = bind(params)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params.iter()))
+            .map_err(|e| e.to_string())?;
+        let mut out = RVec::new();
+        while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+            let mut values = RVec::with_capacity(n);
+            for i in 0..n {
+                values.push(from_sql(row.get_ref(i).map_err(|e| e.to_string())?));
+            }
+            out.push(values);
+        }
+        Ok(Rows { columns, rows: out })
+    }
+
+    fn execute_stmt(&self, sql: &str, params: &[Value]) -> Result<u64, String> {
+        let mut stmt = self.prepare(sql)?;
+        let params = bind(params)?;
+        stmt.execute(rusqlite::params_from_iter(params.iter()))
+            .map(|n| n as u64)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs `f`, turning an error or a panic into the ABI's error string. A host
+/// bug must not unwind through a plugin's frames.
+fn abi_result<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(e.into()),
+        Err(_) => RResult::RErr("the host panicked while serving this call".into()),
+    }
+}
+
+impl HostServices for HostContext<'_> {
+    fn query(&mut self, sql: RStr<'_>, params: RSlice<'_, Value>) -> RResult<Rows, RString> {
+        abi_result(|| self.query_rows(sql.as_str(), params.as_slice()))
+    }
+
+    fn execute(&mut self, sql: RStr<'_>, params: RSlice<'_, Value>) -> RResult<u64, RString> {
+        abi_result(|| self.execute_stmt(sql.as_str(), params.as_slice()))
+    }
+
+    fn now_ms(&self) -> i64 {
+        db::now_ms()
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        let (plugin, message) = (self.plugin, message.as_str());
+        match level {
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        self.identity.clone()
+    }
+}
+
+/// SQL parameters borrowed from plugin values.
+struct Param<'v>(&'v Value);
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Bool(b) => ValueRef::Integer(*b as i64),
+            Value::Int(i) => ValueRef::Integer(*i),
+            Value::Float(f) => ValueRef::Real(*f),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Bytes(b) => ValueRef::Blob(b.as_slice()),
+            // `bind` rejects the rest before we get here.
+            _ => ValueRef::Null,
+        }))
+    }
+}
+
+fn bind(params: &[Value]) -> Result<Vec<Param<'_>>, String> {
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::List(_) | Value::Map(_) => Err(format!(
+                "parameter {} is a {}; SQL parameters are null, bool, integer, float, text or bytes",
+                i + 1,
+                v.kind()
+            )),
+            _ => Ok(Param(v)),
+        })
+        .collect()
+}
+
+fn from_sql(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).as_ref().into()),
+        ValueRef::Blob(b) => Value::Bytes(b.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiet_plugin_api::{params, Context};
+
+    #[test]
+    fn plugins_query_with_typed_params_and_cannot_touch_the_transaction() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(a INTEGER, b TEXT, c BLOB); BEGIN").unwrap();
+        let id = Identity::default();
+        let mut host = HostContext::new(&conn, "test", &id);
+        let mut ctx = Context::new(host.as_abi());
+        ctx.execute("INSERT INTO t VALUES (?, ?, ?)", params![1, "x", vec![0u8, 255]])
+            .unwrap();
+        let rows = ctx.query("SELECT a, b, c FROM t", &[]).unwrap();
+        let row = rows.first().unwrap();
+        assert_eq!((row.int(0), row.str(1), row.bytes(2)), (Some(1), Some("x"), Some(&[0u8, 255][..])));
+        assert_eq!(row.named("b").as_str(), Some("x"));
+
+        let err = ctx.execute("  commit", &[]).unwrap_err();
+        assert!(err.message().contains("COMMIT statements are not allowed"), "{err}");
+        let err = ctx.query("SELECT ?", &[Value::List(RVec::new())]).unwrap_err();
+        assert!(err.message().contains("parameter 1 is a list"), "{err}");
+        assert!(!conn.is_autocommit());
+    }
+}

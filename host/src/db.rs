@@ -1,0 +1,245 @@
+//! The host's SQLite database: one file in the data folder, in WAL mode.
+//!
+//! WAL lets `quiet-host status` (another process) read while the host
+//! writes. Every connection waits on a busy lock instead of failing, and every
+//! write transaction starts with `BEGIN IMMEDIATE`, so two writers queue up
+//! rather than fail with "database is locked" when a read turns into a write.
+//!
+//! The host's own schema is versioned with `PRAGMA user_version`; plugins'
+//! schemas are versioned per plugin in `plugin_migrations` (see
+//! [`apply_plugin_migrations`]).
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+/// The database file's name inside the data folder.
+pub const DB_FILE: &str = "quiet.db";
+
+/// How long a connection waits for another writer before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The host's schema, oldest first. Append; never edit a shipped entry.
+const MIGRATIONS: &[&str] = &[
+    // 1: the seed's job_runs, plus what status needs to show.
+    "CREATE TABLE job_runs (
+        job_name TEXT PRIMARY KEY,
+        last_run_ms INTEGER NOT NULL,
+        run_count INTEGER DEFAULT 0
+     );
+     -- The job configuration the host is running, as last applied.
+     CREATE TABLE job_config (
+        job_name TEXT PRIMARY KEY,
+        handler TEXT NOT NULL,
+        frequency_ms INTEGER NOT NULL,
+        enabled INTEGER NOT NULL,
+        params TEXT NOT NULL,
+        last_error TEXT,
+        last_error_ms INTEGER
+     );
+     CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        plugin TEXT,
+        handler TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        envelope TEXT NOT NULL
+     );
+     CREATE INDEX dead_letters_at ON dead_letters(at_ms);
+     -- One row per plugin file in the plugin folder, loaded or refused.
+     CREATE TABLE plugins (
+        file TEXT PRIMARY KEY,
+        name TEXT,
+        version TEXT,
+        generation INTEGER,
+        loaded_at_ms INTEGER,
+        hash TEXT,
+        error TEXT,
+        error_at_ms INTEGER
+     );
+     CREATE TABLE plugin_migrations (
+        plugin TEXT PRIMARY KEY,
+        applied INTEGER NOT NULL
+     );
+     CREATE TABLE host_state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+     );",
+];
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens (creating if needed) the database in `data_dir` and brings the
+/// host's schema up to date.
+pub fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(data_dir.join(DB_FILE))?;
+    configure(&conn)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens the database read-only, for CLI commands that only look.
+pub fn open_read_only(data_dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        data_dir.join(DB_FILE),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode is durable against process crashes; only a power
+    // loss can drop the last commits.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    with_write_tx(conn, |conn| {
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", i + 1)?;
+        }
+        Ok(())
+    })
+}
+
+/// Runs `f` in a `BEGIN IMMEDIATE` transaction: committed if `f` returns
+/// `Ok`, rolled back otherwise.
+pub fn with_write_tx<T, E: From<rusqlite::Error>>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The rollback can only fail if the transaction is already gone.
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f` inside a savepoint of the current transaction: released on
+/// `Ok`, rolled back (undoing only what `f` wrote) on `Err`.
+pub fn with_savepoint<T, E: From<rusqlite::Error>>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    conn.execute_batch("SAVEPOINT call")?;
+    let result = f();
+    if result.is_err() {
+        conn.execute_batch("ROLLBACK TO call")?;
+    }
+    conn.execute_batch("RELEASE call")?;
+    result
+}
+
+/// Runs a plugin's migrations that this database has not run yet, in order.
+/// Call inside a write transaction.
+pub fn apply_plugin_migrations(conn: &Connection, plugin: &str, migrations: &[&str]) -> Result<usize, String> {
+    let applied: usize = conn
+        .query_row(
+            "SELECT applied FROM plugin_migrations WHERE plugin = ?",
+            [plugin],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?
+        .unwrap_or(0);
+    if applied > migrations.len() {
+        return Err(format!(
+            "the database has {applied} migrations of plugin '{plugin}' applied, but this build ships only {}: \
+             it is older than the one that last ran here",
+            migrations.len()
+        ));
+    }
+    for (i, sql) in migrations.iter().enumerate().skip(applied) {
+        conn.execute_batch(sql)
+            .map_err(|e| format!("migration {} failed: {e}", i + 1))?;
+    }
+    conn.execute(
+        "INSERT INTO plugin_migrations(plugin, applied) VALUES (?1, ?2)
+         ON CONFLICT(plugin) DO UPDATE SET applied = excluded.applied",
+        rusqlite::params![plugin, migrations.len()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(migrations.len() - applied)
+}
+
+/// Reads one row of `host_state`.
+pub fn host_state(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row("SELECT value FROM host_state WHERE key = ?", [key], |r| r.get(0))
+        .optional()
+}
+
+/// Sets (or, with `None`, clears) one row of `host_state`.
+pub fn set_host_state(conn: &Connection, key: &str, value: Option<&str>) -> rusqlite::Result<()> {
+    match value {
+        Some(v) => conn.execute(
+            "INSERT INTO host_state(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, v],
+        ),
+        None => conn.execute("DELETE FROM host_state WHERE key = ?", [key]),
+    }
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_is_idempotent_and_savepoint_rolls_back_only_its_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(dir.path()).unwrap();
+        drop(conn);
+        let conn = open(dir.path()).unwrap();
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+
+        with_write_tx(&conn, |c| {
+            set_host_state(c, "kept", Some("1"))?;
+            let r: Result<(), rusqlite::Error> = with_savepoint(c, || {
+                set_host_state(c, "dropped", Some("1"))?;
+                Err(rusqlite::Error::InvalidQuery)
+            });
+            assert!(r.is_err());
+            Ok::<_, rusqlite::Error>(())
+        })
+        .unwrap();
+        assert_eq!(host_state(&conn, "kept").unwrap().as_deref(), Some("1"));
+        assert_eq!(host_state(&conn, "dropped").unwrap(), None);
+    }
+
+    #[test]
+    fn plugin_migrations_run_once_and_refuse_downgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(dir.path()).unwrap();
+        let m = ["CREATE TABLE a(x)", "CREATE TABLE b(x)"];
+        assert_eq!(apply_plugin_migrations(&conn, "p", &m[..1]).unwrap(), 1);
+        assert_eq!(apply_plugin_migrations(&conn, "p", &m).unwrap(), 1);
+        assert_eq!(apply_plugin_migrations(&conn, "p", &m).unwrap(), 0);
+        let err = apply_plugin_migrations(&conn, "p", &m[..1]).unwrap_err();
+        assert!(err.contains("older"), "{err}");
+    }
+}

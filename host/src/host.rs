@@ -1,0 +1,274 @@
+//! `quiet-host run`: wires the parts together and keeps them running.
+//!
+//! Threads:
+//! - the **scheduler** (its own SQLite connection) runs due jobs and the
+//!   pipeline behind them;
+//! - the **watcher** waits on file-system events for the plugin folder and
+//!   the folder of `jobs.yaml`, and polls once a second as a backstop; it
+//!   runs the [`Reloader`], which has its own connection;
+//! - the caller's thread waits for [`RunningHost::shutdown`] (the CLI calls
+//!   it on SIGINT or SIGTERM).
+//!
+//! One host per data folder: `run` takes an exclusive lock on
+//! `<data>/host.lock`, so a second host on the same folder fails at once with
+//! a clear message instead of corrupting the first one's state.
+
+use std::{
+    fs::{self, File},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use notify::RecursiveMode;
+use notify_debouncer_full::new_debouncer;
+
+use crate::{
+    db,
+    identity::HostIdentity,
+    jobs::JobsConfig,
+    pipeline::NoTransport,
+    registry::Plugins,
+    reload::{ReloadPaths, Reloader},
+    scheduler::{Scheduler, Signal},
+};
+
+/// How long file events are gathered before a reload.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+/// The backstop poll of the plugin folder and `jobs.yaml`.
+const POLL: Duration = Duration::from_millis(1000);
+
+/// Where a host keeps and finds things.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// The data folder: database, identity key, lock, plugin cache.
+    pub data_dir: PathBuf,
+    /// The plugin folder.
+    pub plugins_dir: PathBuf,
+    /// The job configuration.
+    pub jobs_path: PathBuf,
+}
+
+/// Why a host could not start; each is one line for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data folder could not be created or used.
+    #[error("data folder {path}: {message}")]
+    DataDir {
+        /// The folder.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Another host holds the data folder.
+    #[error("data folder {path} is in use by another quiet-host{holder}; stop it first or pass another --data")]
+    Locked {
+        /// The folder.
+        path: PathBuf,
+        /// " (pid N)" when known.
+        holder: String,
+    },
+    /// The identity key is unusable.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The database could not be opened.
+    #[error("database {path}: {source}")]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// The plugin folder is missing or unreadable.
+    #[error("plugin folder {path}: {message}")]
+    PluginsDir {
+        /// The folder.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// `jobs.yaml` is invalid at start-up.
+    #[error("{0}")]
+    Config(#[from] crate::jobs::ConfigError),
+    /// The file watcher could not start.
+    #[error("cannot watch {path}: {message}")]
+    Watch {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        message: String,
+    },
+}
+
+/// A started host; dropping it without [`RunningHost::shutdown`] leaves the
+/// threads running until the process exits.
+pub struct RunningHost {
+    scheduler: Option<JoinHandle<()>>,
+    watcher: Option<JoinHandle<()>>,
+    to_scheduler: mpsc::Sender<Signal>,
+    stop_watcher: Arc<AtomicBool>,
+    _lock: File,
+    /// This host's peer id.
+    pub peer_id: String,
+}
+
+impl RunningHost {
+    /// Finishes the job in hand, stops every thread and releases the lock.
+    pub fn shutdown(mut self) {
+        self.stop_watcher.store(true, Ordering::SeqCst);
+        let _ = self.to_scheduler.send(Signal::Shutdown);
+        for t in [self.scheduler.take(), self.watcher.take()].into_iter().flatten() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts a host: lock, identity, database, plugins, jobs, threads.
+pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
+    let data = &opts.data_dir;
+    fs::create_dir_all(data).map_err(|e| StartError::DataDir {
+        path: data.clone(),
+        message: e.to_string(),
+    })?;
+    let lock = lock_data_dir(data)?;
+    let identity = HostIdentity::load_or_create(data)?;
+    let db_err = |source| StartError::Database {
+        path: data.join(db::DB_FILE),
+        source,
+    };
+    if !opts.plugins_dir.is_dir() {
+        return Err(StartError::PluginsDir {
+            path: opts.plugins_dir.clone(),
+            message: "not a folder (create it, or pass --plugins)".into(),
+        });
+    }
+
+    let plugins = Plugins::default();
+    let config = Arc::new(ArcSwap::from_pointee(JobsConfig { jobs: Vec::new() }));
+    let (to_scheduler, signals) = mpsc::channel();
+    let paths = ReloadPaths {
+        plugins_dir: opts.plugins_dir.clone(),
+        cache_dir: data.join("plugin-cache"),
+        jobs_path: opts.jobs_path.clone(),
+    };
+    let mut reloader = Reloader::new(
+        paths,
+        db::open(data).map_err(db_err)?,
+        plugins.clone(),
+        config.clone(),
+        to_scheduler.clone(),
+    )
+    .map_err(db_err)?;
+    {
+        let conn = db::open(data).map_err(db_err)?;
+        db::set_host_state(&conn, "peer_id", Some(&identity.peer_id())).map_err(db_err)?;
+    }
+    reloader.initial_config()?;
+    reloader.sync();
+
+    let scheduler = Scheduler::new(
+        db::open(data).map_err(db_err)?,
+        plugins,
+        config,
+        identity.public(),
+        Box::new(NoTransport),
+        signals,
+    );
+    let scheduler = thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run())
+        .expect("spawning a thread");
+
+    let stop_watcher = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_watcher(opts, reloader, stop_watcher.clone())?;
+    tracing::info!(peer_id = %identity.peer_id(), data = %data.display(), "quiet-host running");
+    Ok(RunningHost {
+        scheduler: Some(scheduler),
+        watcher: Some(watcher),
+        to_scheduler,
+        stop_watcher,
+        _lock: lock,
+        peer_id: identity.peer_id(),
+    })
+}
+
+fn spawn_watcher(opts: &HostOptions, mut reloader: Reloader, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, StartError> {
+    let (tx, rx) = mpsc::channel();
+    let mut debouncer = new_debouncer(DEBOUNCE, None, tx).map_err(|e| StartError::Watch {
+        path: opts.plugins_dir.clone(),
+        message: e.to_string(),
+    })?;
+    let jobs_dir = match opts.jobs_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    for dir in [&opts.plugins_dir, &jobs_dir] {
+        debouncer
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| StartError::Watch {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    Ok(thread::Builder::new()
+        .name("watcher".into())
+        .spawn(move || {
+            let _debouncer = debouncer;
+            while !stop.load(Ordering::SeqCst) {
+                // Any event, or a quiet second, means: look again.
+                match rx.recv_timeout(POLL) {
+                    Ok(Err(errors)) => tracing::warn!("file watcher: {errors:?}"),
+                    Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                if !stop.load(Ordering::SeqCst) {
+                    reloader.sync();
+                }
+            }
+        })
+        .expect("spawning a thread"))
+}
+
+fn lock_data_dir(data: &Path) -> Result<File, StartError> {
+    let path = data.join("host.lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StartError::DataDir {
+            path: data.to_owned(),
+            message: format!("cannot open {}: {e}", path.display()),
+        })?;
+    if file.try_lock().is_err() {
+        let holder = fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map(|pid| format!(" (pid {pid})"))
+            .unwrap_or_default();
+        return Err(StartError::Locked {
+            path: data.to_owned(),
+            holder,
+        });
+    }
+    file.set_len(0).ok();
+    let _ = write!(file, "{}", std::process::id());
+    Ok(file)
+}
+
+/// The pid of the host holding `data_dir`, if one is running.
+pub fn running_pid(data_dir: &Path) -> Option<u32> {
+    let path = data_dir.join("host.lock");
+    let file = File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
+}

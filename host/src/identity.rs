@@ -1,0 +1,174 @@
+//! This host's X25519 key pair, kept in the data folder.
+//!
+//! The secret key is written once, with mode 0600, and is refused if it has
+//! become readable by anyone else. It stays in the host: plugins only ever
+//! see [`quiet_plugin_api::Identity`], the public half. The peer id is the
+//! hex of the public key, so sealing to a peer id needs no lookup.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use crypto_box::{aead::OsRng, PublicKey, SecretKey};
+
+/// The secret key's file name inside the data folder.
+pub const KEY_FILE: &str = "identity.key";
+
+/// A failure to read or create the identity, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Reading or writing the key file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The key file is not 32 bytes.
+    #[error("{path}: not an identity key (expected 32 bytes, found {len})")]
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// Others can read the secret key.
+    #[error("{path}: secret key is readable by others (mode {mode:o}); run `chmod 600 {path}`")]
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+}
+
+/// The host's key pair.
+pub struct HostIdentity {
+    secret: SecretKey,
+    public: PublicKey,
+}
+
+impl HostIdentity {
+    /// Loads the identity from `data_dir`, creating one if there is none.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
+        let path = data_dir.join(KEY_FILE);
+        let io_err = |source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        };
+        match fs::read(&path) {
+            Ok(bytes) => {
+                check_permissions(&path)?;
+                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| IdentityError::Malformed {
+                    path: path.clone(),
+                    len: bytes.len(),
+                })?;
+                Ok(Self::from_secret(SecretKey::from(key)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let secret = SecretKey::generate(&mut OsRng);
+                write_private(&path, &secret.to_bytes()).map_err(io_err)?;
+                Ok(Self::from_secret(secret))
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn from_secret(secret: SecretKey) -> Self {
+        let public = secret.public_key();
+        Self { secret, public }
+    }
+
+    /// The peer id: lowercase hex of the public key.
+    pub fn peer_id(&self) -> String {
+        hex::encode(self.public.as_bytes())
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// The secret key. Host-internal: never hand it to a plugin.
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.secret
+    }
+
+    /// The public parts, as plugins see them.
+    pub fn public(&self) -> quiet_plugin_api::Identity {
+        quiet_plugin_api::Identity {
+            peer_id: self.peer_id().into(),
+            public_key: self.public.as_bytes().to_vec().into(),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(unix)]
+fn check_permissions(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_permissions(_: &Path) -> Result<(), IdentityError> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_with_0600_and_stable_across_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostIdentity::load_or_create(dir.path()).unwrap();
+        let b = HostIdentity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.peer_id(), b.peer_id());
+        assert_eq!(a.peer_id().len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            fs::set_permissions(dir.path().join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+            let err = HostIdentity::load_or_create(dir.path()).err().unwrap().to_string();
+            assert!(err.contains("chmod 600"), "{err}");
+        }
+    }
+}

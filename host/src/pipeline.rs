@@ -1,0 +1,203 @@
+//! The envelope pipeline: every envelope visits the handlers that want it,
+//! and what they return goes round again until nothing is left.
+//!
+//! Order, for each envelope taken first-in first-out from the queue:
+//! 1. an envelope marked `is_outgoing` leaves through the [`Outbox`] (event
+//!    crypto, transit crypto and the network live behind it) and visits no
+//!    handler;
+//! 2. otherwise it visits each handler subscribed to its `event_type`, in
+//!    registry order (plugins by file name, then handlers as declared), and
+//!    each whose `filter` accepts it runs `process` inside a savepoint;
+//! 3. envelopes a handler returns join the back of the queue, one hop further
+//!    from where they started.
+//!
+//! Nothing is dropped silently. A handler that fails or panics has its
+//! savepoint rolled back and the envelope goes to `dead_letters` with the
+//! handler and the reason; so does an envelope no handler subscribes to, one
+//! the outbox refuses, and one past the hop limit (naming the handler that
+//! keeps producing them). The caller owns the transaction around all of it.
+
+use std::collections::VecDeque;
+
+use quiet_plugin_api::{Envelope, Identity, Value};
+use rusqlite::Connection;
+
+use crate::{context::HostContext, db, handler::CallError, jobs::params_to_json, registry::Registry};
+
+/// How many times envelopes may beget envelopes before the chain is cut.
+pub const DEFAULT_HOP_LIMIT: u32 = 16;
+
+/// Where outgoing envelopes go.
+pub trait Outbox {
+    /// Takes one outgoing envelope, or says why it cannot.
+    fn send(&self, envelope: Envelope) -> Result<(), String>;
+}
+
+/// The outbox of a host with no transport: it refuses, so that outgoing
+/// envelopes show up in `dead_letters` instead of vanishing.
+pub struct NoTransport;
+
+impl Outbox for NoTransport {
+    fn send(&self, _: Envelope) -> Result<(), String> {
+        Err("no transport is configured for outgoing envelopes".into())
+    }
+}
+
+/// What one run of the pipeline did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Successful `process` calls.
+    pub processed: usize,
+    /// Envelopes sent to the outbox.
+    pub sent: usize,
+    /// Envelopes that went to `dead_letters`.
+    pub dead_letters: usize,
+}
+
+/// Who produced an envelope, for error messages.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// The plugin, if the envelope came from one.
+    pub plugin: Option<String>,
+    /// The handler, a job, or a host component such as `network`.
+    pub handler: String,
+}
+
+struct Queued {
+    envelope: Envelope,
+    hops: u32,
+    source: Source,
+}
+
+/// One pipeline run over a borrowed connection and registry generation.
+pub struct Pipeline<'a> {
+    conn: &'a Connection,
+    registry: &'a Registry,
+    identity: &'a Identity,
+    outbox: &'a dyn Outbox,
+    hop_limit: u32,
+}
+
+impl<'a> Pipeline<'a> {
+    /// A pipeline on `conn`, which must be inside a write transaction.
+    pub fn new(conn: &'a Connection, registry: &'a Registry, identity: &'a Identity, outbox: &'a dyn Outbox) -> Self {
+        Self {
+            conn,
+            registry,
+            identity,
+            outbox,
+            hop_limit: DEFAULT_HOP_LIMIT,
+        }
+    }
+
+    /// Sets the hop limit.
+    pub fn hop_limit(mut self, limit: u32) -> Self {
+        self.hop_limit = limit;
+        self
+    }
+
+    /// Runs `envelopes`, produced by `source`, until the queue is empty.
+    pub fn run(&self, envelopes: impl IntoIterator<Item = Envelope>, source: Source) -> rusqlite::Result<Report> {
+        let mut queue: VecDeque<Queued> = envelopes
+            .into_iter()
+            .map(|envelope| Queued {
+                envelope,
+                hops: 0,
+                source: source.clone(),
+            })
+            .collect();
+        let mut report = Report::default();
+        while let Some(item) = queue.pop_front() {
+            self.step(item, &mut queue, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    fn step(&self, item: Queued, queue: &mut VecDeque<Queued>, report: &mut Report) -> rusqlite::Result<()> {
+        let Queued {
+            envelope,
+            hops,
+            source,
+        } = item;
+        if envelope.is_outgoing() {
+            let kept = envelope.clone();
+            return match self.outbox.send(envelope) {
+                Ok(()) => {
+                    report.sent += 1;
+                    Ok(())
+                }
+                Err(reason) => self.dead_letter(report, &source, &reason, &kept),
+            };
+        }
+        let event_type = envelope.event_type().unwrap_or("");
+        let subscribers = self.registry.subscribers(event_type);
+        if subscribers.is_empty() {
+            let reason = format!("no loaded handler subscribes to event_type '{event_type}'");
+            return self.dead_letter(report, &source, &reason, &envelope);
+        }
+        for handler in subscribers {
+            let here = Source {
+                plugin: Some(handler.plugin.to_string()),
+                handler: handler.name.clone(),
+            };
+            match handler.filter(&envelope) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    self.dead_letter(report, &here, &format!("filter failed: {e}"), &envelope)?;
+                    continue;
+                }
+            }
+            let mut ctx = HostContext::new(self.conn, &handler.plugin, self.identity);
+            let outcome = db::with_savepoint(self.conn, || {
+                handler.process(&envelope, &mut ctx).map_err(CallError::Handler)
+            });
+            match outcome {
+                Ok(produced) => {
+                    report.processed += 1;
+                    if !produced.is_empty() && hops + 1 > self.hop_limit {
+                        let reason = format!(
+                            "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
+                            self.hop_limit, handler.name, handler.plugin
+                        );
+                        for env in &produced {
+                            self.dead_letter(report, &here, &reason, env)?;
+                        }
+                        continue;
+                    }
+                    queue.extend(produced.into_iter().map(|envelope| Queued {
+                        envelope,
+                        hops: hops + 1,
+                        source: here.clone(),
+                    }));
+                }
+                Err(CallError::Sql(e)) => return Err(e),
+                Err(CallError::Handler(e)) => {
+                    self.dead_letter(report, &here, &e, &envelope)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, report: &mut Report, source: &Source, reason: &str, envelope: &Envelope) -> rusqlite::Result<()> {
+        report.dead_letters += 1;
+        tracing::warn!(handler = %source.handler, plugin = source.plugin.as_deref().unwrap_or("-"), "dead letter: {reason}");
+        record_dead_letter(self.conn, source, reason, envelope)
+    }
+}
+
+/// Writes one row to `dead_letters`.
+pub fn record_dead_letter(conn: &Connection, source: &Source, reason: &str, envelope: &Envelope) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, envelope_json(envelope)],
+    )?;
+    Ok(())
+}
+
+/// An envelope as JSON text, for people reading dead letters.
+pub fn envelope_json(envelope: &Envelope) -> String {
+    let map = Value::map(envelope.fields().map(|(k, v)| (k, v.clone())));
+    params_to_json(&map).to_string()
+}

@@ -1,0 +1,351 @@
+//! Hot reload: keeps the running host in step with the plugin folder and
+//! `jobs.yaml`.
+//!
+//! We watch the two *folders*, not the files: cargo replaces a rebuilt
+//! library by delete-and-link and editors save by rename, and a watch on the
+//! file itself goes silent after the first such replace. Events are
+//! debounced, and a cheap poll (a `stat` per file each second) backs the
+//! watcher up, so a missed event costs at most a second. A file is reloaded
+//! only when its content hash changes.
+//!
+//! A new or changed library is loaded from a private copy, checked (ABI,
+//! name and handler clashes, its SQL migrations), and only then swapped in
+//! with the other plugins as a new [`Registry`] generation. A library that
+//! fails any of this is refused with one line, and whatever generation was
+//! serving keeps serving. An invalid `jobs.yaml` is refused with its line,
+//! and the last good configuration keeps running.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    path::{Path, PathBuf},
+    sync::{mpsc::Sender, Arc},
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use rusqlite::Connection;
+
+use crate::{
+    db,
+    handler::CallError,
+    jobs::{self, params_to_json, JobsConfig},
+    loader::{self, hash_bytes, LoadedPlugin},
+    registry::{Plugins, Registry},
+    scheduler::Signal,
+};
+
+/// What a file looked like when we last read it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    #[cfg(unix)]
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            #[cfg(unix)]
+            inode: std::os::unix::fs::MetadataExt::ino(&m),
+        })
+    }
+}
+
+/// Where the reloader finds things and whom it tells.
+pub struct ReloadPaths {
+    /// The plugin folder.
+    pub plugins_dir: PathBuf,
+    /// Where private copies of libraries are made before loading.
+    pub cache_dir: PathBuf,
+    /// The job configuration file.
+    pub jobs_path: PathBuf,
+}
+
+/// Brings the registry and job configuration in line with the disk.
+pub struct Reloader {
+    paths: ReloadPaths,
+    conn: Connection,
+    plugins: Plugins,
+    config: Arc<ArcSwap<JobsConfig>>,
+    wake: Sender<Signal>,
+    /// Plugins serving now, by file.
+    loaded: BTreeMap<PathBuf, Arc<LoadedPlugin>>,
+    /// The last content examined per file, loaded or refused.
+    seen: HashMap<PathBuf, (Stamp, String)>,
+    config_seen: Option<(Stamp, String)>,
+    generation: u64,
+}
+
+impl Reloader {
+    /// A reloader over `conn`. Nothing is loaded until [`Reloader::sync`].
+    pub fn new(
+        paths: ReloadPaths,
+        conn: Connection,
+        plugins: Plugins,
+        config: Arc<ArcSwap<JobsConfig>>,
+        wake: Sender<Signal>,
+    ) -> rusqlite::Result<Self> {
+        // Rows describe the files of the running host only.
+        conn.execute("DELETE FROM plugins", [])?;
+        Ok(Self {
+            paths,
+            conn,
+            plugins,
+            config,
+            wake,
+            loaded: BTreeMap::new(),
+            seen: HashMap::new(),
+            config_seen: None,
+            generation: 0,
+        })
+    }
+
+    /// Looks at the plugin folder and `jobs.yaml`, and applies any change.
+    pub fn sync(&mut self) {
+        let plugins_changed = self.sync_plugins().unwrap_or_else(|e| {
+            tracing::error!("reload: {e}");
+            false
+        });
+        let config_changed = self.sync_config();
+        if plugins_changed || config_changed {
+            // The scheduler may be gone during shutdown; nothing to tell then.
+            let _ = self.wake.send(Signal::Wake);
+        }
+    }
+
+    /// Loads the configuration for start-up; unlike later edits, a bad file
+    /// here is an error for the caller.
+    pub fn initial_config(&mut self) -> Result<(), jobs::ConfigError> {
+        let (config, text) = jobs::load(&self.paths.jobs_path)?;
+        let stamp = Stamp::of(&self.paths.jobs_path);
+        self.apply_config(config).map_err(|e| jobs::ConfigError {
+            path: self.paths.jobs_path.clone(),
+            line: None,
+            column: None,
+            message: format!("cannot record the configuration: {e}"),
+        })?;
+        self.config_seen = stamp.map(|s| (s, hash_bytes(text.as_bytes())));
+        Ok(())
+    }
+
+    fn sync_plugins(&mut self) -> std::io::Result<bool> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.paths.plugins_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| loader::is_plugin_file(p) && p.is_file())
+            .collect();
+        files.sort();
+        let mut changed = false;
+
+        let gone: Vec<PathBuf> = self.loaded.keys().filter(|p| !files.contains(p)).cloned().collect();
+        for path in gone {
+            let plugin = self.loaded.remove(&path).expect("listed above");
+            tracing::info!(file = %path.display(), "plugin '{}' removed; its handlers stop", plugin.name);
+            changed = true;
+        }
+        self.seen.retain(|p, _| files.contains(p));
+        self.forget_rows_except(&files);
+
+        for path in files {
+            let Some(stamp) = Stamp::of(&path) else { continue };
+            if self.seen.get(&path).is_some_and(|(s, _)| *s == stamp) {
+                continue;
+            }
+            let Ok(bytes) = fs::read(&path) else { continue };
+            let hash = hash_bytes(&bytes);
+            let same = self.seen.get(&path).is_some_and(|(_, h)| *h == hash);
+            self.seen.insert(path.clone(), (stamp, hash));
+            if same {
+                continue;
+            }
+            changed |= self.load_one(&path, &bytes);
+        }
+
+        if changed {
+            self.generation += 1;
+            let registry = Registry::new(self.generation, self.loaded.values().cloned().collect());
+            tracing::info!(
+                generation = self.generation,
+                plugins = registry.plugins.len(),
+                "plugin generation swapped in"
+            );
+            self.plugins.swap(registry);
+        }
+        Ok(changed)
+    }
+
+    /// Loads and checks one file; on success it replaces what that file
+    /// served before. Returns whether the served set changed.
+    fn load_one(&mut self, path: &Path, bytes: &[u8]) -> bool {
+        let generation = self.generation + 1;
+        let result = loader::load_bytes(path, bytes, &self.paths.cache_dir, generation)
+            .map_err(|e| e.cause)
+            .and_then(|plugin| {
+                let others: Vec<Arc<LoadedPlugin>> = self
+                    .loaded
+                    .iter()
+                    .filter(|(p, _)| p.as_path() != path)
+                    .map(|(_, l)| l.clone())
+                    .collect();
+                if let Some(clash) = Registry::conflict(&plugin, &others) {
+                    return Err(clash);
+                }
+                db::with_write_tx(&self.conn, |c| {
+                    db::apply_plugin_migrations(c, &plugin.name, &plugin.migrations).map_err(CallError::Handler)
+                })
+                .map_err(|e| format!("plugin '{}': {e}", plugin.name))?;
+                Ok(plugin)
+            });
+        match result {
+            Ok(plugin) => {
+                tracing::info!(
+                    file = %path.display(),
+                    generation,
+                    "loaded plugin '{}' {} with handlers [{}]",
+                    plugin.name,
+                    plugin.version,
+                    plugin.handlers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+                self.record_loaded(&plugin);
+                self.loaded.insert(path.to_owned(), Arc::new(plugin));
+                true
+            }
+            Err(cause) => {
+                let serving = if self.loaded.contains_key(path) {
+                    "; the previous version keeps serving"
+                } else {
+                    ""
+                };
+                tracing::error!("plugin refused: {}: {cause}{serving}", path.display());
+                self.record_refused(path, &cause);
+                false
+            }
+        }
+    }
+
+    fn sync_config(&mut self) -> bool {
+        let path = self.paths.jobs_path.clone();
+        let Some(stamp) = Stamp::of(&path) else {
+            let message = "cannot read: the file is missing; the last good configuration keeps running";
+            self.record_config_error(Some(&format!("{}: {message}", path.display())));
+            return false;
+        };
+        if self.config_seen.as_ref().is_some_and(|(s, _)| *s == stamp) {
+            return false;
+        }
+        let Ok(text) = fs::read_to_string(&path) else { return false };
+        let hash = hash_bytes(text.as_bytes());
+        let same = self.config_seen.as_ref().is_some_and(|(_, h)| *h == hash);
+        self.config_seen = Some((stamp, hash));
+        if same {
+            return false;
+        }
+        match jobs::parse(&text, &path) {
+            Ok(config) => match self.apply_config(config) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("{}: cannot record the configuration: {e}", path.display());
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::error!("jobs.yaml refused: {e}; the last good configuration keeps running");
+                self.record_config_error(Some(&e.to_string()));
+                false
+            }
+        }
+    }
+
+    fn apply_config(&mut self, config: JobsConfig) -> rusqlite::Result<()> {
+        db::with_write_tx(&self.conn, |c| {
+            let names: Vec<&str> = config.jobs.iter().map(|j| j.name.as_str()).collect();
+            let stale: Vec<String> = c
+                .prepare("SELECT job_name FROM job_config")?
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter(|n| !names.contains(&n.as_str()))
+                .collect();
+            for name in stale {
+                c.execute("DELETE FROM job_config WHERE job_name = ?", [name])?;
+            }
+            for job in &config.jobs {
+                c.execute(
+                    "INSERT INTO job_config(job_name, handler, frequency_ms, enabled, params) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(job_name) DO UPDATE SET handler = excluded.handler,
+                        frequency_ms = excluded.frequency_ms, enabled = excluded.enabled, params = excluded.params",
+                    rusqlite::params![
+                        job.name,
+                        job.handler,
+                        job.frequency_ms as i64,
+                        job.enabled,
+                        params_to_json(&job.params).to_string()
+                    ],
+                )?;
+            }
+            db::set_host_state(c, "config_error", None)
+        })?;
+        tracing::info!(
+            jobs = config.jobs.len(),
+            enabled = config.enabled().count(),
+            "job configuration applied from {}",
+            self.paths.jobs_path.display()
+        );
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    fn record_config_error(&self, error: Option<&str>) {
+        if let Err(e) = db::set_host_state(&self.conn, "config_error", error) {
+            tracing::error!("cannot record the configuration error: {e}");
+        }
+    }
+
+    fn record_loaded(&self, p: &LoadedPlugin) {
+        let r = self.conn.execute(
+            "INSERT INTO plugins(file, name, version, generation, loaded_at_ms, hash, error, error_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL)
+             ON CONFLICT(file) DO UPDATE SET name = excluded.name, version = excluded.version,
+                generation = excluded.generation, loaded_at_ms = excluded.loaded_at_ms, hash = excluded.hash,
+                error = NULL, error_at_ms = NULL",
+            rusqlite::params![
+                p.file.display().to_string(),
+                &*p.name,
+                p.version,
+                p.generation as i64,
+                db::now_ms(),
+                p.hash
+            ],
+        );
+        if let Err(e) = r {
+            tracing::error!("cannot record plugin status: {e}");
+        }
+    }
+
+    fn record_refused(&self, path: &Path, cause: &str) {
+        let r = self.conn.execute(
+            "INSERT INTO plugins(file, error, error_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(file) DO UPDATE SET error = excluded.error, error_at_ms = excluded.error_at_ms",
+            rusqlite::params![path.display().to_string(), cause, db::now_ms()],
+        );
+        if let Err(e) = r {
+            tracing::error!("cannot record plugin status: {e}");
+        }
+    }
+
+    fn forget_rows_except(&self, files: &[PathBuf]) {
+        let keep: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        let rows: Vec<String> = self
+            .conn
+            .prepare("SELECT file FROM plugins")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .unwrap_or_default();
+        for row in rows.into_iter().filter(|r| !keep.contains(r)) {
+            let _ = self.conn.execute("DELETE FROM plugins WHERE file = ?", [row]);
+        }
+    }
+}

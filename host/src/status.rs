@@ -1,0 +1,289 @@
+//! `quiet-host status`: what a host is doing, read from its database.
+//!
+//! Status reads only SQLite (read-only, WAL), so it works whether or not the
+//! host is running and never blocks it. The JSON form (`--json`) is a stable
+//! schema, versioned by its `schema` field; fields may be added, never
+//! renamed or removed within a schema version.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+use serde::Serialize;
+
+use crate::{db, host::running_pid};
+
+/// The JSON schema version of [`Status`].
+pub const SCHEMA: u32 = 1;
+
+/// Everything `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The JSON schema version.
+    pub schema: u32,
+    /// The data folder.
+    pub data_dir: String,
+    /// The pid of the running host, if one holds the data folder.
+    pub running_pid: Option<u32>,
+    /// This host's peer id.
+    pub peer_id: Option<String>,
+    /// The current plugin generation.
+    pub generation: i64,
+    /// Why the latest jobs.yaml edit was refused, if it was.
+    pub config_error: Option<String>,
+    /// Plugin files, loaded or refused.
+    pub plugins: Vec<PluginStatus>,
+    /// Configured jobs.
+    pub jobs: Vec<JobStatus>,
+    /// Dead letters.
+    pub dead_letters: DeadLetters,
+}
+
+/// One plugin file.
+#[derive(Debug, Serialize)]
+pub struct PluginStatus {
+    /// The file in the plugin folder.
+    pub file: String,
+    /// The plugin's name, once loaded.
+    pub name: Option<String>,
+    /// The plugin's version, once loaded.
+    pub version: Option<String>,
+    /// The generation serving now.
+    pub generation: Option<i64>,
+    /// When that generation loaded.
+    pub loaded_at_ms: Option<i64>,
+    /// Why the latest version of the file was refused.
+    pub error: Option<String>,
+}
+
+/// One job.
+#[derive(Debug, Serialize)]
+pub struct JobStatus {
+    /// The job's name.
+    pub name: String,
+    /// The handler it calls.
+    pub handler: String,
+    /// Its period.
+    pub frequency_ms: i64,
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Its params.
+    pub params: serde_json::Value,
+    /// When it last ran.
+    pub last_run_ms: Option<i64>,
+    /// How many times it has run.
+    pub run_count: i64,
+    /// When it is next due.
+    pub next_due_ms: Option<i64>,
+    /// Why its last run failed, or why it cannot run.
+    pub last_error: Option<String>,
+}
+
+/// Dead letters: a count and the newest few.
+#[derive(Debug, Serialize)]
+pub struct DeadLetters {
+    /// All rows in the table.
+    pub total: i64,
+    /// The newest rows, newest first.
+    pub recent: Vec<DeadLetter>,
+}
+
+/// One dead letter.
+#[derive(Debug, Serialize)]
+pub struct DeadLetter {
+    /// Its row id.
+    pub id: i64,
+    /// When it was recorded.
+    pub at_ms: i64,
+    /// The plugin involved, if any.
+    pub plugin: Option<String>,
+    /// The handler (or job, or host component) involved.
+    pub handler: String,
+    /// Why.
+    pub reason: String,
+    /// The envelope.
+    pub envelope: serde_json::Value,
+}
+
+/// Reads the status of the host whose data folder is `data_dir`.
+pub fn read(data_dir: &Path, recent_dead_letters: usize) -> Result<Status, String> {
+    if !data_dir.join(db::DB_FILE).exists() {
+        return Err(format!(
+            "{}: no quiet-host database here (run `quiet-host run --data {}` first)",
+            data_dir.display(),
+            data_dir.display()
+        ));
+    }
+    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))?;
+    read_from(&conn, data_dir, recent_dead_letters).map_err(|e| format!("{}: {e}", data_dir.display()))
+}
+
+fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Result<Status> {
+    // One read transaction: a consistent snapshot of a host that keeps writing.
+    conn.execute_batch("BEGIN")?;
+    let plugins = conn
+        .prepare("SELECT file, name, version, generation, loaded_at_ms, error FROM plugins ORDER BY file")?
+        .query_map([], |r| {
+            Ok(PluginStatus {
+                file: r.get(0)?,
+                name: r.get(1)?,
+                version: r.get(2)?,
+                generation: r.get(3)?,
+                loaded_at_ms: r.get(4)?,
+                error: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs = conn
+        .prepare(
+            "SELECT c.job_name, c.handler, c.frequency_ms, c.enabled, c.params, r.last_run_ms,
+                    COALESCE(r.run_count, 0), c.last_error
+             FROM job_config c LEFT JOIN job_runs r ON r.job_name = c.job_name ORDER BY c.job_name",
+        )?
+        .query_map([], |r| {
+            let frequency_ms: i64 = r.get(2)?;
+            let enabled: bool = r.get(3)?;
+            let last_run_ms: Option<i64> = r.get(5)?;
+            let params: String = r.get(4)?;
+            Ok(JobStatus {
+                name: r.get(0)?,
+                handler: r.get(1)?,
+                frequency_ms,
+                enabled,
+                params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+                next_due_ms: enabled.then(|| last_run_ms.map_or_else(db::now_ms, |l| l + frequency_ms)),
+                last_run_ms,
+                run_count: r.get(6)?,
+                last_error: r.get(7)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+    let recent = conn
+        .prepare("SELECT id, at_ms, plugin, handler, reason, envelope FROM dead_letters ORDER BY id DESC LIMIT ?")?
+        .query_map([recent as i64], |r| {
+            let envelope: String = r.get(5)?;
+            Ok(DeadLetter {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                plugin: r.get(2)?,
+                handler: r.get(3)?,
+                reason: r.get(4)?,
+                envelope: serde_json::from_str(&envelope).unwrap_or(serde_json::Value::String(envelope)),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let status = Status {
+        schema: SCHEMA,
+        data_dir: data_dir.display().to_string(),
+        running_pid: running_pid(data_dir),
+        peer_id: db::host_state(conn, "peer_id")?,
+        generation: plugins.iter().filter_map(|p| p.generation).max().unwrap_or(0),
+        config_error: db::host_state(conn, "config_error")?,
+        plugins,
+        jobs,
+        dead_letters: DeadLetters { total, recent },
+    };
+    conn.execute_batch("COMMIT")?;
+    Ok(status)
+}
+
+/// The human-readable, one-screen form.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let now = db::now_ms();
+    let mut out = String::new();
+    let state = match s.running_pid {
+        Some(pid) => format!("running (pid {pid})"),
+        None => "not running".into(),
+    };
+    let _ = writeln!(out, "quiet-host {state}  data {}", s.data_dir);
+    let _ = writeln!(out, "peer id    {}", s.peer_id.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "jobs.yaml  {}",
+        s.config_error.as_deref().map_or("ok".to_string(), |e| format!("REFUSED: {e}"))
+    );
+
+    let _ = writeln!(out, "\nPLUGINS (generation {})", s.generation);
+    if s.plugins.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for p in &s.plugins {
+        let file = Path::new(&p.file).file_name().map_or(p.file.clone(), |f| f.to_string_lossy().into());
+        let serving = match (&p.name, p.generation) {
+            (Some(name), Some(g)) => format!("{name} {} gen {g}", p.version.as_deref().unwrap_or("?")),
+            _ => "not loaded".into(),
+        };
+        let _ = writeln!(out, "  {file:<28} {serving}");
+        if let Some(e) = &p.error {
+            let _ = writeln!(out, "  {:<28} REFUSED: {e}", "");
+        }
+    }
+
+    let _ = writeln!(out, "\nJOBS");
+    if s.jobs.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    } else {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<14} {:>8} {:>6} {:>12} {:>12}",
+            "NAME", "HANDLER", "EVERY", "RUNS", "LAST RUN", "NEXT"
+        );
+    }
+    for j in &s.jobs {
+        let next = match (j.enabled, j.next_due_ms) {
+            (false, _) => "disabled".into(),
+            (true, Some(t)) => relative(t, now),
+            (true, None) => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<14} {:>8} {:>6} {:>12} {:>12}",
+            j.name,
+            j.handler,
+            format!("{}ms", j.frequency_ms),
+            j.run_count,
+            j.last_run_ms.map_or("never".into(), |t| relative(t, now)),
+            next
+        );
+        if let Some(e) = &j.last_error {
+            let _ = writeln!(out, "  {:<22} ERROR: {e}", "");
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\nDEAD LETTERS ({} total{})",
+        s.dead_letters.total,
+        if s.dead_letters.recent.is_empty() { "" } else { ", newest first" }
+    );
+    for d in &s.dead_letters.recent {
+        let _ = writeln!(
+            out,
+            "  #{:<5} {:>10}  {}/{}: {}",
+            d.id,
+            relative(d.at_ms, now),
+            d.plugin.as_deref().unwrap_or("host"),
+            d.handler,
+            d.reason
+        );
+    }
+    out
+}
+
+fn relative(t: i64, now: i64) -> String {
+    let d = t - now;
+    let secs = d.abs() as f64 / 1000.0;
+    let amount = if secs < 120.0 {
+        format!("{secs:.1}s")
+    } else if secs < 7200.0 {
+        format!("{:.0}m", secs / 60.0)
+    } else {
+        format!("{:.1}h", secs / 3600.0)
+    };
+    if d <= 0 {
+        format!("{amount} ago")
+    } else {
+        format!("in {amount}")
+    }
+}
