@@ -101,18 +101,14 @@ pub fn load(path: &Path) -> Result<(JobsConfig, String), ConfigError> {
 /// Parses and validates the text of a `jobs.yaml`; `path` is only used in
 /// error messages. An empty or comment-only text is a valid empty config.
 pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
-    let err = match run_pass(text, None) {
+    // serde_yaml reports a syntax error only when deserialization reaches it,
+    // so a type error earlier in the file would hide it: check syntax first.
+    serde_yaml::from_str::<de::IgnoredAny>(text).map_err(|e| config_error(&e, path))?;
+    let (dup, first) = match run_pass(text, None) {
         (Ok(file), _) => {
             let jobs = file.and_then(|f| f.jobs).unwrap_or_default();
-            let jobs = jobs.into_iter().map(|j| JobSpec {
-                name: j.name,
-                handler: j.handler,
-                frequency_ms: j.frequency_ms,
-                enabled: j.enabled,
-                params: j.params,
-            });
             return Ok(JobsConfig {
-                jobs: jobs.collect(),
+                jobs: jobs.into_iter().map(Job::into_spec).collect(),
             });
         }
         (Err(e), None) => return Err(config_error(&e, path)),
@@ -120,7 +116,6 @@ pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
     };
     // A duplicate name: the error sits on the second occurrence. Re-run,
     // failing on purpose at the first one, to get its real line too.
-    let (dup, first) = err;
     let mut out = config_error(&dup, path);
     let probe = run_pass(text, Some(first)).0;
     match probe.err().and_then(|e| e.location()) {
@@ -128,32 +123,6 @@ pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
         None => out.message += &format!(" (first at jobs[{first}])"),
     }
     Err(out)
-}
-
-/// Converts params to JSON for storage: maps become objects, bytes become
-/// `{"$bytes": "<lowercase hex>"}`, non-finite floats become `null`.
-pub fn params_to_json(v: &Value) -> serde_json::Value {
-    use serde_json::Value as J;
-    match v {
-        Value::Null => J::Null,
-        Value::Bool(b) => J::Bool(*b),
-        Value::Int(i) => J::from(*i),
-        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
-        Value::Text(s) => J::String(s.to_string()),
-        Value::Bytes(b) => {
-            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            serde_json::json!({ "$bytes": hex })
-        }
-        Value::List(l) => J::Array(l.iter().map(params_to_json).collect()),
-        Value::Map(m) => J::Object(
-            m.iter()
-                .map(|f| (f.key.to_string(), params_to_json(&f.value)))
-                .collect(),
-        ),
-        // Test-only variants of `Value` (feature unification) have no JSON form.
-        #[allow(unreachable_patterns)]
-        _ => J::Null,
-    }
 }
 
 fn config_error(err: &serde_yaml::Error, path: &Path) -> ConfigError {
@@ -195,6 +164,25 @@ struct Job {
     enabled: bool,
     #[serde(default = "empty_map", deserialize_with = "de_params")]
     params: Value,
+}
+
+impl Job {
+    fn into_spec(self) -> JobSpec {
+        let Job {
+            name,
+            handler,
+            frequency_ms,
+            enabled,
+            params,
+        } = self;
+        JobSpec {
+            name,
+            handler,
+            frequency_ms,
+            enabled,
+            params,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -714,7 +702,13 @@ jobs:
     fn syntax_errors_keep_their_location() {
         let e = refused("jobs:\n  - name: a\n\thandler: h\n", 3, "tab character");
         assert_eq!(e.column, Some(1));
-        refused("jobs:\n  - name: [a\n    handler: h\n", 4, "");
+        // Reported before the type error (a list as `name`) that precedes it.
+        let text = "jobs:\n  - name: [a\n    handler: h\n";
+        let e = refused(text, 3, "did not find expected ',' or ']'");
+        assert!(
+            e.message.ends_with("flow sequence at line 2 column 11"),
+            "{e}"
+        );
         // Several documents: serde_yaml gives no location.
         let e = parse_str("jobs: []\n---\njobs: []\n").unwrap_err();
         assert_eq!((e.line, e.column), (None, None));
@@ -760,7 +754,7 @@ jobs:
     }
 
     #[test]
-    fn params_to_json_shapes() {
+    fn params_json_shapes() {
         let v = Value::map([
             ("b", Value::from(vec![0x00u8, 0xab, 0x10])),
             (
@@ -778,6 +772,6 @@ jobs:
         let want = serde_json::json!({
             "b": {"$bytes": "00ab10"}, "l": [1, 0.5, null, false], "m": {"t": "x"}, "nan": null
         });
-        assert_eq!(params_to_json(&v), want);
+        assert_eq!(crate::json::value_to_json(&v), want);
     }
 }

@@ -17,6 +17,7 @@ pub mod handler;
 pub mod host;
 pub mod identity;
 pub mod jobs;
+pub mod json;
 pub mod loader;
 pub mod pipeline;
 pub mod registry;

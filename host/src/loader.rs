@@ -87,6 +87,7 @@ pub fn load_bytes(file: &Path, bytes: &[u8], cache_dir: &Path, generation: u64) 
         cause,
     };
     let hash = hash_bytes(bytes);
+    check_image(bytes).map_err(fail)?;
 
     fs::create_dir_all(cache_dir).map_err(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
@@ -100,6 +101,27 @@ pub fn load_bytes(file: &Path, bytes: &[u8], cache_dir: &Path, generation: u64) 
     // Once mapped (or refused) the copy is not needed; the mapping stays.
     let _ = fs::remove_file(&copy);
     loaded.map_err(fail)
+}
+
+/// Checks that `bytes` is a whole shared library before the dynamic loader
+/// sees it. The loader maps segments straight from the file, so a truncated
+/// library (one still being written, say) would crash the host with SIGBUS
+/// when a segment past the end of the file is touched.
+fn check_image(bytes: &[u8]) -> Result<(), String> {
+    use object::{Object, ObjectSegment};
+    let image = object::File::parse(bytes)
+        .map_err(|e| format!("not a loadable shared library ({e})"))?;
+    let len = bytes.len() as u64;
+    for segment in image.segments() {
+        let (offset, size) = segment.file_range();
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(format!(
+                "not a loadable shared library (truncated: a segment needs bytes {offset}..{} of a {len}-byte file)",
+                offset.saturating_add(size)
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn load_copy(copy: &Path, file: &Path, generation: u64, hash: String) -> Result<LoadedPlugin, String> {
@@ -168,6 +190,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_truncated_library_is_refused_before_dlopen() {
+        // The running test binary is a whole ELF image; its first 16 KiB
+        // are not, and mapping them would end in SIGBUS.
+        let me = fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(check_image(&me), Ok(()));
+        let err = check_image(&me[..16 * 1024]).unwrap_err();
+        assert!(err.contains("not a loadable shared library"), "{err}");
+    }
+
+    #[test]
     fn garbage_and_truncated_files_are_refused_in_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("garbage.so");
@@ -177,6 +209,6 @@ mod tests {
         assert!(err.contains("not a loadable shared library"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         // The private copy is gone.
-        assert_eq!(fs::read_dir(dir.path().join("cache")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("cache")).map_or(0, |d| d.count()), 0);
     }
 }

@@ -19,10 +19,10 @@
 
 use std::collections::VecDeque;
 
-use quiet_plugin_api::{Envelope, Identity, Value};
+use quiet_plugin_api::{Envelope, Identity};
 use rusqlite::Connection;
 
-use crate::{context::HostContext, db, handler::CallError, jobs::params_to_json, registry::Registry};
+use crate::{context::HostContext, db, handler::CallError, json::envelope_to_json, registry::Registry};
 
 /// How many times envelopes may beget envelopes before the chain is cut.
 pub const DEFAULT_HOP_LIMIT: u32 = 16;
@@ -191,13 +191,8 @@ impl<'a> Pipeline<'a> {
 pub fn record_dead_letter(conn: &Connection, source: &Source, reason: &str, envelope: &Envelope) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
-        rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, envelope_json(envelope)],
+        rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, envelope_to_json(envelope).to_string()],
     )?;
     Ok(())
 }
 
-/// An envelope as JSON text, for people reading dead letters.
-pub fn envelope_json(envelope: &Envelope) -> String {
-    let map = Value::map(envelope.fields().map(|(k, v)| (k, v.clone())));
-    params_to_json(&map).to_string()
-}

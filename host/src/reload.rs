@@ -29,7 +29,8 @@ use rusqlite::Connection;
 use crate::{
     db,
     handler::CallError,
-    jobs::{self, params_to_json, JobsConfig},
+    jobs::{self, JobsConfig},
+    json::value_to_json,
     loader::{self, hash_bytes, LoadedPlugin},
     registry::{Plugins, Registry},
     scheduler::Signal,
@@ -283,7 +284,7 @@ impl Reloader {
                         job.handler,
                         job.frequency_ms as i64,
                         job.enabled,
-                        params_to_json(&job.params).to_string()
+                        value_to_json(&job.params).to_string()
                     ],
                 )?;
             }

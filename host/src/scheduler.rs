@@ -66,8 +66,9 @@ pub struct Scheduler {
     identity: Identity,
     outbox: Box<dyn Outbox + Send>,
     signals: Receiver<Signal>,
-    /// Jobs that could not run, with the reason last logged.
-    blocked: HashMap<String, String>,
+    /// Jobs that could not run: the reason last logged, and the plugin
+    /// generation it was logged under (a new generation logs again).
+    blocked: HashMap<String, (String, u64)>,
 }
 
 impl Scheduler {
@@ -103,8 +104,7 @@ impl Scheduler {
             };
             match self.signals.recv_timeout(sleep) {
                 Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Signal::Wake) => self.blocked.clear(),
-                Err(RecvTimeoutError::Timeout) => {}
+                Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
             }
         }
         tracing::debug!("scheduler stopped");
@@ -137,11 +137,11 @@ impl Scheduler {
     /// Runs one job; returns false if it could not be run at all.
     fn run_job(&mut self, job: &JobSpec, registry: &Registry, now: i64) -> rusqlite::Result<bool> {
         let Some(handler) = registry.handler(&job.handler) else {
-            let reason = format!("handler '{}' is not loaded", job.handler);
-            if self.blocked.get(&job.name) != Some(&reason) {
-                tracing::warn!(job = %job.name, "job cannot run: {reason}");
-                set_job_error(&self.conn, &job.name, Some(&reason), now)?;
-                self.blocked.insert(job.name.clone(), reason);
+            let blocked = (format!("handler '{}' is not loaded", job.handler), registry.generation);
+            if self.blocked.get(&job.name) != Some(&blocked) {
+                tracing::warn!(job = %job.name, "job cannot run: {}", blocked.0);
+                set_job_error(&self.conn, &job.name, Some(&blocked.0), now)?;
+                self.blocked.insert(job.name.clone(), blocked);
             }
             return Ok(false);
         };

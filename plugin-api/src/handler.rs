@@ -11,7 +11,11 @@
 //! error value the host reports, because a panic that reached the ABI would
 //! end the whole host process.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::{
+    cell::{Cell, RefCell},
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::Once,
+};
 
 
 use abi_stable::{
@@ -112,21 +116,56 @@ pub fn into_abi<H: Handler>(handler: H) -> HandlerBox {
 
 /// Runs `f`, turning both its error and any panic into an error string.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    quiet_panics();
+    let outer = IN_GUARD.with(|g| g.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_GUARD.with(|g| g.set(outer));
+    match result {
         Ok(Ok(v)) => ROk(v),
         Ok(Err(e)) => RResult::RErr(e.message().into()),
-        Err(payload) => RResult::RErr(panic_message(payload.as_ref()).into()),
+        Err(payload) => {
+            let text = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| payload_text(payload.as_ref()).to_owned());
+            RResult::RErr(format!("panicked: {text}").into())
+        }
     }
 }
 
-/// Text of a caught panic, prefixed so that the host can tell panics apart.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
+thread_local! {
+    static IN_GUARD: Cell<bool> = const { Cell::new(false) };
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that, inside a guarded call, records the
+/// message and location instead of printing a backtrace to the host's
+/// stderr: the host reports the panic as one line. Outside guarded calls the
+/// previous hook runs as before.
+fn quiet_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_GUARD.with(Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+                    .unwrap_or_default();
+                let text = format!("{}{at}", payload_text(info.payload()));
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+            } else {
+                previous(info)
+            }
+        }));
+    });
+}
+
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-string panic payload");
-    format!("panicked: {text}")
+        .unwrap_or("non-string panic payload")
 }
 
 struct Guarded<H>(H);
@@ -157,5 +196,23 @@ impl<H: Handler> AbiHandler for Guarded<H> {
             let mut ctx = Context::new(host);
             self.0.run_job(&mut ctx, params).map(RVec::from)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_one_line_errors_with_their_location() {
+        let r: RResult<(), RString> = guarded(|| panic!("kaboom {}", 7));
+        let e = r.unwrap_err();
+        assert!(e.starts_with("panicked: kaboom 7 (at "), "{e}");
+        assert!(e.contains("handler.rs:"), "{e}");
+        assert!(!e.contains('\n'));
+        let ok: RResult<u8, RString> = guarded(|| Ok(1));
+        assert_eq!(ok.unwrap(), 1);
+        let err: RResult<u8, RString> = guarded(|| Err(PluginError::msg("nope")));
+        assert_eq!(err.unwrap_err().as_str(), "nope");
     }
 }

@@ -35,9 +35,6 @@ pub enum Value {
     List(RVec<Value>),
     /// An ordered map from names to values; keys are unique.
     Map(RVec<Field>),
-    /// Present only in the deliberately incompatible test build.
-    #[cfg(feature = "__abi_mismatch_for_tests")]
-    AbiMismatch(u64),
 }
 
 /// One named entry of a [`Value::Map`] or an [`crate::Envelope`].
@@ -129,8 +126,6 @@ impl Value {
             Value::Bytes(_) => "bytes",
             Value::List(_) => "list",
             Value::Map(_) => "map",
-            #[cfg(feature = "__abi_mismatch_for_tests")]
-            Value::AbiMismatch(_) => "abi-mismatch",
         }
     }
 
