@@ -87,6 +87,14 @@ pub fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// An in-memory database with the host's schema, for tests.
+pub fn open_in_memory() -> rusqlite::Result<Connection> {
+    let conn = Connection::open_in_memory()?;
+    configure(&conn)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
 /// Opens the database read-only, for CLI commands that only look.
 pub fn open_read_only(data_dir: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(

@@ -10,6 +10,9 @@
 //!   [`registry`] indexes, one generation at a time, kept current by
 //!   [`reload`];
 //! - [`host`] starts all of it, and [`status`] reads back what it did.
+//!
+//! Plugin authors: [`testing::TestHost`] runs a plugin's handlers on an
+//! in-memory host, for unit tests without a running `quiet-host`.
 
 pub mod context;
 pub mod db;
@@ -24,3 +27,4 @@ pub mod registry;
 pub mod reload;
 pub mod scheduler;
 pub mod status;
+pub mod testing;

@@ -129,7 +129,12 @@ fn load_copy(copy: &Path, file: &Path, generation: u64, hash: String) -> Result<
     let module = header
         .init_root_module::<PluginModRef>()
         .map_err(|e| describe(&e, copy))?;
+    from_module(module, file, generation, hash)
+}
 
+/// Reads a plugin's root module, however it was obtained: from a library
+/// (above) or in-process, as [`crate::testing::TestHost`] does.
+pub fn from_module(module: PluginModRef, file: &Path, generation: u64, hash: String) -> Result<LoadedPlugin, String> {
     let name: Arc<str> = Arc::from(module.name().as_str());
     if name.is_empty() {
         return Err("the plugin has an empty name".into());

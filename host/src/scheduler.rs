@@ -29,7 +29,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{
     context::HostContext,
     db,
-    handler::CallError,
+    handler::{CallError, LoadedHandler},
     jobs::{JobSpec, JobsConfig},
     pipeline::{Outbox, Pipeline, Source},
     registry::{Plugins, Registry},
@@ -146,33 +146,49 @@ impl Scheduler {
             return Ok(false);
         };
         self.blocked.remove(&job.name);
-        let source = Source {
-            plugin: Some(handler.plugin.to_string()),
-            handler: handler.name.clone(),
-        };
-        let (identity, outbox) = (&self.identity, self.outbox.as_ref());
-        db::with_write_tx(&self.conn, |conn| {
-            let mut ctx = HostContext::new(conn, &handler.plugin, identity);
-            let result = db::with_savepoint(conn, || {
-                handler.run_job(&mut ctx, &job.params).map_err(CallError::Handler)
-            });
-            let error = match result {
-                Ok(envelopes) => {
-                    let report = Pipeline::new(conn, registry, identity, outbox).run(envelopes, source)?;
-                    tracing::debug!(job = %job.name, ?report, "job ran");
-                    None
-                }
-                Err(CallError::Handler(e)) => {
-                    tracing::warn!(job = %job.name, handler = %handler.name, "job failed: {e}");
-                    Some(e)
-                }
-                Err(CallError::Sql(e)) => return Err(e),
-            };
-            mark_run(conn, &job.name, now)?;
-            set_job_error(conn, &job.name, error.as_deref(), now)
-        })?;
+        execute_job(&self.conn, registry, &self.identity, self.outbox.as_ref(), handler, job, now)?;
         Ok(true)
     }
+}
+
+/// Runs `job` on `handler` once, as the seed describes: `run_job` and the
+/// pipeline behind it in one write transaction, then marks the run. Returns
+/// the job's error, if it failed; the run is marked either way, so a failing
+/// job waits for its next period instead of spinning.
+pub fn execute_job(
+    conn: &Connection,
+    registry: &Registry,
+    identity: &Identity,
+    outbox: &dyn Outbox,
+    handler: &LoadedHandler,
+    job: &JobSpec,
+    now: i64,
+) -> rusqlite::Result<Option<String>> {
+    let source = Source {
+        plugin: Some(handler.plugin.to_string()),
+        handler: handler.name.clone(),
+    };
+    db::with_write_tx(conn, |conn| {
+        let mut ctx = HostContext::new(conn, &handler.plugin, identity);
+        let result = db::with_savepoint(conn, || {
+            handler.run_job(&mut ctx, &job.params).map_err(CallError::Handler)
+        });
+        let error = match result {
+            Ok(envelopes) => {
+                let report = Pipeline::new(conn, registry, identity, outbox).run(envelopes, source)?;
+                tracing::debug!(job = %job.name, ?report, "job ran");
+                None
+            }
+            Err(CallError::Handler(e)) => {
+                tracing::warn!(job = %job.name, handler = %handler.name, "job failed: {e}");
+                Some(e)
+            }
+            Err(CallError::Sql(e)) => return Err(e),
+        };
+        mark_run(conn, &job.name, now)?;
+        set_job_error(conn, &job.name, error.as_deref(), now)?;
+        Ok(error)
+    })
 }
 
 fn last_run(conn: &Connection, job: &str) -> rusqlite::Result<Option<i64>> {

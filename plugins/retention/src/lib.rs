@@ -56,7 +56,7 @@ impl Handler for Retention {
         if deleted > 0 {
             ctx.execute(
                 "INSERT INTO retention_log (at_ms, deleted) VALUES (?1, ?2)",
-                params![now, i64::try_from(deleted)?],
+                params![now, deleted],
             )?;
             ctx.info(&format!(
                 "deleted {deleted} dead letters ({expired} older than {max_age_ms} ms, \
@@ -69,17 +69,11 @@ impl Handler for Retention {
 
 /// The integer param `name`, or `default` when it is absent or null.
 fn non_negative_param(params: &Value, name: &str, default: i64) -> Result<i64, PluginError> {
-    match params.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Int(n)) if *n >= 0 => Ok(*n),
-        Some(Value::Int(n)) => {
-            bail!("retention: param '{name}' must be a non-negative integer, got {n}")
-        }
-        Some(other) => bail!(
-            "retention: param '{name}' must be a non-negative integer, got {}",
-            other.kind()
-        ),
+    let n = params.int_or(name, default)?;
+    if n < 0 {
+        bail!("param '{name}' must not be negative, got {n}");
     }
+    Ok(n)
 }
 
 export_plugin! {
@@ -87,4 +81,56 @@ export_plugin! {
     version: env!("CARGO_PKG_VERSION"),
     migrations: ["CREATE TABLE IF NOT EXISTS retention_log (at_ms INTEGER NOT NULL, deleted INTEGER NOT NULL)"],
     handlers: [Retention],
+}
+
+#[cfg(test)]
+mod tests {
+    use quiet_host::testing::TestHost;
+    use quiet_plugin_api::Value;
+
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+    fn host_with_dead_letters(ages_ms: &[i64]) -> TestHost {
+        let host = TestHost::new(super::plugin_module()).unwrap();
+        let now = quiet_host::db::now_ms();
+        for age in ages_ms {
+            host.db()
+                .execute(
+                    "INSERT INTO dead_letters(at_ms, handler, reason, envelope) VALUES (?1, 'h', 'r', '{}')",
+                    [now - age],
+                )
+                .unwrap();
+        }
+        host
+    }
+
+    #[test]
+    fn deletes_expired_then_keeps_the_newest() {
+        let mut host = host_with_dead_letters(&[10 * DAY_MS, 8 * DAY_MS, 3, 2, 1]);
+        host.run_job("retention", Value::map([("max_dead_letters", 2)])).unwrap();
+        assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 2);
+        // The two newest (ids 4 and 5) are the ones kept.
+        assert_eq!(host.count("SELECT MIN(id) FROM dead_letters"), 4);
+        assert_eq!(host.count("SELECT SUM(deleted) FROM retention_log"), 3);
+    }
+
+    #[test]
+    fn defaults_keep_recent_rows_and_log_nothing() {
+        let mut host = host_with_dead_letters(&[DAY_MS, 1]);
+        host.run_job("retention", Value::map([("unused", 0)])).unwrap();
+        assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 2);
+        assert_eq!(host.count("SELECT COUNT(*) FROM retention_log"), 0);
+    }
+
+    #[test]
+    fn a_bad_param_fails_the_job_and_deletes_nothing() {
+        let mut host = host_with_dead_letters(&[10 * DAY_MS]);
+        let err = host
+            .run_job("retention", Value::map([("dead_letter_max_age_ms", "a week")]))
+            .unwrap_err();
+        assert_eq!(err, "param 'dead_letter_max_age_ms' must be an integer, got text");
+        let err = host.run_job("retention", Value::map([("max_dead_letters", -1)])).unwrap_err();
+        assert!(err.contains("must not be negative"), "{err}");
+        assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 1);
+    }
 }
