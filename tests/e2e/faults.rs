@@ -1,1 +1,463 @@
-//! placeholder
+//! Faults: broken plugin files, misbehaving handlers, a second host on the
+//! same data folder and a bad jobs.yaml at start-up. The host must contain
+//! each one, say why in one line, and keep serving everything else.
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use quiet_test_support::{install, plugin, wait_for, HostDirs, HostProcess};
+
+use crate::{bin, db, job, plugin_file, query_i64};
+
+const JOBS: &str = "\
+jobs:
+  - name: tick
+    handler: ticker
+    frequency_ms: 100
+  - name: boom
+    handler: panicker
+    frequency_ms: 300
+  - name: loop
+    handler: looper
+    frequency_ms: 300
+  - name: jobpanic
+    handler: job_panicker
+    frequency_ms: 300
+  - name: fail
+    handler: failer
+    frequency_ms: 300
+  - name: ghost
+    handler: nobody
+    frequency_ms: 300
+";
+
+/// Polls the status until `cond` holds; panics with the last status and the
+/// host's log if it does not within `timeout`.
+fn eventually(
+    host: &HostProcess,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(timeout, || {
+        let s = host.status();
+        let ok = cond(&s);
+        last = s;
+        ok.then(|| last.clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{what}: not within {timeout:?}; last status:\n{last:#}\nlog:\n{}",
+            host.log().join("\n")
+        )
+    })
+}
+
+fn ticks(data: &Path) -> i64 {
+    query_i64(data, "SELECT COUNT(*) FROM ticks").unwrap_or(0)
+}
+
+/// Waits until the ticks table has more rows than `than`; returns the count.
+fn ticks_grow(host: &HostProcess, data: &Path, than: i64, when: &str) -> i64 {
+    wait_for(Duration::from_secs(5), || {
+        let n = ticks(data);
+        (n > than).then_some(n)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "ticks stopped growing {when} (stuck at {than}); log:\n{}",
+            host.log().join("\n")
+        )
+    })
+}
+
+/// `n` pseudo-random bytes (xorshift64*), never an ELF header.
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(n);
+    out[0] = b'Q';
+    out
+}
+
+/// A real shared library that is not a plugin: the toolchain's libstd,
+/// somewhere under `<sysroot>/lib/`.
+fn libstd() -> Option<PathBuf> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let lib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
+    find_libstd(&lib, 4)
+}
+
+fn find_libstd(dir: &Path, depth: u32) -> Option<PathBuf> {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    let found = entries.iter().find(|p| {
+        p.is_file()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libstd-") && n.ends_with(".so"))
+    });
+    if let Some(p) = found {
+        return Some(p.clone());
+    }
+    if depth == 0 {
+        return None;
+    }
+    entries
+        .iter()
+        .filter(|p| p.is_dir())
+        .find_map(|p| find_libstd(p, depth - 1))
+}
+
+/// Asserts the plugin file `file` was refused with a one-line error
+/// containing `needle`.
+fn assert_refused(status: &serde_json::Value, file: &str, needle: &str) {
+    let p = plugin_file(status, file)
+        .unwrap_or_else(|| panic!("{file} is not in the status: {status:#}"));
+    let error = p["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{file} was not refused: {p:#}"));
+    assert!(
+        error.contains(needle),
+        "{file}: error {error:?} does not contain {needle:?}"
+    );
+    assert!(
+        !error.contains('\n'),
+        "{file}: error is not one line: {error:?}"
+    );
+    assert!(
+        p["name"].is_null(),
+        "{file} was refused yet has a name: {p:#}"
+    );
+}
+
+fn assert_loaded(status: &serde_json::Value, file: &str, name: &str) {
+    let p = plugin_file(status, file)
+        .unwrap_or_else(|| panic!("{file} is not in the status: {status:#}"));
+    assert_eq!(p["name"], name, "{file}: {p:#}");
+    assert!(p["error"].is_null(), "{file}: {p:#}");
+}
+
+fn dead_letter_with<'a>(
+    status: &'a serde_json::Value,
+    handler: &str,
+    needles: &[&str],
+) -> Option<&'a serde_json::Value> {
+    status["dead_letters"]["recent"]
+        .as_array()?
+        .iter()
+        .find(|d| {
+            d["handler"] == handler
+                && d["reason"]
+                    .as_str()
+                    .is_some_and(|r| needles.iter().all(|n| r.contains(n)))
+        })
+}
+
+fn run_count(status: &serde_json::Value, name: &str) -> i64 {
+    job(status, name)
+        .and_then(|j| j["run_count"].as_i64())
+        .unwrap_or(-1)
+}
+
+#[test]
+fn faulty_plugins_are_contained_and_the_host_keeps_serving() {
+    let started = Instant::now();
+    let ticker = plugin("ticker-plugin", "v1");
+    let faulty = plugin("faulty-plugin", "v1");
+    let mismatch = plugin("abi-mismatch-plugin", "v1");
+    let dirs = HostDirs::new(JOBS);
+    install(&ticker, &dirs.plugins, "libticker.so");
+    install(&faulty, &dirs.plugins, "libfaulty.so");
+    install(&mismatch, &dirs.plugins, "libabi_mismatch.so");
+    let bytes = fs::read(&ticker).unwrap();
+    assert!(bytes.len() > 4096);
+    fs::write(dirs.plugins.join("libtruncated.so"), &bytes[..4096]).unwrap();
+    fs::write(dirs.plugins.join("librandom.so"), random_bytes(64 * 1024)).unwrap();
+    let std_lib = libstd();
+    match &std_lib {
+        Some(lib) => install(lib, &dirs.plugins, "libnotaplugin.so"),
+        None => eprintln!("no libstd-*.so in the rustc sysroot: skipping the not-a-plugin library"),
+    }
+    let files = if std_lib.is_some() { 6 } else { 5 };
+    let built = started.elapsed();
+
+    let host = HostProcess::start(&bin(), &dirs);
+    let host_started = Instant::now();
+
+    // Every file is either loaded or refused.
+    let s = eventually(
+        &host,
+        "every plugin file is loaded or refused",
+        Duration::from_secs(10),
+        |s| {
+            s["plugins"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .filter(|p| !p["name"].is_null() || !p["error"].is_null())
+                    .count()
+                    >= files
+            })
+        },
+    );
+    assert_loaded(&s, "libticker.so", "ticker");
+    assert_loaded(&s, "libfaulty.so", "faulty");
+    assert_refused(&s, "libabi_mismatch.so", "incompatible plugin-api");
+    assert_refused(&s, "libtruncated.so", "not a loadable shared library");
+    assert_refused(&s, "librandom.so", "not a loadable shared library");
+    if std_lib.is_some() {
+        assert_refused(&s, "libnotaplugin.so", "not a quiet-host plugin");
+    }
+    let mut seen_ticks = ticks_grow(&host, &dirs.data, 0, "at start");
+
+    // Each fault ends in a dead letter naming the handler and the cause.
+    let s = eventually(
+        &host,
+        "a dead letter for each faulty handler",
+        Duration::from_secs(10),
+        |s| {
+            dead_letter_with(s, "panicker", &["panicked: boom handler exploded"]).is_some()
+                && dead_letter_with(s, "looper", &["hop limit"]).is_some()
+                && dead_letter_with(s, "failer", &["refusing envelope 1"]).is_some()
+        },
+    );
+    let looped = dead_letter_with(&s, "looper", &["hop limit"]).unwrap();
+    assert!(
+        looped["reason"].as_str().unwrap().contains("looper"),
+        "{looped:#}"
+    );
+    seen_ticks = ticks_grow(&host, &dirs.data, seen_ticks, "while handlers fail");
+
+    // A job that panics is marked as run, with the panic as its error; a job
+    // whose handler is missing does not run and says why.
+    let s = eventually(
+        &host,
+        "jobpanic fails and ghost is blocked",
+        Duration::from_secs(10),
+        |s| {
+            run_count(s, "jobpanic") >= 1
+                && job(s, "ghost").is_some_and(|j| !j["last_error"].is_null())
+        },
+    );
+    let jobpanic = job(&s, "jobpanic").unwrap();
+    let error = jobpanic["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("panicked: job exploded"),
+        "jobpanic: {jobpanic:#}"
+    );
+    let ghost = job(&s, "ghost").unwrap();
+    assert_eq!(
+        ghost["last_error"], "handler 'nobody' is not loaded",
+        "{ghost:#}"
+    );
+    assert_eq!(ghost["run_count"], 0, "{ghost:#}");
+    let jobpanic_runs = run_count(&s, "jobpanic");
+    let s = eventually(
+        &host,
+        "jobpanic keeps being run",
+        Duration::from_secs(10),
+        |s| run_count(s, "jobpanic") > jobpanic_runs,
+    );
+    assert!(
+        job(&s, "jobpanic").unwrap()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("panicked: job exploded")),
+        "{s:#}"
+    );
+    assert_eq!(run_count(&s, "ghost"), 0, "{s:#}");
+
+    // Over repeated rounds of faults (about 2 s), everything keeps going.
+    let rounds = eventually(
+        &host,
+        "repeated rounds of faults",
+        Duration::from_secs(10),
+        |s| {
+            run_count(s, "jobpanic") >= jobpanic_runs + 6
+                && ["boom", "loop", "fail"]
+                    .iter()
+                    .all(|j| run_count(s, j) >= 6)
+        },
+    );
+    assert_eq!(run_count(&rounds, "ghost"), 0, "{rounds:#}");
+    let panics = rounds["dead_letters"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["handler"] == "panicker")
+        .count();
+    assert!(
+        panics >= 3,
+        "panicker was not dead-lettered on every run: {rounds:#}"
+    );
+    seen_ticks = ticks_grow(&host, &dirs.data, seen_ticks + 10, "during repeated faults");
+
+    // Every write of a failed call was rolled back.
+    assert_eq!(
+        query_i64(&dirs.data, "SELECT COUNT(*) FROM faulty_writes"),
+        Some(0),
+        "writes of failed handlers were not rolled back"
+    );
+    seen_ticks = ticks_grow(&host, &dirs.data, seen_ticks, "after the faults");
+
+    // The ticks are whole: 1..=n, no gaps, no duplicates.
+    let (count, min, max): (i64, i64, i64) = db(&dirs.data)
+        .query_row("SELECT COUNT(*), MIN(seq), MAX(seq) FROM ticks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert!(count >= seen_ticks);
+    assert_eq!((min, max), (1, count), "ticks have gaps or duplicates");
+
+    // Still alive: it holds the data folder, and the process is there.
+    let s = host.status();
+    assert_eq!(s["running_pid"], host.pid(), "{s:#}");
+    assert!(Path::new(&format!("/proc/{}", host.pid())).exists());
+    let ran = host_started.elapsed();
+    host.stop();
+    let (count, max): (i64, i64) = db(&dirs.data)
+        .query_row("SELECT COUNT(*), MAX(seq) FROM ticks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(count, max, "ticks have gaps or duplicates after stop");
+    assert_eq!(
+        query_i64(&dirs.data, "SELECT COUNT(*) FROM faulty_writes"),
+        Some(0)
+    );
+    eprintln!("faults: plugins built in {built:?}, host ran {ran:?}, {count} ticks");
+    for p in s["plugins"].as_array().unwrap() {
+        eprintln!("  {}: {}", p["file"], p["error"]);
+    }
+}
+
+/// Runs `cmd`, waiting at most `timeout` for it to exit.
+fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let mut child = cmd
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(timeout, || child.try_wait().unwrap());
+    let took = start.elapsed();
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} did not exit within {timeout:?}");
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    (
+        Output {
+            status,
+            stdout,
+            stderr,
+        },
+        took,
+    )
+}
+
+fn run_cmd(dirs: &HostDirs) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--data"])
+        .arg(&dirs.data)
+        .arg("--plugins")
+        .arg(&dirs.plugins)
+        .arg("--jobs")
+        .arg(&dirs.jobs);
+    cmd
+}
+
+/// The one line of stderr, checked to be a single `error: ` line.
+fn single_error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr is not one line:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "stderr: {stderr}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_second_host_on_the_same_data_folder_is_refused() {
+    let ticker = plugin("ticker-plugin", "v1");
+    let dirs = HostDirs::new("jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n");
+    install(&ticker, &dirs.plugins, "libticker.so");
+    let host = HostProcess::start(&bin(), &dirs);
+    ticks_grow(&host, &dirs.data, 0, "before the second host");
+
+    let (out, took) = run_with_timeout(run_cmd(&dirs), Duration::from_secs(10));
+    assert!(
+        !out.status.success(),
+        "a second host on the same data folder started: {:?}",
+        out.status
+    );
+    let line = single_error_line(&out);
+    assert!(line.contains("is in use by another quiet-host"), "{line}");
+    assert!(
+        line.contains(&format!("pid {}", host.pid())),
+        "the holder's pid is not named: {line}"
+    );
+
+    // The first host is untouched.
+    let before = ticks(&dirs.data);
+    ticks_grow(
+        &host,
+        &dirs.data,
+        before,
+        "after the second host was refused",
+    );
+    assert_eq!(host.status()["running_pid"], host.pid());
+    host.stop();
+    eprintln!("second host refused in {took:?}");
+}
+
+#[test]
+fn bad_jobs_yaml_at_startup_is_refused_with_its_line() {
+    let dirs = HostDirs::new("jobs:\n  - name: a\n    handler: ticker\n    frequency_ms: 5\n");
+    let (out, took) = run_with_timeout(run_cmd(&dirs), Duration::from_secs(10));
+    assert!(
+        !out.status.success(),
+        "a host started with a bad jobs.yaml: {:?}",
+        out.status
+    );
+    let line = single_error_line(&out);
+    assert!(line.contains("jobs.yaml:4:"), "{line}");
+    assert!(line.contains("frequency_ms"), "{line}");
+    eprintln!("bad jobs.yaml refused in {took:?}: {line}");
+}
