@@ -24,7 +24,15 @@ use crate::db;
 /// Statement kinds a plugin may not run: they would end, fork or escape the
 /// transaction the host opened for the call.
 const FORBIDDEN: &[&str] = &[
-    "BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM",
+    "BEGIN",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "RELEASE",
+    "ATTACH",
+    "DETACH",
+    "VACUUM",
 ];
 
 /// What a handler call may use of the host.
@@ -37,7 +45,11 @@ pub struct HostContext<'a> {
 impl<'a> HostContext<'a> {
     /// A context over `conn`, which must be inside a transaction.
     pub fn new(conn: &'a Connection, plugin: &'a str, identity: &'a Identity) -> Self {
-        Self { conn, plugin, identity }
+        Self {
+            conn,
+            plugin,
+            identity,
+        }
     }
 
     /// The FFI-safe handle to pass into a plugin.
@@ -46,7 +58,11 @@ impl<'a> HostContext<'a> {
     }
 
     fn prepare(&self, sql: &str) -> Result<rusqlite::CachedStatement<'a>, String> {
-        let first = sql.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+        let first = sql
+            .trim_start()
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .next()
+            .unwrap_or("");
         if FORBIDDEN.iter().any(|k| k.eq_ignore_ascii_case(first)) {
             return Err(format!(
                 "{} statements are not allowed: the host owns the transaction",
@@ -173,20 +189,32 @@ mod tests {
     #[test]
     fn plugins_query_with_typed_params_and_cannot_touch_the_transaction() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t(a INTEGER, b TEXT, c BLOB); BEGIN").unwrap();
+        conn.execute_batch("CREATE TABLE t(a INTEGER, b TEXT, c BLOB); BEGIN")
+            .unwrap();
         let id = Identity::default();
         let mut host = HostContext::new(&conn, "test", &id);
         let mut ctx = Context::new(host.as_abi());
-        ctx.execute("INSERT INTO t VALUES (?, ?, ?)", params![1, "x", vec![0u8, 255]])
-            .unwrap();
+        ctx.execute(
+            "INSERT INTO t VALUES (?, ?, ?)",
+            params![1, "x", vec![0u8, 255]],
+        )
+        .unwrap();
         let rows = ctx.query("SELECT a, b, c FROM t", &[]).unwrap();
         let row = rows.first().unwrap();
-        assert_eq!((row.int(0), row.str(1), row.bytes(2)), (Some(1), Some("x"), Some(&[0u8, 255][..])));
+        assert_eq!(
+            (row.int(0), row.str(1), row.bytes(2)),
+            (Some(1), Some("x"), Some(&[0u8, 255][..]))
+        );
         assert_eq!(row.named("b").as_str(), Some("x"));
 
         let err = ctx.execute("  commit", &[]).unwrap_err();
-        assert!(err.message().contains("COMMIT statements are not allowed"), "{err}");
-        let err = ctx.query("SELECT ?", &[Value::List(RVec::new())]).unwrap_err();
+        assert!(
+            err.message().contains("COMMIT statements are not allowed"),
+            "{err}"
+        );
+        let err = ctx
+            .query("SELECT ?", &[Value::List(RVec::new())])
+            .unwrap_err();
         assert!(err.message().contains("parameter 1 is a list"), "{err}");
         assert!(!conn.is_autocommit());
     }

@@ -163,7 +163,11 @@ pub fn with_savepoint<T, E: From<rusqlite::Error>>(
 
 /// Runs a plugin's migrations that this database has not run yet, in order.
 /// Call inside a write transaction.
-pub fn apply_plugin_migrations(conn: &Connection, plugin: &str, migrations: &[&str]) -> Result<usize, String> {
+pub fn apply_plugin_migrations(
+    conn: &Connection,
+    plugin: &str,
+    migrations: &[&str],
+) -> Result<usize, String> {
     let applied: usize = conn
         .query_row(
             "SELECT applied FROM plugin_migrations WHERE plugin = ?",
@@ -195,8 +199,10 @@ pub fn apply_plugin_migrations(conn: &Connection, plugin: &str, migrations: &[&s
 
 /// Reads one row of `host_state`.
 pub fn host_state(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT value FROM host_state WHERE key = ?", [key], |r| r.get(0))
-        .optional()
+    conn.query_row("SELECT value FROM host_state WHERE key = ?", [key], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 /// Sets (or, with `None`, clears) one row of `host_state`.
@@ -222,7 +228,9 @@ mod tests {
         let conn = open(dir.path()).unwrap();
         drop(conn);
         let conn = open(dir.path()).unwrap();
-        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
 
         with_write_tx(&conn, |c| {

@@ -25,11 +25,18 @@ pub struct LoadedHandler {
 
 impl LoadedHandler {
     pub(crate) fn new(plugin: Arc<str>, abi: HandlerBox) -> Result<Self, String> {
-        let spec = abi.spec().into_result().map_err(|e| format!("handler spec failed: {e}"))?;
+        let spec = abi
+            .spec()
+            .into_result()
+            .map_err(|e| format!("handler spec failed: {e}"))?;
         Ok(Self {
             plugin,
             name: spec.name.into_string(),
-            event_types: spec.event_types.into_iter().map(|t| t.into_string()).collect(),
+            event_types: spec
+                .event_types
+                .into_iter()
+                .map(|t| t.into_string())
+                .collect(),
             abi,
         })
     }
@@ -45,13 +52,27 @@ impl LoadedHandler {
     }
 
     /// The handler's `process`, inside the caller's transaction.
-    pub fn process(&self, envelope: &Envelope, ctx: &mut HostContext<'_>) -> Result<RVec<Envelope>, String> {
-        self.abi.process(envelope, ctx.as_abi()).into_result().map_err(Into::into)
+    pub fn process(
+        &self,
+        envelope: &Envelope,
+        ctx: &mut HostContext<'_>,
+    ) -> Result<RVec<Envelope>, String> {
+        self.abi
+            .process(envelope, ctx.as_abi())
+            .into_result()
+            .map_err(Into::into)
     }
 
     /// The handler's `run_job`, inside the caller's transaction.
-    pub fn run_job(&self, ctx: &mut HostContext<'_>, params: &Value) -> Result<RVec<Envelope>, String> {
-        self.abi.run_job(ctx.as_abi(), params).into_result().map_err(Into::into)
+    pub fn run_job(
+        &self,
+        ctx: &mut HostContext<'_>,
+        params: &Value,
+    ) -> Result<RVec<Envelope>, String> {
+        self.abi
+            .run_job(ctx.as_abi(), params)
+            .into_result()
+            .map_err(Into::into)
     }
 }
 

@@ -123,7 +123,10 @@ impl RunningHost {
     pub fn shutdown(mut self) {
         self.stop_watcher.store(true, Ordering::SeqCst);
         let _ = self.to_scheduler.send(Signal::Shutdown);
-        for t in [self.scheduler.take(), self.watcher.take()].into_iter().flatten() {
+        for t in [self.scheduler.take(), self.watcher.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
@@ -198,7 +201,11 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     })
 }
 
-fn spawn_watcher(opts: &HostOptions, mut reloader: Reloader, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, StartError> {
+fn spawn_watcher(
+    opts: &HostOptions,
+    mut reloader: Reloader,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, StartError> {
     let (tx, rx) = mpsc::channel();
     let mut debouncer = new_debouncer(DEBOUNCE, None, tx).map_err(|e| StartError::Watch {
         path: opts.plugins_dir.clone(),

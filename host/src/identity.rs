@@ -62,10 +62,14 @@ impl HostIdentity {
         match fs::read(&path) {
             Ok(bytes) => {
                 check_permissions(&path)?;
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| IdentityError::Malformed {
-                    path: path.clone(),
-                    len: bytes.len(),
-                })?;
+                let key: [u8; 32] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| IdentityError::Malformed {
+                            path: path.clone(),
+                            len: bytes.len(),
+                        })?;
                 Ok(Self::from_secret(SecretKey::from(key)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -120,7 +124,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 #[cfg(not(unix))]
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -164,10 +171,17 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
-            fs::set_permissions(dir.path().join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-            let err = HostIdentity::load_or_create(dir.path()).err().unwrap().to_string();
+            fs::set_permissions(dir.path().join(KEY_FILE), fs::Permissions::from_mode(0o644))
+                .unwrap();
+            let err = HostIdentity::load_or_create(dir.path())
+                .err()
+                .unwrap()
+                .to_string();
             assert!(err.contains("chmod 600"), "{err}");
         }
     }

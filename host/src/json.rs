@@ -15,13 +15,22 @@ pub fn value_to_json(v: &Value) -> Json {
         Value::Text(s) => Json::String(s.to_string()),
         Value::Bytes(b) => serde_json::json!({ "$bytes": hex::encode(b) }),
         Value::List(l) => Json::Array(l.iter().map(value_to_json).collect()),
-        Value::Map(m) => Json::Object(m.iter().map(|f| (f.key.to_string(), value_to_json(&f.value))).collect()),
+        Value::Map(m) => Json::Object(
+            m.iter()
+                .map(|f| (f.key.to_string(), value_to_json(&f.value)))
+                .collect(),
+        ),
     }
 }
 
 /// An envelope as a JSON object, fields in order.
 pub fn envelope_to_json(envelope: &Envelope) -> Json {
-    Json::Object(envelope.fields().map(|(k, v)| (k.to_owned(), value_to_json(v))).collect())
+    Json::Object(
+        envelope
+            .fields()
+            .map(|(k, v)| (k.to_owned(), value_to_json(v)))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -30,8 +39,14 @@ mod tests {
 
     #[test]
     fn bytes_stay_distinguishable_from_text() {
-        let v = Value::map([("b", Value::from(vec![0u8, 0xab])), ("t", Value::from("00ab"))]);
-        assert_eq!(value_to_json(&v), serde_json::json!({"b": {"$bytes": "00ab"}, "t": "00ab"}));
+        let v = Value::map([
+            ("b", Value::from(vec![0u8, 0xab])),
+            ("t", Value::from("00ab")),
+        ]);
+        assert_eq!(
+            value_to_json(&v),
+            serde_json::json!({"b": {"$bytes": "00ab"}, "t": "00ab"})
+        );
         assert_eq!(value_to_json(&Value::Float(f64::NAN)), Json::Null);
     }
 }

@@ -81,7 +81,12 @@ pub fn load(file: &Path, cache_dir: &Path, generation: u64) -> Result<LoadedPlug
 
 /// Loads `bytes`, already read from `file`, as generation `generation`. The
 /// bytes loaded are exactly the bytes the caller read and hashed.
-pub fn load_bytes(file: &Path, bytes: &[u8], cache_dir: &Path, generation: u64) -> Result<LoadedPlugin, LoadError> {
+pub fn load_bytes(
+    file: &Path,
+    bytes: &[u8],
+    cache_dir: &Path,
+    generation: u64,
+) -> Result<LoadedPlugin, LoadError> {
     let fail = |cause: String| LoadError {
         file: file.to_owned(),
         cause,
@@ -89,8 +94,12 @@ pub fn load_bytes(file: &Path, bytes: &[u8], cache_dir: &Path, generation: u64) 
     let hash = hash_bytes(bytes);
     check_image(bytes).map_err(fail)?;
 
-    fs::create_dir_all(cache_dir).map_err(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
-    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    fs::create_dir_all(cache_dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin");
     let copy = cache_dir.join(format!(
         "{stem}.g{generation}.{}.{}",
         std::process::id(),
@@ -109,8 +118,8 @@ pub fn load_bytes(file: &Path, bytes: &[u8], cache_dir: &Path, generation: u64) 
 /// when a segment past the end of the file is touched.
 fn check_image(bytes: &[u8]) -> Result<(), String> {
     use object::{Object, ObjectSegment};
-    let image = object::File::parse(bytes)
-        .map_err(|e| format!("not a loadable shared library ({e})"))?;
+    let image =
+        object::File::parse(bytes).map_err(|e| format!("not a loadable shared library ({e})"))?;
     let len = bytes.len() as u64;
     for segment in image.segments() {
         let (offset, size) = segment.file_range();
@@ -124,7 +133,12 @@ fn check_image(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn load_copy(copy: &Path, file: &Path, generation: u64, hash: String) -> Result<LoadedPlugin, String> {
+fn load_copy(
+    copy: &Path,
+    file: &Path,
+    generation: u64,
+    hash: String,
+) -> Result<LoadedPlugin, String> {
     let header = lib_header_from_path(copy).map_err(|e| describe(&e, copy))?;
     let module = header
         .init_root_module::<PluginModRef>()
@@ -134,7 +148,12 @@ fn load_copy(copy: &Path, file: &Path, generation: u64, hash: String) -> Result<
 
 /// Reads a plugin's root module, however it was obtained: from a library
 /// (above) or in-process, as [`crate::testing::TestHost`] does.
-pub fn from_module(module: PluginModRef, file: &Path, generation: u64, hash: String) -> Result<LoadedPlugin, String> {
+pub fn from_module(
+    module: PluginModRef,
+    file: &Path,
+    generation: u64,
+    hash: String,
+) -> Result<LoadedPlugin, String> {
     let name: Arc<str> = Arc::from(module.name().as_str());
     if name.is_empty() {
         return Err("the plugin has an empty name".into());
@@ -187,7 +206,10 @@ fn describe(err: &LibraryError, copy: &Path) -> String {
 }
 
 fn first_line(s: &str) -> &str {
-    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("unknown error")
+    s.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown error")
 }
 
 #[cfg(test)]
@@ -209,11 +231,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("garbage.so");
         fs::write(&file, b"this is not an ELF file at all, just text").unwrap();
-        let err = load(&file, &dir.path().join("cache"), 1).err().unwrap().to_string();
+        let err = load(&file, &dir.path().join("cache"), 1)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.starts_with(&file.display().to_string()), "{err}");
         assert!(err.contains("not a loadable shared library"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         // The private copy is gone.
-        assert_eq!(fs::read_dir(dir.path().join("cache")).map_or(0, |d| d.count()), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("cache")).map_or(0, |d| d.count()),
+            0
+        );
     }
 }

@@ -14,7 +14,11 @@ use signal_hook::{
 
 /// `--version`: the host's version and the plugin ABI it loads.
 fn version() -> &'static str {
-    let v = format!("{} (plugin ABI {})", env!("CARGO_PKG_VERSION"), quiet_plugin_api::ABI_VERSION);
+    let v = format!(
+        "{} (plugin ABI {})",
+        env!("CARGO_PKG_VERSION"),
+        quiet_plugin_api::ABI_VERSION
+    );
     Box::leak(v.into_boxed_str())
 }
 
@@ -95,7 +99,10 @@ fn main() -> ExitCode {
             dead_letters,
         } => status::read(&data_dir, dead_letters).map(|s| {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).expect("status serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).expect("status serialises")
+                );
             } else {
                 print!("{}", status::render(&s));
             }
@@ -122,7 +129,8 @@ fn run(data_dir: PathBuf, plugins_dir: Option<PathBuf>, jobs_path: PathBuf) -> R
             dir
         }
     };
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let running = host::start(&host::HostOptions {
         data_dir,
         plugins_dir,

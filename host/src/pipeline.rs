@@ -22,7 +22,9 @@ use std::collections::VecDeque;
 use quiet_plugin_api::{Envelope, Identity};
 use rusqlite::Connection;
 
-use crate::{context::HostContext, db, handler::CallError, json::envelope_to_json, registry::Registry};
+use crate::{
+    context::HostContext, db, handler::CallError, json::envelope_to_json, registry::Registry,
+};
 
 /// How many times envelopes may beget envelopes before the chain is cut.
 pub const DEFAULT_HOP_LIMIT: u32 = 16;
@@ -80,7 +82,12 @@ pub struct Pipeline<'a> {
 
 impl<'a> Pipeline<'a> {
     /// A pipeline on `conn`, which must be inside a write transaction.
-    pub fn new(conn: &'a Connection, registry: &'a Registry, identity: &'a Identity, outbox: &'a dyn Outbox) -> Self {
+    pub fn new(
+        conn: &'a Connection,
+        registry: &'a Registry,
+        identity: &'a Identity,
+        outbox: &'a dyn Outbox,
+    ) -> Self {
         Self {
             conn,
             registry,
@@ -97,7 +104,11 @@ impl<'a> Pipeline<'a> {
     }
 
     /// Runs `envelopes`, produced by `source`, until the queue is empty.
-    pub fn run(&self, envelopes: impl IntoIterator<Item = Envelope>, source: Source) -> rusqlite::Result<Report> {
+    pub fn run(
+        &self,
+        envelopes: impl IntoIterator<Item = Envelope>,
+        source: Source,
+    ) -> rusqlite::Result<Report> {
         let mut queue: VecDeque<Queued> = envelopes
             .into_iter()
             .map(|envelope| Queued {
@@ -113,7 +124,12 @@ impl<'a> Pipeline<'a> {
         Ok(report)
     }
 
-    fn step(&self, item: Queued, queue: &mut VecDeque<Queued>, report: &mut Report) -> rusqlite::Result<()> {
+    fn step(
+        &self,
+        item: Queued,
+        queue: &mut VecDeque<Queued>,
+        report: &mut Report,
+    ) -> rusqlite::Result<()> {
         let Queued {
             envelope,
             hops,
@@ -150,7 +166,9 @@ impl<'a> Pipeline<'a> {
             }
             let mut ctx = HostContext::new(self.conn, &handler.plugin, self.identity);
             let outcome = db::with_savepoint(self.conn, || {
-                handler.process(&envelope, &mut ctx).map_err(CallError::Handler)
+                handler
+                    .process(&envelope, &mut ctx)
+                    .map_err(CallError::Handler)
             });
             match outcome {
                 Ok(produced) => {
@@ -180,7 +198,13 @@ impl<'a> Pipeline<'a> {
         Ok(())
     }
 
-    fn dead_letter(&self, report: &mut Report, source: &Source, reason: &str, envelope: &Envelope) -> rusqlite::Result<()> {
+    fn dead_letter(
+        &self,
+        report: &mut Report,
+        source: &Source,
+        reason: &str,
+        envelope: &Envelope,
+    ) -> rusqlite::Result<()> {
         report.dead_letters += 1;
         tracing::warn!(handler = %source.handler, plugin = source.plugin.as_deref().unwrap_or("-"), "dead letter: {reason}");
         record_dead_letter(self.conn, source, reason, envelope)
@@ -188,11 +212,15 @@ impl<'a> Pipeline<'a> {
 }
 
 /// Writes one row to `dead_letters`.
-pub fn record_dead_letter(conn: &Connection, source: &Source, reason: &str, envelope: &Envelope) -> rusqlite::Result<()> {
+pub fn record_dead_letter(
+    conn: &Connection,
+    source: &Source,
+    reason: &str,
+    envelope: &Envelope,
+) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
         rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, envelope_to_json(envelope).to_string()],
     )?;
     Ok(())
 }
-

@@ -32,7 +32,10 @@ impl Registry {
             generation,
             ..Default::default()
         };
-        let ordered: Vec<Arc<LoadedHandler>> = plugins.iter().flat_map(|p| p.handlers.iter().cloned()).collect();
+        let ordered: Vec<Arc<LoadedHandler>> = plugins
+            .iter()
+            .flat_map(|p| p.handlers.iter().cloned())
+            .collect();
         for h in &ordered {
             reg.by_name.insert(h.name.clone(), h.clone());
         }
@@ -52,7 +55,10 @@ impl Registry {
                 .collect();
             reg.by_type.insert(t.clone(), list);
         }
-        reg.any_type = ordered.into_iter().filter(|h| h.subscribes_to_all()).collect();
+        reg.any_type = ordered
+            .into_iter()
+            .filter(|h| h.subscribes_to_all())
+            .collect();
         reg.plugins = plugins;
         reg
     }

@@ -93,6 +93,8 @@ impl Reloader {
     ) -> rusqlite::Result<Self> {
         // Rows describe the files of the running host only.
         conn.execute("DELETE FROM plugins", [])?;
+        // Private copies left by a host that died mid-load.
+        let _ = fs::remove_dir_all(&paths.cache_dir);
         Ok(Self {
             paths,
             conn,
@@ -142,7 +144,12 @@ impl Reloader {
         files.sort();
         let mut changed = false;
 
-        let gone: Vec<PathBuf> = self.loaded.keys().filter(|p| !files.contains(p)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .loaded
+            .keys()
+            .filter(|p| !files.contains(p))
+            .cloned()
+            .collect();
         for path in gone {
             let plugin = self.loaded.remove(&path).expect("listed above");
             tracing::info!(file = %path.display(), "plugin '{}' removed; its handlers stop", plugin.name);
@@ -152,7 +159,9 @@ impl Reloader {
         self.forget_rows_except(&files);
 
         for path in files {
-            let Some(stamp) = Stamp::of(&path) else { continue };
+            let Some(stamp) = Stamp::of(&path) else {
+                continue;
+            };
             if self.seen.get(&path).is_some_and(|(s, _)| *s == stamp) {
                 continue;
             }
@@ -196,7 +205,8 @@ impl Reloader {
                     return Err(clash);
                 }
                 db::with_write_tx(&self.conn, |c| {
-                    db::apply_plugin_migrations(c, &plugin.name, &plugin.migrations).map_err(CallError::Handler)
+                    db::apply_plugin_migrations(c, &plugin.name, &plugin.migrations)
+                        .map_err(CallError::Handler)
                 })
                 .map_err(|e| format!("plugin '{}': {e}", plugin.name))?;
                 Ok(plugin)
@@ -231,14 +241,17 @@ impl Reloader {
     fn sync_config(&mut self) -> bool {
         let path = self.paths.jobs_path.clone();
         let Some(stamp) = Stamp::of(&path) else {
-            let message = "cannot read: the file is missing; the last good configuration keeps running";
+            let message =
+                "cannot read: the file is missing; the last good configuration keeps running";
             self.record_config_error(Some(&format!("{}: {message}", path.display())));
             return false;
         };
         if self.config_seen.as_ref().is_some_and(|(s, _)| *s == stamp) {
             return false;
         }
-        let Ok(text) = fs::read_to_string(&path) else { return false };
+        let Ok(text) = fs::read_to_string(&path) else {
+            return false;
+        };
         let hash = hash_bytes(text.as_bytes());
         let same = self.config_seen.as_ref().is_some_and(|(_, h)| *h == hash);
         self.config_seen = Some((stamp, hash));
@@ -254,7 +267,9 @@ impl Reloader {
                 }
             },
             Err(e) => {
-                tracing::error!("jobs.yaml refused: {e}; the last good configuration keeps running");
+                tracing::error!(
+                    "jobs.yaml refused: {e}; the last good configuration keeps running"
+                );
                 self.record_config_error(Some(&e.to_string()));
                 false
             }
@@ -346,7 +361,9 @@ impl Reloader {
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .unwrap_or_default();
         for row in rows.into_iter().filter(|r| !keep.contains(r)) {
-            let _ = self.conn.execute("DELETE FROM plugins WHERE file = ?", [row]);
+            let _ = self
+                .conn
+                .execute("DELETE FROM plugins WHERE file = ?", [row]);
         }
     }
 }

@@ -137,7 +137,10 @@ impl Scheduler {
     /// Runs one job; returns false if it could not be run at all.
     fn run_job(&mut self, job: &JobSpec, registry: &Registry, now: i64) -> rusqlite::Result<bool> {
         let Some(handler) = registry.handler(&job.handler) else {
-            let blocked = (format!("handler '{}' is not loaded", job.handler), registry.generation);
+            let blocked = (
+                format!("handler '{}' is not loaded", job.handler),
+                registry.generation,
+            );
             if self.blocked.get(&job.name) != Some(&blocked) {
                 tracing::warn!(job = %job.name, "job cannot run: {}", blocked.0);
                 set_job_error(&self.conn, &job.name, Some(&blocked.0), now)?;
@@ -146,7 +149,15 @@ impl Scheduler {
             return Ok(false);
         };
         self.blocked.remove(&job.name);
-        execute_job(&self.conn, registry, &self.identity, self.outbox.as_ref(), handler, job, now)?;
+        execute_job(
+            &self.conn,
+            registry,
+            &self.identity,
+            self.outbox.as_ref(),
+            handler,
+            job,
+            now,
+        )?;
         Ok(true)
     }
 }
@@ -171,11 +182,14 @@ pub fn execute_job(
     db::with_write_tx(conn, |conn| {
         let mut ctx = HostContext::new(conn, &handler.plugin, identity);
         let result = db::with_savepoint(conn, || {
-            handler.run_job(&mut ctx, &job.params).map_err(CallError::Handler)
+            handler
+                .run_job(&mut ctx, &job.params)
+                .map_err(CallError::Handler)
         });
         let error = match result {
             Ok(envelopes) => {
-                let report = Pipeline::new(conn, registry, identity, outbox).run(envelopes, source)?;
+                let report =
+                    Pipeline::new(conn, registry, identity, outbox).run(envelopes, source)?;
                 tracing::debug!(job = %job.name, ?report, "job ran");
                 None
             }
@@ -206,7 +220,12 @@ fn mark_run(conn: &Connection, job: &str, now: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn set_job_error(conn: &Connection, job: &str, error: Option<&str>, now: i64) -> rusqlite::Result<()> {
+fn set_job_error(
+    conn: &Connection,
+    job: &str,
+    error: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "UPDATE job_config SET last_error = ?2, last_error_ms = CASE WHEN ?2 IS NULL THEN last_error_ms ELSE ?3 END
          WHERE job_name = ?1",

@@ -113,8 +113,10 @@ pub fn read(data_dir: &Path, recent_dead_letters: usize) -> Result<Status, Strin
             data_dir.display()
         ));
     }
-    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))?;
-    read_from(&conn, data_dir, recent_dead_letters).map_err(|e| format!("{}: {e}", data_dir.display()))
+    let conn = db::open_read_only(data_dir)
+        .map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))?;
+    read_from(&conn, data_dir, recent_dead_letters)
+        .map_err(|e| format!("{}: {e}", data_dir.display()))
 }
 
 fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Result<Status> {
@@ -150,7 +152,8 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
                 frequency_ms,
                 enabled,
                 params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
-                next_due_ms: enabled.then(|| last_run_ms.map_or_else(db::now_ms, |l| l + frequency_ms)),
+                next_due_ms: enabled
+                    .then(|| last_run_ms.map_or_else(db::now_ms, |l| l + frequency_ms)),
                 last_run_ms,
                 run_count: r.get(6)?,
                 last_error: r.get(7)?,
@@ -177,7 +180,11 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
         data_dir: data_dir.display().to_string(),
         running_pid: running_pid(data_dir),
         peer_id: db::host_state(conn, "peer_id")?,
-        generation: plugins.iter().filter_map(|p| p.generation).max().unwrap_or(0),
+        generation: plugins
+            .iter()
+            .filter_map(|p| p.generation)
+            .max()
+            .unwrap_or(0),
         config_error: db::host_state(conn, "config_error")?,
         plugins,
         jobs,
@@ -201,7 +208,9 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(
         out,
         "jobs.yaml  {}",
-        s.config_error.as_deref().map_or("ok".to_string(), |e| format!("REFUSED: {e}"))
+        s.config_error
+            .as_deref()
+            .map_or("ok".to_string(), |e| format!("REFUSED: {e}"))
     );
 
     let _ = writeln!(out, "\nPLUGINS (generation {})", s.generation);
@@ -209,9 +218,13 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "  (none)");
     }
     for p in &s.plugins {
-        let file = Path::new(&p.file).file_name().map_or(p.file.clone(), |f| f.to_string_lossy().into());
+        let file = Path::new(&p.file)
+            .file_name()
+            .map_or(p.file.clone(), |f| f.to_string_lossy().into());
         let serving = match (&p.name, p.generation) {
-            (Some(name), Some(g)) => format!("{name} {} gen {g}", p.version.as_deref().unwrap_or("?")),
+            (Some(name), Some(g)) => {
+                format!("{name} {} gen {g}", p.version.as_deref().unwrap_or("?"))
+            }
             _ => "not loaded".into(),
         };
         let _ = writeln!(out, "  {file:<28} {serving}");
@@ -255,7 +268,11 @@ pub fn render(s: &Status) -> String {
         out,
         "\nDEAD LETTERS ({} total{})",
         s.dead_letters.total,
-        if s.dead_letters.recent.is_empty() { "" } else { ", newest first" }
+        if s.dead_letters.recent.is_empty() {
+            ""
+        } else {
+            ", newest first"
+        }
     );
     for d in &s.dead_letters.recent {
         let _ = writeln!(

@@ -51,7 +51,10 @@ struct Recorder(Mutex<Vec<Envelope>>);
 
 impl Outbox for Recorder {
     fn send(&self, envelope: Envelope) -> Result<(), String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(envelope);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(envelope);
         Ok(())
     }
 }
@@ -89,7 +92,15 @@ impl TestHost {
             enabled: true,
             params,
         };
-        match scheduler::execute_job(&self.conn, &self.registry, &self.identity, &self.outbox, &h, &job, db::now_ms()) {
+        match scheduler::execute_job(
+            &self.conn,
+            &self.registry,
+            &self.identity,
+            &self.outbox,
+            &h,
+            &job,
+            db::now_ms(),
+        ) {
             Ok(None) => Ok(()),
             Ok(Some(error)) => Err(error),
             Err(e) => Err(format!("database error: {e}")),

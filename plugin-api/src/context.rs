@@ -7,7 +7,6 @@
 //! back. The context also carries the clock, logging and this host's public
 //! identity. Private keys never cross this boundary.
 
-
 use abi_stable::{
     sabi_trait,
     sabi_types::RMut,

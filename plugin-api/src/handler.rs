@@ -17,7 +17,6 @@ use std::{
     sync::Once,
 };
 
-
 use abi_stable::{
     sabi_trait,
     sabi_trait::TD_Opaque,
@@ -63,7 +62,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Handles one envelope and returns the envelopes it produces, which the
     /// host feeds back into its pipeline.
-    fn process(&self, envelope: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
+    fn process(
+        &self,
+        envelope: &Envelope,
+        ctx: &mut Context<'_>,
+    ) -> Result<Vec<Envelope>, PluginError> {
         let _ = (envelope, ctx);
         Ok(Vec::new())
     }
@@ -73,7 +76,10 @@ pub trait Handler: Send + Sync + 'static {
     /// default, which fails with a clear message.
     fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
         let _ = (ctx, params);
-        Err(PluginError::msg(format!("handler '{}' has no run_job", self.name())))
+        Err(PluginError::msg(format!(
+            "handler '{}' has no run_job",
+            self.name()
+        )))
     }
 }
 
@@ -175,7 +181,12 @@ impl<H: Handler> AbiHandler for Guarded<H> {
         guarded(|| {
             Ok(HandlerSpec {
                 name: self.0.name().into(),
-                event_types: self.0.event_types().iter().map(|t| RString::from(*t)).collect(),
+                event_types: self
+                    .0
+                    .event_types()
+                    .iter()
+                    .map(|t| RString::from(*t))
+                    .collect(),
             })
         })
     }

@@ -61,6 +61,8 @@ pub use abi_stable;
 pub use context::{Context, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Row, Rows};
 pub use envelope::{field, Envelope};
 pub use error::PluginError;
-pub use handler::{into_abi, AbiHandler, AbiHandler_TO, Handler, HandlerBox, HandlerSpec, ANY_EVENT_TYPE};
-pub use module::{PluginMod, PluginModRef, ABI_VERSION, __private};
+pub use handler::{
+    into_abi, AbiHandler, AbiHandler_TO, Handler, HandlerBox, HandlerSpec, ANY_EVENT_TYPE,
+};
+pub use module::{__private, PluginMod, PluginModRef, ABI_VERSION};
 pub use value::{Field, Value};

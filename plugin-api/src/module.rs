@@ -103,8 +103,8 @@ macro_rules! export_plugin {
 #[doc(hidden)]
 pub mod __private {
     pub use abi_stable::library::{
-        CheckTypeLayout, LibHeader, RootModuleResult,
-        __call_root_module_loader as call_root_module_loader,
+        __call_root_module_loader as call_root_module_loader, CheckTypeLayout, LibHeader,
+        RootModuleResult,
     };
     pub use abi_stable::std_types::RStr;
 
@@ -136,7 +136,8 @@ pub mod __private {
         };
         // Leaked once per load: the module lives as long as the library,
         // which is never unloaded.
-        let leaked: &'static WithMetadata<PluginMod> = Box::leak(Box::new(WithMetadata::new(module)));
+        let leaked: &'static WithMetadata<PluginMod> =
+            Box::leak(Box::new(WithMetadata::new(module)));
         PluginModRef(leaked.static_as_prefix())
     }
 }

@@ -131,7 +131,11 @@ impl Value {
 
     /// The text at `key` of this map, or `default` when the key is missing
     /// or null; an error naming the key when it holds something else.
-    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str, crate::PluginError> {
+    pub fn str_or<'a>(
+        &'a self,
+        key: &str,
+        default: &'a str,
+    ) -> Result<&'a str, crate::PluginError> {
         match self.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Text(s)) => Ok(s.as_str()),
@@ -170,7 +174,10 @@ impl Value {
 /// Finds `key` in a field list. Linear: envelopes and params hold a handful
 /// of fields, where a scan beats hashing.
 pub(crate) fn find<'a>(fields: &'a [Field], key: &str) -> Option<&'a Value> {
-    fields.iter().find(|f| f.key.as_str() == key).map(|f| &f.value)
+    fields
+        .iter()
+        .find(|f| f.key.as_str() == key)
+        .map(|f| &f.value)
 }
 
 /// Sets `key` in a field list, replacing an existing entry in place.
@@ -287,11 +294,18 @@ mod tests {
 
     #[test]
     fn params_with_defaults_name_the_bad_key() {
-        let p = Value::map([("n", Value::from(5)), ("s", Value::from("x")), ("z", Value::Null)]);
+        let p = Value::map([
+            ("n", Value::from(5)),
+            ("s", Value::from("x")),
+            ("z", Value::Null),
+        ]);
         assert_eq!(p.int_or("n", 1).unwrap(), 5);
         assert_eq!(p.int_or("missing", 1).unwrap(), 1);
         assert_eq!(p.int_or("z", 1).unwrap(), 1);
-        assert_eq!(p.int_or("s", 1).unwrap_err().message(), "param 's' must be an integer, got text");
+        assert_eq!(
+            p.int_or("s", 1).unwrap_err().message(),
+            "param 's' must be an integer, got text"
+        );
         assert_eq!(p.str_or("s", "d").unwrap(), "x");
         assert!(p.str_or("n", "d").is_err());
     }

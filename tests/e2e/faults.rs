@@ -415,10 +415,8 @@ fn single_error_line(out: &Output) -> String {
 
 #[test]
 fn a_second_host_on_the_same_data_folder_is_refused() {
-    let ticker = plugin("ticker-plugin", "v1");
-    let dirs = HostDirs::new("jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n");
-    install(&ticker, &dirs.plugins, "libticker.so");
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) =
+        crate::ticker_host("jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n");
     ticks_grow(&host, &dirs.data, 0, "before the second host");
 
     let (out, took) = run_with_timeout(run_cmd(&dirs), Duration::from_secs(10));

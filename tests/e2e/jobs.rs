@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use quiet_test_support::{install, plugin, wait_for, write_by_rename, HostDirs, HostProcess};
+use quiet_test_support::{wait_for, write_by_rename, HostProcess};
 
-use crate::{bin, job};
+use crate::job;
 
 fn runs(status: &serde_json::Value, name: &str) -> i64 {
     job(status, name).map_or(-1, |j| j["run_count"].as_i64().unwrap_or(0))
@@ -13,17 +13,17 @@ fn runs(status: &serde_json::Value, name: &str) -> i64 {
 /// Waits until `cond` holds on the status; returns how long it took.
 fn within(host: &HostProcess, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> Duration {
     let start = Instant::now();
-    wait_for(Duration::from_secs(5), || cond(&host.status()).then_some(()))
-        .unwrap_or_else(|| panic!("{what}: not within 5 s; log:\n{}", host.log().join("\n")));
+    wait_for(Duration::from_secs(5), || {
+        cond(&host.status()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{what}: not within 5 s; log:\n{}", host.log().join("\n")));
     start.elapsed()
 }
 
 #[test]
 fn edits_to_jobs_yaml_apply_without_restart_and_bad_edits_are_refused() {
-    let ticker = plugin("ticker-plugin", "v1");
-    let dirs = HostDirs::new("jobs:\n  - name: a\n    handler: ticker\n    frequency_ms: 200\n");
-    install(&ticker, &dirs.plugins, "libticker.so");
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) =
+        crate::ticker_host("jobs:\n  - name: a\n    handler: ticker\n    frequency_ms: 200\n");
     within(&host, "job a runs", |s| runs(s, "a") >= 2);
 
     // Add a job.
@@ -34,22 +34,41 @@ fn edits_to_jobs_yaml_apply_without_restart_and_bad_edits_are_refused() {
     let added = within(&host, "job b added and runs", |s| runs(s, "b") >= 1);
 
     // Remove a job: it disappears and stops running.
-    write_by_rename(&dirs.jobs, "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 100\n");
+    write_by_rename(
+        &dirs.jobs,
+        "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 100\n",
+    );
     let removed = within(&host, "job a removed", |s| job(s, "a").is_none());
-    let a_runs = crate::query_i64(&dirs.data, "SELECT run_count FROM job_runs WHERE job_name = 'a'").unwrap();
+    let a_runs = crate::query_i64(
+        &dirs.data,
+        "SELECT run_count FROM job_runs WHERE job_name = 'a'",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
-        crate::query_i64(&dirs.data, "SELECT run_count FROM job_runs WHERE job_name = 'a'").unwrap(),
+        crate::query_i64(
+            &dirs.data,
+            "SELECT run_count FROM job_runs WHERE job_name = 'a'"
+        )
+        .unwrap(),
         a_runs,
         "a removed job kept running"
     );
 
     // Change a frequency: from 100 ms to 2000 ms.
-    write_by_rename(&dirs.jobs, "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 2000\n");
-    let changed = within(&host, "job b slowed down", |s| job(s, "b").is_some_and(|j| j["frequency_ms"] == 2000));
+    write_by_rename(
+        &dirs.jobs,
+        "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 2000\n",
+    );
+    let changed = within(&host, "job b slowed down", |s| {
+        job(s, "b").is_some_and(|j| j["frequency_ms"] == 2000)
+    });
     let b_runs = runs(&host.status(), "b");
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(runs(&host.status(), "b") <= b_runs + 1, "the new frequency did not apply");
+    assert!(
+        runs(&host.status(), "b") <= b_runs + 1,
+        "the new frequency did not apply"
+    );
 
     // An invalid edit is refused with its line, and the old jobs keep running.
     write_by_rename(
@@ -57,23 +76,37 @@ fn edits_to_jobs_yaml_apply_without_restart_and_bad_edits_are_refused() {
         "jobs:\n  - name: b\n    handler: ticker\n    frequncy_ms: 100\n",
     );
     let refused = within(&host, "the bad edit is refused", |s| {
-        s["config_error"].as_str().is_some_and(|e| e.contains("jobs.yaml:4:"))
+        s["config_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("jobs.yaml:4:"))
     });
     let error = host.status()["config_error"].as_str().unwrap().to_owned();
     assert!(error.contains("frequncy_ms"), "{error}");
     assert!(!error.contains('\n'), "{error}");
     host.wait_log("jobs.yaml refused", Duration::from_secs(2));
     let b_before = runs(&host.status(), "b");
-    within(&host, "job b keeps running on the last good configuration", |s| {
-        runs(s, "b") > b_before && job(s, "b").unwrap()["frequency_ms"] == 2000
-    });
+    within(
+        &host,
+        "job b keeps running on the last good configuration",
+        |s| runs(s, "b") > b_before && job(s, "b").unwrap()["frequency_ms"] == 2000,
+    );
 
     // Fixing the file clears the error.
-    write_by_rename(&dirs.jobs, "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 100\n");
-    within(&host, "the fixed file applies", |s| s["config_error"].is_null());
+    write_by_rename(
+        &dirs.jobs,
+        "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 100\n",
+    );
+    within(&host, "the fixed file applies", |s| {
+        s["config_error"].is_null()
+    });
 
     eprintln!("jobs.yaml: added in {added:?}, removed in {removed:?}, changed in {changed:?}, refused in {refused:?}");
-    for (what, took) in [("add", added), ("remove", removed), ("change", changed), ("refuse", refused)] {
+    for (what, took) in [
+        ("add", added),
+        ("remove", removed),
+        ("change", changed),
+        ("refuse", refused),
+    ] {
         assert!(took < Duration::from_secs(1), "{what} took {took:?}");
     }
     host.stop();

@@ -12,6 +12,7 @@ mod restart;
 
 use std::path::{Path, PathBuf};
 
+use quiet_test_support::{install, plugin, HostDirs, HostProcess};
 use rusqlite::{Connection, OpenFlags};
 
 /// The `quiet-host` binary under test.
@@ -21,8 +22,10 @@ pub fn bin() -> PathBuf {
 
 /// A read-only connection to a host's database.
 pub fn db(data: &Path) -> Connection {
-    let conn = Connection::open_with_flags(data.join("quiet.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let conn = Connection::open_with_flags(data.join("quiet.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
     conn
 }
 
@@ -34,13 +37,30 @@ pub fn query_i64(data: &Path, sql: &str) -> Option<i64> {
 
 /// The status entry of the job called `name`.
 pub fn job<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    status["jobs"].as_array()?.iter().find(|j| j["name"] == name)
+    status["jobs"]
+        .as_array()?
+        .iter()
+        .find(|j| j["name"] == name)
 }
 
 /// The status entry of the plugin file whose name is `file`.
 pub fn plugin_file<'a>(status: &'a serde_json::Value, file: &str) -> Option<&'a serde_json::Value> {
-    status["plugins"]
-        .as_array()?
-        .iter()
-        .find(|p| p["file"].as_str().is_some_and(|f| f.ends_with(&format!("/{file}"))))
+    status["plugins"].as_array()?.iter().find(|p| {
+        p["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with(&format!("/{file}")))
+    })
+}
+
+/// Fresh folders holding `jobs_yaml` and the ticker plugin (v1) as
+/// `libticker.so`, and a host running on them.
+pub fn ticker_host(jobs_yaml: &str) -> (HostDirs, HostProcess) {
+    let dirs = HostDirs::new(jobs_yaml);
+    install(
+        &plugin("ticker-plugin", "v1"),
+        &dirs.plugins,
+        "libticker.so",
+    );
+    let host = HostProcess::start(&bin(), &dirs);
+    (dirs, host)
 }

@@ -9,7 +9,8 @@ use quiet_test_support::{install, plugin, wait_for, HostDirs, HostProcess};
 
 use crate::{bin, plugin_file, query_i64};
 
-const TICK_EVERY_100MS: &str = "jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n";
+const TICK_EVERY_100MS: &str =
+    "jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n";
 
 #[test]
 fn a_dropped_in_plugin_loads_within_a_second_and_its_job_runs() {
@@ -33,8 +34,14 @@ fn a_dropped_in_plugin_loads_within_a_second_and_its_job_runs() {
     let ticking_after = dropped.elapsed();
     eprintln!("drop-in: loaded after {loaded_after:?}, first tick after {ticking_after:?}");
     assert!(first_tick.is_some(), "the ticker job never ran");
-    assert!(loaded_after < Duration::from_secs(1), "loaded after {loaded_after:?}");
-    assert!(ticking_after < Duration::from_secs(1), "first tick after {ticking_after:?}");
+    assert!(
+        loaded_after < Duration::from_secs(1),
+        "loaded after {loaded_after:?}"
+    );
+    assert!(
+        ticking_after < Duration::from_secs(1),
+        "first tick after {ticking_after:?}"
+    );
 
     let status = host.status();
     let entry = plugin_file(&status, "libticker.so").unwrap();
@@ -49,10 +56,16 @@ fn a_dropped_in_plugin_loads_within_a_second_and_its_job_runs() {
         let s = host.status();
         (crate::job(&s, "tick")?["last_error"] == "handler 'ticker' is not loaded").then_some(())
     });
-    assert!(stopped.is_some(), "the job did not report its missing handler");
+    assert!(
+        stopped.is_some(),
+        "the job did not report its missing handler"
+    );
     let before = query_i64(&dirs.data, "SELECT COUNT(*) FROM ticks").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(query_i64(&dirs.data, "SELECT COUNT(*) FROM ticks").unwrap(), before);
+    assert_eq!(
+        query_i64(&dirs.data, "SELECT COUNT(*) FROM ticks").unwrap(),
+        before
+    );
     host.stop();
 }
 
@@ -60,17 +73,27 @@ fn a_dropped_in_plugin_loads_within_a_second_and_its_job_runs() {
 fn replacing_a_plugin_switches_code_and_handles_every_envelope_exactly_once() {
     let v1 = plugin("ticker-plugin", "v1");
     let v2 = plugin("ticker-plugin", "v2");
-    assert_ne!(fs::read(&v1).unwrap(), fs::read(&v2).unwrap(), "variants must differ");
+    assert_ne!(
+        fs::read(&v1).unwrap(),
+        fs::read(&v2).unwrap(),
+        "variants must differ"
+    );
     let dirs = HostDirs::new(TICK_EVERY_100MS);
     install(&v1, &dirs.plugins, "libticker.so");
     let host = HostProcess::start(&bin(), &dirs);
     let latest_variant = |data: &std::path::Path| {
         crate::db(data)
-            .query_row("SELECT variant FROM ticks ORDER BY seq DESC LIMIT 1", [], |r| r.get::<_, String>(0))
+            .query_row(
+                "SELECT variant FROM ticks ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get::<_, String>(0),
+            )
             .ok()
     };
-    wait_for(Duration::from_secs(5), || latest_variant(&dirs.data).filter(|v| v == "v1"))
-        .expect("v1 never ticked");
+    wait_for(Duration::from_secs(5), || {
+        latest_variant(&dirs.data).filter(|v| v == "v1")
+    })
+    .expect("v1 never ticked");
 
     let rss_before = host.rss_kib();
     let mut switch_times = Vec::new();
@@ -78,12 +101,21 @@ fn replacing_a_plugin_switches_code_and_handles_every_envelope_exactly_once() {
         let (lib, want) = if i % 2 == 0 { (&v2, "v2") } else { (&v1, "v1") };
         let started = Instant::now();
         install(lib, &dirs.plugins, "libticker.so");
-        let seen = wait_for(Duration::from_secs(5), || latest_variant(&dirs.data).filter(|v| v == want));
-        assert!(seen.is_some(), "reload {i}: {want} never ticked; log:\n{}", host.log().join("\n"));
+        let seen = wait_for(Duration::from_secs(5), || {
+            latest_variant(&dirs.data).filter(|v| v == want)
+        });
+        assert!(
+            seen.is_some(),
+            "reload {i}: {want} never ticked; log:\n{}",
+            host.log().join("\n")
+        );
         switch_times.push(started.elapsed());
         // Status answers while the host is busy reloading and ticking.
         let status = host.status();
-        assert_eq!(plugin_file(&status, "libticker.so").unwrap()["version"], want);
+        assert_eq!(
+            plugin_file(&status, "libticker.so").unwrap()["version"],
+            want
+        );
     }
     let rss_after = host.rss_kib();
     switch_times.sort();
@@ -106,7 +138,11 @@ fn replacing_a_plugin_switches_code_and_handles_every_envelope_exactly_once() {
     let max = query_i64(&dirs.data, "SELECT MAX(seq) FROM ticks").unwrap();
     let emitted = query_i64(&dirs.data, "SELECT next_seq - 1 FROM ticker_state").unwrap();
     let dead = query_i64(&dirs.data, "SELECT COUNT(*) FROM dead_letters").unwrap();
-    let runs = query_i64(&dirs.data, "SELECT run_count FROM job_runs WHERE job_name = 'tick'").unwrap();
+    let runs = query_i64(
+        &dirs.data,
+        "SELECT run_count FROM job_runs WHERE job_name = 'tick'",
+    )
+    .unwrap();
     eprintln!("{n} ticks over {runs} job runs");
     assert!(n > 40, "only {n} ticks");
     assert_eq!((n, distinct, max, emitted, dead), (n, n, n, n, 0));

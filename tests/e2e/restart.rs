@@ -7,7 +7,7 @@ use std::{
 };
 
 use quiet_host::db::now_ms;
-use quiet_test_support::{install, plugin, wait_for, HostDirs, HostProcess};
+use quiet_test_support::{wait_for, HostProcess};
 
 use crate::{bin, job, query_i64};
 
@@ -46,11 +46,7 @@ fn sleep_until_ms(t: i64) {
 
 #[test]
 fn restart_keeps_the_job_schedule() {
-    let ticker = plugin("ticker-plugin", "v1");
-    let dirs = HostDirs::new(SLOW);
-    install(&ticker, &dirs.plugins, "libticker.so");
-
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) = crate::ticker_host(SLOW);
     let (count, l) = slow_runs(&host, 1, Duration::from_secs(10));
     assert_eq!(count, 1, "a 3 s job ran {count} times at once");
 
@@ -116,11 +112,7 @@ fn restart_keeps_the_job_schedule() {
 
 #[test]
 fn overdue_job_runs_once_not_in_a_burst() {
-    let ticker = plugin("ticker-plugin", "v1");
-    let dirs = HostDirs::new(SLOW);
-    install(&ticker, &dirs.plugins, "libticker.so");
-
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) = crate::ticker_host(SLOW);
     let (count, _) = slow_runs(&host, 1, Duration::from_secs(10));
     assert_eq!(count, 1);
     host.stop();

@@ -107,7 +107,8 @@ mod tests {
     #[test]
     fn deletes_expired_then_keeps_the_newest() {
         let mut host = host_with_dead_letters(&[10 * DAY_MS, 8 * DAY_MS, 3, 2, 1]);
-        host.run_job("retention", Value::map([("max_dead_letters", 2)])).unwrap();
+        host.run_job("retention", Value::map([("max_dead_letters", 2)]))
+            .unwrap();
         assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 2);
         // The two newest (ids 4 and 5) are the ones kept.
         assert_eq!(host.count("SELECT MIN(id) FROM dead_letters"), 4);
@@ -117,7 +118,8 @@ mod tests {
     #[test]
     fn defaults_keep_recent_rows_and_log_nothing() {
         let mut host = host_with_dead_letters(&[DAY_MS, 1]);
-        host.run_job("retention", Value::map([("unused", 0)])).unwrap();
+        host.run_job("retention", Value::map([("unused", 0)]))
+            .unwrap();
         assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 2);
         assert_eq!(host.count("SELECT COUNT(*) FROM retention_log"), 0);
     }
@@ -126,10 +128,18 @@ mod tests {
     fn a_bad_param_fails_the_job_and_deletes_nothing() {
         let mut host = host_with_dead_letters(&[10 * DAY_MS]);
         let err = host
-            .run_job("retention", Value::map([("dead_letter_max_age_ms", "a week")]))
+            .run_job(
+                "retention",
+                Value::map([("dead_letter_max_age_ms", "a week")]),
+            )
             .unwrap_err();
-        assert_eq!(err, "param 'dead_letter_max_age_ms' must be an integer, got text");
-        let err = host.run_job("retention", Value::map([("max_dead_letters", -1)])).unwrap_err();
+        assert_eq!(
+            err,
+            "param 'dead_letter_max_age_ms' must be an integer, got text"
+        );
+        let err = host
+            .run_job("retention", Value::map([("max_dead_letters", -1)]))
+            .unwrap_err();
         assert!(err.contains("must not be negative"), "{err}");
         assert_eq!(host.count("SELECT COUNT(*) FROM dead_letters"), 1);
     }

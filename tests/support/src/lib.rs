@@ -21,7 +21,10 @@ use std::{
 
 /// The workspace's root folder.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn target_dir() -> PathBuf {
@@ -30,13 +33,25 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Builds `package` (a cdylib) with `QUIET_TEST_VARIANT=variant` and returns
-/// the path of a private copy of the library. Cached per process.
+/// Builds `package` (a cdylib, debug profile) with
+/// `QUIET_TEST_VARIANT=variant` and returns the path of a private copy of the
+/// library. Cached per process.
 pub fn plugin(package: &str, variant: &str) -> PathBuf {
+    build_plugin(package, variant, false)
+}
+
+/// Like [`plugin`], in the release profile (variant `v1`), for benchmarks
+/// that must compare optimised code with optimised code.
+pub fn release_plugin(package: &str) -> PathBuf {
+    build_plugin(package, "v1", true)
+}
+
+fn build_plugin(package: &str, variant: &str, release: bool) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<(String, String), PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    let key = (package.to_owned(), variant.to_owned());
+    let profile = if release { "release" } else { "debug" };
+    let key = (package.to_owned(), format!("{variant}-{profile}"));
     if let Some(p) = built.get(&key) {
         return p.clone();
     }
@@ -44,11 +59,14 @@ pub fn plugin(package: &str, variant: &str) -> PathBuf {
     fs::create_dir_all(&out_dir).unwrap();
     let lock = File::create(out_dir.join(".lock")).unwrap();
     lock.lock().expect("locking the plugin build");
-    let artifact = cargo_build(package, variant);
+    let artifact = cargo_build(package, variant, release);
     let name = artifact.file_stem().unwrap().to_string_lossy().into_owned();
     let ext = artifact.extension().unwrap().to_string_lossy().into_owned();
-    let copy = out_dir.join(format!("{name}-{variant}.{ext}"));
-    let tmp = out_dir.join(format!(".{name}-{variant}.{}.tmp", std::process::id()));
+    let copy = out_dir.join(format!("{name}-{variant}-{profile}.{ext}"));
+    let tmp = out_dir.join(format!(
+        ".{name}-{variant}-{profile}.{}.tmp",
+        std::process::id()
+    ));
     fs::copy(&artifact, &tmp).unwrap();
     fs::rename(&tmp, &copy).unwrap();
     drop(lock);
@@ -56,11 +74,21 @@ pub fn plugin(package: &str, variant: &str) -> PathBuf {
     copy
 }
 
-fn cargo_build(package: &str, variant: &str) -> PathBuf {
+fn cargo_build(package: &str, variant: &str, release: bool) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        package,
+        "--message-format=json-render-diagnostics",
+    ];
+    if release {
+        args.push("--release");
+    }
     let out = Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package, "--message-format=json-render-diagnostics"])
+        .args(args)
         .env("QUIET_TEST_VARIANT", variant)
         .stderr(Stdio::inherit())
         .output()
@@ -70,7 +98,12 @@ fn cargo_build(package: &str, variant: &str) -> PathBuf {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["package_id"].as_str().is_some_and(|id| id.contains(package)))
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["package_id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains(package))
+        })
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.to_string_lossy().ends_with(&suffix))
@@ -189,8 +222,15 @@ impl HostProcess {
 
     /// Waits until a log line contains `needle`; panics with the log if not.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
-        wait_for(timeout, || self.log().into_iter().find(|l| l.contains(needle)))
-            .unwrap_or_else(|| panic!("no log line with {needle:?} within {timeout:?}; log:\n{}", self.log().join("\n")))
+        wait_for(timeout, || {
+            self.log().into_iter().find(|l| l.contains(needle))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            )
+        })
     }
 
     /// `quiet-host status --json` for this host's data folder.
@@ -212,11 +252,24 @@ impl HostProcess {
 
     /// Sends SIGTERM and waits; panics unless the host exits 0 within 10 s.
     pub fn stop(mut self) {
-        let ok = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
         let status = wait_for(Duration::from_secs(10), || self.child.try_wait().unwrap())
-            .unwrap_or_else(|| panic!("host did not stop after SIGTERM; log:\n{}", self.log().join("\n")));
-        assert!(status.success(), "host exited with {status}; log:\n{}", self.log().join("\n"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "host did not stop after SIGTERM; log:\n{}",
+                    self.log().join("\n")
+                )
+            });
+        assert!(
+            status.success(),
+            "host exited with {status}; log:\n{}",
+            self.log().join("\n")
+        );
     }
 }
 
