@@ -68,6 +68,45 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
      );",
+    // 2: sync. Events are stored encrypted; `event` is the exact bytes whose
+    // BLAKE3 hash is `event_id`.
+    "CREATE TABLE events (
+        event_id BLOB PRIMARY KEY,
+        network_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        event BLOB NOT NULL,
+        received_ms INTEGER NOT NULL
+     );
+     CREATE INDEX events_network ON events(network_id, created_ms, event_id);
+     -- Networks this host is a member of; their keys live in <data>/keys.
+     CREATE TABLE networks (
+        network_id TEXT PRIMARY KEY,
+        created_ms INTEGER NOT NULL,
+        invited_by TEXT
+     );
+     -- The seed's table of peers to sync with.
+     CREATE TABLE addresses (
+        peer_id TEXT NOT NULL,
+        network_id TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        is_active INTEGER NOT NULL DEFAULT 1,
+        last_seen_ms INTEGER,
+        last_sync_ms INTEGER,
+        PRIMARY KEY (peer_id, network_id)
+     );
+     -- Things dropped on purpose (bad packets, rate limits), by reason.
+     CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+     );
+     -- Envelopes queued by CLI commands for the running host's pipeline.
+     CREATE TABLE submissions (
+        id INTEGER PRIMARY KEY,
+        envelope BLOB NOT NULL,
+        submitted_ms INTEGER NOT NULL
+     );",
 ];
 
 /// Milliseconds since the Unix epoch.

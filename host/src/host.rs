@@ -30,15 +30,22 @@ use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 
 use crate::{
+    counters::Counters,
     db,
+    event_store::EventStore,
     identity::HostIdentity,
     jobs::JobsConfig,
-    pipeline::NoTransport,
+    network::{self, Inbound, NetworkOutbox},
+    networks::NetworkKeys,
+    pipeline::{NoTransport, Outbox},
+    transit::LiveRequests,
     registry::Plugins,
     reload::{ReloadPaths, Reloader},
     scheduler::{Scheduler, Signal},
 };
 
+/// Signals (mostly network frames) the engine may have queued.
+const ENGINE_QUEUE: usize = 4096;
 /// How long file events are gathered before a reload.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// The backstop poll of the plugin folder and `jobs.yaml`.
@@ -53,6 +60,9 @@ pub struct HostOptions {
     pub plugins_dir: PathBuf,
     /// The job configuration.
     pub jobs_path: PathBuf,
+    /// Where to listen for peers (`ip:port`; port 0 picks one); `None`
+    /// for a host that does not sync.
+    pub listen: Option<String>,
 }
 
 /// Why a host could not start; each is one line for the operator.
@@ -96,6 +106,14 @@ pub enum StartError {
     /// `jobs.yaml` is invalid at start-up.
     #[error("{0}")]
     Config(#[from] crate::jobs::ConfigError),
+    /// The listen address is unusable.
+    #[error("cannot listen on {address}: {message}")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// The cause, with what to do.
+        message: String,
+    },
     /// The file watcher could not start.
     #[error("cannot watch {path}: {message}")]
     Watch {
@@ -111,11 +129,13 @@ pub enum StartError {
 pub struct RunningHost {
     scheduler: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
-    to_scheduler: mpsc::Sender<Signal>,
+    to_scheduler: mpsc::SyncSender<Signal>,
     stop_watcher: Arc<AtomicBool>,
     _lock: File,
     /// This host's peer id.
     pub peer_id: String,
+    /// Where it listens, if it does.
+    pub listen_addr: Option<std::net::SocketAddr>,
 }
 
 impl RunningHost {
@@ -140,7 +160,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         message: e.to_string(),
     })?;
     let lock = lock_data_dir(data)?;
-    let identity = HostIdentity::load_or_create(data)?;
+    let identity = Arc::new(HostIdentity::load_or_create(data)?);
     let db_err = |source| StartError::Database {
         path: data.join(db::DB_FILE),
         source,
@@ -154,7 +174,12 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
 
     let plugins = Plugins::default();
     let config = Arc::new(ArcSwap::from_pointee(JobsConfig { jobs: Vec::new() }));
-    let (to_scheduler, signals) = mpsc::channel();
+    // Bounded: under a flood, frames are dropped (and counted) at the
+    // socket instead of piling up in memory.
+    let (to_scheduler, signals) = mpsc::sync_channel(ENGINE_QUEUE);
+    let counters = Arc::new(Counters::default());
+    let live = Arc::new(LiveRequests::default());
+    let store = EventStore::new(Arc::new(NetworkKeys::new(data)), counters.clone());
     let paths = ReloadPaths {
         plugins_dir: opts.plugins_dir.clone(),
         cache_dir: data.join("plugin-cache"),
@@ -168,21 +193,46 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         to_scheduler.clone(),
     )
     .map_err(db_err)?;
+    let listen_addr = match &opts.listen {
+        Some(address) => Some(
+            network::listen(address, to_scheduler.clone(), counters.clone()).map_err(|e| StartError::Listen {
+                address: address.clone(),
+                message: match e.kind() {
+                    std::io::ErrorKind::AddrInUse => "the port is in use; pick another --listen port".into(),
+                    _ => e.to_string(),
+                },
+            })?,
+        ),
+        None => None,
+    };
     {
         let conn = db::open(data).map_err(db_err)?;
         db::set_host_state(&conn, "peer_id", Some(&identity.peer_id())).map_err(db_err)?;
+        let listen = listen_addr.map(|a| a.to_string());
+        db::set_host_state(&conn, "listen_addr", listen.as_deref()).map_err(db_err)?;
     }
     reloader.initial_config()?;
     reloader.sync();
 
-    let scheduler = Scheduler::new(
+    let outbox: Box<dyn Outbox + Send> = match listen_addr {
+        Some(_) => Box::new(NetworkOutbox::new(identity.clone(), live.clone(), counters.clone())),
+        None => Box::new(NoTransport),
+    };
+    let mut scheduler = Scheduler::new(
         db::open(data).map_err(db_err)?,
         plugins,
         config,
         identity.public(),
-        Box::new(NoTransport),
+        outbox,
         signals,
+        store,
+        counters.clone(),
     );
+    if listen_addr.is_some() {
+        scheduler = scheduler.with_inbound(Inbound::new(identity.clone(), live, counters));
+    } else {
+        tracing::warn!("not listening (no --listen): peers cannot reach this host and it cannot sync");
+    }
     let scheduler = thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || scheduler.run())
@@ -190,7 +240,12 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
 
     let stop_watcher = Arc::new(AtomicBool::new(false));
     let watcher = spawn_watcher(opts, reloader, stop_watcher.clone())?;
-    tracing::info!(peer_id = %identity.peer_id(), data = %data.display(), "quiet-host running");
+    tracing::info!(
+        peer_id = %identity.peer_id(),
+        data = %data.display(),
+        listen = %listen_addr.map_or("-".to_string(), |a| a.to_string()),
+        "quiet-host running"
+    );
     Ok(RunningHost {
         scheduler: Some(scheduler),
         watcher: Some(watcher),
@@ -198,6 +253,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         stop_watcher,
         _lock: lock,
         peer_id: identity.peer_id(),
+        listen_addr,
     })
 }
 

@@ -14,17 +14,25 @@
 //! Plugin authors: [`testing::TestHost`] runs a plugin's handlers on an
 //! in-memory host, for unit tests without a running `quiet-host`.
 
+pub mod codec;
+pub mod commands;
 pub mod context;
+pub mod counters;
 pub mod db;
+pub mod event_crypto;
+pub mod event_store;
 pub mod handler;
 pub mod host;
 pub mod identity;
 pub mod jobs;
 pub mod json;
 pub mod loader;
+pub mod network;
+pub mod networks;
 pub mod pipeline;
 pub mod registry;
 pub mod reload;
 pub mod scheduler;
 pub mod status;
 pub mod testing;
+pub mod transit;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use quiet_host::{host, loader, status};
+use quiet_host::{commands, host, loader, status};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -55,6 +55,10 @@ enum Command {
         /// Job configuration, watched for edits.
         #[arg(long = "jobs", env = "QUIET_JOBS", default_value = "jobs.yaml")]
         jobs_path: PathBuf,
+        /// Listen for peers on IP:PORT (port 0 picks a free one). Without it
+        /// the host does not sync.
+        #[arg(long, env = "QUIET_LISTEN")]
+        listen: Option<String>,
     },
     /// Show plugins, jobs and dead letters of a host (running or not).
     Status {
@@ -72,6 +76,62 @@ enum Command {
     Plugins {
         #[command(subcommand)]
         command: PluginsCommand,
+    },
+    /// Create, join and list networks.
+    Network {
+        /// Data folder of the host.
+        #[arg(long = "data", env = "QUIET_DATA", default_value = "data", global = true)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: NetworkCommand,
+    },
+    /// Send and list messages.
+    Message {
+        /// Data folder of the host.
+        #[arg(long = "data", env = "QUIET_DATA", default_value = "data", global = true)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: MessageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Create a network and print its invite (one line; treat it as a password).
+    Create {
+        /// The address peers reach this host at [default: the host's --listen address].
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Join a network with an invite from `network create`.
+    Join {
+        /// The invite line.
+        invite: String,
+    },
+    /// List this host's networks.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MessageCommand {
+    /// Send a message to a network (the running host stores and syncs it).
+    Send {
+        /// The network id.
+        network: String,
+        /// The text.
+        text: String,
+    },
+    /// List a network's messages, oldest first.
+    List {
+        /// The network id.
+        network: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -92,7 +152,8 @@ fn main() -> ExitCode {
             data_dir,
             plugins_dir,
             jobs_path,
-        } => run(data_dir, plugins_dir, jobs_path),
+            listen,
+        } => run(data_dir, plugins_dir, jobs_path, listen),
         Command::Status {
             data_dir,
             json,
@@ -110,6 +171,8 @@ fn main() -> ExitCode {
         Command::Plugins {
             command: PluginsCommand::Check { file },
         } => check(&file),
+        Command::Network { data_dir, command } => network(&data_dir, command),
+        Command::Message { data_dir, command } => message(&data_dir, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,7 +183,45 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(data_dir: PathBuf, plugins_dir: Option<PathBuf>, jobs_path: PathBuf) -> Result<(), String> {
+fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
+    match command {
+        NetworkCommand::Create { address } => println!("{}", commands::network_create(data, address.as_deref())?),
+        NetworkCommand::Join { invite } => println!("{}", commands::network_join(data, &invite)?),
+        NetworkCommand::List { json } => {
+            let list = commands::network_list(data)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).expect("serialises"));
+            } else {
+                for n in &list {
+                    println!("{}  {} peers  {} events", n.network_id, n.peers, n.events);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
+    match command {
+        MessageCommand::Send { network, text } => {
+            let id = commands::message_send(data, &network, &text)?;
+            println!("{id}");
+        }
+        MessageCommand::List { network, json } => {
+            let list = commands::message_list(data, &network)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).expect("serialises"));
+            } else {
+                for m in &list {
+                    println!("{}  {}  {}", m.created_ms, &m.author[..12], m.text);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(data_dir: PathBuf, plugins_dir: Option<PathBuf>, jobs_path: PathBuf, listen: Option<String>) -> Result<(), String> {
     let plugins_dir = match plugins_dir {
         Some(dir) => dir,
         None => {
@@ -135,6 +236,7 @@ fn run(data_dir: PathBuf, plugins_dir: Option<PathBuf>, jobs_path: PathBuf) -> R
         data_dir,
         plugins_dir,
         jobs_path,
+        listen,
     })
     .map_err(|e| e.to_string())?;
     if let Some(sig) = signals.forever().next() {

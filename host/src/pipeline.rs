@@ -2,6 +2,9 @@
 //! and what they return goes round again until nothing is left.
 //!
 //! Order, for each envelope taken first-in first-out from the queue:
+//! 0. a `store_event` envelope goes through the host's event store first,
+//!    which decrypts, dedups and stores it, and continues with the decrypted
+//!    event under its own type (a duplicate stops there);
 //! 1. an envelope marked `is_outgoing` leaves through the [`Outbox`] (event
 //!    crypto, transit crypto and the network live behind it) and visits no
 //!    handler;
@@ -23,7 +26,12 @@ use quiet_plugin_api::{Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
-    context::HostContext, db, handler::CallError, json::envelope_to_json, registry::Registry,
+    context::HostContext,
+    db,
+    event_store::{EventStore, STORE_EVENT},
+    handler::CallError,
+    json::envelope_to_json,
+    registry::Registry,
 };
 
 /// How many times envelopes may beget envelopes before the chain is cut.
@@ -77,6 +85,7 @@ pub struct Pipeline<'a> {
     registry: &'a Registry,
     identity: &'a Identity,
     outbox: &'a dyn Outbox,
+    store: Option<&'a EventStore>,
     hop_limit: u32,
 }
 
@@ -93,8 +102,15 @@ impl<'a> Pipeline<'a> {
             registry,
             identity,
             outbox,
+            store: None,
             hop_limit: DEFAULT_HOP_LIMIT,
         }
+    }
+
+    /// Lets `store_event` envelopes through the event store.
+    pub fn event_store(mut self, store: &'a EventStore) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Sets the hop limit.
@@ -131,10 +147,20 @@ impl<'a> Pipeline<'a> {
         report: &mut Report,
     ) -> rusqlite::Result<()> {
         let Queued {
-            envelope,
+            mut envelope,
             hops,
             source,
         } = item;
+        if envelope.event_type() == Some(STORE_EVENT) {
+            let Some(store) = self.store else {
+                return self.dead_letter(report, &source, "this host has no event store", &envelope);
+            };
+            match store.store(self.conn, &envelope)? {
+                Some(decrypted) => envelope = decrypted,
+                // A duplicate or a refused event, counted by the store.
+                None => return Ok(()),
+            }
+        }
         if envelope.is_outgoing() {
             let kept = envelope.clone();
             return match self.outbox.send(envelope) {

@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs,
     path::{Path, PathBuf},
-    sync::{mpsc::Sender, Arc},
+    sync::{mpsc::SyncSender, Arc},
     time::SystemTime,
 };
 
@@ -73,7 +73,7 @@ pub struct Reloader {
     conn: Connection,
     plugins: Plugins,
     config: Arc<ArcSwap<JobsConfig>>,
-    wake: Sender<Signal>,
+    wake: SyncSender<Signal>,
     /// Plugins serving now, by file.
     loaded: BTreeMap<PathBuf, Arc<LoadedPlugin>>,
     /// The last content examined per file, loaded or refused.
@@ -89,7 +89,7 @@ impl Reloader {
         conn: Connection,
         plugins: Plugins,
         config: Arc<ArcSwap<JobsConfig>>,
-        wake: Sender<Signal>,
+        wake: SyncSender<Signal>,
     ) -> rusqlite::Result<Self> {
         // Rows describe the files of the running host only.
         conn.execute("DELETE FROM plugins", [])?;
@@ -116,8 +116,9 @@ impl Reloader {
         });
         let config_changed = self.sync_config();
         if plugins_changed || config_changed {
-            // The scheduler may be gone during shutdown; nothing to tell then.
-            let _ = self.wake.send(Signal::Wake);
+            // A full queue means the engine is busy and will look anyway;
+            // a closed one means it is shutting down.
+            let _ = self.wake.try_send(Signal::Wake);
         }
     }
 

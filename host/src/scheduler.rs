@@ -23,28 +23,37 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use quiet_plugin_api::Identity;
+use quiet_plugin_api::{Envelope, Identity};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::{
+    codec,
     context::HostContext,
+    counters::Counters,
     db,
+    event_store::EventStore,
     handler::{CallError, LoadedHandler},
     jobs::{JobSpec, JobsConfig},
+    network::{Frame, Inbound},
     pipeline::{Outbox, Pipeline, Source},
     registry::{Plugins, Registry},
 };
 
-/// The longest the scheduler sleeps before looking again, so that a missed
-/// wake-up costs at most this much latency.
-const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// The longest the scheduler sleeps before looking again: the latency of a
+/// CLI submission, and of a missed wake-up.
+const MAX_SLEEP: Duration = Duration::from_millis(200);
 
-/// Messages to the scheduler thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Frames handled in one transaction at most.
+const FRAME_BATCH: usize = 256;
+
+/// Messages to the engine thread.
+#[derive(Debug)]
 pub enum Signal {
     /// The configuration or the plugins changed: look again now.
     Wake,
-    /// Finish the job in hand and stop.
+    /// A frame from the network.
+    Frame(Frame),
+    /// Finish the work in hand and stop.
     Shutdown,
 }
 
@@ -66,6 +75,9 @@ pub struct Scheduler {
     identity: Identity,
     outbox: Box<dyn Outbox + Send>,
     signals: Receiver<Signal>,
+    store: EventStore,
+    counters: Arc<Counters>,
+    inbound: Option<Inbound>,
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
     blocked: HashMap<String, (String, u64)>,
@@ -80,6 +92,8 @@ impl Scheduler {
         identity: Identity,
         outbox: Box<dyn Outbox + Send>,
         signals: Receiver<Signal>,
+        store: EventStore,
+        counters: Arc<Counters>,
     ) -> Self {
         Self {
             conn,
@@ -88,8 +102,17 @@ impl Scheduler {
             identity,
             outbox,
             signals,
+            store,
+            counters,
+            inbound: None,
             blocked: HashMap::new(),
         }
+    }
+
+    /// Also handles frames from the network, opened by `inbound`.
+    pub fn with_inbound(mut self, inbound: Inbound) -> Self {
+        self.inbound = Some(inbound);
+        self
     }
 
     /// Runs due jobs until told to stop.
@@ -105,6 +128,29 @@ impl Scheduler {
             match self.signals.recv_timeout(sleep) {
                 Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Signal::Frame(first)) => {
+                    // Take what else is queued, up to a batch, into one
+                    // transaction.
+                    let mut frames = vec![first];
+                    let mut stop = false;
+                    while frames.len() < FRAME_BATCH {
+                        match self.signals.try_recv() {
+                            Ok(Signal::Frame(f)) => frames.push(f),
+                            Ok(Signal::Wake) => {}
+                            Ok(Signal::Shutdown) => {
+                                stop = true;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.receive(&frames) {
+                        tracing::error!("engine: database error while receiving: {e}");
+                    }
+                    if stop {
+                        break;
+                    }
+                }
             }
         }
         tracing::debug!("scheduler stopped");
@@ -131,7 +177,60 @@ impl Scheduler {
             let wait = Duration::from_millis((next_due - db::now_ms()).max(0) as u64);
             sleep = sleep.min(wait);
         }
+        self.drain_submissions(&registry)?;
+        if !self.counters.is_empty() {
+            db::with_write_tx(&self.conn, |c| self.counters.flush(c))?;
+        }
         Ok(sleep)
+    }
+
+    /// Runs frames from the network through the pipeline, in one
+    /// transaction. Frames that do not authenticate are dropped and counted.
+    fn receive(&mut self, frames: &[Frame]) -> rusqlite::Result<()> {
+        let Some(inbound) = &self.inbound else { return Ok(()) };
+        let envelopes: Vec<Envelope> = frames.iter().filter_map(|f| inbound.open(f)).collect();
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let registry = self.plugins.current();
+        let source = Source {
+            plugin: None,
+            handler: "network".into(),
+        };
+        db::with_write_tx(&self.conn, |conn| {
+            Pipeline::new(conn, &registry, &self.identity, self.outbox.as_ref())
+                .event_store(&self.store)
+                .run(envelopes, source)
+                .map(drop)
+        })
+    }
+
+    /// Runs envelopes that CLI commands queued in `submissions`.
+    fn drain_submissions(&mut self, registry: &Registry) -> rusqlite::Result<()> {
+        let queued: Vec<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT id, envelope FROM submissions ORDER BY id LIMIT 1000")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let Some(&(last, _)) = queued.last() else { return Ok(()) };
+        let source = Source {
+            plugin: None,
+            handler: "cli".into(),
+        };
+        db::with_write_tx(&self.conn, |conn| {
+            let mut envelopes = Vec::with_capacity(queued.len());
+            for (id, bytes) in &queued {
+                match codec::decode_envelope(bytes) {
+                    Ok(env) => envelopes.push(env),
+                    Err(e) => tracing::warn!(submission = id, "dropped a malformed submission: {e}"),
+                }
+            }
+            Pipeline::new(conn, registry, &self.identity, self.outbox.as_ref())
+                .event_store(&self.store)
+                .run(envelopes, source)?;
+            conn.execute("DELETE FROM submissions WHERE id <= ?", [last])?;
+            Ok(())
+        })
     }
 
     /// Runs one job; returns false if it could not be run at all.
@@ -154,6 +253,7 @@ impl Scheduler {
             registry,
             &self.identity,
             self.outbox.as_ref(),
+            Some(&self.store),
             handler,
             job,
             now,
@@ -171,6 +271,7 @@ pub fn execute_job(
     registry: &Registry,
     identity: &Identity,
     outbox: &dyn Outbox,
+    store: Option<&EventStore>,
     handler: &LoadedHandler,
     job: &JobSpec,
     now: i64,
@@ -188,8 +289,11 @@ pub fn execute_job(
         });
         let error = match result {
             Ok(envelopes) => {
-                let report =
-                    Pipeline::new(conn, registry, identity, outbox).run(envelopes, source)?;
+                let mut pipeline = Pipeline::new(conn, registry, identity, outbox);
+                if let Some(store) = store {
+                    pipeline = pipeline.event_store(store);
+                }
+                let report = pipeline.run(envelopes, source)?;
                 tracing::debug!(job = %job.name, ?report, "job ran");
                 None
             }

@@ -97,6 +97,7 @@ impl TestHost {
             &self.registry,
             &self.identity,
             &self.outbox,
+            None,
             &h,
             &job,
             db::now_ms(),

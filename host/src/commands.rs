@@ -1,0 +1,168 @@
+//! The CLI's commands that change or read a host's data folder directly:
+//! networks and messages. They work whether or not the host is running
+//! (SQLite in WAL mode, `BEGIN IMMEDIATE`, busy timeout). Work that needs
+//! the plugins, such as projecting a new message, is queued in
+//! `submissions` for the host, which picks it up within a fraction of a
+//! second (or at its next start).
+
+use std::path::Path;
+
+use quiet_plugin_api::Value;
+use rusqlite::Connection;
+use serde::Serialize;
+
+use crate::{
+    codec, db,
+    event_store::EventStore,
+    identity::HostIdentity,
+    networks::{self, Invite, NetworkKeys},
+};
+
+fn open(data_dir: &Path) -> Result<Connection, String> {
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("data folder {}: {e}", data_dir.display()))?;
+    db::open(data_dir).map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))
+}
+
+fn identity(data_dir: &Path) -> Result<HostIdentity, String> {
+    HostIdentity::load_or_create(data_dir).map_err(|e| e.to_string())
+}
+
+fn require_member(conn: &Connection, network_id: &str) -> Result<(), String> {
+    if networks::is_member(conn, network_id).map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let known: Vec<String> = conn
+        .prepare("SELECT network_id FROM networks ORDER BY network_id")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| e.to_string())?;
+    Err(format!(
+        "not a member of network '{network_id}' (networks here: {}); see `quiet-host network --help`",
+        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+    ))
+}
+
+/// `network create`: returns the invite line.
+pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, String> {
+    let conn = open(data_dir)?;
+    let me = identity(data_dir)?;
+    let address = match address {
+        Some(a) => a.to_owned(),
+        None => db::host_state(&conn, "listen_addr")
+            .map_err(|e| e.to_string())?
+            .ok_or("this host has never listened, so the invite has no address: pass --address IP:PORT, or run the host with --listen first")?,
+    };
+    Ok(networks::create(data_dir, &conn, &me.peer_id(), &address)?.encode())
+}
+
+/// `network join`: returns a one-line summary.
+pub fn network_join(data_dir: &Path, invite: &str) -> Result<String, String> {
+    let invite = Invite::decode(invite)?;
+    let conn = open(data_dir)?;
+    let me = identity(data_dir)?;
+    networks::join(data_dir, &conn, &invite, &me.peer_id())?;
+    Ok(format!(
+        "joined network {} through peer {} at {}",
+        invite.network_id,
+        &invite.peer_id[..16],
+        invite.address
+    ))
+}
+
+/// One network, as `network list` shows it.
+#[derive(Debug, Serialize)]
+pub struct NetworkSummary {
+    /// The network id.
+    pub network_id: String,
+    /// Known peers.
+    pub peers: i64,
+    /// Events stored.
+    pub events: i64,
+}
+
+/// `network list`.
+pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
+    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    conn.prepare(
+        "SELECT n.network_id,
+                (SELECT COUNT(*) FROM addresses a WHERE a.network_id = n.network_id),
+                (SELECT COUNT(*) FROM events e WHERE e.network_id = n.network_id)
+         FROM networks n ORDER BY n.network_id",
+    )
+    .and_then(|mut s| {
+        s.query_map([], |r| {
+            Ok(NetworkSummary {
+                network_id: r.get(0)?,
+                peers: r.get(1)?,
+                events: r.get(2)?,
+            })
+        })?
+        .collect()
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// `message send`: encrypts a message event and queues it for the host.
+/// Returns the event id (hex).
+pub fn message_send(data_dir: &Path, network_id: &str, text: &str) -> Result<String, String> {
+    let conn = open(data_dir)?;
+    require_member(&conn, network_id)?;
+    let me = identity(data_dir)?;
+    let plaintext = Value::map([
+        ("type", Value::from("message")),
+        ("text", Value::from(text)),
+        ("author", Value::from(me.peer_id())),
+        ("created_ms", Value::from(db::now_ms())),
+    ]);
+    let counters = Default::default();
+    let store = EventStore::new(std::sync::Arc::new(NetworkKeys::new(data_dir)), std::sync::Arc::new(counters));
+    let envelope = store.new_local_event(network_id, &plaintext)?;
+    let event = envelope.bytes("event_ciphertext").expect("just built");
+    let id = hex::encode(crate::event_crypto::event_id(event));
+    conn.execute(
+        "INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)",
+        rusqlite::params![codec::encode_envelope(&envelope), db::now_ms()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+/// One message, as `message list` shows it.
+#[derive(Debug, Serialize)]
+pub struct Message {
+    /// The event id (hex).
+    pub event_id: String,
+    /// The author's peer id.
+    pub author: String,
+    /// The text.
+    pub text: String,
+    /// When the author created it.
+    pub created_ms: i64,
+}
+
+/// `message list`: the projected messages of a network, oldest first.
+pub fn message_list(data_dir: &Path, network_id: &str) -> Result<Vec<Message>, String> {
+    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    require_member(&conn, network_id)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT event_id, author, text, created_ms FROM messages WHERE network_id = ?
+             ORDER BY created_ms, event_id",
+        )
+        .map_err(|e| {
+            if e.to_string().contains("no such table") {
+                "no messages table: install the messages plugin and run the host once".to_string()
+            } else {
+                e.to_string()
+            }
+        })?;
+    stmt.query_map([network_id], |r| {
+        Ok(Message {
+            event_id: hex::encode(r.get::<_, Vec<u8>>(0)?),
+            author: r.get(1)?,
+            text: r.get(2)?,
+            created_ms: r.get(3)?,
+        })
+    })
+    .and_then(|rows| rows.collect())
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,46 @@
+//! Counters of things the host dropped on purpose: malformed frames,
+//! unknown responses, failed seals, oversized frames, overload.
+//!
+//! Network threads have no database connection, and a flood must not turn
+//! into a flood of writes, so counts gather in memory and the engine thread
+//! adds them to the `counters` table once per tick.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use rusqlite::Connection;
+
+/// In-memory counts waiting to be flushed.
+#[derive(Default)]
+pub struct Counters(Mutex<HashMap<&'static str, i64>>);
+
+impl Counters {
+    /// Counts one `name`.
+    pub fn bump(&self, name: &'static str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default() += 1;
+    }
+
+    /// Whether nothing is waiting to be flushed.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Adds the pending counts to the `counters` table (inside the caller's
+    /// transaction) and resets them.
+    pub fn flush(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, n) in pending {
+            add(conn, name, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds `n` to counter `name`.
+pub fn add(conn: &Connection, name: &str, n: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO counters(name, value) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(rusqlite::params![name, n])?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Event crypto: sealing to a peer, opening what was sealed to us, and
+//! encrypting events with a network's key. All of it runs in the host;
+//! plugins only ever see plaintext maps and opaque ciphertext bytes.
+//!
+//! - **Sealed** (`seal_to`): libsodium's `crypto_box_seal` format (an
+//!   ephemeral X25519 key, then XSalsa20-Poly1305), so only the recipient can
+//!   open it and the sender cannot. A sealed box says nothing about who sent
+//!   it, so inside it we put the sender's public key and a proof: a
+//!   `crypto_box` from the sender's secret key to the recipient over a hash of
+//!   the payload. Opening checks the proof, so a peer cannot claim another's
+//!   id.
+//! - **Network events**: XSalsa20-Poly1305 (`crypto_secretbox`) under the
+//!   network's symmetric key, so every member, the author included, can
+//!   decrypt. The creation time stays in clear in front (reconciliation
+//!   orders by it) and is covered by the event id, which is the BLAKE3 hash
+//!   of the whole event: ids cannot be chosen to collide.
+
+use crypto_box::{
+    aead::{generic_array::GenericArray, Aead, AeadCore, OsRng},
+    PublicKey, SalsaBox, SecretKey,
+};
+use crypto_secretbox::{KeyInit, XSalsa20Poly1305};
+use quiet_plugin_api::Value;
+
+use crate::{codec, identity::HostIdentity};
+
+const NONCE: usize = 24;
+
+/// Why something did not decrypt or verify. Deliberately coarse: the
+/// details would only help an attacker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// Not a valid peer id (64 hex characters).
+    #[error("not a peer id")]
+    BadPeerId,
+    /// The sealed box did not open with our key.
+    #[error("sealed box does not open")]
+    BadSeal,
+    /// The sender's proof does not match.
+    #[error("sender proof does not verify")]
+    BadProof,
+    /// The payload inside is malformed.
+    #[error("malformed sealed payload")]
+    Malformed,
+    /// The event does not decrypt under the network key.
+    #[error("event does not decrypt under the network key")]
+    BadEvent,
+}
+
+/// The public key a peer id names.
+pub fn peer_key(peer_id: &str) -> Result<PublicKey, CryptoError> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(peer_id, &mut key).map_err(|_| CryptoError::BadPeerId)?;
+    Ok(PublicKey::from(key))
+}
+
+/// `crypto_box_seal`: only `recipient` can open it.
+pub fn seal(recipient: &PublicKey, message: &[u8]) -> Vec<u8> {
+    recipient.seal(&mut OsRng, message).expect("sealing cannot fail for in-memory input")
+}
+
+/// `crypto_box_seal_open` with our secret key.
+pub fn open(ours: &SecretKey, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    ours.unseal(sealed).map_err(|_| CryptoError::BadSeal)
+}
+
+/// Seals `payload` to `recipient`, with proof that we sent it.
+pub fn seal_from(me: &HostIdentity, recipient: &PublicKey, payload: &[u8]) -> Vec<u8> {
+    let nonce = SalsaBox::generate_nonce(&mut OsRng);
+    let digest = blake3::hash(payload);
+    let tag = SalsaBox::new(recipient, me.secret_key())
+        .encrypt(&nonce, digest.as_bytes().as_slice())
+        .expect("boxing 32 bytes cannot fail");
+    let mut proof = nonce.to_vec();
+    proof.extend_from_slice(&tag);
+    let inner = Value::map([
+        ("p", Value::from(payload)),
+        ("s", Value::from(me.public_key().as_bytes().as_slice())),
+        ("a", Value::from(proof)),
+    ]);
+    seal(recipient, &codec::encode(&inner))
+}
+
+/// Opens what [`seal_from`] made for us; returns the verified sender's peer
+/// id and the payload.
+pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<(String, Vec<u8>), CryptoError> {
+    let inner = codec::decode(&open(me.secret_key(), sealed)?).map_err(|_| CryptoError::Malformed)?;
+    let field = |k| inner.get(k).and_then(Value::as_bytes).ok_or(CryptoError::Malformed);
+    let (payload, sender, proof) = (field("p")?, field("s")?, field("a")?);
+    let sender: [u8; 32] = sender.try_into().map_err(|_| CryptoError::Malformed)?;
+    if proof.len() < NONCE {
+        return Err(CryptoError::Malformed);
+    }
+    let sender = PublicKey::from(sender);
+    let (nonce, tag) = proof.split_at(NONCE);
+    let digest = SalsaBox::new(&sender, me.secret_key())
+        .decrypt(GenericArray::from_slice(nonce), tag)
+        .map_err(|_| CryptoError::BadProof)?;
+    if digest != blake3::hash(payload).as_bytes() {
+        return Err(CryptoError::BadProof);
+    }
+    Ok((hex::encode(sender.as_bytes()), payload.to_vec()))
+}
+
+/// A network's symmetric key.
+#[derive(Clone)]
+pub struct NetworkKey(pub [u8; 32]);
+
+impl NetworkKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        NetworkKey(XSalsa20Poly1305::generate_key(&mut OsRng).into())
+    }
+}
+
+/// An event as stored and sent: `created_ms` (8 bytes, big-endian) ‖ nonce
+/// ‖ XSalsa20-Poly1305 of (`created_ms` ‖ plaintext). Secretbox has no
+/// associated data, so the time is repeated inside the ciphertext and must
+/// match the clear copy: it cannot be changed without the key.
+pub fn encrypt_event(key: &NetworkKey, created_ms: i64, plaintext: &[u8]) -> Vec<u8> {
+    let cipher = XSalsa20Poly1305::new(&key.0.into());
+    let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
+    let head = created_ms.to_be_bytes();
+    let mut inner = Vec::with_capacity(8 + plaintext.len());
+    inner.extend_from_slice(&head);
+    inner.extend_from_slice(plaintext);
+    let body = cipher.encrypt(&nonce, inner.as_slice()).expect("encrypting in memory cannot fail");
+    let mut event = Vec::with_capacity(8 + NONCE + body.len());
+    event.extend_from_slice(&head);
+    event.extend_from_slice(&nonce);
+    event.extend_from_slice(&body);
+    event
+}
+
+/// Decrypts an event; returns its creation time and plaintext.
+pub fn decrypt_event(key: &NetworkKey, event: &[u8]) -> Result<(i64, Vec<u8>), CryptoError> {
+    if event.len() < 8 + NONCE + 16 + 8 {
+        return Err(CryptoError::BadEvent);
+    }
+    let (head, rest) = event.split_at(8);
+    let (nonce, body) = rest.split_at(NONCE);
+    let mut inner = XSalsa20Poly1305::new(&key.0.into())
+        .decrypt(GenericArray::from_slice(nonce), body)
+        .map_err(|_| CryptoError::BadEvent)?;
+    if inner.len() < 8 || inner[..8] != *head {
+        return Err(CryptoError::BadEvent);
+    }
+    let plaintext = inner.split_off(8);
+    Ok((i64::from_be_bytes(head.try_into().expect("8 bytes")), plaintext))
+}
+
+/// An event's id: BLAKE3 of its bytes.
+pub fn event_id(event: &[u8]) -> [u8; 32] {
+    *blake3::hash(event).as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> HostIdentity {
+        let dir = tempfile::tempdir().unwrap();
+        HostIdentity::load_or_create(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn sealed_with_proof_opens_only_for_the_recipient_and_names_the_sender() {
+        let (a, b, c) = (identity(), identity(), identity());
+        let sealed = seal_from(&a, b.public_key(), b"hello");
+        assert_eq!(open_from(&b, &sealed).unwrap(), (a.peer_id(), b"hello".to_vec()));
+        assert_eq!(open_from(&c, &sealed), Err(CryptoError::BadSeal));
+
+        // C seals a payload claiming to be A: the proof cannot verify.
+        let forged_inner = Value::map([
+            ("p", Value::from(b"evil".as_slice())),
+            ("s", Value::from(a.public_key().as_bytes().as_slice())),
+            ("a", Value::from(vec![0u8; 24 + 48])),
+        ]);
+        let forged = seal(b.public_key(), &codec::encode(&forged_inner));
+        assert_eq!(open_from(&b, &forged), Err(CryptoError::BadProof));
+    }
+
+    #[test]
+    fn events_decrypt_for_members_only_and_ids_cover_the_time() {
+        let key = NetworkKey::generate();
+        let event = encrypt_event(&key, 1234, b"msg");
+        assert_eq!(decrypt_event(&key, &event).unwrap(), (1234, b"msg".to_vec()));
+        assert_eq!(decrypt_event(&NetworkKey::generate(), &event), Err(CryptoError::BadEvent));
+        let mut retimed = event.clone();
+        retimed[7] ^= 1;
+        assert_eq!(decrypt_event(&key, &retimed), Err(CryptoError::BadEvent));
+        assert_ne!(event_id(&event), event_id(&retimed));
+        assert_eq!(decrypt_event(&key, &event[..20]), Err(CryptoError::BadEvent));
+    }
+}

@@ -1,0 +1,282 @@
+//! The network: frames over TCP, and the two paths between a socket and the
+//! pipeline.
+//!
+//! **In** (socket → envelope): a reader thread per connection reads
+//! length-prefixed frames (at most [`MAX_FRAME`] bytes; a larger length
+//! closes the connection) and queues them for the engine thread without
+//! blocking; when the queue is full the frame is dropped and counted, so a
+//! flood cannot grow memory. The engine calls [`Inbound::open`]: transit
+//! crypto unwraps a response with the transit secret of a live request of
+//! ours, event crypto opens the sealed box with our key and verifies the
+//! sender, and the decoded map becomes an envelope. Anything that fails is
+//! dropped and counted; nothing from the network reaches a plugin before it
+//! has been authenticated this far.
+//!
+//! **Out** (envelope → socket): [`NetworkOutbox`] seals `event_plaintext` to
+//! `seal_to`, wraps it (a request registers its transit secret; a response
+//! is encrypted under the requester's), and a sender thread writes it to
+//! `dest_ip:dest_port`.
+//!
+//! Why TCP, not UDP as the seed assumes: catch-up moves megabytes, and TCP
+//! brings flow and congestion control for free. The protocol does not rely
+//! on TCP's guarantees: every frame stands alone and is idempotent, so lost,
+//! duplicated or reordered frames (a dropped connection, a retry) only cost
+//! a later sync round.
+
+use std::{
+    collections::HashMap,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{self, SyncSender, TrySendError},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use quiet_plugin_api::{field, Envelope, Value};
+
+use crate::{
+    codec,
+    counters::Counters,
+    db, event_crypto,
+    identity::HostIdentity,
+    pipeline::Outbox,
+    scheduler::Signal,
+    transit::{self, LiveRequests},
+};
+
+/// The largest frame accepted or sent.
+pub const MAX_FRAME: usize = 8 << 20;
+/// Concurrent inbound connections; more are closed at once.
+const MAX_CONNECTIONS: usize = 256;
+/// An inbound connection idle this long is closed.
+const IDLE: Duration = Duration::from_secs(120);
+/// Default life of a transit secret.
+pub const DEFAULT_TRANSIT_TTL_MS: i64 = 30_000;
+
+/// One frame as it arrived.
+#[derive(Debug)]
+pub struct Frame {
+    /// Who sent it (the socket's peer address; not authenticated).
+    pub from: SocketAddr,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Listens on `address` and queues frames for the engine. Returns the bound
+/// address (useful with port 0).
+pub fn listen(address: &str, engine: SyncSender<Signal>, counters: Arc<Counters>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    let local = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new().name("listener".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                counters.bump("drop_too_many_connections");
+                continue;
+            }
+            let (engine, counters, open) = (engine.clone(), counters.clone(), open.clone());
+            let _ = thread::Builder::new().name("reader".into()).spawn(move || {
+                read_frames(stream, &engine, &counters);
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    })?;
+    Ok(local)
+}
+
+fn read_frames(mut stream: TcpStream, engine: &SyncSender<Signal>, counters: &Counters) {
+    let Ok(from) = stream.peer_addr() else { return };
+    let _ = stream.set_read_timeout(Some(IDLE));
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len == 0 || len > MAX_FRAME {
+            counters.bump("drop_oversized_frame");
+            return;
+        }
+        let mut bytes = vec![0u8; len];
+        if stream.read_exact(&mut bytes).is_err() {
+            counters.bump("drop_truncated_frame");
+            return;
+        }
+        match engine.try_send(Signal::Frame(Frame { from, bytes })) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => counters.bump("drop_overloaded"),
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// The receiving half of the crypto: frame → authenticated envelope.
+pub struct Inbound {
+    identity: Arc<HostIdentity>,
+    live: Arc<LiveRequests>,
+    counters: Arc<Counters>,
+}
+
+impl Inbound {
+    /// Opens frames sealed to `identity`, accepting responses to `live`.
+    pub fn new(identity: Arc<HostIdentity>, live: Arc<LiveRequests>, counters: Arc<Counters>) -> Self {
+        Self {
+            identity,
+            live,
+            counters,
+        }
+    }
+
+    /// The envelope in `frame`, or `None` (counted) if it does not
+    /// authenticate or decode.
+    pub fn open(&self, frame: &Frame) -> Option<Envelope> {
+        match self.try_open(&frame.bytes) {
+            Ok(envelope) => Some(envelope),
+            Err(counter) => {
+                tracing::debug!(from = %frame.from, "dropped frame: {counter}");
+                self.counters.bump(counter);
+                None
+            }
+        }
+    }
+
+    fn try_open(&self, bytes: &[u8]) -> Result<Envelope, &'static str> {
+        let (kind, body) = bytes.split_first().ok_or("drop_malformed_frame")?;
+        let (in_response_to, sealed) = match *kind {
+            transit::REQUEST => (None, body.to_vec()),
+            transit::RESPONSE => {
+                let (id, sealed) = self.live.accept(body, db::now_ms()).map_err(|e| e.counter())?;
+                (Some(hex::encode(id)), sealed)
+            }
+            _ => return Err("drop_malformed_frame"),
+        };
+        let (sender, payload) = event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
+            event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+            event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+            _ => "drop_malformed_payload",
+        })?;
+        let plaintext = codec::decode(&payload).map_err(|_| "drop_malformed_payload")?;
+        let event_type = plaintext
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or("drop_malformed_payload")?
+            .to_owned();
+        let mut envelope = Envelope::of_type(&event_type)
+            .with("sender_peer_id", sender)
+            .with(field::EVENT_PLAINTEXT, plaintext);
+        if let Some(id) = in_response_to {
+            envelope.set(field::IN_RESPONSE_TO, id);
+        }
+        Ok(envelope)
+    }
+}
+
+/// The sending half: envelope → sealed, wrapped frame → socket.
+pub struct NetworkOutbox {
+    identity: Arc<HostIdentity>,
+    live: Arc<LiveRequests>,
+    sender: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+}
+
+impl NetworkOutbox {
+    /// An outbox sealing as `identity`, registering requests in `live`, with
+    /// its own sender thread.
+    pub fn new(identity: Arc<HostIdentity>, live: Arc<LiveRequests>, counters: Arc<Counters>) -> Self {
+        let (sender, queue) = mpsc::channel::<(SocketAddr, Vec<u8>)>();
+        thread::Builder::new()
+            .name("sender".into())
+            .spawn(move || send_frames(queue, &counters))
+            .expect("spawning a thread");
+        Self {
+            identity,
+            live,
+            sender,
+        }
+    }
+}
+
+impl Outbox for NetworkOutbox {
+    fn send(&self, envelope: Envelope) -> Result<(), String> {
+        let to = envelope
+            .str(field::SEAL_TO)
+            .ok_or("an outgoing envelope needs seal_to")?;
+        let recipient = event_crypto::peer_key(to).map_err(|_| format!("seal_to '{to}' is not a peer id"))?;
+        let plaintext = envelope
+            .plaintext()
+            .filter(|p| p.as_map().is_some())
+            .ok_or("an outgoing envelope needs an event_plaintext map")?;
+        let ip = envelope.str(field::DEST_IP).ok_or("an outgoing envelope needs dest_ip")?;
+        let port = envelope
+            .int(field::DEST_PORT)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("an outgoing envelope needs dest_port (0-65535)")?;
+        let addr: SocketAddr = format!("{ip}:{port}")
+            .parse()
+            .map_err(|_| format!("'{ip}:{port}' is not an address"))?;
+
+        let sealed = event_crypto::seal_from(&self.identity, &recipient, &codec::encode(plaintext));
+        let frame = match envelope.str(field::IN_RESPONSE_TO) {
+            Some(request_id) => {
+                let id = transit::parse_request_id(request_id).ok_or("in_response_to is not a request id")?;
+                let secret = transit_secret(envelope.bytes("transit_secret")).ok_or("a response needs the request's transit_secret")?;
+                transit::wrap_response(id, &secret, &sealed)
+            }
+            None => {
+                let id = plaintext.get("request_id").and_then(Value::as_str).and_then(transit::parse_request_id);
+                let secret = transit_secret(plaintext.get("transit_secret").and_then(Value::as_bytes));
+                if let (Some(id), Some(secret)) = (id, secret) {
+                    let ttl = envelope.int("transit_ttl_ms").unwrap_or(DEFAULT_TRANSIT_TTL_MS);
+                    self.live.register(id, secret, db::now_ms(), ttl);
+                }
+                transit::wrap_request(&sealed)
+            }
+        };
+        if frame.len() > MAX_FRAME {
+            return Err(format!("frame of {} bytes exceeds the {MAX_FRAME}-byte limit", frame.len()));
+        }
+        self.sender.send((addr, frame)).map_err(|_| "the sender thread has stopped".into())
+    }
+}
+
+fn transit_secret(bytes: Option<&[u8]>) -> Option<[u8; 32]> {
+    bytes.and_then(|b| b.try_into().ok())
+}
+
+fn send_frames(queue: mpsc::Receiver<(SocketAddr, Vec<u8>)>, counters: &Counters) {
+    let mut connections: HashMap<SocketAddr, TcpStream> = HashMap::new();
+    for (addr, frame) in queue {
+        let mut sent = false;
+        // A cached connection may have died since; one fresh retry.
+        for _ in 0..2 {
+            let stream = match connections.entry(addr) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => match connect(addr) {
+                    Ok(s) => e.insert(s),
+                    Err(_) => break,
+                },
+            };
+            let len = (frame.len() as u32).to_be_bytes();
+            if stream.write_all(&len).and_then(|()| stream.write_all(&frame)).is_ok() {
+                sent = true;
+                break;
+            }
+            connections.remove(&addr);
+        }
+        if !sent {
+            tracing::debug!(%addr, "could not send a frame");
+            counters.bump("send_failed");
+        }
+    }
+}
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,222 @@
+//! Networks: membership, keys and invites.
+//!
+//! A network is an id and a symmetric key. The key is a secret, so it is not
+//! in the database (plugins can run SQL): it lives in
+//! `<data>/keys/<network_id>.key`, mode 0600, read only by the host.
+//!
+//! An invite is one copyable line, `quiet1:` then URL-safe base64 of the
+//! network id, its key, and the inviter's peer id and address. Whoever holds
+//! it can join, so treat it like a password.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use quiet_plugin_api::Value;
+use rusqlite::Connection;
+
+use crate::{codec, db, event_crypto::NetworkKey, identity};
+
+const INVITE_PREFIX: &str = "quiet1:";
+
+/// A decoded invite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    /// The network to join.
+    pub network_id: String,
+    /// Its key.
+    pub key: [u8; 32],
+    /// The inviter's peer id.
+    pub peer_id: String,
+    /// Where the inviter listens, `ip:port`.
+    pub address: String,
+}
+
+impl Invite {
+    /// The one-line form.
+    pub fn encode(&self) -> String {
+        let v = Value::map([
+            ("n", Value::from(self.network_id.as_str())),
+            ("k", Value::from(self.key)),
+            ("p", Value::from(self.peer_id.as_str())),
+            ("a", Value::from(self.address.as_str())),
+        ]);
+        format!("{INVITE_PREFIX}{}", URL_SAFE_NO_PAD.encode(codec::encode(&v)))
+    }
+
+    /// Parses the one-line form; the error says what is wrong with it.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("not a valid invite: {why} (copy the whole line `network create` printed)");
+        let body = text.trim().strip_prefix(INVITE_PREFIX).ok_or_else(|| bad("it does not start with quiet1:"))?;
+        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad("it is damaged or cut short"))?;
+        let v = codec::decode(&bytes).map_err(|_| bad("it is damaged or cut short"))?;
+        let text_field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (Some(network_id), Some(peer_id), Some(address)) = (text_field("n"), text_field("p"), text_field("a"))
+        else {
+            return Err(bad("fields are missing"));
+        };
+        let key: [u8; 32] = v
+            .get("k")
+            .and_then(Value::as_bytes)
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("the key is missing"))?;
+        crate::event_crypto::peer_key(&peer_id).map_err(|_| bad("the peer id is malformed"))?;
+        if !valid_network_id(&network_id) {
+            return Err(bad("the network id is malformed"));
+        }
+        parse_address(&address).map_err(|_| bad("the address is malformed"))?;
+        Ok(Invite {
+            network_id,
+            key,
+            peer_id,
+            address,
+        })
+    }
+}
+
+fn valid_network_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Splits `ip:port`.
+pub fn parse_address(address: &str) -> Result<(String, u16), String> {
+    let addr: std::net::SocketAddr = address
+        .parse()
+        .map_err(|_| format!("'{address}' is not an ip:port address"))?;
+    Ok((addr.ip().to_string(), addr.port()))
+}
+
+/// The network keys of one data folder, read lazily and cached.
+pub struct NetworkKeys {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, NetworkKey>>,
+}
+
+impl NetworkKeys {
+    /// The keys under `<data_dir>/keys`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("keys"),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key of `network_id`, if this host is a member.
+    pub fn get(&self, network_id: &str) -> Option<NetworkKey> {
+        if !valid_network_id(network_id) {
+            return None;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = cache.get(network_id) {
+            return Some(k.clone());
+        }
+        let bytes = fs::read(self.dir.join(format!("{network_id}.key"))).ok()?;
+        let key = NetworkKey(bytes.try_into().ok()?);
+        cache.insert(network_id.to_owned(), key.clone());
+        Some(key)
+    }
+
+    fn store(&self, network_id: &str, key: &NetworkKey) -> Result<(), String> {
+        create_private_dir(&self.dir)?;
+        let path = self.dir.join(format!("{network_id}.key"));
+        identity::write_private(&path, &key.0).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates a network; returns its invite.
+pub fn create(data_dir: &Path, conn: &Connection, peer_id: &str, address: &str) -> Result<Invite, String> {
+    parse_address(address)?;
+    let mut id = [0u8; 16];
+    getrandom(&mut id);
+    let network_id = hex::encode(id);
+    let key = NetworkKey::generate();
+    NetworkKeys::new(data_dir).store(&network_id, &key)?;
+    conn.execute(
+        "INSERT INTO networks(network_id, created_ms, invited_by) VALUES (?1, ?2, NULL)",
+        rusqlite::params![network_id, db::now_ms()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Invite {
+        network_id,
+        key: key.0,
+        peer_id: peer_id.to_owned(),
+        address: address.to_owned(),
+    })
+}
+
+/// Joins the network of `invite` and records the inviter as a peer.
+pub fn join(data_dir: &Path, conn: &Connection, invite: &Invite, our_peer_id: &str) -> Result<(), String> {
+    if invite.peer_id == our_peer_id {
+        return Err("this invite was made by this host; give it to another host".into());
+    }
+    let keys = NetworkKeys::new(data_dir);
+    if let Some(existing) = keys.get(&invite.network_id) {
+        if existing.0 != invite.key {
+            return Err(format!(
+                "already a member of network {} with another key; the invite is not for this network",
+                invite.network_id
+            ));
+        }
+    } else {
+        keys.store(&invite.network_id, &NetworkKey(invite.key))?;
+    }
+    let (ip, port) = parse_address(&invite.address)?;
+    db::with_write_tx(conn, |c| {
+        c.execute(
+            "INSERT OR IGNORE INTO networks(network_id, created_ms, invited_by) VALUES (?1, ?2, ?3)",
+            rusqlite::params![invite.network_id, db::now_ms(), invite.peer_id],
+        )?;
+        c.execute(
+            "INSERT INTO addresses(peer_id, network_id, ip, port, is_active, last_seen_ms) VALUES (?1, ?2, ?3, ?4, 1, NULL)
+             ON CONFLICT(peer_id, network_id) DO UPDATE SET ip = excluded.ip, port = excluded.port, is_active = 1",
+            rusqlite::params![invite.peer_id, invite.network_id, ip, port],
+        )?;
+        Ok::<_, rusqlite::Error>(())
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Whether this host is a member of `network_id`.
+pub fn is_member(conn: &Connection, network_id: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM networks WHERE network_id = ?")?.exists([network_id])
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use crypto_box::aead::rand_core::RngCore;
+    crypto_box::aead::OsRng.fill_bytes(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invites_round_trip_and_damage_is_named() {
+        let invite = Invite {
+            network_id: "0123456789abcdef0123456789abcdef".into(),
+            key: [5; 32],
+            peer_id: "ab".repeat(32),
+            address: "127.0.0.1:7001".into(),
+        };
+        let line = invite.encode();
+        assert!(line.starts_with("quiet1:") && !line.contains(char::is_whitespace));
+        assert_eq!(Invite::decode(&format!("  {line}\n")).unwrap(), invite);
+        assert!(Invite::decode("hello").unwrap_err().contains("does not start with quiet1:"));
+        let cut = &line[..line.len() - 5];
+        assert!(Invite::decode(cut).unwrap_err().contains("damaged or cut short"));
+    }
+}

@@ -1,0 +1,151 @@
+//! Transit crypto: what goes on the wire around a sealed payload.
+//!
+//! Two frame kinds:
+//! - a **request** (`0x01`) is just the sealed box: the responder has no
+//!   shared secret with us yet;
+//! - a **response** (`0x02`) is `request_id` (16 bytes) ‖ nonce ‖
+//!   XSalsa20-Poly1305 under the request's transit secret. The requester
+//!   put that secret inside its sealed request, so only the peer it sealed
+//!   to can answer, and we accept a response only while the request is live
+//!   ([`LiveRequests`], default TTL 30 s) and only once: a replayed or
+//!   duplicated response finds no live request and is dropped.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use crypto_box::aead::{generic_array::GenericArray, Aead, AeadCore, OsRng};
+use crypto_secretbox::{KeyInit, XSalsa20Poly1305};
+
+/// Frame kind: a sealed request.
+pub const REQUEST: u8 = 1;
+/// Frame kind: a response wrapped in a transit secret.
+pub const RESPONSE: u8 = 2;
+
+const NONCE: usize = 24;
+
+/// Why a response frame was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitError {
+    /// Too short to be a response.
+    Malformed,
+    /// No live request has that id: unknown, expired, or already answered.
+    UnknownRequest,
+    /// It does not decrypt under the request's transit secret.
+    BadSecret,
+}
+
+impl TransitError {
+    /// The counter this drop is recorded under.
+    pub fn counter(self) -> &'static str {
+        match self {
+            TransitError::Malformed => "drop_malformed_frame",
+            TransitError::UnknownRequest => "drop_unknown_or_expired_request",
+            TransitError::BadSecret => "drop_bad_transit_secret",
+        }
+    }
+}
+
+/// Transit secrets of our requests that may still be answered.
+#[derive(Default)]
+pub struct LiveRequests {
+    live: Mutex<HashMap<[u8; 16], ([u8; 32], i64)>>,
+}
+
+impl LiveRequests {
+    /// Remembers a request until `now + ttl_ms`.
+    pub fn register(&self, request_id: [u8; 16], secret: [u8; 32], now: i64, ttl_ms: i64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|_, (_, expires)| *expires > now);
+        live.insert(request_id, (secret, now + ttl_ms));
+    }
+
+    /// How many requests are live.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no request is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Unwraps a response frame body (after the kind byte). On success the
+    /// request stops being live.
+    pub fn accept(&self, body: &[u8], now: i64) -> Result<([u8; 16], Vec<u8>), TransitError> {
+        if body.len() < 16 + NONCE + 16 {
+            return Err(TransitError::Malformed);
+        }
+        let (id, rest) = body.split_at(16);
+        let id: [u8; 16] = id.try_into().expect("16 bytes");
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let secret = match live.get(&id) {
+            Some((secret, expires)) if *expires > now => *secret,
+            _ => return Err(TransitError::UnknownRequest),
+        };
+        let (nonce, ct) = rest.split_at(NONCE);
+        let inner = XSalsa20Poly1305::new(&secret.into())
+            .decrypt(GenericArray::from_slice(nonce), ct)
+            .map_err(|_| TransitError::BadSecret)?;
+        // The request id is inside too, so a frame cannot be re-labelled
+        // to answer another request made with the same secret.
+        if inner.len() < 16 || inner[..16] != id {
+            return Err(TransitError::BadSecret);
+        }
+        live.remove(&id);
+        Ok((id, inner[16..].to_vec()))
+    }
+}
+
+/// Wraps `sealed` as the response to `request_id`.
+pub fn wrap_response(request_id: [u8; 16], secret: &[u8; 32], sealed: &[u8]) -> Vec<u8> {
+    let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
+    let mut inner = Vec::with_capacity(16 + sealed.len());
+    inner.extend_from_slice(&request_id);
+    inner.extend_from_slice(sealed);
+    let ct = XSalsa20Poly1305::new(&(*secret).into())
+        .encrypt(&nonce, inner.as_slice())
+        .expect("encrypting in memory cannot fail");
+    let mut frame = Vec::with_capacity(1 + 16 + NONCE + ct.len());
+    frame.push(RESPONSE);
+    frame.extend_from_slice(&request_id);
+    frame.extend_from_slice(&nonce);
+    frame.extend_from_slice(&ct);
+    frame
+}
+
+/// Frames a sealed request.
+pub fn wrap_request(sealed: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(1 + sealed.len());
+    frame.push(REQUEST);
+    frame.extend_from_slice(sealed);
+    frame
+}
+
+/// Parses a 32-hex-character request id.
+pub fn parse_request_id(hex_id: &str) -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(hex_id, &mut id).ok().map(|()| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_is_accepted_once_while_live_and_only_with_its_secret() {
+        let live = LiveRequests::default();
+        let (id, secret) = ([7u8; 16], [9u8; 32]);
+        live.register(id, secret, 1000, 30_000);
+        let frame = wrap_response(id, &secret, b"sealed");
+        assert_eq!(frame[0], RESPONSE);
+        // Wrong secret: refused, and the request stays live.
+        let forged = wrap_response(id, &[1u8; 32], b"evil");
+        assert_eq!(live.accept(&forged[1..], 2000), Err(TransitError::BadSecret));
+        assert_eq!(live.accept(&frame[1..], 2000).unwrap(), (id, b"sealed".to_vec()));
+        // A replay of the same frame.
+        assert_eq!(live.accept(&frame[1..], 2001), Err(TransitError::UnknownRequest));
+        // Expired.
+        live.register(id, secret, 1000, 30_000);
+        assert_eq!(live.accept(&frame[1..], 31_000), Err(TransitError::UnknownRequest));
+        assert_eq!(live.accept(&frame[1..10], 2000), Err(TransitError::Malformed));
+    }
+}
