@@ -126,7 +126,9 @@ impl Reader<'_> {
         let mut n: usize = 0;
         for shift in (0..64).step_by(7) {
             let byte = self.take(1)?[0];
-            n |= ((byte & 0x7f) as usize).checked_shl(shift).ok_or(DecodeError("length overflow"))?;
+            n |= ((byte & 0x7f) as usize)
+                .checked_shl(shift)
+                .ok_or(DecodeError("length overflow"))?;
             if byte & 0x80 == 0 {
                 // Every item takes at least one byte, so no honest length
                 // exceeds what is left.
@@ -146,7 +148,9 @@ impl Reader<'_> {
     fn text(&mut self) -> Result<RString, DecodeError> {
         let n = self.len()?;
         let b = self.take(n)?;
-        std::str::from_utf8(b).map(RString::from).map_err(|_| DecodeError("text is not UTF-8"))
+        std::str::from_utf8(b)
+            .map(RString::from)
+            .map_err(|_| DecodeError("text is not UTF-8"))
     }
 
     fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
@@ -191,6 +195,23 @@ impl Reader<'_> {
     }
 }
 
+/// Encodes an envelope as a map of its fields.
+pub fn encode_envelope(envelope: &quiet_plugin_api::Envelope) -> Vec<u8> {
+    encode(&Value::map(envelope.fields().map(|(k, v)| (k, v.clone()))))
+}
+
+/// Decodes what [`encode_envelope`] made.
+pub fn decode_envelope(bytes: &[u8]) -> Result<quiet_plugin_api::Envelope, DecodeError> {
+    match decode(bytes)? {
+        Value::Map(fields) => Ok(fields
+            .into_iter()
+            .fold(quiet_plugin_api::Envelope::new(), |env, f| {
+                env.with(f.key.as_str(), f.value)
+            })),
+        _ => Err(DecodeError("an envelope is a map")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +225,10 @@ mod tests {
             ("f", Value::from(1.5)),
             ("t", Value::from("héllo")),
             ("y", Value::from(vec![0u8; 300])),
-            ("l", Value::from(vec![Value::from(1), Value::map([("x", 2)])])),
+            (
+                "l",
+                Value::from(vec![Value::from(1), Value::map([("x", 2)])]),
+            ),
         ]);
         assert_eq!(decode(&encode(&v)).unwrap(), v);
     }
@@ -223,24 +247,12 @@ mod tests {
         // 10,000 nested lists.
         let deep: Vec<u8> = std::iter::repeat_n([LIST, 1], 10_000).flatten().collect();
         assert_eq!(decode(&deep), Err(DecodeError("nested too deeply")));
-        assert_eq!(decode(&[TEXT, 1, 0xff]), Err(DecodeError("text is not UTF-8")));
+        assert_eq!(
+            decode(&[TEXT, 1, 0xff]),
+            Err(DecodeError("text is not UTF-8"))
+        );
         assert_eq!(decode(&[99]), Err(DecodeError("unknown tag")));
         let dup = [MAP, 2, 1, b'a', NULL, 1, b'a', NULL];
         assert_eq!(decode(&dup), Err(DecodeError("duplicate map key")));
-    }
-}
-
-/// Encodes an envelope as a map of its fields.
-pub fn encode_envelope(envelope: &quiet_plugin_api::Envelope) -> Vec<u8> {
-    encode(&Value::map(envelope.fields().map(|(k, v)| (k, v.clone()))))
-}
-
-/// Decodes what [`encode_envelope`] made.
-pub fn decode_envelope(bytes: &[u8]) -> Result<quiet_plugin_api::Envelope, DecodeError> {
-    match decode(bytes)? {
-        Value::Map(fields) => Ok(fields
-            .into_iter()
-            .fold(quiet_plugin_api::Envelope::new(), |env, f| env.with(f.key.as_str(), f.value))),
-        _ => Err(DecodeError("an envelope is a map")),
     }
 }

@@ -19,7 +19,8 @@ use crate::{
 };
 
 fn open(data_dir: &Path) -> Result<Connection, String> {
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("data folder {}: {e}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("data folder {}: {e}", data_dir.display()))?;
     db::open(data_dir).map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))
 }
 
@@ -114,7 +115,10 @@ pub fn message_send(data_dir: &Path, network_id: &str, text: &str) -> Result<Str
         ("created_ms", Value::from(db::now_ms())),
     ]);
     let counters = Default::default();
-    let store = EventStore::new(std::sync::Arc::new(NetworkKeys::new(data_dir)), std::sync::Arc::new(counters));
+    let store = EventStore::new(
+        std::sync::Arc::new(NetworkKeys::new(data_dir)),
+        std::sync::Arc::new(counters),
+    );
     let envelope = store.new_local_event(network_id, &plaintext)?;
     let event = envelope.bytes("event_ciphertext").expect("just built");
     let id = hex::encode(crate::event_crypto::event_id(event));

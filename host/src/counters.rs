@@ -16,7 +16,12 @@ pub struct Counters(Mutex<HashMap<&'static str, i64>>);
 impl Counters {
     /// Counts one `name`.
     pub fn bump(&self, name: &'static str) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default() += 1;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default() += 1;
     }
 
     /// Whether nothing is waiting to be flushed.

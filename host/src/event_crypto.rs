@@ -56,7 +56,9 @@ pub fn peer_key(peer_id: &str) -> Result<PublicKey, CryptoError> {
 
 /// `crypto_box_seal`: only `recipient` can open it.
 pub fn seal(recipient: &PublicKey, message: &[u8]) -> Vec<u8> {
-    recipient.seal(&mut OsRng, message).expect("sealing cannot fail for in-memory input")
+    recipient
+        .seal(&mut OsRng, message)
+        .expect("sealing cannot fail for in-memory input")
 }
 
 /// `crypto_box_seal_open` with our secret key.
@@ -84,8 +86,14 @@ pub fn seal_from(me: &HostIdentity, recipient: &PublicKey, payload: &[u8]) -> Ve
 /// Opens what [`seal_from`] made for us; returns the verified sender's peer
 /// id and the payload.
 pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<(String, Vec<u8>), CryptoError> {
-    let inner = codec::decode(&open(me.secret_key(), sealed)?).map_err(|_| CryptoError::Malformed)?;
-    let field = |k| inner.get(k).and_then(Value::as_bytes).ok_or(CryptoError::Malformed);
+    let inner =
+        codec::decode(&open(me.secret_key(), sealed)?).map_err(|_| CryptoError::Malformed)?;
+    let field = |k| {
+        inner
+            .get(k)
+            .and_then(Value::as_bytes)
+            .ok_or(CryptoError::Malformed)
+    };
     let (payload, sender, proof) = (field("p")?, field("s")?, field("a")?);
     let sender: [u8; 32] = sender.try_into().map_err(|_| CryptoError::Malformed)?;
     if proof.len() < NONCE {
@@ -124,7 +132,9 @@ pub fn encrypt_event(key: &NetworkKey, created_ms: i64, plaintext: &[u8]) -> Vec
     let mut inner = Vec::with_capacity(8 + plaintext.len());
     inner.extend_from_slice(&head);
     inner.extend_from_slice(plaintext);
-    let body = cipher.encrypt(&nonce, inner.as_slice()).expect("encrypting in memory cannot fail");
+    let body = cipher
+        .encrypt(&nonce, inner.as_slice())
+        .expect("encrypting in memory cannot fail");
     let mut event = Vec::with_capacity(8 + NONCE + body.len());
     event.extend_from_slice(&head);
     event.extend_from_slice(&nonce);
@@ -146,7 +156,10 @@ pub fn decrypt_event(key: &NetworkKey, event: &[u8]) -> Result<(i64, Vec<u8>), C
         return Err(CryptoError::BadEvent);
     }
     let plaintext = inner.split_off(8);
-    Ok((i64::from_be_bytes(head.try_into().expect("8 bytes")), plaintext))
+    Ok((
+        i64::from_be_bytes(head.try_into().expect("8 bytes")),
+        plaintext,
+    ))
 }
 
 /// An event's id: BLAKE3 of its bytes.
@@ -167,7 +180,10 @@ mod tests {
     fn sealed_with_proof_opens_only_for_the_recipient_and_names_the_sender() {
         let (a, b, c) = (identity(), identity(), identity());
         let sealed = seal_from(&a, b.public_key(), b"hello");
-        assert_eq!(open_from(&b, &sealed).unwrap(), (a.peer_id(), b"hello".to_vec()));
+        assert_eq!(
+            open_from(&b, &sealed).unwrap(),
+            (a.peer_id(), b"hello".to_vec())
+        );
         assert_eq!(open_from(&c, &sealed), Err(CryptoError::BadSeal));
 
         // C seals a payload claiming to be A: the proof cannot verify.
@@ -184,12 +200,21 @@ mod tests {
     fn events_decrypt_for_members_only_and_ids_cover_the_time() {
         let key = NetworkKey::generate();
         let event = encrypt_event(&key, 1234, b"msg");
-        assert_eq!(decrypt_event(&key, &event).unwrap(), (1234, b"msg".to_vec()));
-        assert_eq!(decrypt_event(&NetworkKey::generate(), &event), Err(CryptoError::BadEvent));
+        assert_eq!(
+            decrypt_event(&key, &event).unwrap(),
+            (1234, b"msg".to_vec())
+        );
+        assert_eq!(
+            decrypt_event(&NetworkKey::generate(), &event),
+            Err(CryptoError::BadEvent)
+        );
         let mut retimed = event.clone();
         retimed[7] ^= 1;
         assert_eq!(decrypt_event(&key, &retimed), Err(CryptoError::BadEvent));
         assert_ne!(event_id(&event), event_id(&retimed));
-        assert_eq!(decrypt_event(&key, &event[..20]), Err(CryptoError::BadEvent));
+        assert_eq!(
+            decrypt_event(&key, &event[..20]),
+            Err(CryptoError::BadEvent)
+        );
     }
 }

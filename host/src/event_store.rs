@@ -36,7 +36,11 @@ impl EventStore {
 
     /// Stores the event in `envelope`. Returns the decrypted event to route
     /// on, or `None` when it was a duplicate or refused (and counted).
-    pub fn store(&self, conn: &Connection, envelope: &Envelope) -> rusqlite::Result<Option<Envelope>> {
+    pub fn store(
+        &self,
+        conn: &Connection,
+        envelope: &Envelope,
+    ) -> rusqlite::Result<Option<Envelope>> {
         let (Some(network_id), Some(event)) = (
             envelope.str(field::NETWORK_ID),
             envelope.bytes(field::EVENT_CIPHERTEXT),
@@ -55,7 +59,11 @@ impl EventStore {
         let Ok(plaintext) = codec::decode(&plaintext) else {
             return Ok(self.refuse("drop_malformed_event"));
         };
-        let Some(event_type) = plaintext.get("type").and_then(Value::as_str).map(str::to_owned) else {
+        let Some(event_type) = plaintext
+            .get("type")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
             return Ok(self.refuse("drop_malformed_event"));
         };
         let id = event_crypto::event_id(event);

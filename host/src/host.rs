@@ -37,11 +37,11 @@ use crate::{
     jobs::JobsConfig,
     network::{self, Inbound, NetworkOutbox},
     networks::NetworkKeys,
-    pipeline::{NoTransport, Outbox},
-    transit::LiveRequests,
+    pipeline::{NoTransport, Outbox, Services},
     registry::Plugins,
     reload::{ReloadPaths, Reloader},
     scheduler::{Scheduler, Signal},
+    transit::LiveRequests,
 };
 
 /// Signals (mostly network frames) the engine may have queued.
@@ -195,12 +195,16 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     .map_err(db_err)?;
     let listen_addr = match &opts.listen {
         Some(address) => Some(
-            network::listen(address, to_scheduler.clone(), counters.clone()).map_err(|e| StartError::Listen {
-                address: address.clone(),
-                message: match e.kind() {
-                    std::io::ErrorKind::AddrInUse => "the port is in use; pick another --listen port".into(),
-                    _ => e.to_string(),
-                },
+            network::listen(address, to_scheduler.clone(), counters.clone()).map_err(|e| {
+                StartError::Listen {
+                    address: address.clone(),
+                    message: match e.kind() {
+                        std::io::ErrorKind::AddrInUse => {
+                            "the port is in use; pick another --listen port".into()
+                        }
+                        _ => e.to_string(),
+                    },
+                }
             })?,
         ),
         None => None,
@@ -215,23 +219,32 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     reloader.sync();
 
     let outbox: Box<dyn Outbox + Send> = match listen_addr {
-        Some(_) => Box::new(NetworkOutbox::new(identity.clone(), live.clone(), counters.clone())),
+        Some(_) => Box::new(NetworkOutbox::new(
+            identity.clone(),
+            live.clone(),
+            counters.clone(),
+        )),
         None => Box::new(NoTransport),
+    };
+    let services = Services {
+        identity: identity.public(),
+        outbox,
+        store: Some(store),
     };
     let mut scheduler = Scheduler::new(
         db::open(data).map_err(db_err)?,
         plugins,
         config,
-        identity.public(),
-        outbox,
+        services,
         signals,
-        store,
         counters.clone(),
     );
     if listen_addr.is_some() {
         scheduler = scheduler.with_inbound(Inbound::new(identity.clone(), live, counters));
     } else {
-        tracing::warn!("not listening (no --listen): peers cannot reach this host and it cannot sync");
+        tracing::warn!(
+            "not listening (no --listen): peers cannot reach this host and it cannot sync"
+        );
     }
     let scheduler = thread::Builder::new()
         .name("scheduler".into())

@@ -80,7 +80,12 @@ enum Command {
     /// Create, join and list networks.
     Network {
         /// Data folder of the host.
-        #[arg(long = "data", env = "QUIET_DATA", default_value = "data", global = true)]
+        #[arg(
+            long = "data",
+            env = "QUIET_DATA",
+            default_value = "data",
+            global = true
+        )]
         data_dir: PathBuf,
         #[command(subcommand)]
         command: NetworkCommand,
@@ -88,7 +93,12 @@ enum Command {
     /// Send and list messages.
     Message {
         /// Data folder of the host.
-        #[arg(long = "data", env = "QUIET_DATA", default_value = "data", global = true)]
+        #[arg(
+            long = "data",
+            env = "QUIET_DATA",
+            default_value = "data",
+            global = true
+        )]
         data_dir: PathBuf,
         #[command(subcommand)]
         command: MessageCommand,
@@ -185,12 +195,17 @@ fn main() -> ExitCode {
 
 fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
     match command {
-        NetworkCommand::Create { address } => println!("{}", commands::network_create(data, address.as_deref())?),
+        NetworkCommand::Create { address } => {
+            println!("{}", commands::network_create(data, address.as_deref())?)
+        }
         NetworkCommand::Join { invite } => println!("{}", commands::network_join(data, &invite)?),
         NetworkCommand::List { json } => {
             let list = commands::network_list(data)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list).expect("serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).expect("serialises")
+                );
             } else {
                 for n in &list {
                     println!("{}  {} peers  {} events", n.network_id, n.peers, n.events);
@@ -210,7 +225,10 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
         MessageCommand::List { network, json } => {
             let list = commands::message_list(data, &network)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list).expect("serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).expect("serialises")
+                );
             } else {
                 for m in &list {
                     println!("{}  {}  {}", m.created_ms, &m.author[..12], m.text);
@@ -221,7 +239,12 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn run(data_dir: PathBuf, plugins_dir: Option<PathBuf>, jobs_path: PathBuf, listen: Option<String>) -> Result<(), String> {
+fn run(
+    data_dir: PathBuf,
+    plugins_dir: Option<PathBuf>,
+    jobs_path: PathBuf,
+    listen: Option<String>,
+) -> Result<(), String> {
     let plugins_dir = match plugins_dir {
         Some(dir) => dir,
         None => {

@@ -68,24 +68,30 @@ pub struct Frame {
 
 /// Listens on `address` and queues frames for the engine. Returns the bound
 /// address (useful with port 0).
-pub fn listen(address: &str, engine: SyncSender<Signal>, counters: Arc<Counters>) -> io::Result<SocketAddr> {
+pub fn listen(
+    address: &str,
+    engine: SyncSender<Signal>,
+    counters: Arc<Counters>,
+) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
-    thread::Builder::new().name("listener".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                open.fetch_sub(1, Ordering::SeqCst);
-                counters.bump("drop_too_many_connections");
-                continue;
+    thread::Builder::new()
+        .name("listener".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    counters.bump("drop_too_many_connections");
+                    continue;
+                }
+                let (engine, counters, open) = (engine.clone(), counters.clone(), open.clone());
+                let _ = thread::Builder::new().name("reader".into()).spawn(move || {
+                    read_frames(stream, &engine, &counters);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
-            let (engine, counters, open) = (engine.clone(), counters.clone(), open.clone());
-            let _ = thread::Builder::new().name("reader".into()).spawn(move || {
-                read_frames(stream, &engine, &counters);
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    })?;
+        })?;
     Ok(local)
 }
 
@@ -124,7 +130,11 @@ pub struct Inbound {
 
 impl Inbound {
     /// Opens frames sealed to `identity`, accepting responses to `live`.
-    pub fn new(identity: Arc<HostIdentity>, live: Arc<LiveRequests>, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        identity: Arc<HostIdentity>,
+        live: Arc<LiveRequests>,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             identity,
             live,
@@ -150,16 +160,20 @@ impl Inbound {
         let (in_response_to, sealed) = match *kind {
             transit::REQUEST => (None, body.to_vec()),
             transit::RESPONSE => {
-                let (id, sealed) = self.live.accept(body, db::now_ms()).map_err(|e| e.counter())?;
+                let (id, sealed) = self
+                    .live
+                    .accept(body, db::now_ms())
+                    .map_err(|e| e.counter())?;
                 (Some(hex::encode(id)), sealed)
             }
             _ => return Err("drop_malformed_frame"),
         };
-        let (sender, payload) = event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
-            event_crypto::CryptoError::BadSeal => "drop_bad_seal",
-            event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
-            _ => "drop_malformed_payload",
-        })?;
+        let (sender, payload) =
+            event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
+                event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+                event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+                _ => "drop_malformed_payload",
+            })?;
         let plaintext = codec::decode(&payload).map_err(|_| "drop_malformed_payload")?;
         let event_type = plaintext
             .get("type")
@@ -186,7 +200,11 @@ pub struct NetworkOutbox {
 impl NetworkOutbox {
     /// An outbox sealing as `identity`, registering requests in `live`, with
     /// its own sender thread.
-    pub fn new(identity: Arc<HostIdentity>, live: Arc<LiveRequests>, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        identity: Arc<HostIdentity>,
+        live: Arc<LiveRequests>,
+        counters: Arc<Counters>,
+    ) -> Self {
         let (sender, queue) = mpsc::channel::<(SocketAddr, Vec<u8>)>();
         thread::Builder::new()
             .name("sender".into())
@@ -205,12 +223,15 @@ impl Outbox for NetworkOutbox {
         let to = envelope
             .str(field::SEAL_TO)
             .ok_or("an outgoing envelope needs seal_to")?;
-        let recipient = event_crypto::peer_key(to).map_err(|_| format!("seal_to '{to}' is not a peer id"))?;
+        let recipient =
+            event_crypto::peer_key(to).map_err(|_| format!("seal_to '{to}' is not a peer id"))?;
         let plaintext = envelope
             .plaintext()
             .filter(|p| p.as_map().is_some())
             .ok_or("an outgoing envelope needs an event_plaintext map")?;
-        let ip = envelope.str(field::DEST_IP).ok_or("an outgoing envelope needs dest_ip")?;
+        let ip = envelope
+            .str(field::DEST_IP)
+            .ok_or("an outgoing envelope needs dest_ip")?;
         let port = envelope
             .int(field::DEST_PORT)
             .and_then(|p| u16::try_from(p).ok())
@@ -222,24 +243,37 @@ impl Outbox for NetworkOutbox {
         let sealed = event_crypto::seal_from(&self.identity, &recipient, &codec::encode(plaintext));
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
             Some(request_id) => {
-                let id = transit::parse_request_id(request_id).ok_or("in_response_to is not a request id")?;
-                let secret = transit_secret(envelope.bytes("transit_secret")).ok_or("a response needs the request's transit_secret")?;
+                let id = transit::parse_request_id(request_id)
+                    .ok_or("in_response_to is not a request id")?;
+                let secret = transit_secret(envelope.bytes("transit_secret"))
+                    .ok_or("a response needs the request's transit_secret")?;
                 transit::wrap_response(id, &secret, &sealed)
             }
             None => {
-                let id = plaintext.get("request_id").and_then(Value::as_str).and_then(transit::parse_request_id);
-                let secret = transit_secret(plaintext.get("transit_secret").and_then(Value::as_bytes));
+                let id = plaintext
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .and_then(transit::parse_request_id);
+                let secret =
+                    transit_secret(plaintext.get("transit_secret").and_then(Value::as_bytes));
                 if let (Some(id), Some(secret)) = (id, secret) {
-                    let ttl = envelope.int("transit_ttl_ms").unwrap_or(DEFAULT_TRANSIT_TTL_MS);
+                    let ttl = envelope
+                        .int("transit_ttl_ms")
+                        .unwrap_or(DEFAULT_TRANSIT_TTL_MS);
                     self.live.register(id, secret, db::now_ms(), ttl);
                 }
                 transit::wrap_request(&sealed)
             }
         };
         if frame.len() > MAX_FRAME {
-            return Err(format!("frame of {} bytes exceeds the {MAX_FRAME}-byte limit", frame.len()));
+            return Err(format!(
+                "frame of {} bytes exceeds the {MAX_FRAME}-byte limit",
+                frame.len()
+            ));
         }
-        self.sender.send((addr, frame)).map_err(|_| "the sender thread has stopped".into())
+        self.sender
+            .send((addr, frame))
+            .map_err(|_| "the sender thread has stopped".into())
     }
 }
 
@@ -261,7 +295,11 @@ fn send_frames(queue: mpsc::Receiver<(SocketAddr, Vec<u8>)>, counters: &Counters
                 },
             };
             let len = (frame.len() as u32).to_be_bytes();
-            if stream.write_all(&len).and_then(|()| stream.write_all(&frame)).is_ok() {
+            if stream
+                .write_all(&len)
+                .and_then(|()| stream.write_all(&frame))
+                .is_ok()
+            {
                 sent = true;
                 break;
             }

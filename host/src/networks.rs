@@ -45,17 +45,28 @@ impl Invite {
             ("p", Value::from(self.peer_id.as_str())),
             ("a", Value::from(self.address.as_str())),
         ]);
-        format!("{INVITE_PREFIX}{}", URL_SAFE_NO_PAD.encode(codec::encode(&v)))
+        format!(
+            "{INVITE_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(codec::encode(&v))
+        )
     }
 
     /// Parses the one-line form; the error says what is wrong with it.
     pub fn decode(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("not a valid invite: {why} (copy the whole line `network create` printed)");
-        let body = text.trim().strip_prefix(INVITE_PREFIX).ok_or_else(|| bad("it does not start with quiet1:"))?;
-        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad("it is damaged or cut short"))?;
+        let bad = |why: &str| {
+            format!("not a valid invite: {why} (copy the whole line `network create` printed)")
+        };
+        let body = text
+            .trim()
+            .strip_prefix(INVITE_PREFIX)
+            .ok_or_else(|| bad("it does not start with quiet1:"))?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| bad("it is damaged or cut short"))?;
         let v = codec::decode(&bytes).map_err(|_| bad("it is damaged or cut short"))?;
         let text_field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-        let (Some(network_id), Some(peer_id), Some(address)) = (text_field("n"), text_field("p"), text_field("a"))
+        let (Some(network_id), Some(peer_id), Some(address)) =
+            (text_field("n"), text_field("p"), text_field("a"))
         else {
             return Err(bad("fields are missing"));
         };
@@ -79,7 +90,10 @@ impl Invite {
 }
 
 fn valid_network_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Splits `ip:port`.
@@ -132,13 +146,19 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     Ok(())
 }
 
 /// Creates a network; returns its invite.
-pub fn create(data_dir: &Path, conn: &Connection, peer_id: &str, address: &str) -> Result<Invite, String> {
+pub fn create(
+    data_dir: &Path,
+    conn: &Connection,
+    peer_id: &str,
+    address: &str,
+) -> Result<Invite, String> {
     parse_address(address)?;
     let mut id = [0u8; 16];
     getrandom(&mut id);
@@ -159,7 +179,12 @@ pub fn create(data_dir: &Path, conn: &Connection, peer_id: &str, address: &str) 
 }
 
 /// Joins the network of `invite` and records the inviter as a peer.
-pub fn join(data_dir: &Path, conn: &Connection, invite: &Invite, our_peer_id: &str) -> Result<(), String> {
+pub fn join(
+    data_dir: &Path,
+    conn: &Connection,
+    invite: &Invite,
+    our_peer_id: &str,
+) -> Result<(), String> {
     if invite.peer_id == our_peer_id {
         return Err("this invite was made by this host; give it to another host".into());
     }
@@ -192,7 +217,8 @@ pub fn join(data_dir: &Path, conn: &Connection, invite: &Invite, our_peer_id: &s
 
 /// Whether this host is a member of `network_id`.
 pub fn is_member(conn: &Connection, network_id: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM networks WHERE network_id = ?")?.exists([network_id])
+    conn.prepare_cached("SELECT 1 FROM networks WHERE network_id = ?")?
+        .exists([network_id])
 }
 
 fn getrandom(buf: &mut [u8]) {
@@ -215,8 +241,12 @@ mod tests {
         let line = invite.encode();
         assert!(line.starts_with("quiet1:") && !line.contains(char::is_whitespace));
         assert_eq!(Invite::decode(&format!("  {line}\n")).unwrap(), invite);
-        assert!(Invite::decode("hello").unwrap_err().contains("does not start with quiet1:"));
+        assert!(Invite::decode("hello")
+            .unwrap_err()
+            .contains("does not start with quiet1:"));
         let cut = &line[..line.len() - 5];
-        assert!(Invite::decode(cut).unwrap_err().contains("damaged or cut short"));
+        assert!(Invite::decode(cut)
+            .unwrap_err()
+            .contains("damaged or cut short"));
     }
 }

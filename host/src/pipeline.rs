@@ -79,38 +79,34 @@ struct Queued {
     source: Source,
 }
 
+/// What a pipeline run uses besides the database and the handlers.
+pub struct Services {
+    /// This host's public identity, lent to handlers.
+    pub identity: Identity,
+    /// Where outgoing envelopes go.
+    pub outbox: Box<dyn Outbox + Send>,
+    /// The event store for `store_event` envelopes, on a host that keeps
+    /// events.
+    pub store: Option<EventStore>,
+}
+
 /// One pipeline run over a borrowed connection and registry generation.
 pub struct Pipeline<'a> {
     conn: &'a Connection,
     registry: &'a Registry,
-    identity: &'a Identity,
-    outbox: &'a dyn Outbox,
-    store: Option<&'a EventStore>,
+    services: &'a Services,
     hop_limit: u32,
 }
 
 impl<'a> Pipeline<'a> {
     /// A pipeline on `conn`, which must be inside a write transaction.
-    pub fn new(
-        conn: &'a Connection,
-        registry: &'a Registry,
-        identity: &'a Identity,
-        outbox: &'a dyn Outbox,
-    ) -> Self {
+    pub fn new(conn: &'a Connection, registry: &'a Registry, services: &'a Services) -> Self {
         Self {
             conn,
             registry,
-            identity,
-            outbox,
-            store: None,
+            services,
             hop_limit: DEFAULT_HOP_LIMIT,
         }
-    }
-
-    /// Lets `store_event` envelopes through the event store.
-    pub fn event_store(mut self, store: &'a EventStore) -> Self {
-        self.store = Some(store);
-        self
     }
 
     /// Sets the hop limit.
@@ -152,8 +148,13 @@ impl<'a> Pipeline<'a> {
             source,
         } = item;
         if envelope.event_type() == Some(STORE_EVENT) {
-            let Some(store) = self.store else {
-                return self.dead_letter(report, &source, "this host has no event store", &envelope);
+            let Some(store) = &self.services.store else {
+                return self.dead_letter(
+                    report,
+                    &source,
+                    "this host has no event store",
+                    &envelope,
+                );
             };
             match store.store(self.conn, &envelope)? {
                 Some(decrypted) => envelope = decrypted,
@@ -163,7 +164,7 @@ impl<'a> Pipeline<'a> {
         }
         if envelope.is_outgoing() {
             let kept = envelope.clone();
-            return match self.outbox.send(envelope) {
+            return match self.services.outbox.send(envelope) {
                 Ok(()) => {
                     report.sent += 1;
                     Ok(())
@@ -190,7 +191,7 @@ impl<'a> Pipeline<'a> {
                     continue;
                 }
             }
-            let mut ctx = HostContext::new(self.conn, &handler.plugin, self.identity);
+            let mut ctx = HostContext::new(self.conn, &handler.plugin, &self.services.identity);
             let outcome = db::with_savepoint(self.conn, || {
                 handler
                     .process(&envelope, &mut ctx)

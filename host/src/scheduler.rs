@@ -23,7 +23,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use quiet_plugin_api::{Envelope, Identity};
+use quiet_plugin_api::Envelope;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::{
@@ -31,11 +31,10 @@ use crate::{
     context::HostContext,
     counters::Counters,
     db,
-    event_store::EventStore,
     handler::{CallError, LoadedHandler},
     jobs::{JobSpec, JobsConfig},
     network::{Frame, Inbound},
-    pipeline::{Outbox, Pipeline, Source},
+    pipeline::{Pipeline, Services, Source},
     registry::{Plugins, Registry},
 };
 
@@ -72,10 +71,8 @@ pub struct Scheduler {
     conn: Connection,
     plugins: Plugins,
     config: Arc<ArcSwap<JobsConfig>>,
-    identity: Identity,
-    outbox: Box<dyn Outbox + Send>,
+    services: Services,
     signals: Receiver<Signal>,
-    store: EventStore,
     counters: Arc<Counters>,
     inbound: Option<Inbound>,
     /// Jobs that could not run: the reason last logged, and the plugin
@@ -89,20 +86,16 @@ impl Scheduler {
         conn: Connection,
         plugins: Plugins,
         config: Arc<ArcSwap<JobsConfig>>,
-        identity: Identity,
-        outbox: Box<dyn Outbox + Send>,
+        services: Services,
         signals: Receiver<Signal>,
-        store: EventStore,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
             conn,
             plugins,
             config,
-            identity,
-            outbox,
+            services,
             signals,
-            store,
             counters,
             inbound: None,
             blocked: HashMap::new(),
@@ -187,7 +180,9 @@ impl Scheduler {
     /// Runs frames from the network through the pipeline, in one
     /// transaction. Frames that do not authenticate are dropped and counted.
     fn receive(&mut self, frames: &[Frame]) -> rusqlite::Result<()> {
-        let Some(inbound) = &self.inbound else { return Ok(()) };
+        let Some(inbound) = &self.inbound else {
+            return Ok(());
+        };
         let envelopes: Vec<Envelope> = frames.iter().filter_map(|f| inbound.open(f)).collect();
         if envelopes.is_empty() {
             return Ok(());
@@ -198,8 +193,7 @@ impl Scheduler {
             handler: "network".into(),
         };
         db::with_write_tx(&self.conn, |conn| {
-            Pipeline::new(conn, &registry, &self.identity, self.outbox.as_ref())
-                .event_store(&self.store)
+            Pipeline::new(conn, &registry, &self.services)
                 .run(envelopes, source)
                 .map(drop)
         })
@@ -212,7 +206,9 @@ impl Scheduler {
             .prepare_cached("SELECT id, envelope FROM submissions ORDER BY id LIMIT 1000")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let Some(&(last, _)) = queued.last() else { return Ok(()) };
+        let Some(&(last, _)) = queued.last() else {
+            return Ok(());
+        };
         let source = Source {
             plugin: None,
             handler: "cli".into(),
@@ -222,12 +218,12 @@ impl Scheduler {
             for (id, bytes) in &queued {
                 match codec::decode_envelope(bytes) {
                     Ok(env) => envelopes.push(env),
-                    Err(e) => tracing::warn!(submission = id, "dropped a malformed submission: {e}"),
+                    Err(e) => {
+                        tracing::warn!(submission = id, "dropped a malformed submission: {e}")
+                    }
                 }
             }
-            Pipeline::new(conn, registry, &self.identity, self.outbox.as_ref())
-                .event_store(&self.store)
-                .run(envelopes, source)?;
+            Pipeline::new(conn, registry, &self.services).run(envelopes, source)?;
             conn.execute("DELETE FROM submissions WHERE id <= ?", [last])?;
             Ok(())
         })
@@ -248,16 +244,7 @@ impl Scheduler {
             return Ok(false);
         };
         self.blocked.remove(&job.name);
-        execute_job(
-            &self.conn,
-            registry,
-            &self.identity,
-            self.outbox.as_ref(),
-            Some(&self.store),
-            handler,
-            job,
-            now,
-        )?;
+        execute_job(&self.conn, registry, &self.services, handler, job, now)?;
         Ok(true)
     }
 }
@@ -269,9 +256,7 @@ impl Scheduler {
 pub fn execute_job(
     conn: &Connection,
     registry: &Registry,
-    identity: &Identity,
-    outbox: &dyn Outbox,
-    store: Option<&EventStore>,
+    services: &Services,
     handler: &LoadedHandler,
     job: &JobSpec,
     now: i64,
@@ -281,7 +266,7 @@ pub fn execute_job(
         handler: handler.name.clone(),
     };
     db::with_write_tx(conn, |conn| {
-        let mut ctx = HostContext::new(conn, &handler.plugin, identity);
+        let mut ctx = HostContext::new(conn, &handler.plugin, &services.identity);
         let result = db::with_savepoint(conn, || {
             handler
                 .run_job(&mut ctx, &job.params)
@@ -289,11 +274,7 @@ pub fn execute_job(
         });
         let error = match result {
             Ok(envelopes) => {
-                let mut pipeline = Pipeline::new(conn, registry, identity, outbox);
-                if let Some(store) = store {
-                    pipeline = pipeline.event_store(store);
-                }
-                let report = pipeline.run(envelopes, source)?;
+                let report = Pipeline::new(conn, registry, services).run(envelopes, source)?;
                 tracing::debug!(job = %job.name, ?report, "job ran");
                 None
             }

@@ -23,7 +23,10 @@
 //! }
 //! ```
 
-use std::{path::Path, sync::Mutex};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use quiet_plugin_api::{Envelope, Identity, PluginModRef, Value};
 use rusqlite::Connection;
@@ -32,7 +35,7 @@ use crate::{
     db,
     jobs::JobSpec,
     loader,
-    pipeline::{Outbox, Pipeline, Report, Source},
+    pipeline::{Outbox, Pipeline, Report, Services, Source},
     registry::Registry,
     scheduler,
 };
@@ -41,13 +44,14 @@ use crate::{
 pub struct TestHost {
     conn: Connection,
     registry: Registry,
-    identity: Identity,
-    outbox: Recorder,
+    services: Services,
+    sent: Sent,
 }
 
-/// Collects outgoing envelopes instead of sending them.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Envelope>>);
+/// Outgoing envelopes, collected instead of sent.
+type Sent = Arc<Mutex<Vec<Envelope>>>;
+
+struct Recorder(Sent);
 
 impl Outbox for Recorder {
     fn send(&self, envelope: Envelope) -> Result<(), String> {
@@ -66,14 +70,19 @@ impl TestHost {
         let plugin = loader::from_module(module, Path::new("<in-process>"), 1, String::new())?;
         let conn = db::open_in_memory().map_err(|e| e.to_string())?;
         db::apply_plugin_migrations(&conn, &plugin.name, &plugin.migrations)?;
+        let sent = Sent::default();
         Ok(Self {
             conn,
             registry: Registry::new(1, vec![plugin.into()]),
-            identity: Identity {
-                peer_id: "test-peer".into(),
-                public_key: vec![0u8; 32].into(),
+            services: Services {
+                identity: Identity {
+                    peer_id: "test-peer".into(),
+                    public_key: vec![0u8; 32].into(),
+                },
+                outbox: Box::new(Recorder(sent.clone())),
+                store: None,
             },
-            outbox: Recorder::default(),
+            sent,
         })
     }
 
@@ -95,9 +104,7 @@ impl TestHost {
         match scheduler::execute_job(
             &self.conn,
             &self.registry,
-            &self.identity,
-            &self.outbox,
-            None,
+            &self.services,
             &h,
             &job,
             db::now_ms(),
@@ -115,14 +122,14 @@ impl TestHost {
             handler: "test".into(),
         };
         db::with_write_tx(&self.conn, |conn| {
-            Pipeline::new(conn, &self.registry, &self.identity, &self.outbox).run(envelopes, source)
+            Pipeline::new(conn, &self.registry, &self.services).run(envelopes, source)
         })
         .map_err(|e| format!("database error: {e}"))
     }
 
     /// Takes the outgoing envelopes the host would have sent so far.
     pub fn take_sent(&mut self) -> Vec<Envelope> {
-        std::mem::take(&mut self.outbox.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut self.sent.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// `(handler, reason)` of every dead letter so far, oldest first.

@@ -44,10 +44,13 @@ impl TransitError {
     }
 }
 
+/// Request id → (transit secret, expiry in ms).
+type Secrets = HashMap<[u8; 16], ([u8; 32], i64)>;
+
 /// Transit secrets of our requests that may still be answered.
 #[derive(Default)]
 pub struct LiveRequests {
-    live: Mutex<HashMap<[u8; 16], ([u8; 32], i64)>>,
+    live: Mutex<Secrets>,
 }
 
 impl LiveRequests {
@@ -139,13 +142,28 @@ mod tests {
         assert_eq!(frame[0], RESPONSE);
         // Wrong secret: refused, and the request stays live.
         let forged = wrap_response(id, &[1u8; 32], b"evil");
-        assert_eq!(live.accept(&forged[1..], 2000), Err(TransitError::BadSecret));
-        assert_eq!(live.accept(&frame[1..], 2000).unwrap(), (id, b"sealed".to_vec()));
+        assert_eq!(
+            live.accept(&forged[1..], 2000),
+            Err(TransitError::BadSecret)
+        );
+        assert_eq!(
+            live.accept(&frame[1..], 2000).unwrap(),
+            (id, b"sealed".to_vec())
+        );
         // A replay of the same frame.
-        assert_eq!(live.accept(&frame[1..], 2001), Err(TransitError::UnknownRequest));
+        assert_eq!(
+            live.accept(&frame[1..], 2001),
+            Err(TransitError::UnknownRequest)
+        );
         // Expired.
         live.register(id, secret, 1000, 30_000);
-        assert_eq!(live.accept(&frame[1..], 31_000), Err(TransitError::UnknownRequest));
-        assert_eq!(live.accept(&frame[1..10], 2000), Err(TransitError::Malformed));
+        assert_eq!(
+            live.accept(&frame[1..], 31_000),
+            Err(TransitError::UnknownRequest)
+        );
+        assert_eq!(
+            live.accept(&frame[1..10], 2000),
+            Err(TransitError::Malformed)
+        );
     }
 }
