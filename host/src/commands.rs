@@ -5,7 +5,7 @@
 //! `submissions` for the host, which picks it up within a fraction of a
 //! second (or at its next start).
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use quiet_plugin_api::Value;
 use rusqlite::Connection;
@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     codec, db,
     event_store::EventStore,
+    handler::CallError,
     identity::HostIdentity,
     networks::{self, Invite, NetworkKeys},
 };
@@ -46,13 +47,47 @@ fn require_member(conn: &Connection, network_id: &str) -> Result<(), String> {
 pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, String> {
     let conn = open(data_dir)?;
     let me = identity(data_dir)?;
-    let address = match address {
-        Some(a) => a.to_owned(),
-        None => db::host_state(&conn, "listen_addr")
-            .map_err(|e| e.to_string())?
-            .ok_or("this host has never listened, so the invite has no address: pass --address IP:PORT, or run the host with --listen first")?,
-    };
+    let address = listen_address(&conn, address)?;
     Ok(networks::create(data_dir, &conn, &me.peer_id(), &address)?.encode())
+}
+
+/// `network invite`: an invite to an existing network, naming this host.
+pub fn network_invite(
+    data_dir: &Path,
+    network_id: &str,
+    address: Option<&str>,
+) -> Result<String, String> {
+    let conn = open(data_dir)?;
+    require_member(&conn, network_id)?;
+    let me = identity(data_dir)?;
+    let key = NetworkKeys::new(data_dir).get(network_id).ok_or_else(|| {
+        format!(
+            "the key of network {network_id} is missing from {}",
+            data_dir.join("keys").display()
+        )
+    })?;
+    let address = listen_address(&conn, address)?;
+    networks::parse_address(&address)?;
+    Ok(Invite {
+        network_id: network_id.to_owned(),
+        key: key.0,
+        peer_id: me.peer_id(),
+        address,
+    }
+    .encode())
+}
+
+fn listen_address(conn: &Connection, given: Option<&str>) -> Result<String, String> {
+    match given {
+        Some(a) => Ok(a.to_owned()),
+        None => db::host_state(conn, "listen_addr")
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                "this host has never listened, so the invite has no address: \
+             pass --address IP:PORT, or run the host with --listen first"
+                    .into()
+            }),
+    }
 }
 
 /// `network join`: returns a one-line summary.
@@ -105,29 +140,45 @@ pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
 /// `message send`: encrypts a message event and queues it for the host.
 /// Returns the event id (hex).
 pub fn message_send(data_dir: &Path, network_id: &str, text: &str) -> Result<String, String> {
+    let ids = message_send_many(data_dir, network_id, &[text])?;
+    Ok(ids.into_iter().next().expect("one message, one id"))
+}
+
+/// Sends many messages in one transaction (for tests and benchmarks);
+/// returns their event ids (hex), in order.
+pub fn message_send_many(
+    data_dir: &Path,
+    network_id: &str,
+    texts: &[&str],
+) -> Result<Vec<String>, String> {
     let conn = open(data_dir)?;
     require_member(&conn, network_id)?;
     let me = identity(data_dir)?;
-    let plaintext = Value::map([
-        ("type", Value::from("message")),
-        ("text", Value::from(text)),
-        ("author", Value::from(me.peer_id())),
-        ("created_ms", Value::from(db::now_ms())),
-    ]);
-    let counters = Default::default();
-    let store = EventStore::new(
-        std::sync::Arc::new(NetworkKeys::new(data_dir)),
-        std::sync::Arc::new(counters),
-    );
-    let envelope = store.new_local_event(network_id, &plaintext)?;
-    let event = envelope.bytes("event_ciphertext").expect("just built");
-    let id = hex::encode(crate::event_crypto::event_id(event));
-    conn.execute(
-        "INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)",
-        rusqlite::params![codec::encode_envelope(&envelope), db::now_ms()],
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(id)
+    let store = EventStore::new(Arc::new(NetworkKeys::new(data_dir)), Arc::default());
+    db::with_write_tx(&conn, |c| {
+        let mut insert =
+            c.prepare_cached("INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)")?;
+        let mut ids = Vec::with_capacity(texts.len());
+        for text in texts {
+            let plaintext = Value::map([
+                ("type", Value::from("message")),
+                ("text", Value::from(*text)),
+                ("author", Value::from(me.peer_id())),
+                ("created_ms", Value::from(db::now_ms())),
+            ]);
+            let envelope = store
+                .new_local_event(network_id, &plaintext)
+                .map_err(CallError::Handler)?;
+            let event = envelope.bytes("event_ciphertext").expect("just built");
+            ids.push(hex::encode(crate::event_crypto::event_id(event)));
+            insert.execute(rusqlite::params![
+                codec::encode_envelope(&envelope),
+                db::now_ms()
+            ])?;
+        }
+        Ok(ids)
+    })
+    .map_err(|e: CallError| e.to_string())
 }
 
 /// One message, as `message list` shows it.

@@ -113,7 +113,15 @@ enum NetworkCommand {
         #[arg(long)]
         address: Option<String>,
     },
-    /// Join a network with an invite from `network create`.
+    /// Print an invite to a network this host is in (naming this host).
+    Invite {
+        /// The network id.
+        network: String,
+        /// The address peers reach this host at [default: the host's --listen address].
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Join a network with an invite from `network create` or `network invite`.
     Join {
         /// The invite line.
         invite: String,
@@ -197,6 +205,12 @@ fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
     match command {
         NetworkCommand::Create { address } => {
             println!("{}", commands::network_create(data, address.as_deref())?)
+        }
+        NetworkCommand::Invite { network, address } => {
+            println!(
+                "{}",
+                commands::network_invite(data, &network, address.as_deref())?
+            )
         }
         NetworkCommand::Join { invite } => println!("{}", commands::network_join(data, &invite)?),
         NetworkCommand::List { json } => {

@@ -26,6 +26,8 @@ pub struct Status {
     pub running_pid: Option<u32>,
     /// This host's peer id.
     pub peer_id: Option<String>,
+    /// Where the host listens (as of its last start).
+    pub listen_addr: Option<String>,
     /// The current plugin generation.
     pub generation: i64,
     /// Why the latest jobs.yaml edit was refused, if it was.
@@ -36,6 +38,37 @@ pub struct Status {
     pub jobs: Vec<JobStatus>,
     /// Dead letters.
     pub dead_letters: DeadLetters,
+    /// Networks, with their peers.
+    pub networks: Vec<NetworkStatus>,
+    /// Things dropped on purpose (bad frames, rate limits, duplicates), by
+    /// reason.
+    pub counters: std::collections::BTreeMap<String, i64>,
+}
+
+/// One network.
+#[derive(Debug, Serialize)]
+pub struct NetworkStatus {
+    /// The network id.
+    pub network_id: String,
+    /// Events stored.
+    pub events: i64,
+    /// Known peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer of a network.
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its address.
+    pub address: String,
+    /// Whether it is synced with.
+    pub is_active: bool,
+    /// When we last heard from it.
+    pub last_seen_ms: Option<i64>,
+    /// When a sync session with it last completed.
+    pub last_sync_ms: Option<i64>,
 }
 
 /// One plugin file.
@@ -175,11 +208,17 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let networks = read_networks(conn)?;
+    let counters = conn
+        .prepare("SELECT name, value FROM counters ORDER BY name")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     let status = Status {
         schema: SCHEMA,
         data_dir: data_dir.display().to_string(),
         running_pid: running_pid(data_dir),
         peer_id: db::host_state(conn, "peer_id")?,
+        listen_addr: db::host_state(conn, "listen_addr")?,
         generation: plugins
             .iter()
             .filter_map(|p| p.generation)
@@ -189,9 +228,45 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
         plugins,
         jobs,
         dead_letters: DeadLetters { total, recent },
+        networks,
+        counters,
     };
     conn.execute_batch("COMMIT")?;
     Ok(status)
+}
+
+fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
+    let ids: Vec<(String, i64)> = conn
+        .prepare(
+            "SELECT n.network_id, (SELECT COUNT(*) FROM events e WHERE e.network_id = n.network_id)
+             FROM networks n ORDER BY n.network_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut peers = conn.prepare(
+        "SELECT peer_id, ip, port, is_active, last_seen_ms, last_sync_ms FROM addresses
+         WHERE network_id = ? ORDER BY peer_id",
+    )?;
+    ids.into_iter()
+        .map(|(network_id, events)| {
+            let peers = peers
+                .query_map([&network_id], |r| {
+                    Ok(PeerStatus {
+                        peer_id: r.get(0)?,
+                        address: format!("{}:{}", r.get::<_, String>(1)?, r.get::<_, i64>(2)?),
+                        is_active: r.get(3)?,
+                        last_seen_ms: r.get(4)?,
+                        last_sync_ms: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(NetworkStatus {
+                network_id,
+                events,
+                peers,
+            })
+        })
+        .collect()
 }
 
 /// The human-readable, one-screen form.
@@ -205,6 +280,11 @@ pub fn render(s: &Status) -> String {
     };
     let _ = writeln!(out, "quiet-host {state}  data {}", s.data_dir);
     let _ = writeln!(out, "peer id    {}", s.peer_id.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "listening  {}",
+        s.listen_addr.as_deref().unwrap_or("no")
+    );
     let _ = writeln!(
         out,
         "jobs.yaml  {}",
@@ -261,6 +341,35 @@ pub fn render(s: &Status) -> String {
         );
         if let Some(e) = &j.last_error {
             let _ = writeln!(out, "  {:<22} ERROR: {e}", "");
+        }
+    }
+
+    let _ = writeln!(out, "\nNETWORKS");
+    if s.networks.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for n in &s.networks {
+        let _ = writeln!(
+            out,
+            "  {}  {} events  {} peers",
+            n.network_id,
+            n.events,
+            n.peers.len()
+        );
+        for p in &n.peers {
+            let _ = writeln!(
+                out,
+                "    {}  {:<21} last sync {}",
+                &p.peer_id[..p.peer_id.len().min(16)],
+                p.address,
+                p.last_sync_ms.map_or("never".into(), |t| relative(t, now))
+            );
+        }
+    }
+    if !s.counters.is_empty() {
+        let _ = writeln!(out, "\nDROPPED");
+        for (name, n) in &s.counters {
+            let _ = writeln!(out, "  {name:<40} {n}");
         }
     }
 

@@ -178,6 +178,16 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts `bin run` on `dirs` and waits until it says it is running.
     pub fn start(bin: &Path, dirs: &HostDirs) -> Self {
+        Self::start_with(bin, dirs, &[])
+    }
+
+    /// Like [`HostProcess::start`], listening on a free loopback port.
+    pub fn start_listening(bin: &Path, dirs: &HostDirs) -> Self {
+        Self::start_with(bin, dirs, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// Like [`HostProcess::start`], with more arguments for `run`.
+    pub fn start_with(bin: &Path, dirs: &HostDirs, extra: &[&str]) -> Self {
         let mut child = Command::new(bin)
             .args(["run", "--data"])
             .arg(&dirs.data)
@@ -185,6 +195,7 @@ impl HostProcess {
             .arg(&dirs.plugins)
             .arg("--jobs")
             .arg(&dirs.jobs)
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
