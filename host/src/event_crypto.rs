@@ -8,7 +8,9 @@
 //!   it, so inside it we put the sender's public key and a proof: a
 //!   `crypto_box` from the sender's secret key to the recipient over a hash of
 //!   the payload. Opening checks the proof, so a peer cannot claim another's
-//!   id.
+//!   id. A message about a network also carries a membership proof: a MAC of
+//!   the payload under a key derived from the network key, so only members
+//!   are answered.
 //! - **Network events**: XSalsa20-Poly1305 (`crypto_secretbox`) under the
 //!   network's symmetric key, so every member, the author included, can
 //!   decrypt. The creation time stays in clear in front (reconciliation
@@ -66,8 +68,31 @@ pub fn open(ours: &SecretKey, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
     ours.unseal(sealed).map_err(|_| CryptoError::BadSeal)
 }
 
-/// Seals `payload` to `recipient`, with proof that we sent it.
-pub fn seal_from(me: &HostIdentity, recipient: &PublicKey, payload: &[u8]) -> Vec<u8> {
+/// What [`open_from`] found inside a sealed box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The verified sender's peer id.
+    pub sender: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// The membership proof, if the sender attached one.
+    pub member_proof: Option<[u8; 32]>,
+}
+
+/// The membership proof of `payload` for `network`.
+pub fn member_proof(network: &NetworkKey, payload: &[u8]) -> [u8; 32] {
+    let key = blake3::derive_key("quiet-host 2026 network membership proof", &network.0);
+    *blake3::keyed_hash(&key, payload).as_bytes()
+}
+
+/// Seals `payload` to `recipient`, with proof that we sent it and, given a
+/// network key, that we are a member of that network.
+pub fn seal_from(
+    me: &HostIdentity,
+    recipient: &PublicKey,
+    payload: &[u8],
+    network: Option<&NetworkKey>,
+) -> Vec<u8> {
     let nonce = SalsaBox::generate_nonce(&mut OsRng);
     let digest = blake3::hash(payload);
     let tag = SalsaBox::new(recipient, me.secret_key())
@@ -79,13 +104,13 @@ pub fn seal_from(me: &HostIdentity, recipient: &PublicKey, payload: &[u8]) -> Ve
         ("p", Value::from(payload)),
         ("s", Value::from(me.public_key().as_bytes().as_slice())),
         ("a", Value::from(proof)),
+        ("m", Value::from(network.map(|k| member_proof(k, payload)))),
     ]);
     seal(recipient, &codec::encode(&inner))
 }
 
-/// Opens what [`seal_from`] made for us; returns the verified sender's peer
-/// id and the payload.
-pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<(String, Vec<u8>), CryptoError> {
+/// Opens what [`seal_from`] made for us and verifies the sender.
+pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<Opened, CryptoError> {
     let inner =
         codec::decode(&open(me.secret_key(), sealed)?).map_err(|_| CryptoError::Malformed)?;
     let field = |k| {
@@ -107,7 +132,19 @@ pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<(String, Vec<u8>), 
     if digest != blake3::hash(payload).as_bytes() {
         return Err(CryptoError::BadProof);
     }
-    Ok((hex::encode(sender.as_bytes()), payload.to_vec()))
+    let member_proof = match inner.get("m") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_bytes()
+                .and_then(|b| b.try_into().ok())
+                .ok_or(CryptoError::Malformed)?,
+        ),
+    };
+    Ok(Opened {
+        sender: hex::encode(sender.as_bytes()),
+        payload: payload.to_vec(),
+        member_proof,
+    })
 }
 
 /// A network's symmetric key.
@@ -179,10 +216,17 @@ mod tests {
     #[test]
     fn sealed_with_proof_opens_only_for_the_recipient_and_names_the_sender() {
         let (a, b, c) = (identity(), identity(), identity());
-        let sealed = seal_from(&a, b.public_key(), b"hello");
+        let key = NetworkKey::generate();
+        let sealed = seal_from(&a, b.public_key(), b"hello", Some(&key));
+        let opened = open_from(&b, &sealed).unwrap();
         assert_eq!(
-            open_from(&b, &sealed).unwrap(),
+            (opened.sender, opened.payload),
             (a.peer_id(), b"hello".to_vec())
+        );
+        assert_eq!(opened.member_proof, Some(member_proof(&key, b"hello")));
+        assert_ne!(
+            opened.member_proof,
+            Some(member_proof(&NetworkKey::generate(), b"hello"))
         );
         assert_eq!(open_from(&c, &sealed), Err(CryptoError::BadSeal));
 

@@ -179,7 +179,8 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     let (to_scheduler, signals) = mpsc::sync_channel(ENGINE_QUEUE);
     let counters = Arc::new(Counters::default());
     let live = Arc::new(LiveRequests::default());
-    let store = EventStore::new(Arc::new(NetworkKeys::new(data)), counters.clone());
+    let keys = Arc::new(NetworkKeys::new(data));
+    let store = EventStore::new(keys.clone(), counters.clone());
     let paths = ReloadPaths {
         plugins_dir: opts.plugins_dir.clone(),
         cache_dir: data.join("plugin-cache"),
@@ -222,6 +223,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         Some(_) => Box::new(NetworkOutbox::new(
             identity.clone(),
             live.clone(),
+            keys.clone(),
             counters.clone(),
         )),
         None => Box::new(NoTransport),
@@ -240,7 +242,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         counters.clone(),
     );
     if listen_addr.is_some() {
-        scheduler = scheduler.with_inbound(Inbound::new(identity.clone(), live, counters));
+        scheduler = scheduler.with_inbound(Inbound::new(identity.clone(), live, keys, counters));
     } else {
         tracing::warn!(
             "not listening (no --listen): peers cannot reach this host and it cannot sync"

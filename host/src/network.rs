@@ -43,6 +43,7 @@ use crate::{
     counters::Counters,
     db, event_crypto,
     identity::HostIdentity,
+    networks::NetworkKeys,
     pipeline::Outbox,
     scheduler::Signal,
     transit::{self, LiveRequests},
@@ -125,6 +126,7 @@ fn read_frames(mut stream: TcpStream, engine: &SyncSender<Signal>, counters: &Co
 pub struct Inbound {
     identity: Arc<HostIdentity>,
     live: Arc<LiveRequests>,
+    keys: Arc<NetworkKeys>,
     counters: Arc<Counters>,
 }
 
@@ -133,11 +135,13 @@ impl Inbound {
     pub fn new(
         identity: Arc<HostIdentity>,
         live: Arc<LiveRequests>,
+        keys: Arc<NetworkKeys>,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
             identity,
             live,
+            keys,
             counters,
         }
     }
@@ -168,20 +172,29 @@ impl Inbound {
             }
             _ => return Err("drop_malformed_frame"),
         };
-        let (sender, payload) =
-            event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
-                event_crypto::CryptoError::BadSeal => "drop_bad_seal",
-                event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
-                _ => "drop_malformed_payload",
-            })?;
-        let plaintext = codec::decode(&payload).map_err(|_| "drop_malformed_payload")?;
+        let opened = event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
+            event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+            event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+            _ => "drop_malformed_payload",
+        })?;
+        let plaintext = codec::decode(&opened.payload).map_err(|_| "drop_malformed_payload")?;
+        // About a network: only from members of it, and only if we are one.
+        if let Some(network_id) = plaintext.get(field::NETWORK_ID) {
+            let key = network_id
+                .as_str()
+                .and_then(|id| self.keys.get(id))
+                .ok_or("drop_not_a_member")?;
+            if opened.member_proof != Some(event_crypto::member_proof(&key, &opened.payload)) {
+                return Err("drop_not_a_member");
+            }
+        }
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)
-            .with("sender_peer_id", sender)
+            .with("sender_peer_id", opened.sender)
             .with(field::EVENT_PLAINTEXT, plaintext);
         if let Some(id) = in_response_to {
             envelope.set(field::IN_RESPONSE_TO, id);
@@ -194,6 +207,7 @@ impl Inbound {
 pub struct NetworkOutbox {
     identity: Arc<HostIdentity>,
     live: Arc<LiveRequests>,
+    keys: Arc<NetworkKeys>,
     sender: mpsc::Sender<(SocketAddr, Vec<u8>)>,
 }
 
@@ -203,6 +217,7 @@ impl NetworkOutbox {
     pub fn new(
         identity: Arc<HostIdentity>,
         live: Arc<LiveRequests>,
+        keys: Arc<NetworkKeys>,
         counters: Arc<Counters>,
     ) -> Self {
         let (sender, queue) = mpsc::channel::<(SocketAddr, Vec<u8>)>();
@@ -213,6 +228,7 @@ impl NetworkOutbox {
         Self {
             identity,
             live,
+            keys,
             sender,
         }
     }
@@ -240,7 +256,13 @@ impl Outbox for NetworkOutbox {
             .parse()
             .map_err(|_| format!("'{ip}:{port}' is not an address"))?;
 
-        let sealed = event_crypto::seal_from(&self.identity, &recipient, &codec::encode(plaintext));
+        let payload = codec::encode(plaintext);
+        let network = plaintext
+            .get(field::NETWORK_ID)
+            .and_then(Value::as_str)
+            .and_then(|id| self.keys.get(id));
+        let sealed =
+            event_crypto::seal_from(&self.identity, &recipient, &payload, network.as_ref());
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
             Some(request_id) => {
                 let id = transit::parse_request_id(request_id)

@@ -9,6 +9,7 @@ mod faults;
 mod jobs;
 mod reload;
 mod restart;
+mod sync;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,1318 @@
+//! Sync: brings this host's copy of each network's events up to date with
+//! its peers, with range-based set reconciliation (negentropy).
+//!
+//! The seed design answers a `sync_request` with `ORDER BY event_id LIMIT
+//! 100` events, so a requester never gets past the first page. Here the two
+//! sides instead reconcile their sets of `(created_ms, event_id)` over a few
+//! rounds of a *session*, and the requester pulls exactly the ids it lacks,
+//! a bounded batch per round, until nothing is left. Completeness comes from
+//! the reconciliation, not from paging.
+//!
+//! One handler plays both parts; the host does all crypto and networking
+//! (it seals requests to `seal_to`, keeps each request's transit secret and
+//! accepts one response per request, and verifies `sender_peer_id`):
+//!
+//! - **Requester.** The `sync_with_peers` job ([`SyncHandler::run_job`])
+//!   starts a session with every active address of every network we belong
+//!   to, unless one is still running: it sends round 0 with negentropy's
+//!   opening message. Each response ([`SyncHandler::process`]) is turned
+//!   into `store_event` envelopes for the host's event store, the peers it
+//!   names are remembered, and the session goes on at once with round + 1:
+//!   the next negentropy message plus up to `max_events_per_response` of the
+//!   ids still needed. When both are exhausted the session is complete and
+//!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
+//!   other side pulls them in its own sessions.
+//! - **Responder.** A request is answered only if its sender is who it says,
+//!   it is addressed to us, we are a member of its network, and it passes the
+//!   rate limits kept in `sync_sessions` (new sessions on a 3 s schedule per
+//!   peer and network, see `admit`; continuation rounds must follow the
+//!   current session in order, below `max_rounds_per_session`). The answer
+//!   carries the negentropy reply, the events asked for (at most
+//!   `max_events_per_response`, and at most 6 MiB: ids left out for size are
+//!   listed in `deferred` and asked for again next round) and the network's
+//!   other active addresses.
+//!
+//! The negentropy server side is stateless, so the responder keeps nothing in
+//! memory. The requester's sessions (negentropy client state and the queue of
+//! needed ids) live in memory only: after a restart or a plugin reload the
+//! next tick simply starts new sessions.
+//!
+//! Dropped requests and responses are counted in `counters` (shown by
+//! `quiet-host status`): `sync_rejected_request`, `sync_rate_limited`,
+//! `sync_unknown_response`, `sync_rejected_response`.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Mutex, MutexGuard},
+};
+
+use negentropy::{Id, Negentropy, NegentropyStorageVector};
+use quiet_plugin_api::{
+    envelope, export_plugin, field, params, Context, Envelope, Handler, PluginError, Value,
+};
+
+/// Events (and need ids) per response, unless the job says otherwise.
+const DEFAULT_MAX_EVENTS_PER_RESPONSE: i64 = 1000;
+/// How long a request's transit secret lives, unless the job says otherwise.
+const DEFAULT_TRANSIT_SECRET_TTL_MS: i64 = 30_000;
+/// Rounds one session may take, unless the job says otherwise.
+const DEFAULT_MAX_ROUNDS_PER_SESSION: i64 = 512;
+/// The least time between new sessions of one peer and network.
+const MIN_SESSION_INTERVAL_MS: i64 = 3_000;
+/// How early a new session may come without being refused; see [`admit`].
+const SESSION_START_TOLERANCE_MS: i64 = 1_000;
+/// Negentropy's frame size limit: bounds each reconciliation message.
+const FRAME_SIZE_LIMIT: u64 = 60_000;
+/// Ids per `IN (...)` query, well below SQLite's parameter limit.
+const ID_CHUNK: usize = 500;
+/// Event bytes per response; the rest is deferred to the next round. Keeps
+/// a response under the host's 8 MiB frame limit whatever the event sizes.
+const MAX_RESPONSE_EVENT_BYTES: usize = 6 << 20;
+/// Peers listed in, and learned from, one response.
+const MAX_PEERS: usize = 256;
+
+/// The `sync` handler; see the [module docs](self).
+#[derive(Default)]
+pub struct SyncHandler {
+    state: Mutex<State>,
+}
+
+/// The job's limits. The host passes params to `run_job` only, so the
+/// responder uses those of the latest run (the defaults before the first).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_events: usize,
+    ttl_ms: i64,
+    max_rounds: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_events: DEFAULT_MAX_EVENTS_PER_RESPONSE as usize,
+            ttl_ms: DEFAULT_TRANSIT_SECRET_TTL_MS,
+            max_rounds: DEFAULT_MAX_ROUNDS_PER_SESSION,
+        }
+    }
+}
+
+impl Limits {
+    fn from_params(params: &Value) -> Result<Self, PluginError> {
+        let positive = |name, default| match params.int_or(name, default)? {
+            n if n > 0 => Ok(n),
+            n => Err(PluginError::msg(format!(
+                "param '{name}' must be positive, got {n}"
+            ))),
+        };
+        Ok(Self {
+            max_events: positive("max_events_per_response", DEFAULT_MAX_EVENTS_PER_RESPONSE)?
+                as usize,
+            ttl_ms: positive("transit_secret_ttl_ms", DEFAULT_TRANSIT_SECRET_TTL_MS)?,
+            max_rounds: positive("max_rounds_per_session", DEFAULT_MAX_ROUNDS_PER_SESSION)?,
+        })
+    }
+}
+
+/// Sessions are keyed by `(peer_id, network_id)`.
+type Key = (String, String);
+
+#[derive(Default)]
+struct State {
+    limits: Limits,
+    sessions: HashMap<Key, Session>,
+    /// The one request in flight of each session: request id → session.
+    requests: HashMap<String, Key>,
+}
+
+/// One requester-side session with a peer, in one network.
+struct Session {
+    peer_id: String,
+    network_id: String,
+    dest_ip: String,
+    dest_port: i64,
+    reply_ip: String,
+    reply_port: i64,
+    session_id: String,
+    /// The round of the request in flight.
+    round: i64,
+    /// The negentropy client while reconciliation is under way; then the
+    /// request in flight carries its latest message.
+    reconciler: Option<Negentropy<'static, NegentropyStorageVector>>,
+    /// Ids we need and have not asked for yet.
+    needs: VecDeque<Id>,
+    /// When the request in flight counts as lost.
+    expires_ms: i64,
+}
+
+impl SyncHandler {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Handler for SyncHandler {
+    fn name(&self) -> &str {
+        "sync"
+    }
+
+    fn event_types(&self) -> &[&str] {
+        &["sync_request", "sync_response"]
+    }
+
+    /// Only what arrived from peers; our own requests and responses leave
+    /// through the host without visiting handlers.
+    fn filter(&self, env: &Envelope) -> bool {
+        !env.is_outgoing() && env.plaintext().is_some()
+    }
+
+    fn process(&self, env: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
+        match env.event_type() {
+            Some("sync_request") => self.answer(env, ctx),
+            _ => self.continue_session(env, ctx),
+        }
+    }
+
+    /// Starts a session with each active address that has none running.
+    /// Params: `max_events_per_response`, `transit_secret_ttl_ms`,
+    /// `max_rounds_per_session`, and optionally `network_id` (else every
+    /// network in `networks`).
+    fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
+        let limits = Limits::from_params(params)?;
+        let only_network = params.str_or("network_id", "")?;
+        let now = ctx.now_ms();
+        let ours = ctx.identity().peer_id.to_string();
+        let mut state = self.state();
+        state.limits = limits;
+        state.forget_expired(now);
+        let Some((reply_ip, reply_port)) = listen_addr(ctx)? else {
+            ctx.debug("not listening: no reply address, so no sync requests");
+            return Ok(Vec::new());
+        };
+        let targets = ctx.query(
+            "SELECT a.peer_id, a.network_id, a.ip, a.port FROM addresses a \
+             JOIN networks n ON n.network_id = a.network_id \
+             WHERE a.is_active = 1 AND a.peer_id != ?1 AND (?2 = '' OR a.network_id = ?2) \
+             ORDER BY a.network_id, a.peer_id",
+            params![ours.as_str(), only_network],
+        )?;
+        let mut storages: HashMap<String, NegentropyStorageVector> = HashMap::new();
+        let mut out = Vec::new();
+        for t in targets.iter() {
+            let (Some(peer_id), Some(network_id), Some(ip), Some(port)) =
+                (t.str(0), t.str(1), t.str(2), t.int(3))
+            else {
+                continue;
+            };
+            if state.sessions.contains_key(&key(peer_id, network_id)) {
+                continue;
+            }
+            let storage = match storages.get(network_id) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = event_storage(ctx, network_id)?;
+                    storages.insert(network_id.to_owned(), s.clone());
+                    s
+                }
+            };
+            let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
+            let opening = reconciler.initiate()?;
+            let session = Session {
+                peer_id: peer_id.to_owned(),
+                network_id: network_id.to_owned(),
+                dest_ip: ip.to_owned(),
+                dest_port: port,
+                reply_ip: reply_ip.clone(),
+                reply_port,
+                session_id: random_hex(),
+                round: 0,
+                reconciler: Some(reconciler),
+                needs: VecDeque::new(),
+                expires_ms: 0,
+            };
+            out.push(state.send(session, opening, &ours, now));
+        }
+        Ok(out)
+    }
+}
+
+impl SyncHandler {
+    /// Responder: answers one verified `sync_request`, or drops it (counted).
+    fn answer(&self, env: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
+        let ours = ctx.identity().peer_id.to_string();
+        let now = ctx.now_ms();
+        let limits = self.state().limits;
+        let request = env.plaintext().and_then(Request::parse).filter(|r| {
+            env.str("sender_peer_id") == Some(r.peer_id)
+                && r.target_peer_id == ours
+                && r.peer_id != ours
+        });
+        let Some(req) = request else {
+            return dropped(ctx, "sync_rejected_request");
+        };
+        if !is_member(ctx, req.network_id)? {
+            return dropped(ctx, "sync_rejected_request");
+        }
+        if !admit(ctx, &req, limits.max_rounds, now)? {
+            return dropped(ctx, "sync_rate_limited");
+        }
+        ctx.execute(
+            "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
+             VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+             ON CONFLICT (peer_id, network_id) DO UPDATE SET \
+             ip = excluded.ip, port = excluded.port, is_active = 1, last_seen_ms = excluded.last_seen_ms",
+            params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
+        )?;
+        let negentropy = if req.negentropy.is_empty() {
+            Value::Null
+        } else {
+            let storage = event_storage(ctx, req.network_id)?;
+            match Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.reconcile(req.negentropy) {
+                Ok(reply) => Value::from(reply),
+                Err(e) => {
+                    ctx.debug(&format!("bad negentropy message from {}: {e}", req.peer_id));
+                    return dropped(ctx, "sync_rejected_request");
+                }
+            }
+        };
+        // A longer list than our limit only comes from a peer configured
+        // differently (or a hostile one): the rest waits for its next session.
+        let need = &req.need[..req.need.len().min(limits.max_events)];
+        let (events, deferred) = fetch_events(ctx, req.network_id, need, limits.max_events)?;
+        let peers = ctx.query(
+            "SELECT peer_id, ip, port FROM addresses \
+             WHERE network_id = ?1 AND is_active = 1 AND peer_id != ?2 \
+             ORDER BY last_seen_ms DESC LIMIT ?3",
+            params![req.network_id, req.peer_id, MAX_PEERS],
+        )?;
+        let peers: Vec<Value> = peers
+            .iter()
+            .map(|p| Value::map([("peer_id", p.get(0)), ("ip", p.get(1)), ("port", p.get(2))]))
+            .collect();
+        let plaintext = Value::map([
+            ("type", Value::from("sync_response")),
+            ("request_id", req.request_id.into()),
+            ("session_id", req.session_id.into()),
+            ("network_id", req.network_id.into()),
+            ("peer_id", ours.into()),
+            ("negentropy", negentropy),
+            ("events", events.into()),
+            ("deferred", deferred.into()),
+            ("peers", peers.into()),
+        ]);
+        Ok(vec![envelope! {
+            "event_type" => "sync_response",
+            "is_outgoing" => true,
+            "seal_to" => req.peer_id,
+            "dest_ip" => req.reply_ip,
+            "dest_port" => req.reply_port,
+            "network_id" => req.network_id,
+            "in_response_to" => req.request_id,
+            "transit_secret" => req.transit_secret,
+            "event_plaintext" => plaintext,
+        }])
+    }
+
+    /// Requester: takes in one response and sends the session's next round,
+    /// or completes the session.
+    fn continue_session(
+        &self,
+        env: &Envelope,
+        ctx: &mut Context<'_>,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let now = ctx.now_ms();
+        let mut state = self.state();
+        let session = env
+            .str(field::IN_RESPONSE_TO)
+            .and_then(|id| state.take_session(id, now));
+        let Some(mut session) = session else {
+            return dropped(ctx, "sync_unknown_response");
+        };
+        let response = env.plaintext().and_then(Response::parse).filter(|r| {
+            env.str("sender_peer_id") == Some(session.peer_id.as_str())
+                && r.network_id == session.network_id
+                && r.session_id == session.session_id
+        });
+        // The host accepts one response per request, so a bad one ends the
+        // session; the next tick starts a new one.
+        let Some(resp) = response else {
+            return dropped(ctx, "sync_rejected_response");
+        };
+        let ours = ctx.identity().peer_id.to_string();
+        let mut out: Vec<Envelope> = resp
+            .events
+            .iter()
+            .map(|event| {
+                envelope! {
+                    "event_type" => "store_event",
+                    "network_id" => session.network_id.as_str(),
+                    "event_ciphertext" => *event,
+                }
+            })
+            .collect();
+        learn_peers(ctx, &session.network_id, resp.peers, &ours)?;
+        session.needs.extend(resp.deferred);
+
+        // A responder that does not answer our negentropy message ends the
+        // reconciliation; the needs already found are still fetched.
+        let mut next = None;
+        if let (Some(mut reconciler), false) =
+            (session.reconciler.take(), resp.negentropy.is_empty())
+        {
+            let (mut have, mut need) = (Vec::new(), Vec::new());
+            match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
+                Ok(msg) => {
+                    session.needs.extend(need);
+                    if msg.is_some() {
+                        session.reconciler = Some(reconciler);
+                    }
+                    next = msg;
+                }
+                Err(e) => {
+                    ctx.debug(&format!(
+                        "bad negentropy reply from {}: {e}",
+                        session.peer_id
+                    ));
+                    counter(ctx, "sync_rejected_response")?;
+                    return Ok(out);
+                }
+            }
+        }
+
+        if next.is_none() && session.needs.is_empty() {
+            ctx.execute(
+                "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+                params![session.peer_id.as_str(), session.network_id.as_str(), now],
+            )?;
+            return Ok(out);
+        }
+        if session.round + 1 >= state.limits.max_rounds {
+            ctx.warn(&format!(
+                "sync session with {} in {} ended after {} rounds with {} ids still needed",
+                session.peer_id,
+                session.network_id,
+                state.limits.max_rounds,
+                session.needs.len()
+            ));
+            return Ok(out);
+        }
+        session.round += 1;
+        out.push(state.send(session, next.unwrap_or_default(), &ours, now));
+        Ok(out)
+    }
+}
+
+impl State {
+    /// Builds the request for `session`'s current round (with `negentropy`
+    /// and the next batch of needed ids) and keeps the session until its
+    /// response arrives or the request expires.
+    fn send(
+        &mut self,
+        mut session: Session,
+        negentropy: Vec<u8>,
+        ours: &str,
+        now: i64,
+    ) -> Envelope {
+        let batch = session.needs.len().min(self.limits.max_events);
+        let need: Vec<Value> = session
+            .needs
+            .drain(..batch)
+            .map(|id| Value::from(*id))
+            .collect();
+        let request_id = random_hex();
+        session.expires_ms = now.saturating_add(self.limits.ttl_ms);
+        let plaintext = Value::map([
+            ("type", Value::from("sync_request")),
+            ("request_id", request_id.as_str().into()),
+            ("network_id", session.network_id.as_str().into()),
+            ("peer_id", ours.into()),
+            ("user_id", ours.into()),
+            ("transit_secret", random_bytes::<32>().into()),
+            ("timestamp_ms", now.into()),
+            ("target_peer_id", session.peer_id.as_str().into()),
+            ("reply_ip", session.reply_ip.as_str().into()),
+            ("reply_port", session.reply_port.into()),
+            ("session_id", session.session_id.as_str().into()),
+            ("round", session.round.into()),
+            ("negentropy", negentropy.into()),
+            ("need", need.into()),
+        ]);
+        let env = envelope! {
+            "event_type" => "sync_request",
+            "is_outgoing" => true,
+            "seal_to" => session.peer_id.as_str(),
+            "dest_ip" => session.dest_ip.as_str(),
+            "dest_port" => session.dest_port,
+            "network_id" => session.network_id.as_str(),
+            "transit_ttl_ms" => self.limits.ttl_ms,
+            "event_plaintext" => plaintext,
+        };
+        let k = key(&session.peer_id, &session.network_id);
+        self.requests.insert(request_id, k.clone());
+        self.sessions.insert(k, session);
+        env
+    }
+
+    /// The session whose request in flight is `request_id`, taken out of
+    /// the state; `None` if there is none or the request has expired.
+    fn take_session(&mut self, request_id: &str, now: i64) -> Option<Session> {
+        let k = self.requests.remove(request_id)?;
+        let session = self.sessions.remove(&k)?;
+        (now <= session.expires_ms).then_some(session)
+    }
+
+    /// Forgets sessions whose request in flight has expired (lost on the
+    /// way, or dropped by the responder): the peer gets a new session.
+    fn forget_expired(&mut self, now: i64) {
+        self.sessions.retain(|_, s| now <= s.expires_ms);
+        let sessions = &self.sessions;
+        self.requests.retain(|_, k| sessions.contains_key(k));
+    }
+}
+
+/// A verified incoming `sync_request`'s plaintext, borrowed.
+struct Request<'a> {
+    request_id: &'a str,
+    network_id: &'a str,
+    peer_id: &'a str,
+    target_peer_id: &'a str,
+    reply_ip: &'a str,
+    reply_port: i64,
+    session_id: &'a str,
+    round: i64,
+    transit_secret: &'a [u8],
+    negentropy: &'a [u8],
+    need: Vec<Id>,
+}
+
+impl<'a> Request<'a> {
+    /// `None` if any field is missing or malformed.
+    fn parse(p: &'a Value) -> Option<Self> {
+        let text = |k| p.get(k).and_then(Value::as_str);
+        let int = |k| p.get(k).and_then(Value::as_int);
+        Some(Self {
+            request_id: text("request_id").filter(|id| is_hex_id(id))?,
+            network_id: text("network_id")?,
+            peer_id: text("peer_id")?,
+            target_peer_id: text("target_peer_id")?,
+            reply_ip: text("reply_ip").filter(|ip| !ip.is_empty())?,
+            reply_port: int("reply_port").filter(|p| (1..=65535).contains(p))?,
+            session_id: text("session_id").filter(|id| is_hex_id(id))?,
+            round: int("round").filter(|r| *r >= 0)?,
+            transit_secret: p
+                .get("transit_secret")
+                .and_then(Value::as_bytes)
+                .filter(|s| s.len() == 32)?,
+            negentropy: optional_bytes(p.get("negentropy"))?,
+            need: ids(p.get("need"))?,
+        })
+    }
+}
+
+/// An incoming `sync_response`'s plaintext, borrowed.
+struct Response<'a> {
+    network_id: &'a str,
+    session_id: &'a str,
+    negentropy: &'a [u8],
+    events: Vec<&'a [u8]>,
+    deferred: Vec<Id>,
+    peers: &'a [Value],
+}
+
+impl<'a> Response<'a> {
+    /// `None` if any field is missing or malformed.
+    fn parse(p: &'a Value) -> Option<Self> {
+        let list = |k| p.get(k).map_or(Some(&[][..]), Value::as_list);
+        Some(Self {
+            network_id: p.get("network_id").and_then(Value::as_str)?,
+            session_id: p.get("session_id").and_then(Value::as_str)?,
+            negentropy: optional_bytes(p.get("negentropy"))?,
+            events: list("events")?
+                .iter()
+                .map(Value::as_bytes)
+                .collect::<Option<_>>()?,
+            deferred: ids(p.get("deferred"))?,
+            peers: list("peers")?,
+        })
+    }
+}
+
+/// Bytes, with a missing or null value read as empty.
+fn optional_bytes(v: Option<&Value>) -> Option<&[u8]> {
+    match v {
+        None | Some(Value::Null) => Some(&[]),
+        Some(v) => v.as_bytes(),
+    }
+}
+
+/// A list of 32-byte ids, with a missing or null value read as empty.
+fn ids(v: Option<&Value>) -> Option<Vec<Id>> {
+    match v {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(v) => v
+            .as_list()?
+            .iter()
+            .map(|id| Id::from_slice(id.as_bytes()?).ok())
+            .collect(),
+    }
+}
+
+/// The responder's rate limits, kept per peer and network in
+/// `sync_sessions`. A continuation round must name the current session and
+/// come in order, below `max_rounds`.
+///
+/// A new session (round 0) is admitted at most once per
+/// [`MIN_SESSION_INTERVAL_MS`] on average, as a virtual schedule:
+/// `next_start_ms` is when the next one is due, and one may come up to
+/// [`SESSION_START_TOLERANCE_MS`] early. A strict "3 s since the previous
+/// one" rule would refuse an honest requester whose job ticks every 3 s
+/// whenever one request is delayed a little more than the previous one; the
+/// schedule still refuses an immediate second session and any faster rate.
+fn admit(
+    ctx: &mut Context<'_>,
+    req: &Request<'_>,
+    max_rounds: i64,
+    now: i64,
+) -> Result<bool, PluginError> {
+    let current = ctx.query(
+        "SELECT session_id, last_round, next_start_ms FROM sync_sessions \
+         WHERE peer_id = ?1 AND network_id = ?2",
+        params![req.peer_id, req.network_id],
+    )?;
+    let current = current.first();
+    if req.round == 0 {
+        let due = current.and_then(|r| r.int(2)).unwrap_or(i64::MIN);
+        if now.saturating_add(SESSION_START_TOLERANCE_MS) < due {
+            return Ok(false);
+        }
+        ctx.execute(
+            "INSERT INTO sync_sessions (peer_id, network_id, session_id, started_ms, last_round, next_start_ms) \
+             VALUES (?1, ?2, ?3, ?4, 0, ?5) \
+             ON CONFLICT (peer_id, network_id) DO UPDATE SET session_id = excluded.session_id, \
+             started_ms = excluded.started_ms, last_round = 0, next_start_ms = excluded.next_start_ms",
+            params![
+                req.peer_id,
+                req.network_id,
+                req.session_id,
+                now,
+                due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS)
+            ],
+        )?;
+        return Ok(true);
+    }
+    let in_order = current.is_some_and(|r| {
+        r.str(0) == Some(req.session_id) && r.int(1).map(|last| last + 1) == Some(req.round)
+    });
+    if !in_order || req.round >= max_rounds {
+        return Ok(false);
+    }
+    ctx.execute(
+        "UPDATE sync_sessions SET last_round = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+        params![req.peer_id, req.network_id, req.round],
+    )?;
+    Ok(true)
+}
+
+/// The events of `need` we have, oldest first (so that what an event
+/// depends on tends to arrive before it): at most `max_events` of them and
+/// [`MAX_RESPONSE_EVENT_BYTES`] in all. Returns them, and the ids of those
+/// we have but left out for size (the requester asks again next round).
+fn fetch_events(
+    ctx: &mut Context<'_>,
+    network_id: &str,
+    need: &[Id],
+    max_events: usize,
+) -> Result<(Vec<Value>, Vec<Value>), PluginError> {
+    let mut found: Vec<(i64, Value, Value)> = Vec::new();
+    for chunk in need.chunks(ID_CHUNK) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let mut args = vec![Value::from(network_id)];
+        args.extend(chunk.iter().map(|id| Value::from(**id)));
+        let rows = ctx.query(
+            &format!(
+                "SELECT created_ms, event_id, event FROM events \
+                 WHERE network_id = ? AND event_id IN ({marks})"
+            ),
+            &args,
+        )?;
+        found.extend(
+            rows.iter()
+                .map(|r| (r.int(0).unwrap_or(0), r.get(1).clone(), r.get(2).clone())),
+        );
+    }
+    found.sort_by_key(|(created_ms, _, _)| *created_ms);
+    let (mut events, mut deferred, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+    for (_, id, event) in found {
+        let size = event.as_bytes().map_or(0, <[u8]>::len);
+        if events.len() < max_events && bytes + size <= MAX_RESPONSE_EVENT_BYTES {
+            bytes += size;
+            events.push(event);
+        } else {
+            deferred.push(id);
+        }
+    }
+    Ok((events, deferred))
+}
+
+/// Adds the peers a response names to `addresses`, without touching known
+/// ones (their addresses come from themselves) or adding this host.
+fn learn_peers(
+    ctx: &mut Context<'_>,
+    network_id: &str,
+    peers: &[Value],
+    ours: &str,
+) -> Result<(), PluginError> {
+    for p in peers.iter().take(MAX_PEERS) {
+        let peer_id = p.get("peer_id").and_then(Value::as_str).unwrap_or("");
+        let ip = p.get("ip").and_then(Value::as_str).unwrap_or("");
+        let port = p.get("port").and_then(Value::as_int).unwrap_or(0);
+        if peer_id.is_empty() || peer_id == ours || ip.is_empty() || !(1..=65535).contains(&port) {
+            continue;
+        }
+        ctx.execute(
+            "INSERT OR IGNORE INTO addresses (peer_id, network_id, ip, port, is_active) \
+             VALUES (?1, ?2, ?3, ?4, 1)",
+            params![peer_id, network_id, ip, port],
+        )?;
+    }
+    Ok(())
+}
+
+/// Our events of `network_id` as a sealed negentropy storage.
+fn event_storage(
+    ctx: &mut Context<'_>,
+    network_id: &str,
+) -> Result<NegentropyStorageVector, PluginError> {
+    let rows = ctx.query(
+        "SELECT created_ms, event_id FROM events WHERE network_id = ?1",
+        params![network_id],
+    )?;
+    let mut storage = NegentropyStorageVector::with_capacity(rows.len());
+    for r in rows.iter() {
+        if let (Some(created_ms), Some(Ok(id))) = (r.int(0), r.bytes(1).map(Id::from_slice)) {
+            storage.insert(created_ms.max(0) as u64, id)?;
+        }
+    }
+    storage.seal()?;
+    Ok(storage)
+}
+
+/// This host's reply address, from `host_state.listen_addr` ("ip:port").
+fn listen_addr(ctx: &mut Context<'_>) -> Result<Option<(String, i64)>, PluginError> {
+    let rows = ctx.query(
+        "SELECT value FROM host_state WHERE key = 'listen_addr'",
+        params![],
+    )?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.str(0))
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(ip, port)| Some((ip.to_owned(), port.parse().ok()?))))
+}
+
+fn is_member(ctx: &mut Context<'_>, network_id: &str) -> Result<bool, PluginError> {
+    let rows = ctx.query(
+        "SELECT 1 FROM networks WHERE network_id = ?1",
+        params![network_id],
+    )?;
+    Ok(!rows.is_empty())
+}
+
+/// Counts a dropped envelope and produces nothing.
+fn dropped(ctx: &mut Context<'_>, name: &str) -> Result<Vec<Envelope>, PluginError> {
+    counter(ctx, name)?;
+    Ok(Vec::new())
+}
+
+fn counter(ctx: &mut Context<'_>, name: &str) -> Result<(), PluginError> {
+    ctx.execute(
+        "INSERT INTO counters (name, value) VALUES (?1, 1) \
+         ON CONFLICT (name) DO UPDATE SET value = value + 1",
+        params![name],
+    )?;
+    Ok(())
+}
+
+fn key(peer_id: &str, network_id: &str) -> Key {
+    (peer_id.to_owned(), network_id.to_owned())
+}
+
+/// 32 lowercase hex digits, as request and session ids are.
+fn is_hex_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes).expect("the OS random number generator failed");
+    bytes
+}
+
+/// A fresh 16-byte random id in hex (request and session ids).
+fn random_hex() -> String {
+    hex::encode(random_bytes::<16>())
+}
+
+export_plugin! {
+    name: "sync",
+    version: env!("CARGO_PKG_VERSION"),
+    migrations: [
+        // The responder's rate limits: the current session of each requester.
+        "CREATE TABLE IF NOT EXISTS sync_sessions (
+            peer_id TEXT NOT NULL,
+            network_id TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            started_ms INTEGER NOT NULL,
+            last_round INTEGER NOT NULL,
+            next_start_ms INTEGER NOT NULL,
+            PRIMARY KEY (peer_id, network_id)
+         )",
+    ],
+    handlers: [SyncHandler::default()],
+}
+
+#[cfg(test)]
+mod tests {
+    use quiet_host::{context::HostContext, testing::TestHost};
+    use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
+
+    use super::{random_hex, SyncHandler};
+
+    const NET: &str = "net-1";
+
+    /// The host's sync tables, in case this host build predates them.
+    const SCHEMA: &str = "
+        CREATE TABLE IF NOT EXISTS events (event_id BLOB PRIMARY KEY, network_id TEXT NOT NULL,
+            created_ms INTEGER NOT NULL, event_type TEXT NOT NULL, event BLOB NOT NULL,
+            received_ms INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS networks (network_id TEXT PRIMARY KEY,
+            created_ms INTEGER NOT NULL, invited_by TEXT);
+        CREATE TABLE IF NOT EXISTS addresses (peer_id TEXT NOT NULL, network_id TEXT NOT NULL,
+            ip TEXT NOT NULL, port INTEGER NOT NULL, is_active INTEGER NOT NULL DEFAULT 1,
+            last_seen_ms INTEGER, last_sync_ms INTEGER, PRIMARY KEY (peer_id, network_id));
+        CREATE TABLE IF NOT EXISTS host_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO networks (network_id, created_ms) VALUES ('net-1', 0);";
+
+    fn host(listen: &str) -> TestHost {
+        let host = TestHost::new(super::plugin_module()).unwrap();
+        host.db().execute_batch(SCHEMA).unwrap();
+        host.db()
+            .execute(
+                "INSERT OR REPLACE INTO host_state (key, value) VALUES ('listen_addr', ?1)",
+                [listen],
+            )
+            .unwrap();
+        host
+    }
+
+    fn add_address(host: &TestHost, peer_id: &str, port: i64, active: bool) {
+        host.db()
+            .execute(
+                "INSERT INTO addresses (peer_id, network_id, ip, port, is_active) \
+                 VALUES (?1, ?2, '127.0.0.1', ?3, ?4)",
+                (peer_id, NET, port, active),
+            )
+            .unwrap();
+    }
+
+    /// The id of test event `i` of series `series`.
+    fn event_id(series: u8, i: u32) -> Vec<u8> {
+        let mut id = vec![series; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        id
+    }
+
+    /// Stores events `range` of `series`; event `i` is created at `1000 + i`.
+    fn add_events(host: &TestHost, series: u8, range: std::ops::Range<u32>) {
+        let db = host.db();
+        db.execute_batch("BEGIN").unwrap();
+        for i in range {
+            db.execute(
+                "INSERT INTO events VALUES (?1, ?2, ?3, 'message', ?4, 0)",
+                (
+                    event_id(series, i),
+                    NET,
+                    1000 + i64::from(i),
+                    format!("event {series}/{i}").into_bytes(),
+                ),
+            )
+            .unwrap();
+        }
+        db.execute_batch("COMMIT").unwrap();
+    }
+
+    fn counter(host: &TestHost, name: &str) -> i64 {
+        host.count(&format!(
+            "SELECT COALESCE((SELECT value FROM counters WHERE name = '{name}'), 0)"
+        ))
+    }
+
+    fn limits(max_events: i64) -> Value {
+        Value::map([
+            ("max_events_per_response", max_events),
+            ("transit_secret_ttl_ms", 30_000),
+        ])
+    }
+
+    /// A request as the host hands it to the responder ("test-peer") after
+    /// opening it: from `peer`, whose identity the host verified.
+    fn request_from(peer: &str, session_id: &str, round: i64, need: Vec<Value>) -> Envelope {
+        envelope! {
+            "event_type" => "sync_request",
+            "is_outgoing" => false,
+            "sender_peer_id" => peer,
+            "event_plaintext" => Value::map([
+                ("type", Value::from("sync_request")),
+                ("request_id", random_hex().into()),
+                ("network_id", NET.into()),
+                ("peer_id", peer.into()),
+                ("user_id", peer.into()),
+                ("transit_secret", [7u8; 32].into()),
+                ("timestamp_ms", 0.into()),
+                ("target_peer_id", "test-peer".into()),
+                ("reply_ip", "10.0.0.9".into()),
+                ("reply_port", 7009.into()),
+                ("session_id", session_id.into()),
+                ("round", round.into()),
+                ("negentropy", Value::Bytes(Default::default())),
+                ("need", need.into()),
+            ]),
+        }
+    }
+
+    /// What the receiving host makes of `out` once it has crossed the
+    /// network from `sender`.
+    fn arrived(out: &Envelope, sender: &str) -> Envelope {
+        let mut env = Envelope::of_type(out.event_type().unwrap())
+            .with("is_outgoing", false)
+            .with("sender_peer_id", sender)
+            .with("event_plaintext", out.plaintext().unwrap());
+        if let Some(id) = out.str("in_response_to") {
+            env.set("in_response_to", id);
+        }
+        env
+    }
+
+    fn plaintext<'a>(env: &'a Envelope, key: &str) -> &'a Value {
+        env.plaintext().unwrap().get(key).unwrap_or(&Value::Null)
+    }
+
+    #[test]
+    fn the_job_sends_one_round_0_request_per_active_peer() {
+        let mut host = host("127.0.0.1:7001");
+        add_address(&host, "peer-b", 7002, true);
+        add_address(&host, "peer-off", 7003, false);
+        add_address(&host, "test-peer", 7001, true);
+        add_events(&host, 1, 0..3);
+        let other_network = Value::map([("network_id", "net-2")]);
+        host.run_job("sync", other_network).unwrap();
+        assert!(host.take_sent().is_empty());
+        host.run_job("sync", limits(1000)).unwrap();
+        let sent = host.take_sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let req = &sent[0];
+        assert_eq!(req.event_type(), Some("sync_request"));
+        assert!(req.is_outgoing());
+        assert_eq!(req.str("seal_to"), Some("peer-b"));
+        assert_eq!(req.str("dest_ip"), Some("127.0.0.1"));
+        assert_eq!(req.int("dest_port"), Some(7002));
+        assert_eq!(req.str("network_id"), Some(NET));
+        assert_eq!(req.int("transit_ttl_ms"), Some(30_000));
+        let text = |k| plaintext(req, k).as_str().unwrap();
+        assert_eq!(text("type"), "sync_request");
+        assert!(super::is_hex_id(text("request_id")));
+        assert!(super::is_hex_id(text("session_id")));
+        assert_eq!(text("network_id"), NET);
+        assert_eq!(text("peer_id"), "test-peer");
+        assert_eq!(text("user_id"), "test-peer");
+        assert_eq!(text("target_peer_id"), "peer-b");
+        assert_eq!(text("reply_ip"), "127.0.0.1");
+        assert_eq!(plaintext(req, "reply_port").as_int(), Some(7001));
+        assert_eq!(plaintext(req, "round").as_int(), Some(0));
+        assert!(plaintext(req, "timestamp_ms").as_int().unwrap() > 0);
+        assert_eq!(
+            plaintext(req, "transit_secret").as_bytes().unwrap().len(),
+            32
+        );
+        assert!(!plaintext(req, "negentropy").as_bytes().unwrap().is_empty());
+        assert_eq!(plaintext(req, "need").as_list(), Some(&[][..]));
+
+        // The session is still running: no second request to that peer.
+        host.run_job("sync", limits(1000)).unwrap();
+        assert!(host.take_sent().is_empty());
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn a_host_that_does_not_listen_sends_no_requests() {
+        let mut host = host("unused");
+        host.db()
+            .execute("DELETE FROM host_state WHERE key = 'listen_addr'", [])
+            .unwrap();
+        add_address(&host, "peer-b", 7002, true);
+        host.run_job("sync", limits(1000)).unwrap();
+        assert!(host.take_sent().is_empty());
+    }
+
+    #[test]
+    fn the_responder_sends_the_events_asked_for_up_to_the_limit() {
+        let mut host = host("127.0.0.1:7002");
+        add_address(&host, "peer-c", 7003, true);
+        add_events(&host, 1, 0..30);
+        host.run_job("sync", limits(10)).unwrap(); // sets the limit
+        host.take_sent(); // the request to peer-c
+                          // Asked for newest first, with one id we do not have, and more ids
+                          // than the limit: only the first ten ids count.
+        let mut need: Vec<Value> = vec![vec![9u8; 32].into()];
+        need.extend((1..10).rev().map(|i| event_id(1, i).into()));
+        need.extend((10..25).map(|i| event_id(1, i).into()));
+        host.deliver(vec![request_from("peer-a", &random_hex(), 0, need)])
+            .unwrap();
+
+        let sent = host.take_sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let resp = &sent[0];
+        assert_eq!(resp.event_type(), Some("sync_response"));
+        assert!(resp.is_outgoing());
+        assert_eq!(resp.str("seal_to"), Some("peer-a"));
+        assert_eq!(resp.str("dest_ip"), Some("10.0.0.9"));
+        assert_eq!(resp.int("dest_port"), Some(7009));
+        assert_eq!(resp.bytes("transit_secret"), Some(&[7u8; 32][..]));
+        let request_id = resp.str("in_response_to").unwrap();
+        assert_eq!(plaintext(resp, "request_id").as_str(), Some(request_id));
+        assert_eq!(plaintext(resp, "peer_id").as_str(), Some("test-peer"));
+        assert_eq!(plaintext(resp, "negentropy"), &Value::Null);
+        // The nine of those we have, oldest first.
+        let events = plaintext(resp, "events").as_list().unwrap();
+        let expected: Vec<Value> = (1..10)
+            .map(|i| format!("event 1/{i}").into_bytes().into())
+            .collect();
+        assert_eq!(events, &expected[..]);
+        assert_eq!(plaintext(resp, "deferred").as_list(), Some(&[][..]));
+        let peers = plaintext(resp, "peers").as_list().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            peers[0].get("peer_id").and_then(Value::as_str),
+            Some("peer-c")
+        );
+        assert_eq!(peers[0].get("port").and_then(Value::as_int), Some(7003));
+        // The requester's address is now known.
+        assert_eq!(
+            host.count(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = 'peer-a' AND ip = '10.0.0.9' \
+                 AND port = 7009 AND is_active = 1 AND last_seen_ms > 0"
+            ),
+            1
+        );
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn new_sessions_are_rate_limited_and_rounds_must_follow_in_order() {
+        let mut host = host("127.0.0.1:7002");
+        let first = random_hex();
+        host.deliver(vec![
+            request_from("peer-a", &first, 0, vec![]),
+            request_from("peer-a", &random_hex(), 0, vec![]),
+        ])
+        .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        assert_eq!(counter(&host, "sync_rate_limited"), 1);
+        // Another peer is not held back by peer-a.
+        host.deliver(vec![request_from("peer-x", &random_hex(), 0, vec![])])
+            .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+
+        host.deliver(vec![
+            request_from("peer-a", &first, 2, vec![]), // skips round 1
+            request_from("peer-a", &random_hex(), 1, vec![]), // not the session
+            request_from("peer-a", &first, 1, vec![]), // in order
+            request_from("peer-a", &first, 1, vec![]), // a replay
+        ])
+        .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        assert_eq!(counter(&host, "sync_rate_limited"), 4);
+
+        // New sessions follow a 3 s schedule, and may come up to 1 s early
+        // (a request delayed more than the one before it).
+        let due_in = |host: &TestHost, ms: i64| {
+            host.db()
+                .execute(
+                    "UPDATE sync_sessions SET next_start_ms = ?1 WHERE peer_id = 'peer-a'",
+                    [quiet_host::db::now_ms() + ms],
+                )
+                .unwrap()
+        };
+        due_in(&host, 1_500);
+        host.deliver(vec![request_from("peer-a", &random_hex(), 0, vec![])])
+            .unwrap();
+        assert_eq!(counter(&host, "sync_rate_limited"), 5);
+        due_in(&host, 500);
+        host.deliver(vec![request_from("peer-a", &random_hex(), 0, vec![])])
+            .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        // The next one is due 3 s after the scheduled time, not the arrival.
+        assert!(
+            host.count("SELECT next_start_ms FROM sync_sessions WHERE peer_id = 'peer-a'")
+                >= quiet_host::db::now_ms() + 3_400
+        );
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn requests_not_from_their_sender_or_not_for_us_are_rejected() {
+        let mut host = host("127.0.0.1:7002");
+        let mut forged = request_from("peer-a", &random_hex(), 0, vec![]);
+        forged.set("sender_peer_id", "peer-z");
+        let mut elsewhere = request_from("peer-a", &random_hex(), 0, vec![]);
+        let mut p = elsewhere.plaintext().unwrap().clone();
+        if let Value::Map(fields) = &mut p {
+            for f in fields.iter_mut() {
+                if f.key.as_str() == "network_id" {
+                    f.value = "net-unknown".into();
+                }
+            }
+        }
+        elsewhere.set("event_plaintext", p);
+        let mut malformed = request_from("peer-a", &random_hex(), 0, vec![]);
+        malformed.set("event_plaintext", Value::map([("type", "sync_request")]));
+        host.deliver(vec![forged, elsewhere, malformed]).unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_rejected_request"), 3);
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn a_response_to_no_request_of_ours_is_dropped_and_counted() {
+        let mut host = host("127.0.0.1:7001");
+        host.deliver(vec![envelope! {
+            "event_type" => "sync_response",
+            "is_outgoing" => false,
+            "in_response_to" => random_hex(),
+            "sender_peer_id" => "peer-b",
+            "event_plaintext" => Value::map([
+                ("type", Value::from("sync_response")),
+                ("network_id", NET.into()),
+                ("session_id", random_hex().into()),
+                ("events", vec![Value::from(b"evil".to_vec())].into()),
+            ]),
+        }])
+        .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_unknown_response"), 1);
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    /// A host with its own peer id, whose handler the test calls directly
+    /// (TestHost's identity is fixed, and two parties need two ids).
+    struct Peer {
+        host: TestHost,
+        handler: SyncHandler,
+        identity: Identity,
+    }
+
+    impl Peer {
+        fn new(peer_id: &str, port: i64) -> Self {
+            Self {
+                host: host(&format!("127.0.0.1:{port}")),
+                handler: SyncHandler::default(),
+                identity: Identity {
+                    peer_id: peer_id.into(),
+                    public_key: vec![0u8; 32].into(),
+                },
+            }
+        }
+
+        fn run_job(&self, params: &Value) -> Vec<Envelope> {
+            let mut services = HostContext::new(self.host.db(), "sync", &self.identity);
+            let mut ctx = Context::new(services.as_abi());
+            self.handler.run_job(&mut ctx, params).unwrap()
+        }
+
+        fn process(&self, env: &Envelope) -> Vec<Envelope> {
+            let mut services = HostContext::new(self.host.db(), "sync", &self.identity);
+            let mut ctx = Context::new(services.as_abi());
+            assert!(self.handler.filter(env));
+            self.handler.process(env, &mut ctx).unwrap()
+        }
+    }
+
+    struct Outcome {
+        /// Event bytes A was given to store, in order.
+        stored: Vec<Vec<u8>>,
+        rounds: usize,
+    }
+
+    /// Runs one session of A pulling from B, shuttling envelopes by hand,
+    /// until A sends nothing more.
+    fn session(a: &Peer, b: &Peer, max_events: usize) -> Outcome {
+        let mut requests = a.run_job(&limits(max_events as i64));
+        requests.retain(|r| r.str("seal_to") == Some("peer-b")); // not peer-c
+        assert_eq!(requests.len(), 1);
+        let mut out = Outcome {
+            stored: Vec::new(),
+            rounds: 0,
+        };
+        while let Some(request) = requests.pop() {
+            out.rounds += 1;
+            assert!(out.rounds < 100, "the session does not end");
+            assert_eq!(
+                plaintext(&request, "round").as_int(),
+                Some(out.rounds as i64 - 1)
+            );
+            assert!(plaintext(&request, "need").as_list().unwrap().len() <= max_events);
+            let responses = b.process(&arrived(&request, "peer-a"));
+            assert_eq!(responses.len(), 1, "B answers every round");
+            let events = plaintext(&responses[0], "events").as_list().unwrap();
+            assert!(events.len() <= max_events);
+            for env in a.process(&arrived(&responses[0], "peer-b")) {
+                match env.event_type() {
+                    Some("store_event") => {
+                        assert_eq!(env.str("network_id"), Some(NET));
+                        out.stored
+                            .push(env.bytes("event_ciphertext").unwrap().to_vec());
+                    }
+                    Some("sync_request") => requests.push(env),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(requests.len() <= 1);
+        }
+        out
+    }
+
+    fn two_peers() -> (Peer, Peer) {
+        let a = Peer::new("peer-a", 7001);
+        let b = Peer::new("peer-b", 7002);
+        add_address(&a.host, "peer-b", 7002, true);
+        add_address(&b.host, "peer-c", 7003, true);
+        b.run_job(&limits(1000)); // B's responder limits; B's own request is ignored
+        (a, b)
+    }
+
+    fn event_bytes(series: u8, range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
+        range
+            .map(|i| format!("event {series}/{i}").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_session_pulls_every_missing_event_in_bounded_rounds() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        let outcome = session(&a, &b, 1000);
+        let mut stored = outcome.stored.clone();
+        stored.sort();
+        stored.dedup();
+        assert_eq!(stored.len(), outcome.stored.len(), "no event is sent twice");
+        let mut expected = event_bytes(1, 0..2_500);
+        expected.sort();
+        assert_eq!(stored, expected);
+        assert!(outcome.rounds >= 3, "1000 events per round");
+
+        // The session is complete: recorded, and forgotten, so the next tick
+        // starts a new one; and A learned about peer-c from B.
+        assert!(
+            a.host
+                .count("SELECT last_sync_ms FROM addresses WHERE peer_id = 'peer-b'")
+                > 0
+        );
+        assert_eq!(
+            a.host
+                .count("SELECT COUNT(*) FROM addresses WHERE peer_id = 'peer-c' AND port = 7003"),
+            1
+        );
+        let next: Vec<_> = a
+            .run_job(&limits(1000))
+            .iter()
+            .map(|r| r.str("seal_to").unwrap().to_owned())
+            .collect();
+        assert_eq!(next, ["peer-b", "peer-c"]);
+    }
+
+    #[test]
+    fn a_session_pulls_only_the_difference_and_ends_at_once_when_in_sync() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        add_events(&a.host, 1, 500..1_500); // a thousand of B's
+        add_events(&a.host, 2, 0..300); // and some only A has
+        let outcome = session(&a, &b, 1000);
+        let mut stored = outcome.stored;
+        stored.sort();
+        let mut expected = event_bytes(1, 0..500);
+        expected.extend(event_bytes(1, 1_500..2_500));
+        expected.sort();
+        assert_eq!(stored, expected);
+
+        // Once A has stored them, the next session finds nothing to pull
+        // (what only A has is B's to pull)...
+        add_events(&a.host, 1, 0..500);
+        add_events(&a.host, 1, 1_500..2_500);
+        let later = |b: &Peer| {
+            b.host
+                .db()
+                .execute("DELETE FROM sync_sessions", [])
+                .unwrap()
+        };
+        later(&b);
+        assert!(session(&a, &b, 1000).stored.is_empty());
+        // ...and with equal sets a session is one round trip.
+        add_events(&b.host, 2, 0..300);
+        later(&b);
+        let again = session(&a, &b, 1000);
+        assert!(again.stored.is_empty());
+        assert_eq!(again.rounds, 1);
+    }
+
+    #[test]
+    fn ten_thousand_events_arrive_through_a_limit_of_a_thousand() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..10_000);
+        let outcome = session(&a, &b, 1000);
+        assert_eq!(outcome.stored.len(), 10_000);
+        eprintln!("10,000 events in {} rounds", outcome.rounds);
+    }
+
+    #[test]
+    fn events_over_the_response_size_budget_come_in_later_rounds() {
+        let (a, b) = two_peers();
+        let db = b.host.db();
+        for i in 0..8u32 {
+            db.execute(
+                "INSERT INTO events VALUES (?1, ?2, ?3, 'file', ?4, 0)",
+                (event_id(3, i), NET, i64::from(i), vec![i as u8; 1 << 20]),
+            )
+            .unwrap();
+        }
+        let outcome = session(&a, &b, 1000);
+        let mut stored = outcome.stored;
+        stored.sort();
+        let expected: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1 << 20]).collect();
+        assert_eq!(stored, expected);
+        assert!(outcome.rounds >= 2);
+    }
+
+    #[test]
+    fn a_late_response_is_dropped_and_counted() {
+        let (a, b) = two_peers();
+        let params = Value::map([("transit_secret_ttl_ms", 1)]);
+        let request = a.run_job(&params).pop().unwrap();
+        let response = b.process(&arrived(&request, "peer-a")).pop().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(a.process(&arrived(&response, "peer-b")).is_empty());
+        assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn a_response_from_another_peer_ends_the_session() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..10);
+        let request = a.run_job(&limits(1000)).pop().unwrap();
+        let response = b.process(&arrived(&request, "peer-a")).pop().unwrap();
+        assert!(a.process(&arrived(&response, "peer-x")).is_empty());
+        assert_eq!(counter(&a.host, "sync_rejected_response"), 1);
+        // The request was used up; a replay is unknown.
+        assert!(a.process(&arrived(&response, "peer-b")).is_empty());
+        assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+}
