@@ -35,7 +35,7 @@ use crate::{
     event_store::EventStore,
     identity::HostIdentity,
     jobs::JobsConfig,
-    network::{self, Inbound, NetworkOutbox},
+    network::{self, Inbound, NetworkOutbox, Wire},
     networks::NetworkKeys,
     pipeline::{NoTransport, Outbox, Services},
     registry::Plugins,
@@ -178,7 +178,6 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     // socket instead of piling up in memory.
     let (to_scheduler, signals) = mpsc::sync_channel(ENGINE_QUEUE);
     let counters = Arc::new(Counters::default());
-    let live = Arc::new(LiveRequests::default());
     let keys = Arc::new(NetworkKeys::new(data));
     let store = EventStore::new(keys.clone(), counters.clone());
     let paths = ReloadPaths {
@@ -219,13 +218,14 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     reloader.initial_config()?;
     reloader.sync();
 
+    let wire = Wire {
+        identity: identity.clone(),
+        live: Arc::new(LiveRequests::default()),
+        keys,
+        counters: counters.clone(),
+    };
     let outbox: Box<dyn Outbox + Send> = match listen_addr {
-        Some(_) => Box::new(NetworkOutbox::new(
-            identity.clone(),
-            live.clone(),
-            keys.clone(),
-            counters.clone(),
-        )),
+        Some(_) => Box::new(NetworkOutbox::new(wire.clone())),
         None => Box::new(NoTransport),
     };
     let services = Services {
@@ -242,7 +242,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         counters.clone(),
     );
     if listen_addr.is_some() {
-        scheduler = scheduler.with_inbound(Inbound::new(identity.clone(), live, keys, counters));
+        scheduler = scheduler.with_inbound(Inbound::new(wire));
     } else {
         tracing::warn!(
             "not listening (no --listen): peers cannot reach this host and it cannot sync"

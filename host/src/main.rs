@@ -27,6 +27,15 @@ fn version() -> &'static str {
 #[derive(Parser)]
 #[command(name = "quiet-host", version = version(), propagate_version = true)]
 struct Cli {
+    /// Data folder: database, identity and network keys, lock.
+    #[arg(
+        long = "data",
+        env = "QUIET_DATA",
+        default_value = "data",
+        global = true
+    )]
+    data_dir: PathBuf,
+
     /// Log line format; filter with RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -46,9 +55,6 @@ enum Command {
     /// Run the host until SIGINT or SIGTERM; reloads plugins and jobs.yaml
     /// whenever they change.
     Run {
-        /// Data folder: database, identity key, lock.
-        #[arg(long = "data", env = "QUIET_DATA", default_value = "data")]
-        data_dir: PathBuf,
         /// Plugin folder, watched for libraries [default: <data>/plugins].
         #[arg(long = "plugins", env = "QUIET_PLUGINS")]
         plugins_dir: Option<PathBuf>,
@@ -62,9 +68,6 @@ enum Command {
     },
     /// Show plugins, jobs and dead letters of a host (running or not).
     Status {
-        /// Data folder of the host.
-        #[arg(long = "data", env = "QUIET_DATA", default_value = "data")]
-        data_dir: PathBuf,
         /// Print JSON (stable schema, see the README).
         #[arg(long)]
         json: bool,
@@ -79,27 +82,11 @@ enum Command {
     },
     /// Create, join and list networks.
     Network {
-        /// Data folder of the host.
-        #[arg(
-            long = "data",
-            env = "QUIET_DATA",
-            default_value = "data",
-            global = true
-        )]
-        data_dir: PathBuf,
         #[command(subcommand)]
         command: NetworkCommand,
     },
     /// Send and list messages.
     Message {
-        /// Data folder of the host.
-        #[arg(
-            long = "data",
-            env = "QUIET_DATA",
-            default_value = "data",
-            global = true
-        )]
-        data_dir: PathBuf,
         #[command(subcommand)]
         command: MessageCommand,
     },
@@ -165,18 +152,14 @@ enum PluginsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let data_dir = cli.data_dir;
     let result = match cli.command {
         Command::Run {
-            data_dir,
             plugins_dir,
             jobs_path,
             listen,
         } => run(data_dir, plugins_dir, jobs_path, listen),
-        Command::Status {
-            data_dir,
-            json,
-            dead_letters,
-        } => status::read(&data_dir, dead_letters).map(|s| {
+        Command::Status { json, dead_letters } => status::read(&data_dir, dead_letters).map(|s| {
             if json {
                 println!(
                     "{}",
@@ -189,8 +172,8 @@ fn main() -> ExitCode {
         Command::Plugins {
             command: PluginsCommand::Check { file },
         } => check(&file),
-        Command::Network { data_dir, command } => network(&data_dir, command),
-        Command::Message { data_dir, command } => message(&data_dir, command),
+        Command::Network { command } => network(&data_dir, command),
+        Command::Message { command } => message(&data_dir, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -122,28 +122,30 @@ fn read_frames(mut stream: TcpStream, engine: &SyncSender<Signal>, counters: &Co
     }
 }
 
+/// What both directions share: our identity, the transit secrets of our
+/// live requests, the network keys, and the drop counters.
+#[derive(Clone)]
+pub struct Wire {
+    /// This host's key pair.
+    pub identity: Arc<HostIdentity>,
+    /// Requests of ours that may be answered.
+    pub live: Arc<LiveRequests>,
+    /// Keys of the networks we are in.
+    pub keys: Arc<NetworkKeys>,
+    /// Where drops are counted.
+    pub counters: Arc<Counters>,
+}
+
 /// The receiving half of the crypto: frame → authenticated envelope.
 pub struct Inbound {
-    identity: Arc<HostIdentity>,
-    live: Arc<LiveRequests>,
-    keys: Arc<NetworkKeys>,
-    counters: Arc<Counters>,
+    wire: Wire,
 }
 
 impl Inbound {
-    /// Opens frames sealed to `identity`, accepting responses to `live`.
-    pub fn new(
-        identity: Arc<HostIdentity>,
-        live: Arc<LiveRequests>,
-        keys: Arc<NetworkKeys>,
-        counters: Arc<Counters>,
-    ) -> Self {
-        Self {
-            identity,
-            live,
-            keys,
-            counters,
-        }
+    /// Opens frames sealed to us, accepting responses to our live requests
+    /// and messages about networks we are in.
+    pub fn new(wire: Wire) -> Self {
+        Self { wire }
     }
 
     /// The envelope in `frame`, or `None` (counted) if it does not
@@ -153,7 +155,7 @@ impl Inbound {
             Ok(envelope) => Some(envelope),
             Err(counter) => {
                 tracing::debug!(from = %frame.from, "dropped frame: {counter}");
-                self.counters.bump(counter);
+                self.wire.counters.bump(counter);
                 None
             }
         }
@@ -165,6 +167,7 @@ impl Inbound {
             transit::REQUEST => (None, body.to_vec()),
             transit::RESPONSE => {
                 let (id, sealed) = self
+                    .wire
                     .live
                     .accept(body, db::now_ms())
                     .map_err(|e| e.counter())?;
@@ -172,17 +175,18 @@ impl Inbound {
             }
             _ => return Err("drop_malformed_frame"),
         };
-        let opened = event_crypto::open_from(&self.identity, &sealed).map_err(|e| match e {
-            event_crypto::CryptoError::BadSeal => "drop_bad_seal",
-            event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
-            _ => "drop_malformed_payload",
-        })?;
+        let opened =
+            event_crypto::open_from(&self.wire.identity, &sealed).map_err(|e| match e {
+                event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+                event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+                _ => "drop_malformed_payload",
+            })?;
         let plaintext = codec::decode(&opened.payload).map_err(|_| "drop_malformed_payload")?;
         // About a network: only from members of it, and only if we are one.
         if let Some(network_id) = plaintext.get(field::NETWORK_ID) {
             let key = network_id
                 .as_str()
-                .and_then(|id| self.keys.get(id))
+                .and_then(|id| self.wire.keys.get(id))
                 .ok_or("drop_not_a_member")?;
             if opened.member_proof != Some(event_crypto::member_proof(&key, &opened.payload)) {
                 return Err("drop_not_a_member");
@@ -205,32 +209,21 @@ impl Inbound {
 
 /// The sending half: envelope → sealed, wrapped frame → socket.
 pub struct NetworkOutbox {
-    identity: Arc<HostIdentity>,
-    live: Arc<LiveRequests>,
-    keys: Arc<NetworkKeys>,
+    wire: Wire,
     sender: mpsc::Sender<(SocketAddr, Vec<u8>)>,
 }
 
 impl NetworkOutbox {
-    /// An outbox sealing as `identity`, registering requests in `live`, with
+    /// An outbox sealing as our identity, registering requests as live, with
     /// its own sender thread.
-    pub fn new(
-        identity: Arc<HostIdentity>,
-        live: Arc<LiveRequests>,
-        keys: Arc<NetworkKeys>,
-        counters: Arc<Counters>,
-    ) -> Self {
+    pub fn new(wire: Wire) -> Self {
         let (sender, queue) = mpsc::channel::<(SocketAddr, Vec<u8>)>();
+        let counters = wire.counters.clone();
         thread::Builder::new()
             .name("sender".into())
             .spawn(move || send_frames(queue, &counters))
             .expect("spawning a thread");
-        Self {
-            identity,
-            live,
-            keys,
-            sender,
-        }
+        Self { wire, sender }
     }
 }
 
@@ -260,9 +253,9 @@ impl Outbox for NetworkOutbox {
         let network = plaintext
             .get(field::NETWORK_ID)
             .and_then(Value::as_str)
-            .and_then(|id| self.keys.get(id));
+            .and_then(|id| self.wire.keys.get(id));
         let sealed =
-            event_crypto::seal_from(&self.identity, &recipient, &payload, network.as_ref());
+            event_crypto::seal_from(&self.wire.identity, &recipient, &payload, network.as_ref());
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
             Some(request_id) => {
                 let id = transit::parse_request_id(request_id)
@@ -282,7 +275,7 @@ impl Outbox for NetworkOutbox {
                     let ttl = envelope
                         .int("transit_ttl_ms")
                         .unwrap_or(DEFAULT_TRANSIT_TTL_MS);
-                    self.live.register(id, secret, db::now_ms(), ttl);
+                    self.wire.live.register(id, secret, db::now_ms(), ttl);
                 }
                 transit::wrap_request(&sealed)
             }
