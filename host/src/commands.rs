@@ -117,7 +117,7 @@ pub struct NetworkSummary {
 
 /// `network list`.
 pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
-    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let conn = open(data_dir)?;
     conn.prepare(
         "SELECT n.network_id,
                 (SELECT COUNT(*) FROM addresses a WHERE a.network_id = n.network_id),

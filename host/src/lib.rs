@@ -19,6 +19,7 @@ pub mod commands;
 pub mod context;
 pub mod counters;
 pub mod db;
+pub mod demo;
 pub mod event_crypto;
 pub mod event_store;
 pub mod handler;

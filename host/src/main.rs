@@ -75,6 +75,20 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         dead_letters: usize,
     },
+    /// Run three hosts on loopback: they sync, a plugin is hot-reloaded,
+    /// jobs.yaml is edited; then everything is stopped and removed.
+    Demo {
+        /// Folder holding the built plugins (libsync.so, libmessages.so,
+        /// libretention.so) [default: the folder of this executable].
+        #[arg(long)]
+        plugins_from: Option<PathBuf>,
+        /// Keep the hosts' data folders afterwards.
+        #[arg(long)]
+        keep: bool,
+        /// Seconds to wait for the hosts to converge.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Work with plugin libraries.
     Plugins {
         #[command(subcommand)]
@@ -172,6 +186,11 @@ fn main() -> ExitCode {
         Command::Plugins {
             command: PluginsCommand::Check { file },
         } => check(&file),
+        Command::Demo {
+            plugins_from,
+            keep,
+            timeout,
+        } => demo(plugins_from, keep, timeout),
         Command::Network { command } => network(&data_dir, command),
         Command::Message { command } => message(&data_dir, command),
     };
@@ -182,6 +201,21 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn demo(plugins_from: Option<PathBuf>, keep: bool, timeout: u64) -> Result<(), String> {
+    let plugins_from = match plugins_from {
+        Some(dir) => dir,
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+            .ok_or("cannot find this executable's folder; pass --plugins-from")?,
+    };
+    quiet_host::demo::run(&quiet_host::demo::DemoOptions {
+        plugins_from,
+        keep,
+        timeout: std::time::Duration::from_secs(timeout),
+    })
 }
 
 fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {

@@ -5,6 +5,7 @@
 //! `quiet_test_support::plugin`), starts hosts in temporary folders and
 //! checks what they did through `quiet-host status --json` and the database.
 
+mod cli;
 mod faults;
 mod jobs;
 mod reload;

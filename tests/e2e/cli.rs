@@ -1,0 +1,197 @@
+//! The operator's command line: every error is one line that says what,
+//! where and what to do, and exits 2; the demo runs from start to finish.
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::Path,
+    process::{Command, Output},
+};
+
+use quiet_test_support::{plugin, HostDirs};
+
+use crate::bin;
+
+fn quiet(args: &[&str], data: &Path) -> Output {
+    Command::new(bin())
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+/// Asserts `out` failed with exit code 2 and one `error: ` line holding
+/// every one of `needles`.
+fn one_line_error(out: &Output, needles: &[&str]) -> String {
+    assert_eq!(out.status.code(), Some(2), "exit status {:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
+    }
+    stderr
+}
+
+#[test]
+fn a_bad_invite_is_named_and_nothing_is_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quiet(
+        &["network", "join", "quiet1:not-really-an-invite"],
+        dir.path(),
+    );
+    one_line_error(&out, &["not a valid invite", "copy the whole line"]);
+    let out = quiet(&["network", "join", "hello"], dir.path());
+    one_line_error(&out, &["does not start with quiet1:"]);
+    let list = quiet(&["network", "list", "--json"], dir.path());
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+}
+
+#[test]
+fn a_port_in_use_is_refused_with_what_to_do() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dirs = HostDirs::new("jobs: []\n");
+    let out = Command::new(bin())
+        .args(["run", "--listen", &port, "--data"])
+        .arg(&dirs.data)
+        .arg("--plugins")
+        .arg(&dirs.plugins)
+        .arg("--jobs")
+        .arg(&dirs.jobs)
+        .output()
+        .unwrap();
+    one_line_error(
+        &out,
+        &[
+            &format!("cannot listen on {port}"),
+            "port is in use",
+            "--listen",
+        ],
+    );
+}
+
+#[test]
+fn a_damaged_or_exposed_identity_is_refused() {
+    let dirs = HostDirs::new("jobs: []\n");
+    fs::create_dir_all(&dirs.data).unwrap();
+    let key = dirs.data.join("identity.key");
+    fs::write(&key, b"short").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let run = |dirs: &HostDirs| {
+        Command::new(bin())
+            .args(["run", "--data"])
+            .arg(&dirs.data)
+            .arg("--plugins")
+            .arg(&dirs.plugins)
+            .arg("--jobs")
+            .arg(&dirs.jobs)
+            .output()
+            .unwrap()
+    };
+    one_line_error(
+        &run(&dirs),
+        &["identity.key", "not an identity key", "32 bytes"],
+    );
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(&key, [7u8; 32]).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        one_line_error(
+            &run(&dirs),
+            &["identity.key", "readable by others", "chmod 600"],
+        );
+    }
+}
+
+#[test]
+fn status_of_a_folder_with_no_host_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quiet(&["status"], dir.path());
+    one_line_error(&out, &["no quiet-host database here", "quiet-host run"]);
+}
+
+#[test]
+fn an_incompatible_plugin_is_refused_by_plugins_check() {
+    let mismatch = plugin("abi-mismatch-plugin", "v1");
+    let out = Command::new(bin())
+        .args(["plugins", "check"])
+        .arg(&mismatch)
+        .output()
+        .unwrap();
+    one_line_error(&out, &["incompatible plugin-api", "rebuild it"]);
+    let good = plugin("ticker-plugin", "v1");
+    let out = Command::new(bin())
+        .args(["plugins", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: plugin 'ticker'"));
+}
+
+#[test]
+fn version_names_the_plugin_abi() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("plugin ABI {}", quiet_plugin_api::ABI_VERSION)),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_demo_runs_three_hosts_to_the_end_and_leaves_nothing_running() {
+    let libs = tempfile::tempdir().unwrap();
+    for (package, name) in [
+        ("quiet-sync-plugin", "sync"),
+        ("quiet-messages-plugin", "messages"),
+        ("quiet-retention-plugin", "retention"),
+    ] {
+        let to = libs
+            .path()
+            .join(format!("lib{name}.{}", std::env::consts::DLL_EXTENSION));
+        fs::copy(plugin(package, "v1"), to).unwrap();
+    }
+    let out = Command::new(bin())
+        .args(["demo", "--keep", "--plugins-from"])
+        .arg(libs.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "converged: all three hosts list the same 15 messages",
+        "loaded messages generation 2",
+        "applied the new frequency",
+        "converged again on 18 messages",
+        "done",
+    ] {
+        assert!(stdout.contains(step), "{step:?} missing from:\n{stdout}");
+    }
+    // Every host was stopped: their data folders are free to lock again.
+    let kept = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("data folders kept in "))
+        .expect("the kept folder is named");
+    for host in ["A", "B", "C"] {
+        let data = Path::new(kept).join(host).join("data");
+        assert_eq!(
+            quiet_host::host::running_pid(&data),
+            None,
+            "host {host} still running"
+        );
+    }
+    fs::remove_dir_all(kept).unwrap();
+}
