@@ -69,6 +69,8 @@ pub struct PeerStatus {
     pub last_seen_ms: Option<i64>,
     /// When a sync session with it last completed.
     pub last_sync_ms: Option<i64>,
+    /// How long ago that was: how far behind this peer we may be.
+    pub lag_ms: Option<i64>,
 }
 
 /// One plugin file.
@@ -257,6 +259,7 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
                         is_active: r.get(3)?,
                         last_seen_ms: r.get(4)?,
                         last_sync_ms: r.get(5)?,
+                        lag_ms: r.get::<_, Option<i64>>(5)?.map(|t| db::now_ms() - t),
                     })
                 })?
                 .collect::<Result<_, _>>()?;

@@ -44,6 +44,7 @@
 //! - a panic never crosses the boundary: it is caught here and reported as an
 //!   error (build plugins with the default `panic = "unwind"`);
 //! - private keys never reach a plugin; the host seals and opens envelopes.
+#![deny(missing_docs)]
 
 // sabi_trait expands to impls inside a const block, which a newer lint flags.
 #[allow(non_local_definitions)]
