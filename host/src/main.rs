@@ -143,6 +143,10 @@ enum MessageCommand {
         network: String,
         /// The text.
         text: String,
+        /// Send this many messages ("TEXT #1", "TEXT #2", …) in one
+        /// transaction, for load tests; prints the first and last id.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// List a network's messages, oldest first.
     List {
@@ -249,9 +253,24 @@ fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
 
 fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
     match command {
-        MessageCommand::Send { network, text } => {
-            let id = commands::message_send(data, &network, &text)?;
-            println!("{id}");
+        MessageCommand::Send {
+            network,
+            text,
+            count: 1,
+        } => {
+            println!("{}", commands::message_send(data, &network, &text)?);
+        }
+        MessageCommand::Send {
+            network,
+            text,
+            count,
+        } => {
+            let texts: Vec<String> = (1..=count).map(|i| format!("{text} #{i}")).collect();
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let ids = commands::message_send_many(data, &network, &texts)?;
+            if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+                println!("{first}\n{last}");
+            }
         }
         MessageCommand::List { network, json } => {
             let list = commands::message_list(data, &network)?;

@@ -42,6 +42,9 @@ use crate::{
 /// CLI submission, and of a missed wake-up.
 const MAX_SLEEP: Duration = Duration::from_millis(200);
 
+/// Queued CLI submissions handled in one transaction at most.
+const SUBMISSION_BATCH: usize = 1000;
+
 /// Frames handled in one transaction at most.
 const FRAME_BATCH: usize = 256;
 
@@ -170,7 +173,10 @@ impl Scheduler {
             let wait = Duration::from_millis((next_due - db::now_ms()).max(0) as u64);
             sleep = sleep.min(wait);
         }
-        self.drain_submissions(&registry)?;
+        if self.drain_submissions(&registry)? == SUBMISSION_BATCH {
+            // More are queued: come straight back.
+            sleep = Duration::ZERO;
+        }
         if !self.counters.is_empty() {
             db::with_write_tx(&self.conn, |c| self.counters.flush(c))?;
         }
@@ -199,15 +205,16 @@ impl Scheduler {
         })
     }
 
-    /// Runs envelopes that CLI commands queued in `submissions`.
-    fn drain_submissions(&mut self, registry: &Registry) -> rusqlite::Result<()> {
+    /// Runs up to a batch of the envelopes that CLI commands queued in
+    /// `submissions`; returns how many it took.
+    fn drain_submissions(&mut self, registry: &Registry) -> rusqlite::Result<usize> {
         let queued: Vec<(i64, Vec<u8>)> = self
             .conn
-            .prepare_cached("SELECT id, envelope FROM submissions ORDER BY id LIMIT 1000")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .prepare_cached("SELECT id, envelope FROM submissions ORDER BY id LIMIT ?")?
+            .query_map([SUBMISSION_BATCH as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         let Some(&(last, _)) = queued.last() else {
-            return Ok(());
+            return Ok(0);
         };
         let source = Source {
             plugin: None,
@@ -225,7 +232,7 @@ impl Scheduler {
             }
             Pipeline::new(conn, registry, &self.services).run(envelopes, source)?;
             conn.execute("DELETE FROM submissions WHERE id <= ?", [last])?;
-            Ok(())
+            Ok(queued.len())
         })
     }
 
