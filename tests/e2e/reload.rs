@@ -148,3 +148,31 @@ fn replacing_a_plugin_switches_code_and_handles_every_envelope_exactly_once() {
     assert_eq!((n, distinct, max, emitted, dead), (n, n, n, n, 0));
     assert_eq!(runs, n, "one envelope per job run");
 }
+
+/// The template plugin of the author's guide works in a real host as it is.
+#[test]
+fn the_template_plugin_loads_and_its_job_runs() {
+    let template = plugin("quiet-template-plugin", "v1");
+    let dirs = HostDirs::new(
+        "jobs:\n  - name: greet\n    handler: greeter\n    frequency_ms: 200\n    params:\n      text: hi from the template\n",
+    );
+    install(&template, &dirs.plugins, "libtemplate.so");
+    let host = HostProcess::start(&bin(), &dirs);
+    let greeted = wait_for(Duration::from_secs(10), || {
+        query_i64(
+            &dirs.data,
+            "SELECT COUNT(*) FROM template_greetings WHERE text = 'hi from the template'",
+        )
+        .filter(|n| *n >= 2)
+    });
+    assert!(
+        greeted.is_some(),
+        "no greetings; log:\n{}",
+        host.log().join("\n")
+    );
+    assert_eq!(
+        query_i64(&dirs.data, "SELECT COUNT(*) FROM dead_letters"),
+        Some(0)
+    );
+    host.stop();
+}
