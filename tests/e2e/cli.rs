@@ -195,3 +195,19 @@ fn the_demo_runs_three_hosts_to_the_end_and_leaves_nothing_running() {
     }
     fs::remove_dir_all(kept).unwrap();
 }
+
+#[test]
+fn logs_can_be_json_lines() {
+    let dirs = HostDirs::new("jobs: []\n");
+    let host =
+        quiet_test_support::HostProcess::start_with(&bin(), &dirs, &["--log-format", "json"]);
+    let line = host.wait_log("quiet-host running", std::time::Duration::from_secs(5));
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(json["level"], "INFO");
+    assert_eq!(json["fields"]["message"], "quiet-host running");
+    assert!(json["fields"]["peer_id"]
+        .as_str()
+        .is_some_and(|p| p.len() == 64));
+    host.stop();
+}
