@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20000}
 cargo build --quiet --release -p quiet-host -p quiet-sync-plugin -p quiet-messages-plugin
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 q=$bin/quiet-host
 work=$(mktemp -d)
 pids=()

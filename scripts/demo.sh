@@ -7,4 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p quiet-host -p quiet-sync-plugin -p quiet-messages-plugin -p quiet-retention-plugin
-exec target/release/quiet-host demo --plugins-from target/release "$@"
+bin=${CARGO_TARGET_DIR:-target}/release
+exec "$bin/quiet-host" demo --plugins-from "$bin" "$@"

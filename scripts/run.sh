@@ -14,9 +14,10 @@ shipped=(retention sync messages)   # plugins/<name>, package quiet-<name>-plugi
 
 cargo build --release -p quiet-host $(printf -- '-p quiet-%s-plugin ' "${shipped[@]}")
 mkdir -p "$data/plugins"
+bin=${CARGO_TARGET_DIR:-target}/release
 for name in "${shipped[@]}"; do
     # Copy then rename: a running host never sees a half-written library.
-    cp "target/release/lib$name.so" "$data/plugins/.lib$name.so.partial"
+    cp "$bin/lib$name.so" "$data/plugins/.lib$name.so.partial"
     mv "$data/plugins/.lib$name.so.partial" "$data/plugins/lib$name.so"
 done
-exec target/release/quiet-host run --data "$data" --plugins "$data/plugins" --jobs jobs.yaml --listen "$listen"
+exec "$bin/quiet-host" run --data "$data" --plugins "$data/plugins" --jobs jobs.yaml --listen "$listen"
