@@ -21,6 +21,12 @@ use quiet_plugin_api::{
 pub const MAX_DEPTH: usize = 16;
 /// How many fields one map may have (keys are checked for duplicates).
 pub const MAX_MAP_FIELDS: usize = 256;
+/// How many values one decode may produce in all. A `Value` takes 40 bytes
+/// for as little as one byte of input, so without a budget a frame of nulls
+/// would cost 40 times its size in memory.
+pub const MAX_VALUES: usize = 1 << 16;
+/// The most items reserved up front for one list or map; more grow as read.
+const PREALLOCATE: usize = 1024;
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;
@@ -100,7 +106,11 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
 
 /// Decodes exactly one value from all of `bytes`.
 pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
-    let mut r = Reader { bytes, at: 0 };
+    let mut r = Reader {
+        bytes,
+        at: 0,
+        values: 0,
+    };
     let v = r.value(0)?;
     if r.at != bytes.len() {
         return Err(DecodeError("trailing bytes"));
@@ -111,6 +121,7 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    values: usize,
 }
 
 impl Reader<'_> {
@@ -154,6 +165,10 @@ impl Reader<'_> {
     }
 
     fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(DecodeError("too many values"));
+        }
         Ok(match self.take(1)?[0] {
             NULL => Value::Null,
             FALSE => Value::Bool(false),
@@ -168,7 +183,7 @@ impl Reader<'_> {
             LIST | MAP if depth >= MAX_DEPTH => return Err(DecodeError("nested too deeply")),
             LIST => {
                 let n = self.len()?;
-                let mut items = RVec::with_capacity(n);
+                let mut items = RVec::with_capacity(n.min(PREALLOCATE));
                 for _ in 0..n {
                     items.push(self.value(depth + 1)?);
                 }
@@ -179,7 +194,7 @@ impl Reader<'_> {
                 if n > MAX_MAP_FIELDS {
                     return Err(DecodeError("map has too many fields"));
                 }
-                let mut fields: RVec<Field> = RVec::with_capacity(n);
+                let mut fields: RVec<Field> = RVec::with_capacity(n.min(PREALLOCATE));
                 for _ in 0..n {
                     let key = self.text()?;
                     if fields.iter().any(|f| f.key == key) {
@@ -254,5 +269,11 @@ mod tests {
         assert_eq!(decode(&[99]), Err(DecodeError("unknown tag")));
         let dup = [MAP, 2, 1, b'a', NULL, 1, b'a', NULL];
         assert_eq!(decode(&dup), Err(DecodeError("duplicate map key")));
+        // A megabyte of nulls: refused by the value budget, not decoded
+        // into 40 MB of values.
+        let mut nulls = vec![LIST];
+        put_len(&mut nulls, 1 << 20);
+        nulls.resize(nulls.len() + (1 << 20), NULL);
+        assert_eq!(decode(&nulls), Err(DecodeError("too many values")));
     }
 }

@@ -75,8 +75,10 @@ pub struct Opened {
     pub sender: String,
     /// The payload.
     pub payload: Vec<u8>,
-    /// The membership proof, if the sender attached one.
-    pub member_proof: Option<[u8; 32]>,
+    /// The network the sender says the payload is about, and its
+    /// membership proof, if it attached them. Check the proof with
+    /// [`member_proof`] before decoding the payload.
+    pub network: Option<(String, [u8; 32])>,
 }
 
 /// The membership proof of `payload` for `network`.
@@ -86,12 +88,12 @@ pub fn member_proof(network: &NetworkKey, payload: &[u8]) -> [u8; 32] {
 }
 
 /// Seals `payload` to `recipient`, with proof that we sent it and, given a
-/// network key, that we are a member of that network.
+/// network id and key, that we are a member of that network.
 pub fn seal_from(
     me: &HostIdentity,
     recipient: &PublicKey,
     payload: &[u8],
-    network: Option<&NetworkKey>,
+    network: Option<(&str, &NetworkKey)>,
 ) -> Vec<u8> {
     let nonce = SalsaBox::generate_nonce(&mut OsRng);
     let digest = blake3::hash(payload);
@@ -104,7 +106,11 @@ pub fn seal_from(
         ("p", Value::from(payload)),
         ("s", Value::from(me.public_key().as_bytes().as_slice())),
         ("a", Value::from(proof)),
-        ("m", Value::from(network.map(|k| member_proof(k, payload)))),
+        ("n", Value::from(network.map(|(id, _)| id))),
+        (
+            "m",
+            Value::from(network.map(|(_, k)| member_proof(k, payload))),
+        ),
     ]);
     seal(recipient, &codec::encode(&inner))
 }
@@ -132,18 +138,21 @@ pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<Opened, CryptoError
     if digest != blake3::hash(payload).as_bytes() {
         return Err(CryptoError::BadProof);
     }
-    let member_proof = match inner.get("m") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_bytes()
-                .and_then(|b| b.try_into().ok())
-                .ok_or(CryptoError::Malformed)?,
-        ),
+    let network = match (inner.get("n"), inner.get("m")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => None,
+        (Some(Value::Text(id)), Some(Value::Bytes(m))) => {
+            let proof = m
+                .as_slice()
+                .try_into()
+                .map_err(|_| CryptoError::Malformed)?;
+            Some((id.to_string(), proof))
+        }
+        _ => return Err(CryptoError::Malformed),
     };
     Ok(Opened {
         sender: hex::encode(sender.as_bytes()),
         payload: payload.to_vec(),
-        member_proof,
+        network,
     })
 }
 
@@ -217,17 +226,15 @@ mod tests {
     fn sealed_with_proof_opens_only_for_the_recipient_and_names_the_sender() {
         let (a, b, c) = (identity(), identity(), identity());
         let key = NetworkKey::generate();
-        let sealed = seal_from(&a, b.public_key(), b"hello", Some(&key));
+        let sealed = seal_from(&a, b.public_key(), b"hello", Some(("net", &key)));
         let opened = open_from(&b, &sealed).unwrap();
         assert_eq!(
             (opened.sender, opened.payload),
             (a.peer_id(), b"hello".to_vec())
         );
-        assert_eq!(opened.member_proof, Some(member_proof(&key, b"hello")));
-        assert_ne!(
-            opened.member_proof,
-            Some(member_proof(&NetworkKey::generate(), b"hello"))
-        );
+        let (id, proof) = opened.network.unwrap();
+        assert_eq!((id.as_str(), proof), ("net", member_proof(&key, b"hello")));
+        assert_ne!(proof, member_proof(&NetworkKey::generate(), b"hello"));
         assert_eq!(open_from(&c, &sealed), Err(CryptoError::BadSeal));
 
         // C seals a payload claiming to be A: the proof cannot verify.

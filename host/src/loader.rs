@@ -14,7 +14,10 @@
 use std::{
     fmt, fs,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use quiet_plugin_api::{
@@ -100,9 +103,13 @@ pub fn load_bytes(
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("plugin");
+    // Unique per attempt, not per generation: the dynamic loader would hand
+    // back whatever it mapped under a name before, even a refused library.
+    static ATTEMPT: AtomicU64 = AtomicU64::new(0);
     let copy = cache_dir.join(format!(
-        "{stem}.g{generation}.{}.{}",
+        "{stem}.g{generation}.{}.{}.{}",
         std::process::id(),
+        ATTEMPT.fetch_add(1, Ordering::Relaxed),
         std::env::consts::DLL_EXTENSION
     ));
     fs::write(&copy, bytes).map_err(|e| fail(format!("cannot copy to {}: {e}", copy.display())))?;

@@ -51,6 +51,11 @@ use crate::{
 
 /// The largest frame accepted or sent.
 pub const MAX_FRAME: usize = 8 << 20;
+/// The largest request frame accepted.
+pub const MAX_REQUEST_FRAME: usize = 1 << 20;
+/// The most bytes of frames that may wait for the engine at once; past it,
+/// frames are dropped (and counted) at the socket.
+const MAX_QUEUED_BYTES: usize = 128 << 20;
 /// Concurrent inbound connections; more are closed at once.
 const MAX_CONNECTIONS: usize = 256;
 /// An inbound connection idle this long is closed.
@@ -65,6 +70,43 @@ pub struct Frame {
     pub from: SocketAddr,
     /// The bytes.
     pub bytes: Vec<u8>,
+    /// Its share of the bytes that may wait for the engine, given back when
+    /// the frame is dropped.
+    _reserved: Reserved,
+}
+
+impl Frame {
+    /// A frame outside the queue budget (for tests and simulators).
+    pub fn new(from: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            from,
+            bytes,
+            _reserved: Reserved(None),
+        }
+    }
+}
+
+/// Bytes taken from the budget of frames waiting for the engine.
+#[derive(Debug)]
+struct Reserved(Option<(Arc<AtomicUsize>, usize)>);
+
+impl Reserved {
+    fn take(budget: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
+        let before = budget.fetch_add(n, Ordering::SeqCst);
+        if before + n > MAX_QUEUED_BYTES {
+            budget.fetch_sub(n, Ordering::SeqCst);
+            return None;
+        }
+        Some(Reserved(Some((budget.clone(), n))))
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some((budget, n)) = self.0.take() {
+            budget.fetch_sub(n, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Listens on `address` and queues frames for the engine. Returns the bound
@@ -77,6 +119,7 @@ pub fn listen(
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
+    let budget = Arc::new(AtomicUsize::new(0));
     thread::Builder::new()
         .name("listener".into())
         .spawn(move || {
@@ -86,9 +129,14 @@ pub fn listen(
                     counters.bump("drop_too_many_connections");
                     continue;
                 }
-                let (engine, counters, open) = (engine.clone(), counters.clone(), open.clone());
+                let (engine, counters, open, budget) = (
+                    engine.clone(),
+                    counters.clone(),
+                    open.clone(),
+                    budget.clone(),
+                );
                 let _ = thread::Builder::new().name("reader".into()).spawn(move || {
-                    read_frames(stream, &engine, &counters);
+                    read_frames(stream, &engine, &budget, &counters);
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -96,25 +144,46 @@ pub fn listen(
     Ok(local)
 }
 
-fn read_frames(mut stream: TcpStream, engine: &SyncSender<Signal>, counters: &Counters) {
+fn read_frames(
+    mut stream: TcpStream,
+    engine: &SyncSender<Signal>,
+    budget: &Arc<AtomicUsize>,
+    counters: &Counters,
+) {
     let Ok(from) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(IDLE));
     loop {
-        let mut len = [0u8; 4];
-        if stream.read_exact(&mut len).is_err() {
+        let mut head = [0u8; 5];
+        if stream.read_exact(&mut head).is_err() {
             return;
         }
-        let len = u32::from_be_bytes(len) as usize;
-        if len == 0 || len > MAX_FRAME {
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        // Requests are small (ids and a reconciliation message); only a
+        // response to one of our live requests may be large.
+        let limit = if head[4] == transit::RESPONSE {
+            MAX_FRAME
+        } else {
+            MAX_REQUEST_FRAME
+        };
+        if len == 0 || len > limit {
             counters.bump("drop_oversized_frame");
             return;
         }
+        let Some(reserved) = Reserved::take(budget, len) else {
+            counters.bump("drop_overloaded");
+            return;
+        };
         let mut bytes = vec![0u8; len];
-        if stream.read_exact(&mut bytes).is_err() {
+        bytes[0] = head[4];
+        if stream.read_exact(&mut bytes[1..]).is_err() {
             counters.bump("drop_truncated_frame");
             return;
         }
-        match engine.try_send(Signal::Frame(Frame { from, bytes })) {
+        match engine.try_send(Signal::Frame(Frame {
+            from,
+            bytes,
+            _reserved: reserved,
+        })) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => counters.bump("drop_overloaded"),
             Err(TrySendError::Disconnected(_)) => return,
@@ -181,16 +250,16 @@ impl Inbound {
                 event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
                 _ => "drop_malformed_payload",
             })?;
+        // Every message is about a network: only members of it are heard,
+        // and only when we are one. Checked before the payload is decoded.
+        let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
+        let key = self.wire.keys.get(&network_id).ok_or("drop_not_a_member")?;
+        if proof != event_crypto::member_proof(&key, &opened.payload) {
+            return Err("drop_not_a_member");
+        }
         let plaintext = codec::decode(&opened.payload).map_err(|_| "drop_malformed_payload")?;
-        // About a network: only from members of it, and only if we are one.
-        if let Some(network_id) = plaintext.get(field::NETWORK_ID) {
-            let key = network_id
-                .as_str()
-                .and_then(|id| self.wire.keys.get(id))
-                .ok_or("drop_not_a_member")?;
-            if opened.member_proof != Some(event_crypto::member_proof(&key, &opened.payload)) {
-                return Err("drop_not_a_member");
-            }
+        if plaintext.get(field::NETWORK_ID).and_then(Value::as_str) != Some(network_id.as_str()) {
+            return Err("drop_not_a_member");
         }
         let event_type = plaintext
             .get("type")
@@ -245,17 +314,28 @@ impl Outbox for NetworkOutbox {
             .int(field::DEST_PORT)
             .and_then(|p| u16::try_from(p).ok())
             .ok_or("an outgoing envelope needs dest_port (0-65535)")?;
-        let addr: SocketAddr = format!("{ip}:{port}")
+        let ip: std::net::IpAddr = ip
+            .trim_matches(|c| c == '[' || c == ']')
             .parse()
-            .map_err(|_| format!("'{ip}:{port}' is not an address"))?;
+            .map_err(|_| format!("dest_ip '{ip}' is not an IP address"))?;
+        let addr = SocketAddr::new(ip, port);
 
         let payload = codec::encode(plaintext);
-        let network = plaintext
+        let network_id = plaintext
             .get(field::NETWORK_ID)
             .and_then(Value::as_str)
-            .and_then(|id| self.wire.keys.get(id));
-        let sealed =
-            event_crypto::seal_from(&self.wire.identity, &recipient, &payload, network.as_ref());
+            .ok_or("an outgoing payload needs a network_id")?;
+        let key = self
+            .wire
+            .keys
+            .get(network_id)
+            .ok_or_else(|| format!("not a member of network {network_id}"))?;
+        let sealed = event_crypto::seal_from(
+            &self.wire.identity,
+            &recipient,
+            &payload,
+            Some((network_id, &key)),
+        );
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
             Some(request_id) => {
                 let id = transit::parse_request_id(request_id)

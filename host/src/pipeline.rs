@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 
-use quiet_plugin_api::{Envelope, Identity};
+use quiet_plugin_api::{field, Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
@@ -247,7 +247,37 @@ pub fn record_dead_letter(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
-        rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, envelope_to_json(envelope).to_string()],
+        rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, dead_letter_text(envelope)],
     )?;
     Ok(())
+}
+
+/// The most of an envelope a dead letter keeps, so that large or hostile
+/// envelopes cannot fill the disk through the dead-letter table.
+const MAX_DEAD_LETTER_BYTES: usize = 16 * 1024;
+
+/// An envelope as people read it in `dead_letters`: JSON, without transit
+/// secrets, cut to [`MAX_DEAD_LETTER_BYTES`].
+fn dead_letter_text(envelope: &Envelope) -> String {
+    let mut json = envelope_to_json(envelope);
+    if let Some(map) = json.as_object_mut() {
+        map.remove("transit_secret");
+        if let Some(plaintext) = map
+            .get_mut(field::EVENT_PLAINTEXT)
+            .and_then(|p| p.as_object_mut())
+        {
+            plaintext.remove("transit_secret");
+        }
+    }
+    let mut text = json.to_string();
+    if text.len() > MAX_DEAD_LETTER_BYTES {
+        let total = text.len();
+        let mut cut = MAX_DEAD_LETTER_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("… (cut: {total} bytes in all)"));
+    }
+    text
 }

@@ -177,6 +177,10 @@ impl Reloader {
         }
 
         if changed {
+            // A file refused for a clash, or by a migration that the new
+            // generation may no longer block, gets another look.
+            let loaded = &self.loaded;
+            self.seen.retain(|p, _| loaded.contains_key(p));
             self.generation += 1;
             let registry = Registry::new(self.generation, self.loaded.values().cloned().collect());
             tracing::info!(

@@ -330,6 +330,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
+        s.write_all(&[transit::RESPONSE]).unwrap();
     }
     // Sealed to someone else.
     let stranger = event_crypto::peer_key(&"11".repeat(32)).unwrap();
@@ -370,6 +371,20 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     ));
     send_raw(&addr, &frame);
     send_raw(&addr, &frame);
+    // A payload about no network at all, of a type a plugin would take.
+    let no_network = Value::map([
+        ("type", Value::from("message")),
+        ("text", Value::from("hi")),
+    ]);
+    send_raw(
+        &addr,
+        &transit::wrap_request(&event_crypto::seal_from(
+            &eve,
+            &a_key,
+            &quiet_host::codec::encode(&no_network),
+            None,
+        )),
+    );
     // Mallory holds the network key (a member gone bad): a request claiming
     // to come from A's own peer id is refused by the sync plugin, and an
     // honest-looking request of hers answered once, its replay rate-limited.
@@ -398,7 +413,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
             &mallory,
             &a_key,
             &quiet_host::codec::encode(v),
-            Some(&key),
+            Some((net.as_str(), &key)),
         ))
     };
     send_raw(&addr, &sealed_by_mallory(&claims_a));
@@ -422,8 +437,9 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     });
     let s = counted.unwrap_or_else(|| panic!("not all drops counted: {}", a.status()["counters"]));
     eprintln!("drop counters: {}", s["counters"]);
-    // Eve's request and its replay carry no membership proof.
-    assert!(counter(&s, "drop_not_a_member") >= 2, "{}", s["counters"]);
+    // Eve's request, its replay and her network-less message carry no
+    // membership proof.
+    assert!(counter(&s, "drop_not_a_member") >= 3, "{}", s["counters"]);
     // Nothing was stored, nothing was dead-lettered, and A still serves.
     assert_eq!(
         query_i64(&a_dirs.data, "SELECT COUNT(*) FROM events").unwrap(),
