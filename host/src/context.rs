@@ -15,6 +15,7 @@ use quiet_plugin_api::{
     HostRef, HostServices, HostServices_TO, Identity, LogLevel, Rows, Value,
 };
 use rusqlite::{
+    hooks::{AuthAction, AuthContext, Authorization},
     types::{ToSqlOutput, ValueRef},
     Connection, ToSql,
 };
@@ -34,6 +35,39 @@ const FORBIDDEN: &[&str] = &[
     "DETACH",
     "VACUUM",
 ];
+
+/// Pragmas that take an argument yet only read.
+const READ_PRAGMAS: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+];
+
+/// Denies plugin statements that would end, fork or escape the host's
+/// transaction, or change how the database is stored.
+fn plugin_authorizer(ctx: AuthContext<'_>) -> Authorization {
+    match ctx.action {
+        AuthAction::Transaction { .. }
+        | AuthAction::Savepoint { .. }
+        | AuthAction::Attach { .. }
+        | AuthAction::Detach { .. } => Authorization::Deny,
+        // Reading pragmas is fine; setting them is not. These few take an
+        // argument only to say what to read.
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value: Some(_),
+        } if !READ_PRAGMAS
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(pragma_name)) =>
+        {
+            Authorization::Deny
+        }
+        _ => Authorization::Allow,
+    }
+}
 
 /// What a handler call may use of the host.
 pub struct HostContext<'a> {
@@ -69,7 +103,23 @@ impl<'a> HostContext<'a> {
                 first.to_ascii_uppercase()
             ));
         }
-        self.conn.prepare_cached(sql).map_err(|e| e.to_string())
+        // `INSERT OR ROLLBACK …` and triggers with `RAISE(ROLLBACK, …)` end
+        // the transaction from inside a statement; the authorizer cannot see
+        // them.
+        if sql.to_ascii_uppercase().contains("ROLLBACK") {
+            return Err(
+                "ROLLBACK is not allowed in any form: the host owns the transaction".into(),
+            );
+        }
+        // The first-word check above gives the common mistakes a clear
+        // message; SQLite's authorizer is the real guard (comments, odd
+        // spacing). It only runs when a statement is compiled, so the host's
+        // own statements, compiled outside plugin calls, are unaffected.
+        self.conn.authorizer(Some(plugin_authorizer));
+        let stmt = self.conn.prepare_cached(sql);
+        self.conn
+            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+        stmt.map_err(|e| e.to_string())
     }
 
     fn query_rows(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {
@@ -212,6 +262,24 @@ mod tests {
             err.message().contains("COMMIT statements are not allowed"),
             "{err}"
         );
+        // Past the first-word check, the authorizer still refuses.
+        for sneaky in [
+            "/* hi */ COMMIT",
+            "-- x\nEND",
+            "/**/ SAVEPOINT s",
+            "/**/ ATTACH 'x' AS y",
+            "/**/ PRAGMA journal_mode = DELETE",
+        ] {
+            assert!(ctx.execute(sneaky, &[]).is_err(), "{sneaky} was allowed");
+        }
+        for sneaky in [
+            "INSERT OR ROLLBACK INTO t VALUES (1, 'x', NULL)",
+            "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT RAISE(ROLLBACK, 'no'); END",
+        ] {
+            let err = ctx.execute(sneaky, &[]).unwrap_err();
+            assert!(err.message().contains("ROLLBACK is not allowed"), "{err}");
+        }
+        assert_eq!(ctx.query("PRAGMA table_info(t)", &[]).unwrap().len(), 3);
         let err = ctx
             .query("SELECT ?", &[Value::List(RVec::new())])
             .unwrap_err();

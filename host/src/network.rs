@@ -30,7 +30,7 @@ use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
-        Arc,
+        Arc, Mutex,
     },
     thread,
     time::Duration,
@@ -277,22 +277,54 @@ impl Inbound {
 }
 
 /// The sending half: envelope → sealed, wrapped frame → socket.
+///
+/// Frames wait in `pending` until the transaction that made them commits;
+/// then each goes to its destination's own sender thread, through a small
+/// bounded queue, so a slow or dead peer delays only itself.
 pub struct NetworkOutbox {
     wire: Wire,
-    sender: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    pending: Mutex<Vec<Outgoing>>,
+    peers: Mutex<HashMap<SocketAddr, SyncSender<Vec<u8>>>>,
+}
+
+/// A frame ready to go, and the request it makes live when it does.
+struct Outgoing {
+    addr: SocketAddr,
+    frame: Vec<u8>,
+    request: Option<([u8; 16], [u8; 32], i64)>,
 }
 
 impl NetworkOutbox {
-    /// An outbox sealing as our identity, registering requests as live, with
-    /// its own sender thread.
+    /// An outbox sealing as our identity and registering our requests as
+    /// live.
     pub fn new(wire: Wire) -> Self {
-        let (sender, queue) = mpsc::channel::<(SocketAddr, Vec<u8>)>();
-        let counters = wire.counters.clone();
-        thread::Builder::new()
-            .name("sender".into())
-            .spawn(move || send_frames(queue, &counters))
-            .expect("spawning a thread");
-        Self { wire, sender }
+        Self {
+            wire,
+            pending: Mutex::default(),
+            peers: Mutex::default(),
+        }
+    }
+
+    fn route(&self, addr: SocketAddr, frame: Vec<u8>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut frame = Some(frame);
+        // At most twice: a sender thread that went idle has exited.
+        for _ in 0..2 {
+            let queue = peers
+                .entry(addr)
+                .or_insert_with(|| spawn_peer_sender(addr, self.wire.counters.clone()));
+            match queue.try_send(frame.take().expect("one frame")) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => {
+                    self.wire.counters.bump("drop_send_queue_full");
+                    return;
+                }
+                Err(TrySendError::Disconnected(f)) => {
+                    frame = Some(f);
+                    peers.remove(&addr);
+                }
+            }
+        }
     }
 }
 
@@ -336,6 +368,7 @@ impl Outbox for NetworkOutbox {
             &payload,
             Some((network_id, &key)),
         );
+        let mut request = None;
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
             Some(request_id) => {
                 let id = transit::parse_request_id(request_id)
@@ -351,12 +384,10 @@ impl Outbox for NetworkOutbox {
                     .and_then(transit::parse_request_id);
                 let secret =
                     transit_secret(plaintext.get("transit_secret").and_then(Value::as_bytes));
-                if let (Some(id), Some(secret)) = (id, secret) {
-                    let ttl = envelope
-                        .int("transit_ttl_ms")
-                        .unwrap_or(DEFAULT_TRANSIT_TTL_MS);
-                    self.wire.live.register(id, secret, db::now_ms(), ttl);
-                }
+                let ttl = envelope
+                    .int("transit_ttl_ms")
+                    .unwrap_or(DEFAULT_TRANSIT_TTL_MS);
+                request = id.zip(secret).map(|(id, secret)| (id, secret, ttl));
                 transit::wrap_request(&sealed)
             }
         };
@@ -366,9 +397,37 @@ impl Outbox for NetworkOutbox {
                 frame.len()
             ));
         }
-        self.sender
-            .send((addr, frame))
-            .map_err(|_| "the sender thread has stopped".into())
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Outgoing {
+                addr,
+                frame,
+                request,
+            });
+        Ok(())
+    }
+
+    fn flush(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for Outgoing {
+            addr,
+            frame,
+            request,
+        } in pending
+        {
+            if let Some((id, secret, ttl)) = request {
+                self.wire.live.register(id, secret, db::now_ms(), ttl);
+            }
+            self.route(addr, frame);
+        }
+    }
+
+    fn discard(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -376,29 +435,52 @@ fn transit_secret(bytes: Option<&[u8]>) -> Option<[u8; 32]> {
     bytes.and_then(|b| b.try_into().ok())
 }
 
-fn send_frames(queue: mpsc::Receiver<(SocketAddr, Vec<u8>)>, counters: &Counters) {
-    let mut connections: HashMap<SocketAddr, TcpStream> = HashMap::new();
-    for (addr, frame) in queue {
+/// Frames one destination may have waiting.
+const PEER_QUEUE: usize = 64;
+/// A destination's sender thread exits after this long without frames
+/// (before the peer's reader closes the idle connection).
+const PEER_IDLE: Duration = Duration::from_secs(60);
+/// After a failed connect, frames to that destination are dropped this long.
+const BACKOFF: Duration = Duration::from_secs(5);
+
+fn spawn_peer_sender(addr: SocketAddr, counters: Arc<Counters>) -> SyncSender<Vec<u8>> {
+    let (tx, rx) = mpsc::sync_channel(PEER_QUEUE);
+    let spawned = thread::Builder::new()
+        .name(format!("send {addr}"))
+        .spawn(move || send_frames(addr, rx, &counters));
+    if spawned.is_err() {
+        tracing::error!(%addr, "cannot start a sender thread");
+    }
+    tx
+}
+
+fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Counters) {
+    let mut stream: Option<TcpStream> = None;
+    let mut backoff_until: Option<std::time::Instant> = None;
+    while let Ok(frame) = queue.recv_timeout(PEER_IDLE) {
+        if backoff_until.is_some_and(|t| std::time::Instant::now() < t) {
+            counters.bump("send_failed");
+            continue;
+        }
         let mut sent = false;
-        // A cached connection may have died since; one fresh retry.
+        // A kept connection may have died since; one fresh retry.
         for _ in 0..2 {
-            let stream = match connections.entry(addr) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => match connect(addr) {
-                    Ok(s) => e.insert(s),
-                    Err(_) => break,
-                },
-            };
+            if stream.is_none() {
+                match connect(addr) {
+                    Ok(s) => stream = Some(s),
+                    Err(_) => {
+                        backoff_until = Some(std::time::Instant::now() + BACKOFF);
+                        break;
+                    }
+                }
+            }
+            let s = stream.as_mut().expect("connected above");
             let len = (frame.len() as u32).to_be_bytes();
-            if stream
-                .write_all(&len)
-                .and_then(|()| stream.write_all(&frame))
-                .is_ok()
-            {
+            if s.write_all(&len).and_then(|()| s.write_all(&frame)).is_ok() {
                 sent = true;
                 break;
             }
-            connections.remove(&addr);
+            stream = None;
         }
         if !sent {
             tracing::debug!(%addr, "could not send a frame");

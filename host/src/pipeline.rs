@@ -37,10 +37,24 @@ use crate::{
 /// How many times envelopes may beget envelopes before the chain is cut.
 pub const DEFAULT_HOP_LIMIT: u32 = 16;
 
+/// How many envelopes one run (one job run, one batch of frames) may handle.
+pub const MAX_ENVELOPES_PER_RUN: usize = 100_000;
+
 /// Where outgoing envelopes go.
+///
+/// Sending happens in two steps so that nothing leaves the host for work
+/// that is then rolled back: `send` checks and prepares an envelope inside
+/// the transaction, and `flush` releases what was prepared once the
+/// transaction has committed (`discard` drops it if it did not).
 pub trait Outbox {
     /// Takes one outgoing envelope, or says why it cannot.
     fn send(&self, envelope: Envelope) -> Result<(), String>;
+
+    /// Releases what `send` prepared; called after a commit.
+    fn flush(&self) {}
+
+    /// Drops what `send` prepared; called after a rollback.
+    fn discard(&self) {}
 }
 
 /// The outbox of a host with no transport: it refuses, so that outgoing
@@ -98,6 +112,23 @@ pub struct Pipeline<'a> {
     hop_limit: u32,
 }
 
+impl Services {
+    /// Runs `f` in a write transaction, then sends what it queued for the
+    /// network if the transaction committed, or drops it if not.
+    pub fn write_tx<T, E: From<rusqlite::Error>>(
+        &self,
+        conn: &Connection,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let result = db::with_write_tx(conn, f);
+        match result {
+            Ok(_) => self.outbox.flush(),
+            Err(_) => self.outbox.discard(),
+        }
+        result
+    }
+}
+
 impl<'a> Pipeline<'a> {
     /// A pipeline on `conn`, which must be inside a write transaction.
     pub fn new(conn: &'a Connection, registry: &'a Registry, services: &'a Services) -> Self {
@@ -130,7 +161,21 @@ impl<'a> Pipeline<'a> {
             })
             .collect();
         let mut report = Report::default();
+        let mut steps = 0;
         while let Some(item) = queue.pop_front() {
+            steps += 1;
+            if steps > MAX_ENVELOPES_PER_RUN {
+                // The hop limit bounds depth; this bounds breadth, so that one
+                // unit of work cannot hold the write lock and memory without
+                // end. One dead letter stands for all that was cut.
+                let reason = format!(
+                    "more than {MAX_ENVELOPES_PER_RUN} envelopes in one run: {} cut, the last from handler '{}'",
+                    queue.len() + 1,
+                    item.source.handler
+                );
+                self.dead_letter(&mut report, &item.source, &reason, &item.envelope)?;
+                break;
+            }
             self.step(item, &mut queue, &mut report)?;
         }
         Ok(report)

@@ -198,7 +198,7 @@ impl Scheduler {
             plugin: None,
             handler: "network".into(),
         };
-        db::with_write_tx(&self.conn, |conn| {
+        self.services.write_tx(&self.conn, |conn| {
             Pipeline::new(conn, &registry, &self.services)
                 .run(envelopes, source)
                 .map(drop)
@@ -220,7 +220,7 @@ impl Scheduler {
             plugin: None,
             handler: "cli".into(),
         };
-        db::with_write_tx(&self.conn, |conn| {
+        self.services.write_tx(&self.conn, |conn| {
             let mut envelopes = Vec::with_capacity(queued.len());
             for (id, bytes) in &queued {
                 match codec::decode_envelope(bytes) {
@@ -272,7 +272,7 @@ pub fn execute_job(
         plugin: Some(handler.plugin.to_string()),
         handler: handler.name.clone(),
     };
-    db::with_write_tx(conn, |conn| {
+    services.write_tx(conn, |conn| {
         let mut ctx = HostContext::new(conn, &handler.plugin, &services.identity);
         let result = db::with_savepoint(conn, || {
             handler

@@ -121,10 +121,11 @@ impl TestHost {
             plugin: None,
             handler: "test".into(),
         };
-        db::with_write_tx(&self.conn, |conn| {
-            Pipeline::new(conn, &self.registry, &self.services).run(envelopes, source)
-        })
-        .map_err(|e| format!("database error: {e}"))
+        self.services
+            .write_tx(&self.conn, |conn| {
+                Pipeline::new(conn, &self.registry, &self.services).run(envelopes, source)
+            })
+            .map_err(|e| format!("database error: {e}"))
     }
 
     /// Takes the outgoing envelopes the host would have sent so far.
