@@ -387,7 +387,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     );
     // Mallory holds the network key (a member gone bad): a request claiming
     // to come from A's own peer id is refused by the sync plugin, and an
-    // honest-looking request of hers answered once, its replay rate-limited.
+    // honest-looking request of hers answered once, its replay refused.
     let key_file = a_dirs.data.join("keys").join(format!("{net}.key"));
     let key = event_crypto::NetworkKey(std::fs::read(key_file).unwrap().try_into().unwrap());
     let mallory_dir = tempfile::tempdir().unwrap();
@@ -429,7 +429,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         "drop_bad_seal",
         "drop_unknown_or_expired_request",
         "sync_rejected_request",
-        "sync_rate_limited",
+        "sync_replayed_request",
     ];
     let counted = wait_for(Duration::from_secs(10), || {
         let s = a.status();

@@ -23,26 +23,31 @@
 //!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
 //!   other side pulls them in its own sessions.
 //! - **Responder.** A request is answered only if its sender is who it says,
-//!   it is addressed to us, we are a member of its network, and it passes the
-//!   rate limits kept in `sync_sessions` (new sessions on a 3 s schedule per
-//!   peer and network, see `admit`; continuation rounds must follow the
-//!   current session in order, below `max_rounds_per_session`). The answer
-//!   carries the negentropy reply, the events asked for (at most
-//!   `max_events_per_response`, and at most 6 MiB: ids left out for size are
-//!   listed in `deferred` and asked for again next round) and the network's
-//!   other active addresses.
+//!   it is addressed to us, we are a member of its network, it is fresh (its
+//!   `timestamp_ms` within the transit TTL of our clock, and later than that
+//!   of the last request we accepted from that peer in that network, so a
+//!   captured request cannot be replayed), and it passes the rate limits
+//!   kept in `sync_sessions` (new sessions on a 3 s schedule per peer and
+//!   network, see `admit`; continuation rounds must follow the current
+//!   session in order, below `max_rounds_per_session`). The answer carries
+//!   the negentropy reply, the events asked for (at most
+//!   `max_events_per_response`, and at most 6 MiB: ids left out for either
+//!   limit are listed in `deferred` and asked for again next round) and the
+//!   network's other active addresses.
 //!
 //! The negentropy server side is stateless, so the responder keeps nothing in
 //! memory. The requester's sessions (negentropy client state and the queue of
-//! needed ids) live in memory only: after a restart or a plugin reload the
-//! next tick simply starts new sessions.
+//! needed ids, capped so that a hostile responder cannot fill it) live in
+//! memory only: after a restart or a plugin reload the next tick simply
+//! starts new sessions.
 //!
 //! Dropped requests and responses are counted in `counters` (shown by
-//! `quiet-host status`): `sync_rejected_request`, `sync_rate_limited`,
-//! `sync_unknown_response`, `sync_rejected_response`.
+//! `quiet-host status`): `sync_rejected_request`, `sync_replayed_request`,
+//! `sync_rate_limited`, `sync_unknown_response`, `sync_rejected_response`.
 
 use std::{
     collections::{HashMap, VecDeque},
+    net::IpAddr,
     sync::{Mutex, MutexGuard},
 };
 
@@ -70,6 +75,9 @@ const ID_CHUNK: usize = 500;
 const MAX_RESPONSE_EVENT_BYTES: usize = 6 << 20;
 /// Peers listed in, and learned from, one response.
 const MAX_PEERS: usize = 256;
+/// Ids one session may queue (3.2 MB): bounds what a hostile responder can
+/// make us hold. Ids beyond are dropped; the next session reconciles again.
+const MAX_NEEDS: usize = 100_000;
 
 /// The `sync` handler; see the [module docs](self).
 #[derive(Default)]
@@ -138,10 +146,26 @@ struct Session {
     /// The negentropy client while reconciliation is under way; then the
     /// request in flight carries its latest message.
     reconciler: Option<Negentropy<'static, NegentropyStorageVector>>,
-    /// Ids we need and have not asked for yet.
+    /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
     needs: VecDeque<Id>,
+    /// Whether ids were dropped for [`MAX_NEEDS`]: then the session is not
+    /// complete, whatever the queue says.
+    dropped_needs: bool,
+    /// The `timestamp_ms` of the latest request: each next one is later,
+    /// since the responder refuses any other as a replay.
+    sent_ms: i64,
     /// When the request in flight counts as lost.
     expires_ms: i64,
+}
+
+impl Session {
+    /// Queues `ids`, up to [`MAX_NEEDS`].
+    fn queue(&mut self, ids: impl IntoIterator<Item = Id>) {
+        let mut ids = ids.into_iter();
+        let room = MAX_NEEDS.saturating_sub(self.needs.len());
+        self.needs.extend(ids.by_ref().take(room));
+        self.dropped_needs |= ids.next().is_some();
+    }
 }
 
 impl SyncHandler {
@@ -227,6 +251,8 @@ impl Handler for SyncHandler {
                 round: 0,
                 reconciler: Some(reconciler),
                 needs: VecDeque::new(),
+                dropped_needs: false,
+                sent_ms: 0,
                 expires_ms: 0,
             };
             out.push(state.send(session, opening, &ours, now));
@@ -249,11 +275,16 @@ impl SyncHandler {
         let Some(req) = request else {
             return dropped(ctx, "sync_rejected_request");
         };
+        // A request older than its transit secret lives is stale or replayed;
+        // one as far ahead could be kept back to be replayed later.
+        if now.abs_diff(req.timestamp_ms) > limits.ttl_ms.unsigned_abs() {
+            return dropped(ctx, "sync_rejected_request");
+        }
         if !is_member(ctx, req.network_id)? {
             return dropped(ctx, "sync_rejected_request");
         }
-        if !admit(ctx, &req, limits.max_rounds, now)? {
-            return dropped(ctx, "sync_rate_limited");
+        if let Err(reason) = admit(ctx, &req, limits.max_rounds, now)? {
+            return dropped(ctx, reason);
         }
         ctx.execute(
             "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
@@ -275,9 +306,12 @@ impl SyncHandler {
             }
         };
         // A longer list than our limit only comes from a peer configured
-        // differently (or a hostile one): the rest waits for its next session.
-        let need = &req.need[..req.need.len().min(limits.max_events)];
-        let (events, deferred) = fetch_events(ctx, req.network_id, need, limits.max_events)?;
+        // differently (or a hostile one). The requester has taken those ids
+        // off its queue, so the rest goes back as deferred, to be asked for
+        // again; no longer than the request itself.
+        let (need, over) = req.need.split_at(req.need.len().min(limits.max_events));
+        let (events, mut deferred) = fetch_events(ctx, req.network_id, need, limits.max_events)?;
+        deferred.extend(over.iter().map(|id| Value::from(**id)));
         let peers = ctx.query(
             "SELECT peer_id, ip, port FROM addresses \
              WHERE network_id = ?1 AND is_active = 1 AND peer_id != ?2 \
@@ -350,7 +384,7 @@ impl SyncHandler {
             })
             .collect();
         learn_peers(ctx, &session.network_id, resp.peers, &ours)?;
-        session.needs.extend(resp.deferred);
+        session.queue(resp.deferred);
 
         // A responder that does not answer our negentropy message ends the
         // reconciliation; the needs already found are still fetched.
@@ -361,7 +395,7 @@ impl SyncHandler {
             let (mut have, mut need) = (Vec::new(), Vec::new());
             match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
                 Ok(msg) => {
-                    session.needs.extend(need);
+                    session.queue(need);
                     if msg.is_some() {
                         session.reconciler = Some(reconciler);
                     }
@@ -379,10 +413,14 @@ impl SyncHandler {
         }
 
         if next.is_none() && session.needs.is_empty() {
-            ctx.execute(
-                "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
-                params![session.peer_id.as_str(), session.network_id.as_str(), now],
-            )?;
+            // Ids dropped for MAX_NEEDS are still missing: the session is not
+            // complete, and the next one reconciles again.
+            if !session.dropped_needs {
+                ctx.execute(
+                    "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+                    params![session.peer_id.as_str(), session.network_id.as_str(), now],
+                )?;
+            }
             return Ok(out);
         }
         if session.round + 1 >= state.limits.max_rounds {
@@ -419,6 +457,9 @@ impl State {
             .map(|id| Value::from(*id))
             .collect();
         let request_id = random_hex();
+        // Rounds within one millisecond (or after our clock stepped back)
+        // still carry increasing timestamps.
+        session.sent_ms = now.max(session.sent_ms.saturating_add(1));
         session.expires_ms = now.saturating_add(self.limits.ttl_ms);
         let plaintext = Value::map([
             ("type", Value::from("sync_request")),
@@ -427,7 +468,7 @@ impl State {
             ("peer_id", ours.into()),
             ("user_id", ours.into()),
             ("transit_secret", random_bytes::<32>().into()),
-            ("timestamp_ms", now.into()),
+            ("timestamp_ms", session.sent_ms.into()),
             ("target_peer_id", session.peer_id.as_str().into()),
             ("reply_ip", session.reply_ip.as_str().into()),
             ("reply_port", session.reply_port.into()),
@@ -477,6 +518,7 @@ struct Request<'a> {
     target_peer_id: &'a str,
     reply_ip: &'a str,
     reply_port: i64,
+    timestamp_ms: i64,
     session_id: &'a str,
     round: i64,
     transit_secret: &'a [u8],
@@ -492,10 +534,11 @@ impl<'a> Request<'a> {
         Some(Self {
             request_id: text("request_id").filter(|id| is_hex_id(id))?,
             network_id: text("network_id")?,
-            peer_id: text("peer_id")?,
+            peer_id: text("peer_id").filter(|id| is_peer_id(id))?,
             target_peer_id: text("target_peer_id")?,
-            reply_ip: text("reply_ip").filter(|ip| !ip.is_empty())?,
-            reply_port: int("reply_port").filter(|p| (1..=65535).contains(p))?,
+            reply_ip: text("reply_ip").filter(|ip| is_ip(ip))?,
+            reply_port: int("reply_port").filter(|p| is_port(*p))?,
+            timestamp_ms: int("timestamp_ms")?,
             session_id: text("session_id").filter(|id| is_hex_id(id))?,
             round: int("round").filter(|r| *r >= 0)?,
             transit_secret: p
@@ -556,9 +599,14 @@ fn ids(v: Option<&Value>) -> Option<Vec<Id>> {
     }
 }
 
-/// The responder's rate limits, kept per peer and network in
-/// `sync_sessions`. A continuation round must name the current session and
-/// come in order, below `max_rounds`.
+/// The responder's replay protection and rate limits, kept per peer and
+/// network in `sync_sessions`. Returns the counter a refused request is
+/// counted under.
+///
+/// A request must be later than the last one accepted (`last_request_ms`):
+/// the requester's timestamps increase, and a captured request, even within
+/// its TTL, cannot reset the session of the real one. A continuation round
+/// must name the current session and come in order, below `max_rounds`.
 ///
 /// A new session (round 0) is admitted at most once per
 /// [`MIN_SESSION_INTERVAL_MS`] on average, as a virtual schedule:
@@ -572,44 +620,59 @@ fn admit(
     req: &Request<'_>,
     max_rounds: i64,
     now: i64,
-) -> Result<bool, PluginError> {
+) -> Result<Result<(), &'static str>, PluginError> {
     let current = ctx.query(
-        "SELECT session_id, last_round, next_start_ms FROM sync_sessions \
+        "SELECT session_id, last_round, next_start_ms, last_request_ms FROM sync_sessions \
          WHERE peer_id = ?1 AND network_id = ?2",
         params![req.peer_id, req.network_id],
     )?;
     let current = current.first();
+    let last_request = current.and_then(|r| r.int(3)).unwrap_or(i64::MIN);
+    if req.timestamp_ms <= last_request {
+        return Ok(Err("sync_replayed_request"));
+    }
     if req.round == 0 {
-        let due = current.and_then(|r| r.int(2)).unwrap_or(i64::MIN);
+        // The schedule is never further ahead than one interval plus the
+        // tolerance; a later one means our clock stepped back, and would
+        // refuse every new session until it caught up.
+        let due = current
+            .and_then(|r| r.int(2))
+            .filter(|due| {
+                *due <= now.saturating_add(MIN_SESSION_INTERVAL_MS + SESSION_START_TOLERANCE_MS)
+            })
+            .unwrap_or(i64::MIN);
         if now.saturating_add(SESSION_START_TOLERANCE_MS) < due {
-            return Ok(false);
+            return Ok(Err("sync_rate_limited"));
         }
         ctx.execute(
-            "INSERT INTO sync_sessions (peer_id, network_id, session_id, started_ms, last_round, next_start_ms) \
-             VALUES (?1, ?2, ?3, ?4, 0, ?5) \
+            "INSERT INTO sync_sessions (peer_id, network_id, session_id, started_ms, last_round, next_start_ms, last_request_ms) \
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6) \
              ON CONFLICT (peer_id, network_id) DO UPDATE SET session_id = excluded.session_id, \
-             started_ms = excluded.started_ms, last_round = 0, next_start_ms = excluded.next_start_ms",
+             started_ms = excluded.started_ms, last_round = 0, next_start_ms = excluded.next_start_ms, \
+             last_request_ms = excluded.last_request_ms",
             params![
                 req.peer_id,
                 req.network_id,
                 req.session_id,
                 now,
-                due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS)
+                due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
+                req.timestamp_ms
             ],
         )?;
-        return Ok(true);
+        return Ok(Ok(()));
     }
     let in_order = current.is_some_and(|r| {
         r.str(0) == Some(req.session_id) && r.int(1).map(|last| last + 1) == Some(req.round)
     });
     if !in_order || req.round >= max_rounds {
-        return Ok(false);
+        return Ok(Err("sync_rate_limited"));
     }
     ctx.execute(
-        "UPDATE sync_sessions SET last_round = ?3 WHERE peer_id = ?1 AND network_id = ?2",
-        params![req.peer_id, req.network_id, req.round],
+        "UPDATE sync_sessions SET last_round = ?3, last_request_ms = ?4 \
+         WHERE peer_id = ?1 AND network_id = ?2",
+        params![req.peer_id, req.network_id, req.round, req.timestamp_ms],
     )?;
-    Ok(true)
+    Ok(Ok(()))
 }
 
 /// The events of `need` we have, oldest first (so that what an event
@@ -654,7 +717,8 @@ fn fetch_events(
 }
 
 /// Adds the peers a response names to `addresses`, without touching known
-/// ones (their addresses come from themselves) or adding this host.
+/// ones (their addresses come from themselves) or adding this host. Entries
+/// that are not a well-formed peer id, IP and port are skipped.
 fn learn_peers(
     ctx: &mut Context<'_>,
     network_id: &str,
@@ -665,7 +729,7 @@ fn learn_peers(
         let peer_id = p.get("peer_id").and_then(Value::as_str).unwrap_or("");
         let ip = p.get("ip").and_then(Value::as_str).unwrap_or("");
         let port = p.get("port").and_then(Value::as_int).unwrap_or(0);
-        if peer_id.is_empty() || peer_id == ours || ip.is_empty() || !(1..=65535).contains(&port) {
+        if !is_peer_id(peer_id) || peer_id == ours || !is_ip(ip) || !is_port(port) {
             continue;
         }
         ctx.execute(
@@ -738,7 +802,27 @@ fn key(peer_id: &str, network_id: &str) -> Key {
 
 /// 32 lowercase hex digits, as request and session ids are.
 fn is_hex_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    is_hex(s, 32)
+}
+
+/// 64 lowercase hex digits, as the host writes a peer id (its public key):
+/// anything else is no peer we could seal to.
+fn is_peer_id(s: &str) -> bool {
+    is_hex(s, 64)
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// An IP address, as the host requires of `dest_ip`: anything else would
+/// fail every request to that peer.
+fn is_ip(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok()
+}
+
+fn is_port(port: i64) -> bool {
+    (1..=65535).contains(&port)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -766,18 +850,29 @@ export_plugin! {
             next_start_ms INTEGER NOT NULL,
             PRIMARY KEY (peer_id, network_id)
          )",
+        // Replay protection: the `timestamp_ms` of the last request accepted.
+        "ALTER TABLE sync_sessions ADD COLUMN last_request_ms INTEGER",
     ],
     handlers: [SyncHandler::default()],
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
     use quiet_host::{context::HostContext, testing::TestHost};
     use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
     use super::{random_hex, SyncHandler};
 
     const NET: &str = "net-1";
+    /// Peer ids, as the host writes them: 64 hex digits.
+    const PEER_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const PEER_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const PEER_C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+    const PEER_X: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+    const PEER_Z: &str = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
+    const PEER_OFF: &str = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
 
     /// The host's sync tables, in case this host build predates them.
     const SCHEMA: &str = "
@@ -868,7 +963,7 @@ mod tests {
                 ("peer_id", peer.into()),
                 ("user_id", peer.into()),
                 ("transit_secret", [7u8; 32].into()),
-                ("timestamp_ms", 0.into()),
+                ("timestamp_ms", timestamp().into()),
                 ("target_peer_id", "test-peer".into()),
                 ("reply_ip", "10.0.0.9".into()),
                 ("reply_port", 7009.into()),
@@ -878,6 +973,24 @@ mod tests {
                 ("need", need.into()),
             ]),
         }
+    }
+
+    /// Now, and later with each call, as a requester's timestamps are.
+    fn timestamp() -> i64 {
+        static CALLS: AtomicI64 = AtomicI64::new(0);
+        quiet_host::db::now_ms() + CALLS.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `env` with its plaintext's `key` set to `value`.
+    fn with_field(mut env: Envelope, key: &str, value: impl Into<Value>) -> Envelope {
+        let mut p = env.plaintext().unwrap().clone();
+        let Value::Map(fields) = &mut p else {
+            panic!("the plaintext is not a map")
+        };
+        let field = fields.iter_mut().find(|f| f.key.as_str() == key);
+        field.unwrap_or_else(|| panic!("no field {key}")).value = value.into();
+        env.set("event_plaintext", p);
+        env
     }
 
     /// What the receiving host makes of `out` once it has crossed the
@@ -900,8 +1013,8 @@ mod tests {
     #[test]
     fn the_job_sends_one_round_0_request_per_active_peer() {
         let mut host = host("127.0.0.1:7001");
-        add_address(&host, "peer-b", 7002, true);
-        add_address(&host, "peer-off", 7003, false);
+        add_address(&host, PEER_B, 7002, true);
+        add_address(&host, PEER_OFF, 7003, false);
         add_address(&host, "test-peer", 7001, true);
         add_events(&host, 1, 0..3);
         let other_network = Value::map([("network_id", "net-2")]);
@@ -913,7 +1026,7 @@ mod tests {
         let req = &sent[0];
         assert_eq!(req.event_type(), Some("sync_request"));
         assert!(req.is_outgoing());
-        assert_eq!(req.str("seal_to"), Some("peer-b"));
+        assert_eq!(req.str("seal_to"), Some(PEER_B));
         assert_eq!(req.str("dest_ip"), Some("127.0.0.1"));
         assert_eq!(req.int("dest_port"), Some(7002));
         assert_eq!(req.str("network_id"), Some(NET));
@@ -925,7 +1038,7 @@ mod tests {
         assert_eq!(text("network_id"), NET);
         assert_eq!(text("peer_id"), "test-peer");
         assert_eq!(text("user_id"), "test-peer");
-        assert_eq!(text("target_peer_id"), "peer-b");
+        assert_eq!(text("target_peer_id"), PEER_B);
         assert_eq!(text("reply_ip"), "127.0.0.1");
         assert_eq!(plaintext(req, "reply_port").as_int(), Some(7001));
         assert_eq!(plaintext(req, "round").as_int(), Some(0));
@@ -949,7 +1062,7 @@ mod tests {
         host.db()
             .execute("DELETE FROM host_state WHERE key = 'listen_addr'", [])
             .unwrap();
-        add_address(&host, "peer-b", 7002, true);
+        add_address(&host, PEER_B, 7002, true);
         host.run_job("sync", limits(1000)).unwrap();
         assert!(host.take_sent().is_empty());
     }
@@ -957,16 +1070,17 @@ mod tests {
     #[test]
     fn the_responder_sends_the_events_asked_for_up_to_the_limit() {
         let mut host = host("127.0.0.1:7002");
-        add_address(&host, "peer-c", 7003, true);
+        add_address(&host, PEER_C, 7003, true);
         add_events(&host, 1, 0..30);
         host.run_job("sync", limits(10)).unwrap(); // sets the limit
         host.take_sent(); // the request to peer-c
-                          // Asked for newest first, with one id we do not have, and more ids
-                          // than the limit: only the first ten ids count.
+
+        // Asked for newest first, with one id we do not have, and more ids
+        // than the limit: only the first ten ids are served now.
         let mut need: Vec<Value> = vec![vec![9u8; 32].into()];
         need.extend((1..10).rev().map(|i| event_id(1, i).into()));
         need.extend((10..25).map(|i| event_id(1, i).into()));
-        host.deliver(vec![request_from("peer-a", &random_hex(), 0, need)])
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, need)])
             .unwrap();
 
         let sent = host.take_sent();
@@ -974,7 +1088,7 @@ mod tests {
         let resp = &sent[0];
         assert_eq!(resp.event_type(), Some("sync_response"));
         assert!(resp.is_outgoing());
-        assert_eq!(resp.str("seal_to"), Some("peer-a"));
+        assert_eq!(resp.str("seal_to"), Some(PEER_A));
         assert_eq!(resp.str("dest_ip"), Some("10.0.0.9"));
         assert_eq!(resp.int("dest_port"), Some(7009));
         assert_eq!(resp.bytes("transit_secret"), Some(&[7u8; 32][..]));
@@ -988,20 +1102,22 @@ mod tests {
             .map(|i| format!("event 1/{i}").into_bytes().into())
             .collect();
         assert_eq!(events, &expected[..]);
-        assert_eq!(plaintext(resp, "deferred").as_list(), Some(&[][..]));
+        // Those beyond the limit are deferred, for the requester to ask again.
+        let deferred: Vec<Value> = (10..25).map(|i| event_id(1, i).into()).collect();
+        assert_eq!(plaintext(resp, "deferred").as_list(), Some(&deferred[..]));
         let peers = plaintext(resp, "peers").as_list().unwrap();
         assert_eq!(peers.len(), 1);
         assert_eq!(
             peers[0].get("peer_id").and_then(Value::as_str),
-            Some("peer-c")
+            Some(PEER_C)
         );
         assert_eq!(peers[0].get("port").and_then(Value::as_int), Some(7003));
         // The requester's address is now known.
         assert_eq!(
-            host.count(
-                "SELECT COUNT(*) FROM addresses WHERE peer_id = 'peer-a' AND ip = '10.0.0.9' \
+            host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_A}' AND ip = '10.0.0.9' \
                  AND port = 7009 AND is_active = 1 AND last_seen_ms > 0"
-            ),
+            )),
             1
         );
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
@@ -1012,22 +1128,22 @@ mod tests {
         let mut host = host("127.0.0.1:7002");
         let first = random_hex();
         host.deliver(vec![
-            request_from("peer-a", &first, 0, vec![]),
-            request_from("peer-a", &random_hex(), 0, vec![]),
+            request_from(PEER_A, &first, 0, vec![]),
+            request_from(PEER_A, &random_hex(), 0, vec![]),
         ])
         .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         assert_eq!(counter(&host, "sync_rate_limited"), 1);
         // Another peer is not held back by peer-a.
-        host.deliver(vec![request_from("peer-x", &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_X, &random_hex(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
 
         host.deliver(vec![
-            request_from("peer-a", &first, 2, vec![]), // skips round 1
-            request_from("peer-a", &random_hex(), 1, vec![]), // not the session
-            request_from("peer-a", &first, 1, vec![]), // in order
-            request_from("peer-a", &first, 1, vec![]), // a replay
+            request_from(PEER_A, &first, 2, vec![]), // skips round 1
+            request_from(PEER_A, &random_hex(), 1, vec![]), // not the session
+            request_from(PEER_A, &first, 1, vec![]), // in order
+            request_from(PEER_A, &first, 1, vec![]), // a replay
         ])
         .unwrap();
         assert_eq!(host.take_sent().len(), 1);
@@ -1038,23 +1154,24 @@ mod tests {
         let due_in = |host: &TestHost, ms: i64| {
             host.db()
                 .execute(
-                    "UPDATE sync_sessions SET next_start_ms = ?1 WHERE peer_id = 'peer-a'",
-                    [quiet_host::db::now_ms() + ms],
+                    "UPDATE sync_sessions SET next_start_ms = ?1 WHERE peer_id = ?2",
+                    (quiet_host::db::now_ms() + ms, PEER_A),
                 )
                 .unwrap()
         };
         due_in(&host, 1_500);
-        host.deliver(vec![request_from("peer-a", &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
             .unwrap();
         assert_eq!(counter(&host, "sync_rate_limited"), 5);
         due_in(&host, 500);
-        host.deliver(vec![request_from("peer-a", &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         // The next one is due 3 s after the scheduled time, not the arrival.
         assert!(
-            host.count("SELECT next_start_ms FROM sync_sessions WHERE peer_id = 'peer-a'")
-                >= quiet_host::db::now_ms() + 3_400
+            host.count(&format!(
+                "SELECT next_start_ms FROM sync_sessions WHERE peer_id = '{PEER_A}'"
+            )) >= quiet_host::db::now_ms() + 3_400
         );
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
@@ -1062,19 +1179,14 @@ mod tests {
     #[test]
     fn requests_not_from_their_sender_or_not_for_us_are_rejected() {
         let mut host = host("127.0.0.1:7002");
-        let mut forged = request_from("peer-a", &random_hex(), 0, vec![]);
-        forged.set("sender_peer_id", "peer-z");
-        let mut elsewhere = request_from("peer-a", &random_hex(), 0, vec![]);
-        let mut p = elsewhere.plaintext().unwrap().clone();
-        if let Value::Map(fields) = &mut p {
-            for f in fields.iter_mut() {
-                if f.key.as_str() == "network_id" {
-                    f.value = "net-unknown".into();
-                }
-            }
-        }
-        elsewhere.set("event_plaintext", p);
-        let mut malformed = request_from("peer-a", &random_hex(), 0, vec![]);
+        let mut forged = request_from(PEER_A, &random_hex(), 0, vec![]);
+        forged.set("sender_peer_id", PEER_Z);
+        let elsewhere = with_field(
+            request_from(PEER_A, &random_hex(), 0, vec![]),
+            "network_id",
+            "net-unknown",
+        );
+        let mut malformed = request_from(PEER_A, &random_hex(), 0, vec![]);
         malformed.set("event_plaintext", Value::map([("type", "sync_request")]));
         host.deliver(vec![forged, elsewhere, malformed]).unwrap();
         assert!(host.take_sent().is_empty());
@@ -1089,7 +1201,7 @@ mod tests {
             "event_type" => "sync_response",
             "is_outgoing" => false,
             "in_response_to" => random_hex(),
-            "sender_peer_id" => "peer-b",
+            "sender_peer_id" => PEER_B,
             "event_plaintext" => Value::map([
                 ("type", Value::from("sync_response")),
                 ("network_id", NET.into()),
@@ -1147,7 +1259,7 @@ mod tests {
     /// until A sends nothing more.
     fn session(a: &Peer, b: &Peer, max_events: usize) -> Outcome {
         let mut requests = a.run_job(&limits(max_events as i64));
-        requests.retain(|r| r.str("seal_to") == Some("peer-b")); // not peer-c
+        requests.retain(|r| r.str("seal_to") == Some(PEER_B)); // not peer-c
         assert_eq!(requests.len(), 1);
         let mut out = Outcome {
             stored: Vec::new(),
@@ -1161,11 +1273,11 @@ mod tests {
                 Some(out.rounds as i64 - 1)
             );
             assert!(plaintext(&request, "need").as_list().unwrap().len() <= max_events);
-            let responses = b.process(&arrived(&request, "peer-a"));
+            let responses = b.process(&arrived(&request, PEER_A));
             assert_eq!(responses.len(), 1, "B answers every round");
             let events = plaintext(&responses[0], "events").as_list().unwrap();
             assert!(events.len() <= max_events);
-            for env in a.process(&arrived(&responses[0], "peer-b")) {
+            for env in a.process(&arrived(&responses[0], PEER_B)) {
                 match env.event_type() {
                     Some("store_event") => {
                         assert_eq!(env.str("network_id"), Some(NET));
@@ -1182,10 +1294,10 @@ mod tests {
     }
 
     fn two_peers() -> (Peer, Peer) {
-        let a = Peer::new("peer-a", 7001);
-        let b = Peer::new("peer-b", 7002);
-        add_address(&a.host, "peer-b", 7002, true);
-        add_address(&b.host, "peer-c", 7003, true);
+        let a = Peer::new(PEER_A, 7001);
+        let b = Peer::new(PEER_B, 7002);
+        add_address(&a.host, PEER_B, 7002, true);
+        add_address(&b.host, PEER_C, 7003, true);
         b.run_job(&limits(1000)); // B's responder limits; B's own request is ignored
         (a, b)
     }
@@ -1213,13 +1325,14 @@ mod tests {
         // The session is complete: recorded, and forgotten, so the next tick
         // starts a new one; and A learned about peer-c from B.
         assert!(
-            a.host
-                .count("SELECT last_sync_ms FROM addresses WHERE peer_id = 'peer-b'")
-                > 0
+            a.host.count(&format!(
+                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
+            )) > 0
         );
         assert_eq!(
-            a.host
-                .count("SELECT COUNT(*) FROM addresses WHERE peer_id = 'peer-c' AND port = 7003"),
+            a.host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_C}' AND port = 7003"
+            )),
             1
         );
         let next: Vec<_> = a
@@ -1227,7 +1340,7 @@ mod tests {
             .iter()
             .map(|r| r.str("seal_to").unwrap().to_owned())
             .collect();
-        assert_eq!(next, ["peer-b", "peer-c"]);
+        assert_eq!(next, [PEER_B, PEER_C]);
     }
 
     #[test]
@@ -1297,9 +1410,9 @@ mod tests {
         let (a, b) = two_peers();
         let params = Value::map([("transit_secret_ttl_ms", 1)]);
         let request = a.run_job(&params).pop().unwrap();
-        let response = b.process(&arrived(&request, "peer-a")).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(a.process(&arrived(&response, "peer-b")).is_empty());
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
         assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
     }
 
@@ -1308,11 +1421,255 @@ mod tests {
         let (a, b) = two_peers();
         add_events(&b.host, 1, 0..10);
         let request = a.run_job(&limits(1000)).pop().unwrap();
-        let response = b.process(&arrived(&request, "peer-a")).pop().unwrap();
-        assert!(a.process(&arrived(&response, "peer-x")).is_empty());
+        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        assert!(a.process(&arrived(&response, PEER_X)).is_empty());
         assert_eq!(counter(&a.host, "sync_rejected_response"), 1);
         // The request was used up; a replay is unknown.
-        assert!(a.process(&arrived(&response, "peer-b")).is_empty());
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
         assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn stale_future_and_replayed_requests_are_refused() {
+        let mut host = host("127.0.0.1:7002");
+        let at = |session: &str, round, ts: i64| {
+            with_field(
+                request_from(PEER_A, session, round, vec![]),
+                "timestamp_ms",
+                ts,
+            )
+        };
+        // Beyond the transit TTL (30 s unless the job says otherwise), either way.
+        let now = quiet_host::db::now_ms();
+        let session = random_hex();
+        host.deliver(vec![
+            at(&session, 0, now - 31_000),
+            at(&session, 0, now + 31_000),
+        ])
+        .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_rejected_request"), 2);
+
+        let captured = request_from(PEER_A, &session, 0, vec![]);
+        let captured_ms = plaintext(&captured, "timestamp_ms").as_int().unwrap();
+        host.deliver(vec![captured.clone()]).unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        // Once a new session is due, neither the captured request nor any
+        // other not later than it resets the session...
+        let due_now = |host: &TestHost| {
+            host.db()
+                .execute("UPDATE sync_sessions SET next_start_ms = 0", [])
+                .unwrap()
+        };
+        due_now(&host);
+        host.deliver(vec![captured, at(&random_hex(), 0, captured_ms)])
+            .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_replayed_request"), 2);
+        // ...so the real requester goes on, and its rounds cannot be replayed.
+        let round_1 = request_from(PEER_A, &session, 1, vec![]);
+        host.deliver(vec![round_1.clone(), round_1]).unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        assert_eq!(counter(&host, "sync_replayed_request"), 3);
+        assert_eq!(counter(&host, "sync_rate_limited"), 0);
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn a_sessions_requests_carry_increasing_timestamps() {
+        let (a, _b) = two_peers();
+        let first = a.run_job(&limits(1000)).pop().unwrap();
+        let t0 = plaintext(&first, "timestamp_ms").as_int().unwrap();
+        let mut request_id = first.plaintext().unwrap().get("request_id").cloned();
+        let mut sent = vec![t0];
+        let mut state = a.handler.state();
+        // Two more rounds within the same millisecond, then one after our
+        // clock stepped back.
+        for now in [t0, t0, t0 - 5_000] {
+            let id = request_id.as_ref().and_then(Value::as_str).unwrap();
+            let session = state.take_session(id, now).unwrap();
+            let next = state.send(session, Vec::new(), PEER_A, now);
+            sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
+            request_id = next.plaintext().unwrap().get("request_id").cloned();
+        }
+        assert_eq!(sent, [t0, t0 + 1, t0 + 2, t0 + 3]);
+    }
+
+    #[test]
+    fn requests_with_a_malformed_peer_id_or_reply_address_are_rejected() {
+        let mut host = host("127.0.0.1:7002");
+        let with = |key, value: &str| {
+            with_field(request_from(PEER_A, &random_hex(), 0, vec![]), key, value)
+        };
+        let from = |peer_id: &str| {
+            let mut env = with("peer_id", peer_id);
+            env.set("sender_peer_id", peer_id);
+            env
+        };
+        let port = |port: i64| {
+            with_field(
+                request_from(PEER_A, &random_hex(), 0, vec![]),
+                "reply_port",
+                port,
+            )
+        };
+        host.deliver(vec![
+            from(&PEER_A.to_uppercase()),
+            from(&PEER_A[..63]),
+            from(&format!("{}g", &PEER_A[..63])),
+            with("reply_ip", "peer.example"),
+            with("reply_ip", "10.0.0.256"),
+            with("reply_ip", "10.0.0.9:7009"),
+            port(0),
+            port(65_536),
+        ])
+        .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_rejected_request"), 8);
+        assert_eq!(host.count("SELECT COUNT(*) FROM addresses"), 0);
+        // An IPv6 address is as good.
+        host.deliver(vec![with("reply_ip", "::1")]).unwrap();
+        assert_eq!(host.take_sent()[0].str("dest_ip"), Some("::1"));
+    }
+
+    #[test]
+    fn only_well_formed_peers_other_than_us_are_learned() {
+        let (a, b) = two_peers();
+        let request = a.run_job(&limits(1000)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        let peer = |id: &str, ip: &str, port: i64| {
+            Value::map([
+                ("peer_id", Value::from(id)),
+                ("ip", ip.into()),
+                ("port", port.into()),
+            ])
+        };
+        let peers = vec![
+            peer(PEER_C, "10.0.0.3", 7003),
+            peer(PEER_X, "::1", 7004),
+            peer(&PEER_Z.to_uppercase(), "10.0.0.5", 7005),
+            peer(&PEER_Z[..62], "10.0.0.5", 7005),
+            peer(PEER_Z, "peer.example", 7005),
+            peer(PEER_Z, "", 7005),
+            peer(PEER_Z, "10.0.0.5", 0),
+            peer(PEER_Z, "10.0.0.5", 65_536),
+            peer(PEER_A, "10.0.0.1", 7001), // us
+        ];
+        a.process(&arrived(&with_field(response, "peers", peers), PEER_B));
+        let learned: String = a
+            .host
+            .db()
+            .query_row(
+                "SELECT group_concat(peer_id || ' ' || ip || ' ' || port, ', ') \
+                 FROM (SELECT * FROM addresses ORDER BY peer_id)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            learned,
+            format!("{PEER_B} 127.0.0.1 7002, {PEER_C} 10.0.0.3 7003, {PEER_X} ::1 7004")
+        );
+        // Nor does a request from us, to us, add us.
+        let own = with_field(request, "target_peer_id", PEER_A);
+        assert!(a.process(&arrived(&own, PEER_A)).is_empty());
+        assert_eq!(counter(&a.host, "sync_rejected_request"), 1);
+        assert_eq!(
+            a.host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_A}'"
+            )),
+            0
+        );
+    }
+
+    #[test]
+    fn a_responder_cannot_queue_more_than_max_needs() {
+        let (a, b) = two_peers();
+        let params = limits(super::MAX_NEEDS as i64);
+        b.run_job(&params);
+        let request = a.run_job(&params).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        // B ends the reconciliation and claims to defer more than the cap.
+        let flood: Vec<Value> = (0..super::MAX_NEEDS as u32 + 5)
+            .map(|i| event_id(7, i).into())
+            .collect();
+        let response = with_field(response, "deferred", flood);
+        let response = with_field(response, "negentropy", Value::Null);
+        let next = a.process(&arrived(&response, PEER_B)).pop().unwrap();
+        let need = plaintext(&next, "need").as_list().unwrap();
+        assert_eq!(need.len(), super::MAX_NEEDS);
+        assert_eq!(
+            need.last(),
+            Some(&event_id(7, super::MAX_NEEDS as u32 - 1).into())
+        );
+        assert!(a
+            .handler
+            .state()
+            .sessions
+            .values()
+            .all(|s| s.needs.is_empty()));
+
+        // B has none of them: the queue empties, but the dropped ids were
+        // never asked for, so the session is not recorded as complete.
+        let response = b.process(&arrived(&next, PEER_A)).pop().unwrap();
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
+        assert_eq!(
+            a.host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_B}' AND last_sync_ms IS NULL"
+            )),
+            1
+        );
+        assert!(a.handler.state().sessions.is_empty());
+    }
+
+    #[test]
+    fn need_beyond_the_responders_limit_is_deferred_not_lost() {
+        let (a, b) = two_peers();
+        b.run_job(&limits(100)); // B serves at most 100 events per round
+        add_events(&b.host, 1, 0..2_500);
+        let outcome = session(&a, &b, 1000);
+        let mut stored = outcome.stored;
+        stored.sort();
+        let mut expected = event_bytes(1, 0..2_500);
+        expected.sort();
+        assert_eq!(stored, expected);
+        assert!(outcome.rounds >= 25);
+        assert!(
+            a.host.count(&format!(
+                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
+            )) > 0
+        );
+    }
+
+    #[test]
+    fn a_schedule_left_far_ahead_by_our_clock_stepping_back_is_reset() {
+        let mut host = host("127.0.0.1:7002");
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+            .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        let due_in = |host: &TestHost, ms: i64| {
+            host.db()
+                .execute(
+                    "UPDATE sync_sessions SET next_start_ms = ?1",
+                    [quiet_host::db::now_ms() + ms],
+                )
+                .unwrap()
+        };
+        // The schedule can run ahead by an interval plus the tolerance of
+        // its own accord: that is still kept...
+        due_in(&host, 4_000);
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+            .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_rate_limited"), 1);
+        // ...but an hour ahead means our clock stepped back an hour.
+        due_in(&host, 3_600_000);
+        let before = quiet_host::db::now_ms();
+        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+            .unwrap();
+        assert_eq!(host.take_sent().len(), 1);
+        let next_start_ms = host.count("SELECT next_start_ms FROM sync_sessions");
+        assert!((before + 3_000..=quiet_host::db::now_ms() + 3_000).contains(&next_start_ms));
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
 }
