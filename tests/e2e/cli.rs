@@ -10,7 +10,7 @@ use std::{
 
 use quiet_test_support::{plugin, HostDirs};
 
-use crate::bin;
+use crate::{bin, one_line_error};
 
 fn quiet(args: &[&str], data: &Path) -> Output {
     Command::new(bin())
@@ -19,19 +19,6 @@ fn quiet(args: &[&str], data: &Path) -> Output {
         .arg(data)
         .output()
         .unwrap()
-}
-
-/// Asserts `out` failed with exit code 2 and one `error: ` line holding
-/// every one of `needles`.
-fn one_line_error(out: &Output, needles: &[&str]) -> String {
-    assert_eq!(out.status.code(), Some(2), "exit status {:?}", out.status);
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
-    }
-    stderr
 }
 
 #[test]
@@ -53,13 +40,9 @@ fn a_port_in_use_is_refused_with_what_to_do() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
     let dirs = HostDirs::new("jobs: []\n");
-    let out = Command::new(bin())
-        .args(["run", "--listen", &port, "--data"])
-        .arg(&dirs.data)
-        .arg("--plugins")
-        .arg(&dirs.plugins)
-        .arg("--jobs")
-        .arg(&dirs.jobs)
+    let out = dirs
+        .run_command(&bin())
+        .args(["--listen", &port])
         .output()
         .unwrap();
     one_line_error(
@@ -83,17 +66,7 @@ fn a_damaged_or_exposed_identity_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let run = |dirs: &HostDirs| {
-        Command::new(bin())
-            .args(["run", "--data"])
-            .arg(&dirs.data)
-            .arg("--plugins")
-            .arg(&dirs.plugins)
-            .arg("--jobs")
-            .arg(&dirs.jobs)
-            .output()
-            .unwrap()
-    };
+    let run = |dirs: &HostDirs| dirs.run_command(&bin()).output().unwrap();
     one_line_error(
         &run(&dirs),
         &["identity.key", "not an identity key", "32 bytes"],

@@ -393,43 +393,19 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Output, Duration) {
     )
 }
 
-fn run_cmd(dirs: &HostDirs) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.args(["run", "--data"])
-        .arg(&dirs.data)
-        .arg("--plugins")
-        .arg(&dirs.plugins)
-        .arg("--jobs")
-        .arg(&dirs.jobs);
-    cmd
-}
-
-/// The one line of stderr, checked to be a single `error: ` line.
-fn single_error_line(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "stderr is not one line:\n{stderr}");
-    assert!(lines[0].starts_with("error: "), "stderr: {stderr}");
-    lines[0].to_owned()
-}
-
 #[test]
 fn a_second_host_on_the_same_data_folder_is_refused() {
     let (dirs, host) =
         crate::ticker_host("jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n");
     ticks_grow(&host, &dirs.data, 0, "before the second host");
 
-    let (out, took) = run_with_timeout(run_cmd(&dirs), Duration::from_secs(10));
-    assert!(
-        !out.status.success(),
-        "a second host on the same data folder started: {:?}",
-        out.status
-    );
-    let line = single_error_line(&out);
-    assert!(line.contains("is in use by another quiet-host"), "{line}");
-    assert!(
-        line.contains(&format!("pid {}", host.pid())),
-        "the holder's pid is not named: {line}"
+    let (out, took) = run_with_timeout(dirs.run_command(&bin()), Duration::from_secs(10));
+    crate::one_line_error(
+        &out,
+        &[
+            "is in use by another quiet-host",
+            &format!("pid {}", host.pid()),
+        ],
     );
 
     // The first host is untouched.
@@ -448,14 +424,7 @@ fn a_second_host_on_the_same_data_folder_is_refused() {
 #[test]
 fn bad_jobs_yaml_at_startup_is_refused_with_its_line() {
     let dirs = HostDirs::new("jobs:\n  - name: a\n    handler: ticker\n    frequency_ms: 5\n");
-    let (out, took) = run_with_timeout(run_cmd(&dirs), Duration::from_secs(10));
-    assert!(
-        !out.status.success(),
-        "a host started with a bad jobs.yaml: {:?}",
-        out.status
-    );
-    let line = single_error_line(&out);
-    assert!(line.contains("jobs.yaml:4:"), "{line}");
-    assert!(line.contains("frequency_ms"), "{line}");
+    let (out, took) = run_with_timeout(dirs.run_command(&bin()), Duration::from_secs(10));
+    let line = crate::one_line_error(&out, &["jobs.yaml:4:", "frequency_ms"]);
     eprintln!("bad jobs.yaml refused in {took:?}: {line}");
 }

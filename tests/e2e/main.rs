@@ -54,6 +54,19 @@ pub fn plugin_file<'a>(status: &'a serde_json::Value, file: &str) -> Option<&'a 
     })
 }
 
+/// Asserts `out` failed with exit code 2 and one `error: ` line of stderr
+/// holding every one of `needles`; returns that line.
+pub fn one_line_error(out: &std::process::Output, needles: &[&str]) -> String {
+    assert_eq!(out.status.code(), Some(2), "exit status {:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
+    }
+    stderr
+}
+
 /// Fresh folders holding `jobs_yaml` and the ticker plugin (v1) as
 /// `libticker.so`, and a host running on them.
 pub fn ticker_host(jobs_yaml: &str) -> (HostDirs, HostProcess) {

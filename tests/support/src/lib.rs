@@ -167,6 +167,20 @@ impl HostDirs {
     }
 }
 
+impl HostDirs {
+    /// `bin run` on these folders, for the caller to add to and start.
+    pub fn run_command(&self, bin: &Path) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--data"])
+            .arg(&self.data)
+            .arg("--plugins")
+            .arg(&self.plugins)
+            .arg("--jobs")
+            .arg(&self.jobs);
+        cmd
+    }
+}
+
 /// A running `quiet-host run` child process; killed on drop.
 pub struct HostProcess {
     child: Child,
@@ -188,13 +202,8 @@ impl HostProcess {
 
     /// Like [`HostProcess::start`], with more arguments for `run`.
     pub fn start_with(bin: &Path, dirs: &HostDirs, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin)
-            .args(["run", "--data"])
-            .arg(&dirs.data)
-            .arg("--plugins")
-            .arg(&dirs.plugins)
-            .arg("--jobs")
-            .arg(&dirs.jobs)
+        let mut child = dirs
+            .run_command(bin)
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
