@@ -127,6 +127,10 @@ type Key = (String, String);
 #[derive(Default)]
 struct State {
     limits: Limits,
+    /// The responder's reconciliation storage per network, with the events
+    /// table's largest rowid when it was built: a peer catching up sends many
+    /// rounds, and rebuilding the storage for each was most of their cost.
+    storages: HashMap<String, (i64, NegentropyStorageVector)>,
     sessions: HashMap<Key, Session>,
     /// The one request in flight of each session: request id → session.
     requests: HashMap<String, Key>,
@@ -169,6 +173,37 @@ impl Session {
 }
 
 impl SyncHandler {
+    /// The server side of one reconciliation round, over a cached storage
+    /// that is rebuilt only when events were added since.
+    fn reconcile_as_responder(
+        &self,
+        ctx: &mut Context<'_>,
+        network_id: &str,
+        message: &[u8],
+    ) -> Result<Result<Vec<u8>, negentropy::Error>, PluginError> {
+        // Events are never deleted, so the largest rowid moves whenever the
+        // table changes; reading it is one index step.
+        let version = ctx
+            .query("SELECT COALESCE(MAX(rowid), 0) FROM events", params![])?
+            .first()
+            .and_then(|r| r.int(0))
+            .unwrap_or(0);
+        let fresh = self
+            .state()
+            .storages
+            .get(network_id)
+            .is_some_and(|(v, _)| *v == version);
+        if !fresh {
+            let storage = event_storage(ctx, network_id)?;
+            self.state()
+                .storages
+                .insert(network_id.to_owned(), (version, storage));
+        }
+        let state = self.state();
+        let (_, storage) = &state.storages[network_id];
+        Ok(Negentropy::borrowed(storage, FRAME_SIZE_LIMIT)?.reconcile(message))
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -296,8 +331,7 @@ impl SyncHandler {
         let negentropy = if req.negentropy.is_empty() {
             Value::Null
         } else {
-            let storage = event_storage(ctx, req.network_id)?;
-            match Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.reconcile(req.negentropy) {
+            match self.reconcile_as_responder(ctx, req.network_id, req.negentropy)? {
                 Ok(reply) => Value::from(reply),
                 Err(e) => {
                     ctx.debug(&format!("bad negentropy message from {}: {e}", req.peer_id));
