@@ -161,11 +161,16 @@ impl Scheduler {
             let now = db::now_ms();
             let last = last_run(&self.conn, &job.name)?;
             let next_due = if is_due(last, job.frequency_ms, now) {
-                if self.run_job(job, &registry, now)? {
-                    now + job.frequency_ms as i64
-                } else {
+                match self.run_job(job, &registry, now) {
+                    Ok(true) => now + job.frequency_ms as i64,
                     // Blocked until a reload wakes us.
-                    continue;
+                    Ok(false) => continue,
+                    // A database error (a lock held too long, a full disk)
+                    // costs this job this run, not the jobs after it.
+                    Err(e) => {
+                        tracing::error!(job = %job.name, "job not run: database error: {e}");
+                        now + MAX_SLEEP.as_millis() as i64
+                    }
                 }
             } else {
                 last.unwrap_or(now) + job.frequency_ms as i64
