@@ -17,9 +17,13 @@
 //!   to, unless one is still running: it sends round 0 with negentropy's
 //!   opening message. Each response ([`SyncHandler::process`]) is turned
 //!   into `store_event` envelopes for the host's event store, the peers it
-//!   names are remembered, and the session goes on at once with round + 1:
-//!   the next negentropy message plus up to `max_events_per_response` of the
-//!   ids still needed. When both are exhausted the session is complete and
+//!   names are remembered, and the session goes on at once with the next
+//!   round: the next negentropy message plus up to `max_events_per_response`
+//!   of the ids still needed. Up to [`WINDOW`] requests of a session travel
+//!   at once (only one of them carries a negentropy message), so fetching a
+//!   large difference does not wait a round trip per batch; they leave in
+//!   order on one connection, as the responder's in-order check needs. When
+//!   everything is answered and nothing is left, the session is complete and
 //!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
 //!   other side pulls them in its own sessions.
 //! - **Responder.** A request is answered only if its sender is who it says,
@@ -66,6 +70,9 @@ const DEFAULT_MAX_ROUNDS_PER_SESSION: i64 = 512;
 const MIN_SESSION_INTERVAL_MS: i64 = 3_000;
 /// How early a new session may come without being refused; see [`admit`].
 const SESSION_START_TOLERANCE_MS: i64 = 1_000;
+/// Requests of one session in flight at once: fetching needed ids is
+/// latency-bound, so several batches travel while one is being stored.
+const WINDOW: usize = 4;
 /// Negentropy's frame size limit: bounds each reconciliation message.
 const FRAME_SIZE_LIMIT: u64 = 60_000;
 /// Ids per `IN (...)` query, well below SQLite's parameter limit.
@@ -132,7 +139,7 @@ struct State {
     /// rounds, and rebuilding the storage for each was most of their cost.
     storages: HashMap<String, (i64, NegentropyStorageVector)>,
     sessions: HashMap<Key, Session>,
-    /// The one request in flight of each session: request id → session.
+    /// The requests in flight: request id → session.
     requests: HashMap<String, Key>,
 }
 
@@ -145,8 +152,12 @@ struct Session {
     reply_ip: String,
     reply_port: i64,
     session_id: String,
-    /// The round of the request in flight.
+    /// The round the next request will carry.
     round: i64,
+    /// Requests sent and not yet answered, at most [`WINDOW`].
+    in_flight: usize,
+    /// The request in flight that carries our latest negentropy message.
+    reconciling_request: Option<String>,
     /// The negentropy client while reconciliation is under way; then the
     /// request in flight carries its latest message.
     reconciler: Option<Negentropy<'static, NegentropyStorageVector>>,
@@ -284,13 +295,17 @@ impl Handler for SyncHandler {
                 reply_port,
                 session_id: random_hex(),
                 round: 0,
+                in_flight: 0,
+                reconciling_request: None,
                 reconciler: Some(reconciler),
                 needs: VecDeque::new(),
                 dropped_needs: false,
                 sent_ms: 0,
                 expires_ms: 0,
             };
-            out.push(state.send(session, opening, &ours, now));
+            let k = key(peer_id, network_id);
+            state.sessions.insert(k.clone(), session);
+            out.push(state.send(&k, opening, &ours, now));
         }
         Ok(out)
     }
@@ -388,13 +403,15 @@ impl SyncHandler {
         ctx: &mut Context<'_>,
     ) -> Result<Vec<Envelope>, PluginError> {
         let now = ctx.now_ms();
-        let mut state = self.state();
-        let session = env
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let answered = env
             .str(field::IN_RESPONSE_TO)
-            .and_then(|id| state.take_session(id, now));
-        let Some(mut session) = session else {
+            .and_then(|id| state.answered(id, now));
+        let Some(k) = answered else {
             return dropped(ctx, "sync_unknown_response");
         };
+        let session = state.sessions.get_mut(&k).expect("answered() checked it");
         let response = env.plaintext().and_then(Response::parse).filter(|r| {
             env.str("sender_peer_id") == Some(session.peer_id.as_str())
                 && r.network_id == session.network_id
@@ -403,6 +420,7 @@ impl SyncHandler {
         // The host accepts one response per request, so a bad one ends the
         // session; the next tick starts a new one.
         let Some(resp) = response else {
+            state.sessions.remove(&k);
             return dropped(ctx, "sync_rejected_response");
         };
         let ours = ctx.identity().peer_id.to_string();
@@ -420,12 +438,20 @@ impl SyncHandler {
         learn_peers(ctx, &session.network_id, resp.peers, &ours)?;
         session.queue(resp.deferred);
 
-        // A responder that does not answer our negentropy message ends the
-        // reconciliation; the needs already found are still fetched.
+        // Only the answer to our reconciliation request carries its reply
+        // (the others only fetch ids). A responder that does not answer our
+        // negentropy message ends the reconciliation; the needs already
+        // found are still fetched.
         let mut next = None;
-        if let (Some(mut reconciler), false) =
-            (session.reconciler.take(), resp.negentropy.is_empty())
-        {
+        let answers_reconciliation = session.reconciling_request.is_some()
+            && session.reconciling_request.as_deref() == env.str(field::IN_RESPONSE_TO);
+        let reconciler = if answers_reconciliation {
+            session.reconciling_request = None;
+            session.reconciler.take()
+        } else {
+            None
+        };
+        if let (Some(mut reconciler), false) = (reconciler, resp.negentropy.is_empty()) {
             let (mut have, mut need) = (Vec::new(), Vec::new());
             match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
                 Ok(msg) => {
@@ -440,13 +466,17 @@ impl SyncHandler {
                         "bad negentropy reply from {}: {e}",
                         session.peer_id
                     ));
+                    state.sessions.remove(&k);
                     counter(ctx, "sync_rejected_response")?;
                     return Ok(out);
                 }
             }
         }
 
-        if next.is_none() && session.needs.is_empty() {
+        let reconciling = session.reconciler.is_some();
+        let done = next.is_none() && !reconciling && session.needs.is_empty();
+        if done && session.in_flight == 0 {
+            let session = state.sessions.remove(&k).expect("still there");
             // Ids dropped for MAX_NEEDS are still missing: the session is not
             // complete, and the next one reconciles again.
             if !session.dropped_needs {
@@ -457,18 +487,34 @@ impl SyncHandler {
             }
             return Ok(out);
         }
-        if session.round + 1 >= state.limits.max_rounds {
-            ctx.warn(&format!(
-                "sync session with {} in {} ended after {} rounds with {} ids still needed",
-                session.peer_id,
-                session.network_id,
-                state.limits.max_rounds,
-                session.needs.len()
-            ));
-            return Ok(out);
+        // The next reconciliation message goes at once (with needed ids);
+        // while it is out, and once reconciliation is over, more requests
+        // for needed ids keep up to WINDOW in flight, so that fetching does
+        // not wait a round trip per batch. They leave in order on one
+        // connection, which the responder's in-order check relies on.
+        let mut message = next;
+        loop {
+            let session = &state.sessions[&k];
+            let more =
+                message.is_some() || (!session.needs.is_empty() && session.in_flight < WINDOW);
+            if !more {
+                break;
+            }
+            if session.round >= state.limits.max_rounds {
+                ctx.warn(&format!(
+                    "sync session with {} in {} ended after {} rounds with {} ids still needed",
+                    session.peer_id,
+                    session.network_id,
+                    state.limits.max_rounds,
+                    session.needs.len()
+                ));
+                if session.in_flight == 0 {
+                    state.sessions.remove(&k);
+                }
+                break;
+            }
+            out.push(state.send(&k, message.take().unwrap_or_default(), &ours, now));
         }
-        session.round += 1;
-        out.push(state.send(session, next.unwrap_or_default(), &ours, now));
         Ok(out)
     }
 }
@@ -477,13 +523,9 @@ impl State {
     /// Builds the request for `session`'s current round (with `negentropy`
     /// and the next batch of needed ids) and keeps the session until its
     /// response arrives or the request expires.
-    fn send(
-        &mut self,
-        mut session: Session,
-        negentropy: Vec<u8>,
-        ours: &str,
-        now: i64,
-    ) -> Envelope {
+    fn send(&mut self, k: &Key, negentropy: Vec<u8>, ours: &str, now: i64) -> Envelope {
+        let session = self.sessions.get_mut(k).expect("a session to send for");
+        let negentropy_sent = !negentropy.is_empty();
         let batch = session.needs.len().min(self.limits.max_events);
         let need: Vec<Value> = session
             .needs
@@ -521,18 +563,26 @@ impl State {
             "transit_ttl_ms" => self.limits.ttl_ms,
             "event_plaintext" => plaintext,
         };
-        let k = key(&session.peer_id, &session.network_id);
+        session.round += 1;
+        session.in_flight += 1;
+        if negentropy_sent {
+            session.reconciling_request = Some(request_id.clone());
+        }
         self.requests.insert(request_id, k.clone());
-        self.sessions.insert(k, session);
         env
     }
 
-    /// The session whose request in flight is `request_id`, taken out of
-    /// the state; `None` if there is none or the request has expired.
-    fn take_session(&mut self, request_id: &str, now: i64) -> Option<Session> {
+    /// The session that `request_id` belongs to, with that request no
+    /// longer in flight; `None` if there is none or it has expired.
+    fn answered(&mut self, request_id: &str, now: i64) -> Option<Key> {
         let k = self.requests.remove(request_id)?;
-        let session = self.sessions.remove(&k)?;
-        (now <= session.expires_ms).then_some(session)
+        let session = self.sessions.get_mut(&k)?;
+        if now > session.expires_ms {
+            self.sessions.remove(&k);
+            return None;
+        }
+        session.in_flight = session.in_flight.saturating_sub(1);
+        Some(k)
     }
 
     /// Forgets sessions whose request in flight has expired (lost on the
@@ -897,7 +947,9 @@ mod tests {
     use quiet_host::{context::HostContext, testing::TestHost};
     use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
-    use super::{random_hex, SyncHandler};
+    use std::collections::VecDeque;
+
+    use super::{random_hex, SyncHandler, WINDOW};
 
     const NET: &str = "net-1";
     /// Peer ids, as the host writes them: 64 hex digits.
@@ -1299,7 +1351,9 @@ mod tests {
             stored: Vec::new(),
             rounds: 0,
         };
-        while let Some(request) = requests.pop() {
+        // First in, first out: requests travel in order on one connection.
+        let mut requests: VecDeque<Envelope> = requests.into();
+        while let Some(request) = requests.pop_front() {
             out.rounds += 1;
             assert!(out.rounds < 100, "the session does not end");
             assert_eq!(
@@ -1318,11 +1372,11 @@ mod tests {
                         out.stored
                             .push(env.bytes("event_ciphertext").unwrap().to_vec());
                     }
-                    Some("sync_request") => requests.push(env),
+                    Some("sync_request") => requests.push_back(env),
                     other => panic!("unexpected {other:?}"),
                 }
             }
-            assert!(requests.len() <= 1);
+            assert!(requests.len() <= WINDOW);
         }
         out
     }
@@ -1521,8 +1575,8 @@ mod tests {
         // clock stepped back.
         for now in [t0, t0, t0 - 5_000] {
             let id = request_id.as_ref().and_then(Value::as_str).unwrap();
-            let session = state.take_session(id, now).unwrap();
-            let next = state.send(session, Vec::new(), PEER_A, now);
+            let k = state.answered(id, now).unwrap();
+            let next = state.send(&k, Vec::new(), PEER_A, now);
             sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
             request_id = next.plaintext().unwrap().get("request_id").cloned();
         }
