@@ -19,7 +19,7 @@
 //!   into `store_event` envelopes for the host's event store, the peers it
 //!   names are remembered, and the session goes on at once with the next
 //!   round: the next negentropy message plus up to `max_events_per_response`
-//!   of the ids still needed. Up to [`WINDOW`] requests of a session travel
+//!   of the ids still needed. Up to `WINDOW` (4) requests of a session travel
 //!   at once (only one of them carries a negentropy message), so fetching a
 //!   large difference does not wait a round trip per batch; they leave in
 //!   order on one connection, as the responder's in-order check needs. When
