@@ -774,10 +774,13 @@ fn fetch_events(
         let marks = vec!["?"; chunk.len()].join(", ");
         let mut args = vec![Value::from(network_id)];
         args.extend(chunk.iter().map(|id| Value::from(**id)));
+        // `+network_id` keeps SQLite from choosing the network index, which
+        // scans every event of the network per query (measured: 17 ms for
+        // 500 ids out of 50,000, against 2.7 ms by the primary key).
         let rows = ctx.query(
             &format!(
                 "SELECT created_ms, event_id, event FROM events \
-                 WHERE network_id = ? AND event_id IN ({marks})"
+                 WHERE +network_id = ? AND event_id IN ({marks})"
             ),
             &args,
         )?;
