@@ -84,6 +84,19 @@ fn events(data: &Path, network: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// Sends `n` messages (`text(i)`) on a running host and waits until it
+/// has stored them all; returns their event ids.
+fn fill(data: &Path, network: &str, n: usize, text: impl Fn(usize) -> String) -> Vec<String> {
+    let texts: Vec<String> = (0..n).map(text).collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids = quiet_host::commands::message_send_many(data, network, &texts).unwrap();
+    wait_for(Duration::from_secs(60), || {
+        (events(data, network) == n as i64).then_some(())
+    })
+    .expect("the host did not store its own messages");
+    ids
+}
+
 fn counter(status: &serde_json::Value, name: &str) -> i64 {
     status["counters"][name].as_i64().unwrap_or(0)
 }
@@ -168,19 +181,12 @@ fn ten_thousand_messages_reach_a_fresh_peer_with_none_missing_or_doubled() {
     const N: usize = 10_000;
     let (a_dirs, a) = sync_host();
     let (invite, net) = create_network(&a_dirs.data);
-    let texts: Vec<String> = (0..N)
-        .map(|i| format!("message {i:05} {}", "x".repeat(900)))
-        .collect();
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let sent: HashSet<String> = quiet_host::commands::message_send_many(&a_dirs.data, &net, &texts)
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(sent.len(), N);
-    wait_for(Duration::from_secs(60), || {
-        (events(&a_dirs.data, &net) == N as i64).then_some(())
+    let sent: HashSet<String> = fill(&a_dirs.data, &net, N, |i| {
+        format!("message {i:05} {}", "x".repeat(900))
     })
-    .expect("A did not store its own messages");
+    .into_iter()
+    .collect();
+    assert_eq!(sent.len(), N);
 
     let (b_dirs, b) = sync_host();
     let started = Instant::now();
@@ -261,13 +267,7 @@ fn a_host_restarted_mid_sync_resumes_and_converges() {
     const N: usize = 5_000;
     let (a_dirs, a) = sync_host();
     let (invite, net) = create_network(&a_dirs.data);
-    let texts: Vec<String> = (0..N).map(|i| format!("restart {i}")).collect();
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    quiet_host::commands::message_send_many(&a_dirs.data, &net, &texts).unwrap();
-    wait_for(Duration::from_secs(60), || {
-        (events(&a_dirs.data, &net) == N as i64).then_some(())
-    })
-    .unwrap();
+    fill(&a_dirs.data, &net, N, |i| format!("restart {i}"));
 
     let (b_dirs, b) = sync_host();
     cli(&b_dirs.data, &["network", "join", &invite]);
