@@ -129,8 +129,9 @@ pub enum StartError {
 pub struct RunningHost {
     scheduler: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     to_scheduler: mpsc::SyncSender<Signal>,
-    stop_watcher: Arc<AtomicBool>,
+    stop_threads: Arc<AtomicBool>,
     _lock: File,
     /// This host's peer id.
     pub peer_id: String,
@@ -141,11 +142,15 @@ pub struct RunningHost {
 impl RunningHost {
     /// Finishes the job in hand, stops every thread and releases the lock.
     pub fn shutdown(mut self) {
-        self.stop_watcher.store(true, Ordering::SeqCst);
+        self.stop_threads.store(true, Ordering::SeqCst);
         let _ = self.to_scheduler.send(Signal::Shutdown);
-        for t in [self.scheduler.take(), self.watcher.take()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.scheduler.take(),
+            self.watcher.take(),
+            self.checkpointer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = t.join();
         }
@@ -193,10 +198,16 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         to_scheduler.clone(),
     )
     .map_err(db_err)?;
+    let wire = Wire {
+        identity: identity.clone(),
+        live: Arc::new(LiveRequests::default()),
+        keys: keys.clone(),
+        counters: counters.clone(),
+    };
     let listen_addr = match &opts.listen {
         Some(address) => Some(
-            network::listen(address, to_scheduler.clone(), counters.clone()).map_err(|e| {
-                StartError::Listen {
+            network::listen(address, Inbound::new(wire.clone()), to_scheduler.clone()).map_err(
+                |e| StartError::Listen {
                     address: address.clone(),
                     message: match e.kind() {
                         std::io::ErrorKind::AddrInUse => {
@@ -204,8 +215,8 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
                         }
                         _ => e.to_string(),
                     },
-                }
-            })?,
+                },
+            )?,
         ),
         None => None,
     };
@@ -218,12 +229,6 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     reloader.initial_config()?;
     reloader.sync();
 
-    let wire = Wire {
-        identity: identity.clone(),
-        live: Arc::new(LiveRequests::default()),
-        keys,
-        counters: counters.clone(),
-    };
     let outbox: Box<dyn Outbox + Send> = match listen_addr {
         Some(_) => Box::new(NetworkOutbox::new(wire.clone())),
         None => Box::new(NoTransport),
@@ -233,17 +238,15 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         outbox,
         store: Some(store),
     };
-    let mut scheduler = Scheduler::new(
-        db::open(data).map_err(db_err)?,
+    let scheduler = Scheduler::new(
+        db::open_engine(data).map_err(db_err)?,
         plugins,
         config,
         services,
         signals,
         counters.clone(),
     );
-    if listen_addr.is_some() {
-        scheduler = scheduler.with_inbound(Inbound::new(wire));
-    } else {
+    if listen_addr.is_none() {
         tracing::warn!(
             "not listening (no --listen): peers cannot reach this host and it cannot sync"
         );
@@ -253,8 +256,10 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         .spawn(move || scheduler.run())
         .expect("spawning a thread");
 
-    let stop_watcher = Arc::new(AtomicBool::new(false));
-    let watcher = spawn_watcher(opts, reloader, stop_watcher.clone())?;
+    let stop_threads = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_watcher(opts, reloader, stop_threads.clone())?;
+    let checkpointer =
+        db::spawn_checkpointer(db::open(data).map_err(db_err)?, stop_threads.clone());
     tracing::info!(
         peer_id = %identity.peer_id(),
         data = %data.display(),
@@ -264,8 +269,9 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     Ok(RunningHost {
         scheduler: Some(scheduler),
         watcher: Some(watcher),
+        checkpointer: Some(checkpointer),
         to_scheduler,
-        stop_watcher,
+        stop_threads,
         _lock: lock,
         peer_id: identity.peer_id(),
         listen_addr,

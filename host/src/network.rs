@@ -3,14 +3,16 @@
 //!
 //! **In** (socket → envelope): a reader thread per connection reads
 //! length-prefixed frames (at most [`MAX_FRAME`] bytes; a larger length
-//! closes the connection) and queues them for the engine thread without
-//! blocking; when the queue is full the frame is dropped and counted, so a
-//! flood cannot grow memory. The engine calls [`Inbound::open`]: transit
+//! closes the connection) and opens each with [`Inbound::open`]: transit
 //! crypto unwraps a response with the transit secret of a live request of
 //! ours, event crypto opens the sealed box with our key and verifies the
 //! sender, and the decoded map becomes an envelope. Anything that fails is
 //! dropped and counted; nothing from the network reaches a plugin before it
-//! has been authenticated this far.
+//! has been authenticated this far. The reader then queues the envelope for
+//! the engine thread without blocking; when the queue is full it is dropped
+//! and counted, so a flood cannot grow memory. Opening on the reader keeps
+//! the crypto off the engine thread, which owns the database: during a
+//! catch-up the two run on separate cores.
 //!
 //! **Out** (envelope → socket): [`NetworkOutbox`] seals `event_plaintext` to
 //! `seal_to`, wraps it (a request registers its transit secret; a response
@@ -63,32 +65,35 @@ const IDLE: Duration = Duration::from_secs(120);
 /// Default life of a transit secret.
 pub const DEFAULT_TRANSIT_TTL_MS: i64 = 30_000;
 
-/// One frame as it arrived.
+/// An authenticated envelope from the network, on its way to the engine.
 #[derive(Debug)]
-pub struct Frame {
-    /// Who sent it (the socket's peer address; not authenticated).
-    pub from: SocketAddr,
-    /// The bytes.
-    pub bytes: Vec<u8>,
-    /// Its share of the bytes that may wait for the engine, given back when
-    /// the frame is dropped.
+pub struct Received {
+    /// The envelope [`Inbound::open`] made of the frame.
+    pub envelope: Envelope,
+    /// Its frame's share of the bytes that may wait for the engine, given
+    /// back when the engine is done with it.
     _reserved: Reserved,
 }
 
-impl Frame {
-    /// A frame outside the queue budget (for tests and simulators).
-    pub fn new(from: SocketAddr, bytes: Vec<u8>) -> Self {
+impl Received {
+    /// An envelope outside the queue budget (for tests and simulators).
+    pub fn new(envelope: Envelope) -> Self {
         Self {
-            from,
-            bytes,
+            envelope,
             _reserved: Reserved(None),
         }
     }
+
+    /// The envelope, and the budget share to hold while working on it.
+    pub fn into_parts(self) -> (Envelope, Reserved) {
+        (self.envelope, self._reserved)
+    }
 }
 
-/// Bytes taken from the budget of frames waiting for the engine.
+/// Bytes taken from the budget of frames waiting for the engine, given
+/// back when dropped.
 #[derive(Debug)]
-struct Reserved(Option<(Arc<AtomicUsize>, usize)>);
+pub struct Reserved(Option<(Arc<AtomicUsize>, usize)>);
 
 impl Reserved {
     fn take(budget: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
@@ -109,13 +114,16 @@ impl Drop for Reserved {
     }
 }
 
-/// Listens on `address` and queues frames for the engine. Returns the bound
-/// address (useful with port 0).
+/// Listens on `address`, opens frames with `inbound` and queues what
+/// authenticates for the engine. Returns the bound address (useful with
+/// port 0).
 pub fn listen(
     address: &str,
+    inbound: Inbound,
     engine: SyncSender<Signal>,
-    counters: Arc<Counters>,
 ) -> io::Result<SocketAddr> {
+    let inbound = Arc::new(inbound);
+    let counters = inbound.wire.counters.clone();
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
@@ -129,14 +137,14 @@ pub fn listen(
                     counters.bump("drop_too_many_connections");
                     continue;
                 }
-                let (engine, counters, open, budget) = (
+                let (inbound, engine, open, budget) = (
+                    inbound.clone(),
                     engine.clone(),
-                    counters.clone(),
                     open.clone(),
                     budget.clone(),
                 );
                 let _ = thread::Builder::new().name("reader".into()).spawn(move || {
-                    read_frames(stream, &engine, &budget, &counters);
+                    read_frames(stream, &inbound, &engine, &budget);
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -146,10 +154,11 @@ pub fn listen(
 
 fn read_frames(
     mut stream: TcpStream,
+    inbound: &Inbound,
     engine: &SyncSender<Signal>,
     budget: &Arc<AtomicUsize>,
-    counters: &Counters,
 ) {
+    let counters = &inbound.wire.counters;
     let Ok(from) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(IDLE));
     loop {
@@ -179,9 +188,11 @@ fn read_frames(
             counters.bump("drop_truncated_frame");
             return;
         }
-        match engine.try_send(Signal::Frame(Frame {
-            from,
-            bytes,
+        let Some(envelope) = inbound.open(from, &bytes) else {
+            continue;
+        };
+        match engine.try_send(Signal::Received(Received {
+            envelope,
             _reserved: reserved,
         })) {
             Ok(()) => {}
@@ -217,13 +228,13 @@ impl Inbound {
         Self { wire }
     }
 
-    /// The envelope in `frame`, or `None` (counted) if it does not
-    /// authenticate or decode.
-    pub fn open(&self, frame: &Frame) -> Option<Envelope> {
-        match self.try_open(&frame.bytes) {
+    /// The envelope in a frame that came `from` a socket address, or `None`
+    /// (counted) if it does not authenticate or decode.
+    pub fn open(&self, from: SocketAddr, frame: &[u8]) -> Option<Envelope> {
+        match self.try_open(frame) {
             Ok(envelope) => Some(envelope),
             Err(counter) => {
-                tracing::debug!(from = %frame.from, "dropped frame: {counter}");
+                tracing::debug!(%from, "dropped frame: {counter}");
                 self.wire.counters.bump(counter);
                 None
             }

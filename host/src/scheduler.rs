@@ -33,7 +33,7 @@ use crate::{
     db,
     handler::{CallError, LoadedHandler},
     jobs::{JobSpec, JobsConfig},
-    network::{Frame, Inbound},
+    network::Received,
     pipeline::{Pipeline, Services, Source},
     registry::{Plugins, Registry},
 };
@@ -53,8 +53,8 @@ const FRAME_BATCH: usize = 256;
 pub enum Signal {
     /// The configuration or the plugins changed: look again now.
     Wake,
-    /// A frame from the network.
-    Frame(Frame),
+    /// An authenticated envelope from the network.
+    Received(Received),
     /// Finish the work in hand and stop.
     Shutdown,
 }
@@ -77,7 +77,6 @@ pub struct Scheduler {
     services: Services,
     signals: Receiver<Signal>,
     counters: Arc<Counters>,
-    inbound: Option<Inbound>,
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
     blocked: HashMap<String, (String, u64)>,
@@ -100,15 +99,8 @@ impl Scheduler {
             services,
             signals,
             counters,
-            inbound: None,
             blocked: HashMap::new(),
         }
-    }
-
-    /// Also handles frames from the network, opened by `inbound`.
-    pub fn with_inbound(mut self, inbound: Inbound) -> Self {
-        self.inbound = Some(inbound);
-        self
     }
 
     /// Runs due jobs until told to stop.
@@ -124,14 +116,14 @@ impl Scheduler {
             match self.signals.recv_timeout(sleep) {
                 Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Signal::Frame(first)) => {
+                Ok(Signal::Received(first)) => {
                     // Take what else is queued, up to a batch, into one
                     // transaction.
                     let mut frames = vec![first];
                     let mut stop = false;
                     while frames.len() < FRAME_BATCH {
                         match self.signals.try_recv() {
-                            Ok(Signal::Frame(f)) => frames.push(f),
+                            Ok(Signal::Received(f)) => frames.push(f),
                             Ok(Signal::Wake) => {}
                             Ok(Signal::Shutdown) => {
                                 stop = true;
@@ -140,7 +132,7 @@ impl Scheduler {
                             Err(_) => break,
                         }
                     }
-                    if let Err(e) = self.receive(&frames) {
+                    if let Err(e) = self.receive(frames) {
                         tracing::error!("engine: database error while receiving: {e}");
                     }
                     if stop {
@@ -188,16 +180,12 @@ impl Scheduler {
         Ok(sleep)
     }
 
-    /// Runs frames from the network through the pipeline, in one
-    /// transaction. Frames that do not authenticate are dropped and counted.
-    fn receive(&mut self, frames: &[Frame]) -> rusqlite::Result<()> {
-        let Some(inbound) = &self.inbound else {
-            return Ok(());
-        };
-        let envelopes: Vec<Envelope> = frames.iter().filter_map(|f| inbound.open(f)).collect();
-        if envelopes.is_empty() {
-            return Ok(());
-        }
+    /// Runs envelopes from the network through the pipeline, in one
+    /// transaction. Their frames' bytes stay counted against the queue
+    /// budget until it is done.
+    fn receive(&mut self, received: Vec<Received>) -> rusqlite::Result<()> {
+        let (envelopes, _held): (Vec<Envelope>, Vec<_>) =
+            received.into_iter().map(Received::into_parts).unzip();
         let registry = self.plugins.current();
         let source = Source {
             plugin: None,
