@@ -1,5 +1,7 @@
-//! Counters of things the host dropped on purpose: malformed frames,
-//! unknown responses, failed seals, oversized frames, overload.
+//! Counters of things the host dropped on purpose (malformed frames,
+//! unknown responses, failed seals, oversized frames, overload) and of
+//! traffic (`net_frames_sent`, `net_bytes_sent`, `net_frames_received`,
+//! `net_bytes_received`: bytes on the wire, length prefixes included).
 //!
 //! Network threads have no database connection, and a flood must not turn
 //! into a flood of writes, so counts gather in memory and the engine thread
@@ -16,12 +18,17 @@ pub struct Counters(Mutex<HashMap<&'static str, i64>>);
 impl Counters {
     /// Counts one `name`.
     pub fn bump(&self, name: &'static str) {
+        self.add(name, 1);
+    }
+
+    /// Counts `n` more of `name`.
+    pub fn add(&self, name: &'static str, n: i64) {
         *self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(name)
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     /// Whether nothing is waiting to be flushed.

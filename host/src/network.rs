@@ -188,6 +188,8 @@ fn read_frames(
             counters.bump("drop_truncated_frame");
             return;
         }
+        counters.bump("net_frames_received");
+        counters.add("net_bytes_received", 4 + len as i64);
         let Some(envelope) = inbound.open(from, &bytes) else {
             continue;
         };
@@ -489,6 +491,8 @@ fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Coun
             let len = (frame.len() as u32).to_be_bytes();
             if s.write_all(&len).and_then(|()| s.write_all(&frame)).is_ok() {
                 sent = true;
+                counters.bump("net_frames_sent");
+                counters.add("net_bytes_sent", 4 + frame.len() as i64);
                 break;
             }
             stream = None;

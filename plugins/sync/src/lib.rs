@@ -14,8 +14,12 @@
 //!
 //! - **Requester.** The `sync_with_peers` job ([`SyncHandler::run_job`])
 //!   starts a session with every active address of every network we belong
-//!   to, unless one is still running: it sends round 0 with negentropy's
-//!   opening message. Each response ([`SyncHandler::process`]) is turned
+//!   to, unless one is still running: it sends round 0 with the summary of
+//!   our set (count and sum of ids, kept up to date in memory, see
+//!   `event_set`). If the responder's summary is the same, the sets are the
+//!   same and the session ends there: an idle round costs two small frames
+//!   and no pass over the ids. Otherwise round 1 opens reconciliation with
+//!   negentropy's first message. Each response ([`SyncHandler::process`]) is turned
 //!   into `store_event` envelopes for the host's event store, the peers it
 //!   names are remembered, and the session goes on at once with the next
 //!   round: the next negentropy message plus up to `max_events_per_response`
@@ -39,15 +43,18 @@
 //!   limit are listed in `deferred` and asked for again next round) and the
 //!   network's other active addresses.
 //!
-//! The negentropy server side is stateless, so the responder keeps nothing in
-//! memory. The requester's sessions (negentropy client state and the queue of
+//! The negentropy server side is stateless: the responder keeps no session,
+//! only the in-memory copy of our set of ids that both sides share (rebuilt
+//! from `events` after a restart or reload). The requester's sessions (negentropy client state and the queue of
 //! needed ids, capped so that a hostile responder cannot fill it) live in
 //! memory only: after a restart or a plugin reload the next tick simply
 //! starts new sessions.
 //!
 //! Dropped requests and responses are counted in `counters` (shown by
 //! `quiet-host status`): `sync_rejected_request`, `sync_replayed_request`,
-//! `sync_rate_limited`, `sync_unknown_response`, `sync_rejected_response`.
+//! `sync_rate_limited`, `sync_unknown_response`, `sync_rejected_response`;
+//! so are sessions whose round 0 found the sets equal (`sync_sets_equal`)
+//! or different (`sync_sets_differ`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -55,7 +62,10 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use negentropy::{Id, Negentropy, NegentropyStorageVector};
+mod event_set;
+
+use crate::event_set::{EventSet, SharedStorage, SUMMARY_LEN};
+use negentropy::{Id, Negentropy};
 use quiet_plugin_api::{
     envelope, export_plugin, field, params, Context, Envelope, Handler, PluginError, Value,
 };
@@ -134,13 +144,16 @@ type Key = (String, String);
 #[derive(Default)]
 struct State {
     limits: Limits,
-    /// The responder's reconciliation storage per network, with the events
-    /// table's largest rowid when it was built: a peer catching up sends many
-    /// rounds, and rebuilding the storage for each was most of their cost.
-    storages: HashMap<String, (i64, NegentropyStorageVector)>,
+    /// Our events per network, kept up to date between rounds and sessions.
+    sets: HashMap<String, EventSet>,
     sessions: HashMap<Key, Session>,
     /// The requests in flight: request id → session.
     requests: HashMap<String, Key>,
+    /// When each peer's responder admits our next new session: the same
+    /// virtual schedule as its `admit` keeps, so that a session we start
+    /// early (answering a peer whose set differs) never makes it refuse the
+    /// next one of our job.
+    next_start_ms: HashMap<Key, i64>,
 }
 
 /// One requester-side session with a peer, in one network.
@@ -160,7 +173,9 @@ struct Session {
     reconciling_request: Option<String>,
     /// The negentropy client while reconciliation is under way; then the
     /// request in flight carries its latest message.
-    reconciler: Option<Negentropy<'static, NegentropyStorageVector>>,
+    reconciler: Option<Negentropy<'static, SharedStorage>>,
+    /// The summary of our set that round 0 carried.
+    summary: [u8; SUMMARY_LEN],
     /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
     needs: VecDeque<Id>,
     /// Whether ids were dropped for [`MAX_NEEDS`]: then the session is not
@@ -184,35 +199,15 @@ impl Session {
 }
 
 impl SyncHandler {
-    /// The server side of one reconciliation round, over a cached storage
-    /// that is rebuilt only when events were added since.
+    /// The server side of one reconciliation round.
     fn reconcile_as_responder(
         &self,
         ctx: &mut Context<'_>,
         network_id: &str,
         message: &[u8],
     ) -> Result<Result<Vec<u8>, negentropy::Error>, PluginError> {
-        // Events are never deleted, so the largest rowid moves whenever the
-        // table changes; reading it is one index step.
-        let version = ctx
-            .query("SELECT COALESCE(MAX(rowid), 0) FROM events", params![])?
-            .first()
-            .and_then(|r| r.int(0))
-            .unwrap_or(0);
-        let fresh = self
-            .state()
-            .storages
-            .get(network_id)
-            .is_some_and(|(v, _)| *v == version);
-        if !fresh {
-            let storage = event_storage(ctx, network_id)?;
-            self.state()
-                .storages
-                .insert(network_id.to_owned(), (version, storage));
-        }
-        let state = self.state();
-        let (_, storage) = &state.storages[network_id];
-        Ok(Negentropy::borrowed(storage, FRAME_SIZE_LIMIT)?.reconcile(message))
+        let storage = event_set(&mut self.state().sets, ctx, network_id)?.storage();
+        Ok(Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.reconcile(message))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -265,7 +260,6 @@ impl Handler for SyncHandler {
              ORDER BY a.network_id, a.peer_id",
             params![ours.as_str(), only_network],
         )?;
-        let mut storages: HashMap<String, NegentropyStorageVector> = HashMap::new();
         let mut out = Vec::new();
         for t in targets.iter() {
             let (Some(peer_id), Some(network_id), Some(ip), Some(port)) =
@@ -273,39 +267,16 @@ impl Handler for SyncHandler {
             else {
                 continue;
             };
-            if state.sessions.contains_key(&key(peer_id, network_id)) {
-                continue;
-            }
-            let storage = match storages.get(network_id) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = event_storage(ctx, network_id)?;
-                    storages.insert(network_id.to_owned(), s.clone());
-                    s
-                }
-            };
-            let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
-            let opening = reconciler.initiate()?;
-            let session = Session {
-                peer_id: peer_id.to_owned(),
-                network_id: network_id.to_owned(),
-                dest_ip: ip.to_owned(),
-                dest_port: port,
-                reply_ip: reply_ip.clone(),
-                reply_port,
-                session_id: random_hex(),
-                round: 0,
-                in_flight: 0,
-                reconciling_request: None,
-                reconciler: Some(reconciler),
-                needs: VecDeque::new(),
-                dropped_needs: false,
-                sent_ms: 0,
-                expires_ms: 0,
-            };
-            let k = key(peer_id, network_id);
-            state.sessions.insert(k.clone(), session);
-            out.push(state.send(&k, opening, &ours, now));
+            let reply = (reply_ip.as_str(), reply_port);
+            out.extend(state.start_session(
+                ctx,
+                peer_id,
+                network_id,
+                (ip, port),
+                reply,
+                &ours,
+                now,
+            )?);
         }
         Ok(out)
     }
@@ -343,6 +314,34 @@ impl SyncHandler {
              ip = excluded.ip, port = excluded.port, is_active = 1, last_seen_ms = excluded.last_seen_ms",
             params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
         )?;
+        // A round 0 gets our summary back: if it matches, the requester is
+        // done; if not, it opens reconciliation in its next round, and we
+        // open our own session with it at once (unless one is running), so
+        // that what only we lack also moves now rather than at our next
+        // tick.
+        let mut out = Vec::new();
+        let summary = match req.summary {
+            Some(theirs) => {
+                let mut guard = self.state();
+                let state = &mut *guard;
+                let summary = event_set(&mut state.sets, ctx, req.network_id)?.summary();
+                if theirs != summary {
+                    if let Some((ip, port)) = listen_addr(ctx)? {
+                        out.extend(state.start_session(
+                            ctx,
+                            req.peer_id,
+                            req.network_id,
+                            (req.reply_ip, req.reply_port),
+                            (&ip, port),
+                            &ours,
+                            now,
+                        )?);
+                    }
+                }
+                Value::from(&summary[..])
+            }
+            None => Value::Null,
+        };
         let negentropy = if req.negentropy.is_empty() {
             Value::Null
         } else {
@@ -377,22 +376,27 @@ impl SyncHandler {
             ("session_id", req.session_id.into()),
             ("network_id", req.network_id.into()),
             ("peer_id", ours.into()),
+            ("summary", summary),
             ("negentropy", negentropy),
             ("events", events.into()),
             ("deferred", deferred.into()),
             ("peers", peers.into()),
         ]);
-        Ok(vec![envelope! {
-            "event_type" => "sync_response",
-            "is_outgoing" => true,
-            "seal_to" => req.peer_id,
-            "dest_ip" => req.reply_ip,
-            "dest_port" => req.reply_port,
-            "network_id" => req.network_id,
-            "in_response_to" => req.request_id,
-            "transit_secret" => req.transit_secret,
-            "event_plaintext" => plaintext,
-        }])
+        out.insert(
+            0,
+            envelope! {
+                "event_type" => "sync_response",
+                "is_outgoing" => true,
+                "seal_to" => req.peer_id,
+                "dest_ip" => req.reply_ip,
+                "dest_port" => req.reply_port,
+                "network_id" => req.network_id,
+                "in_response_to" => req.request_id,
+                "transit_secret" => req.transit_secret,
+                "event_plaintext" => plaintext,
+            },
+        );
+        Ok(out)
     }
 
     /// Requester: takes in one response and sends the session's next round,
@@ -451,7 +455,19 @@ impl SyncHandler {
         } else {
             None
         };
-        if let (Some(mut reconciler), false) = (reconciler, resp.negentropy.is_empty()) {
+        if answers_reconciliation && reconciler.is_none() {
+            // The answer to round 0: a summary like ours means the sets are
+            // the same; otherwise reconciliation opens now.
+            if resp.summary == Some(session.summary) {
+                counter(ctx, "sync_sets_equal")?;
+            } else {
+                counter(ctx, "sync_sets_differ")?;
+                let storage = event_set(&mut state.sets, ctx, &k.1)?.storage();
+                let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
+                next = Some(reconciler.initiate()?);
+                session.reconciler = Some(reconciler);
+            }
+        } else if let (Some(mut reconciler), false) = (reconciler, resp.negentropy.is_empty()) {
             let (mut have, mut need) = (Vec::new(), Vec::new());
             match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
                 Ok(msg) => {
@@ -513,19 +529,78 @@ impl SyncHandler {
                 }
                 break;
             }
-            out.push(state.send(&k, message.take().unwrap_or_default(), &ours, now));
+            let opening = message.take().map_or(Opening::Nothing, Opening::Negentropy);
+            out.push(state.send(&k, opening, &ours, now));
         }
         Ok(out)
     }
 }
 
 impl State {
-    /// Builds the request for `session`'s current round (with `negentropy`
+    /// Starts a session with `peer_id` in `network_id`, reached at `dest`,
+    /// and returns its round 0: only our set's summary, so that peers in
+    /// sync are done after it and only peers that differ reconcile. `None`
+    /// if one is running or the peer would not admit a new one yet.
+    #[allow(clippy::too_many_arguments)]
+    fn start_session(
+        &mut self,
+        ctx: &mut Context<'_>,
+        peer_id: &str,
+        network_id: &str,
+        (dest_ip, dest_port): (&str, i64),
+        (reply_ip, reply_port): (&str, i64),
+        ours: &str,
+        now: i64,
+    ) -> Result<Option<Envelope>, PluginError> {
+        let k = key(peer_id, network_id);
+        let due = self.next_start_ms.get(&k).copied().unwrap_or(i64::MIN);
+        // A schedule far ahead means our clock stepped back: start afresh.
+        let due = if due > now.saturating_add(MIN_SESSION_INTERVAL_MS) {
+            i64::MIN
+        } else {
+            due
+        };
+        if self.sessions.contains_key(&k) || now < due {
+            return Ok(None);
+        }
+        self.next_start_ms.insert(
+            k.clone(),
+            due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
+        );
+        let summary = event_set(&mut self.sets, ctx, network_id)?.summary();
+        let session = Session {
+            peer_id: peer_id.to_owned(),
+            network_id: network_id.to_owned(),
+            dest_ip: dest_ip.to_owned(),
+            dest_port,
+            reply_ip: reply_ip.to_owned(),
+            reply_port,
+            session_id: random_hex(),
+            round: 0,
+            in_flight: 0,
+            reconciling_request: None,
+            reconciler: None,
+            summary,
+            needs: VecDeque::new(),
+            dropped_needs: false,
+            sent_ms: 0,
+            expires_ms: 0,
+        };
+        self.sessions.insert(k.clone(), session);
+        Ok(Some(self.send(&k, Opening::Summary(summary), ours, now)))
+    }
+
+    /// Builds the request for `session`'s current round (with `opening`
     /// and the next batch of needed ids) and keeps the session until its
     /// response arrives or the request expires.
-    fn send(&mut self, k: &Key, negentropy: Vec<u8>, ours: &str, now: i64) -> Envelope {
+    fn send(&mut self, k: &Key, opening: Opening, ours: &str, now: i64) -> Envelope {
         let session = self.sessions.get_mut(k).expect("a session to send for");
-        let negentropy_sent = !negentropy.is_empty();
+        let reconciles = !matches!(opening, Opening::Nothing);
+        let (negentropy, summary) = match opening {
+            Opening::Nothing => (Value::Null, Value::Null),
+            Opening::Summary(s) => (Value::Null, Value::from(&s[..])),
+            Opening::Negentropy(m) => (Value::from(m), Value::Null),
+        };
         let batch = session.needs.len().min(self.limits.max_events);
         let need: Vec<Value> = session
             .needs
@@ -550,7 +625,8 @@ impl State {
             ("reply_port", session.reply_port.into()),
             ("session_id", session.session_id.as_str().into()),
             ("round", session.round.into()),
-            ("negentropy", negentropy.into()),
+            ("summary", summary),
+            ("negentropy", negentropy),
             ("need", need.into()),
         ]);
         let env = envelope! {
@@ -565,7 +641,7 @@ impl State {
         };
         session.round += 1;
         session.in_flight += 1;
-        if negentropy_sent {
+        if reconciles {
             session.reconciling_request = Some(request_id.clone());
         }
         self.requests.insert(request_id, k.clone());
@@ -591,6 +667,26 @@ impl State {
         self.sessions.retain(|_, s| now <= s.expires_ms);
         let sessions = &self.sessions;
         self.requests.retain(|_, k| sessions.contains_key(k));
+        // A schedule already due says nothing more than none at all.
+        self.next_start_ms.retain(|_, due| *due > now);
+    }
+}
+
+/// What a request carries to move reconciliation on, besides needed ids.
+enum Opening {
+    /// Nothing: the request only fetches ids.
+    Nothing,
+    /// Round 0: the summary of our set.
+    Summary([u8; SUMMARY_LEN]),
+    /// A negentropy message.
+    Negentropy(Vec<u8>),
+}
+
+/// A summary field: absent, or exactly [`SUMMARY_LEN`] bytes.
+fn summary(v: Option<&Value>) -> Option<Option<[u8; SUMMARY_LEN]>> {
+    match optional_bytes(v)? {
+        [] => Some(None),
+        s => s.try_into().ok().map(Some),
     }
 }
 
@@ -606,6 +702,7 @@ struct Request<'a> {
     session_id: &'a str,
     round: i64,
     transit_secret: &'a [u8],
+    summary: Option<[u8; SUMMARY_LEN]>,
     negentropy: &'a [u8],
     need: Vec<Id>,
 }
@@ -629,6 +726,7 @@ impl<'a> Request<'a> {
                 .get("transit_secret")
                 .and_then(Value::as_bytes)
                 .filter(|s| s.len() == 32)?,
+            summary: summary(p.get("summary"))?,
             negentropy: optional_bytes(p.get("negentropy"))?,
             need: ids(p.get("need"))?,
         })
@@ -639,6 +737,7 @@ impl<'a> Request<'a> {
 struct Response<'a> {
     network_id: &'a str,
     session_id: &'a str,
+    summary: Option<[u8; SUMMARY_LEN]>,
     negentropy: &'a [u8],
     events: Vec<&'a [u8]>,
     deferred: Vec<Id>,
@@ -652,6 +751,7 @@ impl<'a> Response<'a> {
         Some(Self {
             network_id: p.get("network_id").and_then(Value::as_str)?,
             session_id: p.get("session_id").and_then(Value::as_str)?,
+            summary: summary(p.get("summary"))?,
             negentropy: optional_bytes(p.get("negentropy"))?,
             events: list("events")?
                 .iter()
@@ -828,23 +928,14 @@ fn learn_peers(
     Ok(())
 }
 
-/// Our events of `network_id` as a sealed negentropy storage.
-fn event_storage(
+/// Our events of `network_id`, brought up to date in `sets`.
+fn event_set<'s>(
+    sets: &'s mut HashMap<String, EventSet>,
     ctx: &mut Context<'_>,
     network_id: &str,
-) -> Result<NegentropyStorageVector, PluginError> {
-    let rows = ctx.query(
-        "SELECT created_ms, event_id FROM events WHERE network_id = ?1",
-        params![network_id],
-    )?;
-    let mut storage = NegentropyStorageVector::with_capacity(rows.len());
-    for r in rows.iter() {
-        if let (Some(created_ms), Some(Ok(id))) = (r.int(0), r.bytes(1).map(Id::from_slice)) {
-            storage.insert(created_ms.max(0) as u64, id)?;
-        }
-    }
-    storage.seal()?;
-    Ok(storage)
+) -> Result<&'s EventSet, PluginError> {
+    let set = EventSet::current(sets.remove(network_id), ctx, network_id)?;
+    Ok(sets.entry(network_id.to_owned()).or_insert(set))
 }
 
 /// This host's reply address, from `host_state.listen_addr` ("ip:port").
@@ -1136,7 +1227,13 @@ mod tests {
             plaintext(req, "transit_secret").as_bytes().unwrap().len(),
             32
         );
-        assert!(!plaintext(req, "negentropy").as_bytes().unwrap().is_empty());
+        // Round 0 carries our set's summary (the count, then the sum of the
+        // ids), not yet a reconciliation message.
+        let summary = plaintext(req, "summary").as_bytes().unwrap();
+        assert_eq!(summary.len(), super::SUMMARY_LEN);
+        let count = host.count("SELECT COUNT(*) FROM events");
+        assert_eq!(summary[..8], (count as u64).to_be_bytes());
+        assert_eq!(plaintext(req, "negentropy"), &Value::Null);
         assert_eq!(plaintext(req, "need").as_list(), Some(&[][..]));
 
         // The session is still running: no second request to that peer.
@@ -1324,7 +1421,10 @@ mod tests {
             }
         }
 
+        /// Runs the job, ignoring the per-peer schedule of new sessions:
+        /// tests run sessions back to back, faster than it allows.
         fn run_job(&self, params: &Value) -> Vec<Envelope> {
+            self.handler.state().next_start_ms.clear();
             let mut services = HostContext::new(self.host.db(), "sync", &self.identity);
             let mut ctx = Context::new(services.as_abi());
             self.handler.run_job(&mut ctx, params).unwrap()
@@ -1364,8 +1464,16 @@ mod tests {
                 Some(out.rounds as i64 - 1)
             );
             assert!(plaintext(&request, "need").as_list().unwrap().len() <= max_events);
-            let responses = b.process(&arrived(&request, PEER_A));
-            assert_eq!(responses.len(), 1, "B answers every round");
+            // B answers every round; to a round 0 whose summary differs it
+            // also opens its own session with A, which is not followed here.
+            let mut responses = b.process(&arrived(&request, PEER_A));
+            let reverse = responses.iter().skip(1);
+            assert!(reverse
+                .clone()
+                .all(|r| r.event_type() == Some("sync_request")));
+            assert!(reverse.count() <= usize::from(out.rounds == 1));
+            responses.truncate(1);
+            assert_eq!(responses[0].event_type(), Some("sync_response"));
             let events = plaintext(&responses[0], "events").as_list().unwrap();
             assert!(events.len() <= max_events);
             for env in a.process(&arrived(&responses[0], PEER_B)) {
@@ -1501,10 +1609,36 @@ mod tests {
         let (a, b) = two_peers();
         let params = Value::map([("transit_secret_ttl_ms", 1)]);
         let request = a.run_job(&params).pop().unwrap();
-        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(a.process(&arrived(&response, PEER_B)).is_empty());
         assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn a_peer_whose_set_differs_is_synced_back_at_once() {
+        let (a, b) = two_peers();
+        add_events(&a.host, 1, 0..10); // only A has these
+        let request = a.run_job(&limits(1000)).pop().unwrap();
+        let out = b.process(&arrived(&request, PEER_A));
+        // B answers, and opens its own session with A at A's reply address
+        // rather than waiting for its next tick.
+        assert_eq!(out.len(), 2, "{out:?}");
+        let reverse = &out[1];
+        assert_eq!(reverse.event_type(), Some("sync_request"));
+        assert_eq!(reverse.str("seal_to"), Some(PEER_A));
+        assert_eq!(reverse.int("dest_port"), Some(7001));
+        assert_eq!(plaintext(reverse, "round").as_int(), Some(0));
+        // While that session runs (and before A would admit another), B's
+        // job starts none with A.
+        b.handler.state().sessions.clear();
+        let mut services = HostContext::new(b.host.db(), "sync", &b.identity);
+        let mut ctx = Context::new(services.as_abi());
+        let again = b.handler.run_job(&mut ctx, &limits(1000)).unwrap();
+        assert!(
+            again.iter().all(|r| r.str("seal_to") != Some(PEER_A)),
+            "{again:?}"
+        );
     }
 
     #[test]
@@ -1512,7 +1646,7 @@ mod tests {
         let (a, b) = two_peers();
         add_events(&b.host, 1, 0..10);
         let request = a.run_job(&limits(1000)).pop().unwrap();
-        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
         assert!(a.process(&arrived(&response, PEER_X)).is_empty());
         assert_eq!(counter(&a.host, "sync_rejected_response"), 1);
         // The request was used up; a replay is unknown.
@@ -1579,7 +1713,7 @@ mod tests {
         for now in [t0, t0, t0 - 5_000] {
             let id = request_id.as_ref().and_then(Value::as_str).unwrap();
             let k = state.answered(id, now).unwrap();
-            let next = state.send(&k, Vec::new(), PEER_A, now);
+            let next = state.send(&k, super::Opening::Nothing, PEER_A, now);
             sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
             request_id = next.plaintext().unwrap().get("request_id").cloned();
         }
@@ -1627,7 +1761,7 @@ mod tests {
     fn only_well_formed_peers_other_than_us_are_learned() {
         let (a, b) = two_peers();
         let request = a.run_job(&limits(1000)).pop().unwrap();
-        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
         let peer = |id: &str, ip: &str, port: i64| {
             Value::map([
                 ("peer_id", Value::from(id)),
@@ -1679,7 +1813,7 @@ mod tests {
         let params = limits(super::MAX_NEEDS as i64);
         b.run_job(&params);
         let request = a.run_job(&params).pop().unwrap();
-        let response = b.process(&arrived(&request, PEER_A)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
         // B ends the reconciliation and claims to defer more than the cap.
         let flood: Vec<Value> = (0..super::MAX_NEEDS as u32 + 5)
             .map(|i| event_id(7, i).into())

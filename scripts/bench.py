@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""End-to-end sync benchmarks: real `quiet-host` processes (release build) on
+loopback, each with its own SQLite file, with the real sync and messages
+plugins. Prints one Markdown table row per figure, for BENCHMARKS.md.
+
+    scripts/bench.py                 # every scenario at 100k events
+    scripts/bench.py --events 1000000
+    scripts/bench.py --only catchup,idle
+
+Scenarios (an event counts once the receiver has stored and projected it):
+  catchup   A holds N messages of ~1 KiB; a fresh B joins and pulls them all.
+            Also the bytes on the wire against the naive baseline of sending
+            the plain id list (32 B per id) plus the events.
+  idle      A and B hold the same N events: bytes and CPU per sync round.
+  scattered B loses 1,000 scattered events of the N and is restarted.
+  tenth     B loses a random 10 % of the N and is restarted: bytes on the
+            wire against the id-list baseline.
+  bidi      10k messages, half created on each side, converged.
+
+Every scenario ends by checking that both stores hold the same event ids.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BIN = os.path.join(TARGET, "release")
+QUIET = os.path.join(BIN, "quiet-host")
+TEXT = "x" * 900  # with the envelope and crypto, an event of about 1 KiB
+SYNC_JOB = "jobs:\n  - name: sync_with_peers\n    handler: sync\n    frequency_ms: 3000\n"
+NO_JOBS = "jobs: []\n"
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+class Host:
+    """One `quiet-host run` process and its folders."""
+
+    def __init__(self, work, name):
+        self.name = name
+        self.dir = os.path.join(work, name)
+        self.data = os.path.join(self.dir, "data")
+        self.plugins = os.path.join(self.dir, "plugins")
+        self.jobs = os.path.join(self.dir, "jobs.yaml")
+        os.makedirs(self.plugins, exist_ok=True)
+        for lib in ("libsync.so", "libmessages.so"):
+            shutil.copy(os.path.join(BIN, lib), self.plugins)
+        self.proc = None
+
+    def start(self, jobs=SYNC_JOB):
+        with open(self.jobs, "w") as f:
+            f.write(jobs)
+        log_path = os.path.join(self.dir, "host.log")
+        started = self.log_count(log_path)
+        log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [QUIET, "run", "--data", self.data, "--plugins", self.plugins,
+             "--jobs", self.jobs, "--listen", "127.0.0.1:0"],
+            stdout=log, stderr=log)
+        wait(lambda: self.log_count(log_path) > started, 30, f"{self.name} to start")
+
+    @staticmethod
+    def log_count(path):
+        try:
+            with open(path, errors="replace") as f:
+                return f.read().count("quiet-host running")
+        except FileNotFoundError:
+            return 0
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def cli(self, *args):
+        out = subprocess.run([QUIET, *args, "--data", self.data], check=True,
+                             capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def db(self):
+        conn = sqlite3.connect(f"file:{self.data}/quiet.db?mode=ro", uri=True, timeout=30)
+        return conn
+
+    def query(self, sql, default=None):
+        try:
+            conn = self.db()
+            try:
+                return conn.execute(sql).fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return default
+
+    def state(self, key):
+        return self.query(f"SELECT value FROM host_state WHERE key = '{key}'")
+
+    def messages(self):
+        # MAX(rowid) is one index step; COUNT(*) confirms it at the end.
+        return self.query("SELECT MAX(rowid) FROM messages", 0) or 0
+
+    def counter(self, name):
+        return self.query(f"SELECT value FROM counters WHERE name = '{name}'", 0) or 0
+
+    def event_ids(self):
+        conn = self.db()
+        try:
+            return {r[0] for r in conn.execute("SELECT event_id FROM events")}
+        finally:
+            conn.close()
+
+    def cpu(self):
+        """CPU seconds (user + system) the process has used."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / HZ
+
+    def peak_rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def wire_bytes(self):
+        return self.counter("net_bytes_sent")
+
+    def frames(self):
+        return self.counter("net_frames_sent")
+
+
+def wait(check, timeout, what):
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            sys.exit(f"bench: timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_messages(host, n, timeout=3600):
+    wait(lambda: host.messages() >= n, timeout, f"{host.name} to hold {n} messages")
+    count = host.query("SELECT COUNT(*) FROM messages")
+    if count != n:
+        sys.exit(f"bench: {host.name} holds {count} messages, expected {n}")
+
+
+def same_events(a, b):
+    ids_a, ids_b = a.event_ids(), b.event_ids()
+    if ids_a != ids_b:
+        sys.exit(f"bench: stores differ: {len(ids_a - ids_b)} only on {a.name}, "
+                 f"{len(ids_b - ids_a)} only on {b.name}")
+    return len(ids_a)
+
+
+def send_messages(host, network, n):
+    if n:
+        host.cli("message", "send", network, TEXT, "--count", str(n))
+
+
+def event_bytes(host, where=""):
+    return host.query(f"SELECT COALESCE(SUM(LENGTH(event)), 0) FROM events {where}", 0)
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def two_hosts(work, n):
+    """A with n messages, running; B joined to A's network, not started."""
+    a, b = Host(work, "a"), Host(work, "b")
+    a.start()
+    invite = a.cli("network", "create")
+    network = json.loads(a.cli("network", "list", "--json"))[0]["network_id"]
+    send_messages(a, network, n)
+    wait_messages(a, n)
+    b.cli("network", "join", invite)
+    return a, b, network
+
+
+def catchup(work, n):
+    a, b, _ = two_hosts(work, n)
+    cpu_a, wire_a = a.cpu(), a.wire_bytes()
+    t0 = time.time()
+    b.start()
+    wait_messages(b, n)
+    took = time.time() - t0
+    wire = a.wire_bytes() - wire_a + b.wire_bytes()
+    baseline = 32 * n + event_bytes(a)
+    same_events(a, b)
+    row(f"catch-up {n:,}", f"{took:.2f} s", f"**{n / took:,.0f} events/s**",
+        f"CPU A {a.cpu() - cpu_a:.2f} s, B {b.cpu():.2f} s",
+        f"peak RSS A {a.peak_rss_mib():.0f} MiB, B {b.peak_rss_mib():.0f} MiB",
+        f"wire {wire / 1e6:.1f} MB = {wire / baseline:.2f}× id list + events")
+    return a, b
+
+
+def idle(a, b, n, seconds=15):
+    # Let the catch-up's last sessions finish.
+    time.sleep(4)
+    start = [(h.cpu(), h.wire_bytes(), h.counter("sync_sets_equal"), h.counter("sync_sets_differ"))
+             for h in (a, b)]
+    time.sleep(seconds)
+    end = [(h.cpu(), h.wire_bytes(), h.counter("sync_sets_equal"), h.counter("sync_sets_differ"))
+           for h in (a, b)]
+    rounds = sum(e[2] - s[2] for s, e in zip(start, end))
+    differ = sum(e[3] - s[3] for s, e in zip(start, end))
+    wire = sum(e[1] - s[1] for s, e in zip(start, end))
+    cpu = [e[0] - s[0] for s, e in zip(start, end)]
+    if rounds == 0 or differ:
+        sys.exit(f"bench: idle peers ran {rounds} equal and {differ} differing sessions")
+    same_events(a, b)
+    # Each session is one request and one response; each host serves one
+    # and asks one per interval, so a host's CPU per session is its whole
+    # CPU (idle overhead included) over the sessions it took part in.
+    row(f"idle, both hold {n:,}", f"{rounds} sessions in {seconds} s",
+        f"**{wire / rounds:,.0f} B per round trip**",
+        f"CPU per session: A {1000 * cpu[0] / rounds:.2f} ms, B {1000 * cpu[1] / rounds:.2f} ms",
+        "1 round trip each", "")
+
+
+def lose(host, where):
+    """Deletes events (and their messages) from a stopped host."""
+    conn = sqlite3.connect(f"{host.data}/quiet.db")
+    ids = [r[0] for r in conn.execute(f"SELECT event_id FROM events {where}")]
+    conn.executemany("DELETE FROM events WHERE event_id = ?", [(i,) for i in ids])
+    conn.executemany("DELETE FROM messages WHERE event_id = ?", [(i,) for i in ids])
+    conn.commit()
+    conn.close()
+    return ids
+
+
+def repair(a, b, n, label, where):
+    b.stop()
+    lost = lose(b, where)
+    lost_bytes = event_bytes(a, "WHERE event_id IN (%s)" % ",".join("x'%s'" % i.hex() for i in lost))
+    wire0, frames0 = a.wire_bytes(), a.frames()
+    # Rows come back with rowids past the largest left: counting those is a
+    # range scan of the new rows only.
+    top = b.query("SELECT COALESCE(MAX(rowid), 0) FROM events", 0)
+    t0 = time.time()
+    b.start()
+    wait(lambda: b.query(f"SELECT COUNT(*) FROM events WHERE rowid > {top}", 0) >= len(lost),
+         3600, "B to repair")
+    took = time.time() - t0
+    wait_messages(b, n)
+    wire = a.wire_bytes() - wire0 + b.wire_bytes()
+    frames = a.frames() - frames0 + b.frames()
+    baseline = 32 * n + lost_bytes
+    same_events(a, b)
+    row(f"{label}: {len(lost):,} of {n:,} missing", f"{took:.2f} s",
+        f"{len(lost) / took:,.0f} events/s", f"{frames} frames (≈ {frames // 2} round trips)",
+        f"wire {wire / 1e6:.2f} MB", f"= {wire / baseline:.2f}× id list + events")
+
+
+def bidirectional(work, n):
+    a, b = Host(work, "bidi-a"), Host(work, "bidi-b")
+    a.start(NO_JOBS)
+    invite = a.cli("network", "create")
+    network = json.loads(a.cli("network", "list", "--json"))[0]["network_id"]
+    b.cli("network", "join", invite)
+    b.start(NO_JOBS)
+    send_messages(a, network, n // 2)
+    send_messages(b, network, n - n // 2)
+    wait_messages(a, n // 2)
+    wait_messages(b, n - n // 2)
+    b.stop()
+    a.stop()
+    a.start()
+    t0 = time.time()
+    b.start()
+    wait(lambda: a.messages() >= n and b.messages() >= n, 600, "both to converge")
+    took = time.time() - t0
+    wait_messages(a, n)
+    wait_messages(b, n)
+    same_events(a, b)
+    row(f"bidirectional {n:,} ({n // 2:,} made on each side)", f"{took:.2f} s",
+        f"**{n / took:,.0f} events/s**", f"CPU A {a.cpu():.2f} s, B {b.cpu():.2f} s", "", "")
+    a.stop()
+    b.stop()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=100_000, help="N, the events A holds (default 100000)")
+    p.add_argument("--only", default="catchup,idle,scattered,tenth,bidi",
+                   help="comma-separated scenarios to run")
+    p.add_argument("--keep", action="store_true", help="keep the hosts' folders")
+    args = p.parse_args()
+    only = set(args.only.split(","))
+    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "quiet-host",
+                    "-p", "quiet-sync-plugin", "-p", "quiet-messages-plugin"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="quiet-bench-")
+    hosts = []
+    try:
+        row("scenario", "time", "rate / cost", "CPU", "memory / rounds", "wire")
+        row(*["---"] * 6)
+        n = args.events
+        if only & {"catchup", "idle", "scattered", "tenth"}:
+            a, b = catchup(work, n)
+            hosts += [a, b]
+            if "idle" in only:
+                idle(a, b, n)
+            if "scattered" in only:
+                repair(a, b, n, "scattered", "ORDER BY random() LIMIT 1000")
+            if "tenth" in only:
+                repair(a, b, n, "10 % different", f"ORDER BY random() LIMIT {n // 10}")
+        if "bidi" in only:
+            bidirectional(work, 10_000)
+    finally:
+        for h in hosts:
+            h.stop()
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()
