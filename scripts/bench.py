@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,6 +55,11 @@ class Host:
         for lib in ("libsync.so", "libmessages.so"):
             shutil.copy(os.path.join(BIN, lib), self.plugins)
         self.proc = None
+        # One port for the host's life: peers keep its address across
+        # restarts.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
 
     def start(self, jobs=SYNC_JOB):
         with open(self.jobs, "w") as f:
@@ -63,7 +69,7 @@ class Host:
         log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [QUIET, "run", "--data", self.data, "--plugins", self.plugins,
-             "--jobs", self.jobs, "--listen", "127.0.0.1:0"],
+             "--jobs", self.jobs, "--listen", f"127.0.0.1:{self.port}"],
             stdout=log, stderr=log)
         wait(lambda: self.log_count(log_path) > started, 30, f"{self.name} to start")
 
@@ -94,7 +100,8 @@ class Host:
         try:
             conn = self.db()
             try:
-                return conn.execute(sql).fetchone()[0]
+                found = conn.execute(sql).fetchone()
+                return default if found is None else found[0]
             finally:
                 conn.close()
         except sqlite3.Error:
@@ -276,7 +283,7 @@ def bidirectional(work, n):
     a.start()
     t0 = time.time()
     b.start()
-    wait(lambda: a.messages() >= n and b.messages() >= n, 600, "both to converge")
+    wait(lambda: a.messages() >= n and b.messages() >= n, int(os.environ.get("BIDI_TIMEOUT", 600)), "both to converge")
     took = time.time() - t0
     wait_messages(a, n)
     wait_messages(b, n)
