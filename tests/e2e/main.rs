@@ -6,6 +6,7 @@
 //! checks what they did through `quiet-host status --json` and the database.
 
 mod cli;
+mod crash;
 mod faults;
 mod jobs;
 mod reload;

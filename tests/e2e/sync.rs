@@ -25,7 +25,7 @@ const SYNC_JOBS: &str = "jobs:
 ";
 
 /// A listening host with the sync and messages plugins.
-fn sync_host() -> (HostDirs, HostProcess) {
+pub(crate) fn sync_host() -> (HostDirs, HostProcess) {
     let dirs = HostDirs::new(SYNC_JOBS);
     install(
         &plugin("quiet-sync-plugin", "v1"),
@@ -42,7 +42,7 @@ fn sync_host() -> (HostDirs, HostProcess) {
 }
 
 /// Runs a CLI command on a data folder; returns its stdout, trimmed.
-fn cli(data: &Path, args: &[&str]) -> String {
+pub(crate) fn cli(data: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())
         .args(args)
         .arg("--data")
@@ -58,7 +58,7 @@ fn cli(data: &Path, args: &[&str]) -> String {
 }
 
 /// Event ids of a network's messages, in `message list` order.
-fn message_ids(data: &Path, network: &str) -> Vec<String> {
+pub(crate) fn message_ids(data: &Path, network: &str) -> Vec<String> {
     let json: serde_json::Value =
         serde_json::from_str(&cli(data, &["message", "list", network, "--json"])).unwrap();
     json.as_array()
@@ -68,7 +68,7 @@ fn message_ids(data: &Path, network: &str) -> Vec<String> {
         .collect()
 }
 
-fn create_network(data: &Path) -> (String, String) {
+pub(crate) fn create_network(data: &Path) -> (String, String) {
     let invite = cli(data, &["network", "create"]);
     let network = quiet_host::networks::Invite::decode(&invite)
         .unwrap()
@@ -76,7 +76,7 @@ fn create_network(data: &Path) -> (String, String) {
     (invite, network)
 }
 
-fn events(data: &Path, network: &str) -> i64 {
+pub(crate) fn events(data: &Path, network: &str) -> i64 {
     query_i64(
         data,
         &format!("SELECT COUNT(*) FROM events WHERE network_id = '{network}'"),
@@ -86,7 +86,12 @@ fn events(data: &Path, network: &str) -> i64 {
 
 /// Sends `n` messages (`text(i)`) on a running host and waits until it
 /// has stored them all; returns their event ids.
-fn fill(data: &Path, network: &str, n: usize, text: impl Fn(usize) -> String) -> Vec<String> {
+pub(crate) fn fill(
+    data: &Path,
+    network: &str,
+    n: usize,
+    text: impl Fn(usize) -> String,
+) -> Vec<String> {
     let texts: Vec<String> = (0..n).map(text).collect();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let ids = quiet_host::commands::message_send_many(data, network, &texts).unwrap();

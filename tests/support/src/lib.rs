@@ -291,6 +291,20 @@ impl HostProcess {
             self.log().join("\n")
         );
     }
+
+    /// Sends SIGKILL, as a crash would, and waits; panics unless the host
+    /// was still running until then (it died of this signal, not before).
+    pub fn kill(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "host had already exited with {status}; log:\n{}",
+            self.log().join("\n")
+        );
+    }
 }
 
 impl Drop for HostProcess {
