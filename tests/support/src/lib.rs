@@ -8,6 +8,8 @@
 //! `target/test-plugins/<lib>-<variant>.so`, because cargo overwrites the
 //! top-level artifact when a variant is built.
 
+pub mod hostile;
+
 use std::{
     collections::HashMap,
     fs::{self, File},
