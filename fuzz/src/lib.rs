@@ -12,7 +12,7 @@ use quiet_host::{
     counters::Counters,
     event_crypto::NetworkKey,
     identity::HostIdentity,
-    network::{Frame, Inbound, Wire},
+    network::{Inbound, Wire},
     networks::NetworkKeys,
     transit::LiveRequests,
 };
@@ -63,7 +63,7 @@ pub fn receiver() -> &'static Receiver {
 impl Receiver {
     pub fn open(&self, bytes: Vec<u8>) -> Option<Envelope> {
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        self.inbound.open(&Frame::new(from, bytes))
+        self.inbound.open(from, &bytes)
     }
 }
 

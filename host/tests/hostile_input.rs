@@ -17,7 +17,7 @@ use quiet_host::{
     event_crypto::{self, CryptoError, NetworkKey},
     identity::HostIdentity,
     jobs,
-    network::{Frame, Inbound, Wire},
+    network::{Inbound, Wire},
     networks::NetworkKeys,
     testing::TestHost,
     transit::{self, LiveRequests, TransitError},
@@ -284,7 +284,7 @@ impl Receiver {
 
     fn open(&self, bytes: &[u8]) -> Option<Envelope> {
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        self.inbound.open(&Frame::new(from, bytes.to_vec()))
+        self.inbound.open(from, bytes)
     }
 
     /// The drops counted so far, by reason, and resets them.
