@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 n=${1:-20000}
 cargo build --quiet --release -p quiet-host -p quiet-sync-plugin -p quiet-messages-plugin
 bin=${CARGO_TARGET_DIR:-target}/release
-q=$bin/quiet-host
+q=${QUIET_HOST:-$bin/quiet-host}
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -84,6 +84,11 @@ impl Received {
         }
     }
 
+    /// The size of the frame it came in.
+    pub fn frame_len(&self) -> usize {
+        self._reserved.0.as_ref().map_or(0, |(_, n)| *n)
+    }
+
     /// The envelope, and the budget share to hold while working on it.
     pub fn into_parts(self) -> (Envelope, Reserved) {
         (self.envelope, self._reserved)

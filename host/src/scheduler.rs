@@ -48,6 +48,13 @@ const SUBMISSION_BATCH: usize = 1000;
 /// Frames handled in one transaction at most.
 const FRAME_BATCH: usize = 256;
 
+/// Frame bytes after which a batch takes no more frames. Many small frames
+/// share a commit; a large response (a catch-up batch of events) commits on
+/// its own, so that the requests it triggers leave at once, while the peer
+/// already prepares the next responses, instead of after a whole window of
+/// responses (which left the engine idle half the time).
+const FRAME_BATCH_BYTES: usize = 1 << 20;
+
 /// Messages to the engine thread.
 #[derive(Debug)]
 pub enum Signal {
@@ -119,11 +126,15 @@ impl Scheduler {
                 Ok(Signal::Received(first)) => {
                     // Take what else is queued, up to a batch, into one
                     // transaction.
+                    let mut bytes = first.frame_len();
                     let mut frames = vec![first];
                     let mut stop = false;
-                    while frames.len() < FRAME_BATCH {
+                    while frames.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
                         match self.signals.try_recv() {
-                            Ok(Signal::Received(f)) => frames.push(f),
+                            Ok(Signal::Received(f)) => {
+                                bytes += f.frame_len();
+                                frames.push(f);
+                            }
                             Ok(Signal::Wake) => {}
                             Ok(Signal::Shutdown) => {
                                 stop = true;
