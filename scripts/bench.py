@@ -16,6 +16,7 @@ Scenarios (an event counts once the receiver has stored and projected it):
   tenth     B loses a random 10 % of the N and is restarted: bytes on the
             wire against the id-list baseline.
   bidi      10k messages, half created on each side, converged.
+  peers     a hub and 20 peers holding the same N events: the hub's CPU.
 
 Every scenario ends by checking that both stores hold the same event ids.
 """
@@ -209,9 +210,14 @@ def catchup(work, n):
     return a, b
 
 
-def idle(a, b, n, seconds=15):
+def idle(work, a, b, n, seconds=15):
+    # A host with no peers, measured over the same window, gives what a
+    # host costs with nothing to sync (its timers, checkpoints, polls).
+    lonely = Host(work, "lonely")
+    lonely.start()
     # Let the catch-up's last sessions finish.
     time.sleep(4)
+    lonely_cpu = lonely.cpu()
     start = [(h.cpu(), h.wire_bytes(), h.counter("sync_sets_equal"), h.counter("sync_sets_differ"))
              for h in (a, b)]
     time.sleep(seconds)
@@ -221,15 +227,19 @@ def idle(a, b, n, seconds=15):
     differ = sum(e[3] - s[3] for s, e in zip(start, end))
     wire = sum(e[1] - s[1] for s, e in zip(start, end))
     cpu = [e[0] - s[0] for s, e in zip(start, end)]
+    base = lonely.cpu() - lonely_cpu
+    lonely.stop()
     if rounds == 0 or differ:
         sys.exit(f"bench: idle peers ran {rounds} equal and {differ} differing sessions")
     same_events(a, b)
     # Each session is one request and one response; each host serves one
     # and asks one per interval, so a host's CPU per session is its whole
     # CPU (idle overhead included) over the sessions it took part in.
+    per = [1000 * (c - base) / rounds for c in cpu]
     row(f"idle, both hold {n:,}", f"{rounds} sessions in {seconds} s",
-        f"**{wire / rounds:,.0f} B per round trip**",
-        f"CPU per session: A {1000 * cpu[0] / rounds:.2f} ms, B {1000 * cpu[1] / rounds:.2f} ms",
+        f"**{wire / rounds:,.0f} B per round trip** ({wire / rounds / 2:,.0f} B per frame)",
+        f"CPU per session over a host with no peers ({1000 * base:.0f} ms in {seconds} s): "
+        f"A {per[0]:.2f} ms, B {per[1]:.2f} ms",
         "1 round trip each", "")
 
 
@@ -248,7 +258,10 @@ def repair(a, b, n, label, where):
     b.stop()
     lost = lose(b, where)
     lost_bytes = event_bytes(a, "WHERE event_id IN (%s)" % ",".join("x'%s'" % i.hex() for i in lost))
-    wire0, frames0 = a.wire_bytes(), a.frames()
+    wire0, frames0 = a.wire_bytes() + b.wire_bytes(), a.frames() + b.frames()
+    # A peer admits a new session of B's at most every 3 s: a restart
+    # sooner than that waits for B's next try.
+    time.sleep(3)
     # Rows come back with rowids past the largest left: counting those is a
     # range scan of the new rows only.
     top = b.query("SELECT COALESCE(MAX(rowid), 0) FROM events", 0)
@@ -258,13 +271,64 @@ def repair(a, b, n, label, where):
          3600, "B to repair")
     took = time.time() - t0
     wait_messages(b, n)
-    wire = a.wire_bytes() - wire0 + b.wire_bytes()
-    frames = a.frames() - frames0 + b.frames()
+    wire = a.wire_bytes() + b.wire_bytes() - wire0
+    frames = a.frames() + b.frames() - frames0
     baseline = 32 * n + lost_bytes
     same_events(a, b)
-    row(f"{label}: {len(lost):,} of {n:,} missing", f"{took:.2f} s",
+    row(f"{label}: {len(lost):,} of {n:,} missing, B restarted", f"{took:.2f} s",
         f"{len(lost) / took:,.0f} events/s", f"{frames} frames (≈ {frames // 2} round trips)",
-        f"wire {wire / 1e6:.2f} MB", f"= {wire / baseline:.2f}× id list + events")
+        f"wire {wire / 1e6:.2f} MB, of which {(wire - lost_bytes) / 1e6:.2f} MB not events",
+        f"= {wire / baseline:.2f}× id list + events")
+
+
+def many_peers(work, n, peers=20, seconds=30):
+    """A hub and `peers` hosts holding the same n events, syncing at the
+    3000 ms interval: the hub's share of one core in steady state."""
+    hub = Host(work, "hub")
+    hub.start(NO_JOBS)
+    hub.cli("network", "create")
+    network = json.loads(hub.cli("network", "list", "--json"))[0]["network_id"]
+    send_messages(hub, network, n)
+    wait_messages(hub, n)
+    hub.stop()
+    hub_id = hub.state("peer_id")
+    spokes = []
+    for i in range(peers):
+        h = Host(work, f"peer{i:02}")
+        # The same store under a new identity: cheaper than 20 catch-ups.
+        shutil.copytree(hub.data, h.data,
+                        ignore=shutil.ignore_patterns("identity.key", "host.lock", "plugin-cache"))
+        conn = sqlite3.connect(f"{h.data}/quiet.db")
+        conn.execute("INSERT INTO addresses (peer_id, network_id, ip, port, is_active) "
+                     "VALUES (?, ?, '127.0.0.1', ?, 1)", (hub_id, network, hub.port))
+        conn.commit()
+        conn.close()
+        spokes.append(h)
+    hub.start()
+    for h in spokes:
+        h.start()
+    try:
+        # Let every pair meet (and the hub learn every address).
+        time.sleep(10)
+        cpu0, equal0, differ0 = hub.cpu(), hub.counter("sync_sets_equal"), hub.counter("sync_sets_differ")
+        served0 = sum(h.counter("sync_sets_equal") for h in spokes)
+        t0 = time.time()
+        time.sleep(seconds)
+        took = time.time() - t0
+        share = (hub.cpu() - cpu0) / took
+        asked = hub.counter("sync_sets_equal") - equal0
+        served = sum(h.counter("sync_sets_equal") for h in spokes) - served0
+        differ = hub.counter("sync_sets_differ") - differ0
+        if differ or not asked or not served:
+            sys.exit(f"bench: {peers} peers: {asked} + {served} equal, {differ} differing sessions")
+        for h in spokes[:3]:
+            same_events(hub, h)
+        row(f"{peers} peers, all hold {n:,}, 3000 ms interval", f"{took:.0f} s steady state",
+            f"**hub at {100 * share:.1f} % of one core**",
+            f"{asked} sessions asked, {served} answered by the hub", f"hub peak RSS {hub.peak_rss_mib():.0f} MiB", "")
+    finally:
+        for h in [hub, *spokes]:
+            h.stop()
 
 
 def bidirectional(work, n):
@@ -297,7 +361,7 @@ def bidirectional(work, n):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=100_000, help="N, the events A holds (default 100000)")
-    p.add_argument("--only", default="catchup,idle,scattered,tenth,bidi",
+    p.add_argument("--only", default="catchup,idle,scattered,tenth,bidi,peers",
                    help="comma-separated scenarios to run")
     p.add_argument("--keep", action="store_true", help="keep the hosts' folders")
     args = p.parse_args()
@@ -314,11 +378,13 @@ def main():
             a, b = catchup(work, n)
             hosts += [a, b]
             if "idle" in only:
-                idle(a, b, n)
+                idle(work, a, b, n)
             if "scattered" in only:
                 repair(a, b, n, "scattered", "ORDER BY random() LIMIT 1000")
             if "tenth" in only:
                 repair(a, b, n, "10 % different", f"ORDER BY random() LIMIT {n // 10}")
+        if "peers" in only:
+            many_peers(work, n)
         if "bidi" in only:
             bidirectional(work, 10_000)
     finally:

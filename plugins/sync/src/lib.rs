@@ -80,6 +80,11 @@ const DEFAULT_MAX_ROUNDS_PER_SESSION: i64 = 512;
 const MIN_SESSION_INTERVAL_MS: i64 = 3_000;
 /// How early a new session may come without being refused; see [`admit`].
 const SESSION_START_TOLERANCE_MS: i64 = 1_000;
+/// How long a round 0 waits for its answer before the session is given up
+/// (the next tick starts another). A responder answers round 0 at once,
+/// or not at all when its rate limit refuses it (after our restart, say):
+/// waiting out the transit secret's whole life then cost 30 s.
+const ROUND_0_TIMEOUT_MS: i64 = 5_000;
 /// Requests of one session in flight at once: fetching needed ids is
 /// latency-bound, so several batches travel while one is being stored.
 const WINDOW: usize = 4;
@@ -596,6 +601,10 @@ impl State {
     fn send(&mut self, k: &Key, opening: Opening, ours: &str, now: i64) -> Envelope {
         let session = self.sessions.get_mut(k).expect("a session to send for");
         let reconciles = !matches!(opening, Opening::Nothing);
+        let patience = match opening {
+            Opening::Summary(_) => ROUND_0_TIMEOUT_MS.min(self.limits.ttl_ms),
+            _ => self.limits.ttl_ms,
+        };
         let (negentropy, summary) = match opening {
             Opening::Nothing => (Value::Null, Value::Null),
             Opening::Summary(s) => (Value::Null, Value::from(&s[..])),
@@ -611,7 +620,7 @@ impl State {
         // Rounds within one millisecond (or after our clock stepped back)
         // still carry increasing timestamps.
         session.sent_ms = now.max(session.sent_ms.saturating_add(1));
-        session.expires_ms = now.saturating_add(self.limits.ttl_ms);
+        session.expires_ms = now.saturating_add(patience);
         let plaintext = Value::map([
             ("type", Value::from("sync_request")),
             ("request_id", request_id.as_str().into()),
