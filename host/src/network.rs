@@ -476,7 +476,11 @@ fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Coun
     let mut stream: Option<TcpStream> = None;
     let mut backoff_until: Option<std::time::Instant> = None;
     while let Ok(frame) = queue.recv_timeout(PEER_IDLE) {
-        if backoff_until.is_some_and(|t| std::time::Instant::now() < t) {
+        // While backing off from a peer that did not accept a connection,
+        // requests to it are dropped; a response is not: it answers a
+        // request that peer has just sent, so it is back (restarted, say).
+        let responding = frame.first() == Some(&transit::RESPONSE);
+        if !responding && backoff_until.is_some_and(|t| std::time::Instant::now() < t) {
             counters.bump("send_failed");
             continue;
         }
@@ -485,7 +489,10 @@ fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Coun
         for _ in 0..2 {
             if stream.is_none() {
                 match connect(addr) {
-                    Ok(s) => stream = Some(s),
+                    Ok(s) => {
+                        stream = Some(s);
+                        backoff_until = None;
+                    }
                     Err(_) => {
                         backoff_until = Some(std::time::Instant::now() + BACKOFF);
                         break;
