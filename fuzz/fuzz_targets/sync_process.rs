@@ -21,29 +21,11 @@ fn host() -> TestHost {
     // module (72 bytes), as a loaded library's would.
     static MODULE: std::sync::OnceLock<quiet_plugin_api::PluginModRef> = std::sync::OnceLock::new();
     let mut host = TestHost::new(*MODULE.get_or_init(sync::plugin_module)).unwrap();
-    let db = host.db();
-    db.execute(
-        "INSERT INTO networks (network_id, created_ms) VALUES (?1, 0)",
-        [NET],
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO host_state (key, value) VALUES ('listen_addr', '127.0.0.1:7001')",
-        [],
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO addresses (peer_id, network_id, ip, port, is_active) \
-         VALUES (?1, ?2, '127.0.0.1', 7002, 1)",
-        [PEER_B, NET],
-    )
-    .unwrap();
+    host.join_network(NET);
+    host.listen_on("127.0.0.1:7001");
+    host.add_peer(PEER_B, NET, 7002, true);
     for i in 0u8..20 {
-        db.execute(
-            "INSERT INTO events VALUES (?1, ?2, ?3, 'message', ?4, 0)",
-            (vec![i; 32], NET, 1000 + i64::from(i), vec![i; 100]),
-        )
-        .unwrap();
+        host.add_event(&[i; 32], NET, 1000 + i64::from(i), &[i; 100]);
     }
     host.run_job(
         "sync",

@@ -152,4 +152,48 @@ impl TestHost {
     pub fn db(&self) -> &Connection {
         &self.conn
     }
+
+    /// Arranges that this host is a member of `network_id`.
+    pub fn join_network(&self, network_id: &str) {
+        self.arrange(
+            "INSERT OR IGNORE INTO networks (network_id, created_ms) VALUES (?1, 0)",
+            [network_id],
+        );
+    }
+
+    /// Arranges that this host listens on `addr` ("ip:port"), which is
+    /// where plugins tell peers to reply.
+    pub fn listen_on(&self, addr: &str) {
+        self.arrange(
+            "INSERT OR REPLACE INTO host_state (key, value) VALUES ('listen_addr', ?1)",
+            [addr],
+        );
+    }
+
+    /// Arranges that this host knows `peer_id` in `network_id` at
+    /// `127.0.0.1:port`, active or not.
+    pub fn add_peer(&self, peer_id: &str, network_id: &str, port: i64, active: bool) {
+        self.arrange(
+            "INSERT INTO addresses (peer_id, network_id, ip, port, is_active) \
+             VALUES (?1, ?2, '127.0.0.1', ?3, ?4)",
+            rusqlite::params![peer_id, network_id, port, active],
+        );
+    }
+
+    /// Arranges that this host's event store holds `event` (stored as is,
+    /// not encrypted) under `event_id`.
+    pub fn add_event(&self, event_id: &[u8], network_id: &str, created_ms: i64, event: &[u8]) {
+        self.arrange(
+            "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms) \
+             VALUES (?1, ?2, ?3, 'message', ?4, 0)",
+            rusqlite::params![event_id, network_id, created_ms, event],
+        );
+    }
+
+    fn arrange(&self, sql: &str, params: impl rusqlite::Params) {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }

@@ -1063,40 +1063,15 @@ mod tests {
     const PEER_Z: &str = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
     const PEER_OFF: &str = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
 
-    /// The host's sync tables, in case this host build predates them.
-    const SCHEMA: &str = "
-        CREATE TABLE IF NOT EXISTS events (event_id BLOB PRIMARY KEY, network_id TEXT NOT NULL,
-            created_ms INTEGER NOT NULL, event_type TEXT NOT NULL, event BLOB NOT NULL,
-            received_ms INTEGER NOT NULL);
-        CREATE TABLE IF NOT EXISTS networks (network_id TEXT PRIMARY KEY,
-            created_ms INTEGER NOT NULL, invited_by TEXT);
-        CREATE TABLE IF NOT EXISTS addresses (peer_id TEXT NOT NULL, network_id TEXT NOT NULL,
-            ip TEXT NOT NULL, port INTEGER NOT NULL, is_active INTEGER NOT NULL DEFAULT 1,
-            last_seen_ms INTEGER, last_sync_ms INTEGER, PRIMARY KEY (peer_id, network_id));
-        CREATE TABLE IF NOT EXISTS host_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        INSERT INTO networks (network_id, created_ms) VALUES ('net-1', 0);";
-
     fn host(listen: &str) -> TestHost {
         let host = TestHost::new(super::plugin_module()).unwrap();
-        host.db().execute_batch(SCHEMA).unwrap();
-        host.db()
-            .execute(
-                "INSERT OR REPLACE INTO host_state (key, value) VALUES ('listen_addr', ?1)",
-                [listen],
-            )
-            .unwrap();
+        host.join_network(NET);
+        host.listen_on(listen);
         host
     }
 
     fn add_address(host: &TestHost, peer_id: &str, port: i64, active: bool) {
-        host.db()
-            .execute(
-                "INSERT INTO addresses (peer_id, network_id, ip, port, is_active) \
-                 VALUES (?1, ?2, '127.0.0.1', ?3, ?4)",
-                (peer_id, NET, port, active),
-            )
-            .unwrap();
+        host.add_peer(peer_id, NET, port, active);
     }
 
     /// The id of test event `i` of series `series`.
@@ -1111,16 +1086,8 @@ mod tests {
         let db = host.db();
         db.execute_batch("BEGIN").unwrap();
         for i in range {
-            db.execute(
-                "INSERT INTO events VALUES (?1, ?2, ?3, 'message', ?4, 0)",
-                (
-                    event_id(series, i),
-                    NET,
-                    1000 + i64::from(i),
-                    format!("event {series}/{i}").into_bytes(),
-                ),
-            )
-            .unwrap();
+            let event = format!("event {series}/{i}").into_bytes();
+            host.add_event(&event_id(series, i), NET, 1000 + i64::from(i), &event);
         }
         db.execute_batch("COMMIT").unwrap();
     }

@@ -23,30 +23,12 @@ const MAX_EVENTS: usize = 8;
 /// `PEER_B`.
 fn host() -> TestHost {
     let host = TestHost::new(sync::plugin_module()).unwrap();
-    let db = host.db();
-    db.execute(
-        "INSERT INTO networks (network_id, created_ms) VALUES (?1, 0)",
-        [NET],
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO host_state (key, value) VALUES ('listen_addr', '127.0.0.1:7001')",
-        [],
-    )
-    .unwrap();
-    db.execute(
-        "INSERT INTO addresses (peer_id, network_id, ip, port, is_active) \
-         VALUES (?1, ?2, '127.0.0.1', 7002, 1)",
-        [PEER_B, NET],
-    )
-    .unwrap();
+    host.join_network(NET);
+    host.listen_on("127.0.0.1:7001");
+    host.add_peer(PEER_B, NET, 7002, true);
     for i in 0u8..20 {
-        db.execute(
-            "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms) \
-             VALUES (?1, ?2, ?3, 'message', ?4, 0)",
-            event_row(i),
-        )
-        .unwrap();
+        let (id, network, created_ms, event) = event_row(i);
+        host.add_event(&id, network, created_ms, &event);
     }
     host
 }
