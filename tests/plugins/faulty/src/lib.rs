@@ -13,8 +13,9 @@
 //!   milliseconds or for ever; if it ever comes back it records `hanger woke`
 //!   in `faulty_done`. The `fixed` build returns at once, recording
 //!   `hanger fixed`;
-//! - `flooder`'s job returns `n` `flood` envelopes at once, and
-//!   `flood_sink` records each one's `seq` in `faulty_floods`.
+//! - `flooder`'s job returns `n` envelopes at once, of type `event_type`
+//!   (default `flood`) with `seq` from `from` on; `flood_sink` records the
+//!   `seq` of each `flood` in `faulty_floods`.
 //!
 //! Build with `QUIET_TEST_VARIANT=fixed` for a build with another hash and
 //! a `hanger` that returns.
@@ -242,8 +243,10 @@ impl Handler for Flooder {
         params: &Value,
     ) -> Result<Vec<Envelope>, PluginError> {
         let n = params.int_or("n", 1000)?;
-        Ok((0..n)
-            .map(|seq| envelope! { "event_type" => "flood", "seq" => seq })
+        let from = params.int_or("from", 0)?;
+        let event_type = params.str_or("event_type", "flood")?;
+        Ok((from..from + n)
+            .map(|seq| envelope! { "event_type" => event_type, "seq" => seq })
             .collect())
     }
 }
