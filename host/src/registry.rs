@@ -218,3 +218,68 @@ impl Plugins {
         self.disabled.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use quiet_plugin_api::{into_abi, Handler};
+
+    use super::*;
+
+    struct Named(&'static str);
+
+    impl Handler for Named {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn event_types(&self) -> &[&str] {
+            &["x"]
+        }
+    }
+
+    fn build(name: &'static str, hash: &str) -> Arc<LoadedPlugin> {
+        let file = PathBuf::from(format!("/plugins/lib{name}.so"));
+        let handler = LoadedHandler::new(
+            name.into(),
+            file.clone(),
+            hash.into(),
+            into_abi(Named(name)),
+        )
+        .unwrap();
+        Arc::new(LoadedPlugin {
+            file,
+            name: name.into(),
+            version: "1".into(),
+            generation: 1,
+            hash: hash.into(),
+            migrations: vec![],
+            handlers: vec![Arc::new(handler)],
+        })
+    }
+
+    #[test]
+    fn a_disabled_build_stays_out_of_every_later_generation_and_another_build_loads() {
+        let plugins = Plugins::default();
+        plugins.swap(Registry::new(1, vec![build("a", "h1"), build("b", "h1")]));
+        let site = plugins.current().handler("a").unwrap().site().clone();
+        plugins.disable(&site, "exceeded the budget".into());
+        let now = plugins.current();
+        assert_eq!(now.generation, 2);
+        assert!(now.handler("a").is_none() && now.handler("b").is_some());
+        assert_eq!(now.subscribers("x").len(), 1);
+        assert_eq!(
+            plugins.why_disabled("a").as_deref(),
+            Some("plugin 'a' exceeded the budget")
+        );
+        assert_eq!(plugins.why_disabled("b"), None);
+
+        // A reload that still holds the build does not bring it back.
+        plugins.swap(Registry::new(3, vec![build("a", "h1"), build("b", "h1")]));
+        assert!(plugins.current().handler("a").is_none());
+        assert_eq!(plugins.current().generation, 3);
+
+        // Another build of the same file does load.
+        plugins.swap(Registry::new(4, vec![build("a", "h2"), build("b", "h1")]));
+        assert!(plugins.current().handler("a").is_some());
+        assert_eq!(plugins.disabled().len(), 1);
+    }
+}

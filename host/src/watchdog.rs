@@ -208,6 +208,8 @@ impl EngineWatch {
         // SAFETY: as above; SQLite's serialized mode makes calls from this
         // thread safe while the engine thread holds the same connection.
         // `from_handle` does not take ownership: dropping it closes nothing.
+        // (The connection's last error message is shared: the stuck thread
+        // may read ours in place of its own, which costs only a log line.)
         let conn = unsafe { Connection::from_handle(self.db.0) }.map_err(|e| e.to_string())?;
         let deadline = Instant::now() + RELEASE_TIMEOUT;
         loop {
