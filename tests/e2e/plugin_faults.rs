@@ -15,7 +15,7 @@ use quiet_test_support::{install, plugin, wait_for, write_by_rename, HostDirs, H
 
 use crate::{
     bin,
-    faults::{assert_loaded, dead_letter_with, eventually, run_count, ticks, ticks_grow},
+    faults::{assert_loaded, dead_letter_with, eventually, run_count, ticks_grow},
     job, plugin_file, query_i64,
     sync::{cli, create_network, events, sync_host},
 };
@@ -413,5 +413,4 @@ fn a_plugin_deleted_while_its_job_runs_finishes_the_call_then_stops() {
     assert_eq!(host.status()["running_pid"], host.pid());
     host.stop();
     eprintln!("the call finished {finished:?} after its file was deleted");
-    let _ = ticks(&dirs.data);
 }
