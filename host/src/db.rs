@@ -116,6 +116,9 @@ const MIGRATIONS: &[&str] = &[
         envelope BLOB NOT NULL,
         submitted_ms INTEGER NOT NULL
      );",
+    // 3: plugin builds the watchdog disabled (an overrun call budget).
+    "ALTER TABLE plugins ADD COLUMN disabled TEXT;
+     ALTER TABLE plugins ADD COLUMN disabled_at_ms INTEGER;",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -129,7 +132,11 @@ pub fn now_ms() -> i64 {
 /// Opens (creating if needed) the database in `data_dir` and brings the
 /// host's schema up to date.
 pub fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(data_dir.join(DB_FILE))?;
+    open_with(data_dir, OpenFlags::default())
+}
+
+fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(data_dir.join(DB_FILE), flags)?;
     configure(&conn)?;
     migrate(&conn)?;
     Ok(conn)
@@ -150,9 +157,14 @@ const ENGINE_CACHE_KIB: i64 = 16 * 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// [`open`], for the engine thread: it leaves checkpoints to
-/// [`spawn_checkpointer`].
+/// [`spawn_checkpointer`], and is in SQLite's serialized mode, so that the
+/// watchdog may roll back its transaction from another thread while a
+/// plugin call is stuck on it (see [`crate::watchdog`]). The mutex this
+/// costs per SQLite call is uncontended.
 pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
-    let conn = open(data_dir)?;
+    let flags = (OpenFlags::default() - OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        | OpenFlags::SQLITE_OPEN_FULL_MUTEX;
+    let conn = open_with(data_dir, flags)?;
     conn.pragma_update(None, "wal_autocheckpoint", ENGINE_CHECKPOINT_PAGES)?;
     conn.pragma_update(None, "cache_size", -ENGINE_CACHE_KIB)?;
     Ok(conn)

@@ -5,12 +5,34 @@
 //! the boundary. Panics were already caught on the plugin side (see
 //! `quiet_plugin_api::handler`); here they arrive as errors that start with
 //! `panicked:`.
+//!
+//! Every call is timed against the engine's call budget (see
+//! [`crate::watchdog`]): a call the watchdog gave up on comes back as
+//! [`CallError::Sql`], so that the caller abandons its unit of work without
+//! writing anything more.
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use quiet_plugin_api::{abi_stable::std_types::RVec, Envelope, HandlerBox, Value, ANY_EVENT_TYPE};
 
-use crate::context::HostContext;
+use crate::{
+    context::HostContext,
+    watchdog::{self, CallKind},
+};
+
+/// Which handler of which library build a call goes to: what the watchdog
+/// names, and disables, when a call overruns its budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSite {
+    /// The plugin's name.
+    pub plugin: Arc<str>,
+    /// The handler's name.
+    pub handler: String,
+    /// The file in the plugin folder the build came from.
+    pub file: PathBuf,
+    /// BLAKE3 of that build, in hex.
+    pub hash: String,
+}
 
 /// A handler from a loaded plugin generation.
 pub struct LoadedHandler {
@@ -20,18 +42,32 @@ pub struct LoadedHandler {
     pub name: String,
     /// The event types it subscribed to.
     pub event_types: Vec<String>,
+    site: Arc<CallSite>,
     abi: HandlerBox,
 }
 
 impl LoadedHandler {
-    pub(crate) fn new(plugin: Arc<str>, abi: HandlerBox) -> Result<Self, String> {
+    /// `file` and `hash` name the build, for reports about its calls.
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        file: PathBuf,
+        hash: String,
+        abi: HandlerBox,
+    ) -> Result<Self, String> {
         let spec = abi
             .spec()
             .into_result()
             .map_err(|e| format!("handler spec failed: {e}"))?;
+        let name = spec.name.into_string();
         Ok(Self {
+            site: Arc::new(CallSite {
+                plugin: plugin.clone(),
+                handler: name.clone(),
+                file,
+                hash,
+            }),
             plugin,
-            name: spec.name.into_string(),
+            name,
             event_types: spec
                 .event_types
                 .into_iter()
@@ -41,14 +77,21 @@ impl LoadedHandler {
         })
     }
 
+    /// The handler and build its calls go to.
+    pub fn site(&self) -> &CallSite {
+        &self.site
+    }
+
     /// Whether the handler subscribes to every event type.
     pub fn subscribes_to_all(&self) -> bool {
         self.event_types.iter().any(|t| t == ANY_EVENT_TYPE)
     }
 
     /// The handler's `filter`.
-    pub fn filter(&self, envelope: &Envelope) -> Result<bool, String> {
-        self.abi.filter(envelope).into_result().map_err(Into::into)
+    pub fn filter(&self, envelope: &Envelope) -> Result<bool, CallError> {
+        watchdog::timed(&self.site, CallKind::Filter, || self.abi.filter(envelope))?
+            .into_result()
+            .map_err(|e| CallError::Handler(e.into()))
     }
 
     /// The handler's `process`, inside the caller's transaction.
@@ -56,11 +99,12 @@ impl LoadedHandler {
         &self,
         envelope: &Envelope,
         ctx: &mut HostContext<'_>,
-    ) -> Result<RVec<Envelope>, String> {
-        self.abi
-            .process(envelope, ctx.as_abi())
-            .into_result()
-            .map_err(Into::into)
+    ) -> Result<RVec<Envelope>, CallError> {
+        watchdog::timed(&self.site, CallKind::Process, || {
+            self.abi.process(envelope, ctx.as_abi())
+        })?
+        .into_result()
+        .map_err(|e| CallError::Handler(e.into()))
     }
 
     /// The handler's `run_job`, inside the caller's transaction.
@@ -68,17 +112,18 @@ impl LoadedHandler {
         &self,
         ctx: &mut HostContext<'_>,
         params: &Value,
-    ) -> Result<RVec<Envelope>, String> {
-        self.abi
-            .run_job(ctx.as_abi(), params)
-            .into_result()
-            .map_err(Into::into)
+    ) -> Result<RVec<Envelope>, CallError> {
+        watchdog::timed(&self.site, CallKind::RunJob, || {
+            self.abi.run_job(ctx.as_abi(), params)
+        })?
+        .into_result()
+        .map_err(|e| CallError::Handler(e.into()))
     }
 }
 
 /// Why a handler call produced nothing: the handler failed (its savepoint is
-/// rolled back and the host carries on), or the database did (the whole unit
-/// of work is abandoned).
+/// rolled back and the host carries on), or the database did, or the
+/// watchdog gave up on the call (the whole unit of work is abandoned).
 #[derive(Debug)]
 pub enum CallError {
     /// The handler returned an error or panicked.

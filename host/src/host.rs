@@ -1,8 +1,11 @@
 //! `quiet-host run`: wires the parts together and keeps them running.
 //!
 //! Threads:
-//! - the **scheduler** (its own SQLite connection) runs due jobs and the
-//!   pipeline behind them;
+//! - the **engine** ([`Scheduler`], its own SQLite connection) runs due jobs,
+//!   frames from peers and CLI submissions, and the pipeline behind them;
+//! - the **watchdog** gives up on an engine stuck in a plugin call past the
+//!   call budget, disables that plugin and starts a fresh engine (see
+//!   [`crate::watchdog`]);
 //! - the **watcher** waits on file-system events for the plugin folder and
 //!   the folder of `jobs.yaml`, and polls once a second as a backstop; it
 //!   runs the [`Reloader`], which has its own connection;
@@ -19,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        mpsc, Arc, Mutex,
     },
     thread::{self, JoinHandle},
     time::Duration,
@@ -42,6 +45,7 @@ use crate::{
     reload::{ReloadPaths, Reloader},
     scheduler::{Scheduler, Signal},
     transit::LiveRequests,
+    watchdog::{self, Engine},
 };
 
 /// Signals (mostly network frames) the engine may have queued.
@@ -63,6 +67,9 @@ pub struct HostOptions {
     /// Where to listen for peers (`ip:port`; port 0 picks one); `None`
     /// for a host that does not sync.
     pub listen: Option<String>,
+    /// How long one plugin call may run before its plugin is disabled
+    /// ([`watchdog::DEFAULT_CALL_BUDGET`] unless the operator says).
+    pub call_budget: Duration,
 }
 
 /// Why a host could not start; each is one line for the operator.
@@ -127,7 +134,9 @@ pub enum StartError {
 /// A started host; dropping it without [`RunningHost::shutdown`] leaves the
 /// threads running until the process exits.
 pub struct RunningHost {
-    scheduler: Option<JoinHandle<()>>,
+    engine: Arc<Engine>,
+    watchdog: Option<JoinHandle<()>>,
+    stop_watchdog: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
     checkpointer: Option<JoinHandle<()>>,
     to_scheduler: mpsc::SyncSender<Signal>,
@@ -141,16 +150,19 @@ pub struct RunningHost {
 
 impl RunningHost {
     /// Finishes the job in hand, stops every thread and releases the lock.
+    /// An engine stuck in a plugin call is first replaced by the watchdog,
+    /// within the call budget; the stuck thread ends with the process.
     pub fn shutdown(mut self) {
         self.stop_threads.store(true, Ordering::SeqCst);
         let _ = self.to_scheduler.send(Signal::Shutdown);
-        for t in [
-            self.scheduler.take(),
-            self.watcher.take(),
-            self.checkpointer.take(),
-        ]
-        .into_iter()
-        .flatten()
+        if let Some(watchdog) = self.watchdog.take() {
+            self.engine.wait_stopped(&watchdog);
+            self.stop_watchdog.store(true, Ordering::SeqCst);
+            let _ = watchdog.join();
+        }
+        for t in [self.watcher.take(), self.checkpointer.take()]
+            .into_iter()
+            .flatten()
         {
             let _ = t.join();
         }
@@ -182,9 +194,9 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     // Bounded: under a flood, frames are dropped (and counted) at the
     // socket instead of piling up in memory.
     let (to_scheduler, signals) = mpsc::sync_channel(ENGINE_QUEUE);
+    let signals = Arc::new(Mutex::new(signals));
     let counters = Arc::new(Counters::default());
     let keys = Arc::new(NetworkKeys::new(data));
-    let store = EventStore::new(keys.clone(), counters.clone());
     let paths = ReloadPaths {
         plugins_dir: opts.plugins_dir.clone(),
         cache_dir: data.join("plugin-cache"),
@@ -229,32 +241,45 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     reloader.initial_config()?;
     reloader.sync();
 
-    let outbox: Box<dyn Outbox + Send> = match listen_addr {
-        Some(_) => Box::new(NetworkOutbox::new(wire.clone())),
-        None => Box::new(NoTransport),
+    // Each engine (a fresh one replaces one the watchdog abandoned) gets
+    // its own connection and outbox, and shares everything else.
+    let make_engine = {
+        let (data, plugins, counters) = (data.clone(), plugins.clone(), counters.clone());
+        let identity = identity.public();
+        let wire = listen_addr.map(|_| wire.clone());
+        move || {
+            let outbox: Box<dyn Outbox + Send> = match &wire {
+                Some(wire) => Box::new(NetworkOutbox::new(wire.clone())),
+                None => Box::new(NoTransport),
+            };
+            let services = Services {
+                identity: identity.clone(),
+                outbox,
+                store: Some(EventStore::new(keys.clone(), counters.clone())),
+            };
+            Ok(Scheduler::new(
+                db::open_engine(&data)?,
+                plugins.clone(),
+                config.clone(),
+                services,
+                signals.clone(),
+                counters.clone(),
+            ))
+        }
     };
-    let services = Services {
-        identity: identity.public(),
-        outbox,
-        store: Some(store),
-    };
-    let scheduler = Scheduler::new(
-        db::open_engine(data).map_err(db_err)?,
-        plugins,
-        config,
-        services,
-        signals,
-        counters.clone(),
-    );
     if listen_addr.is_none() {
         tracing::warn!(
             "not listening (no --listen): peers cannot reach this host and it cannot sync"
         );
     }
-    let scheduler = thread::Builder::new()
-        .name("scheduler".into())
-        .spawn(move || scheduler.run())
-        .expect("spawning a thread");
+    let engine = Engine::start(Box::new(make_engine)).map_err(db_err)?;
+    let stop_watchdog = Arc::new(AtomicBool::new(false));
+    let watchdog = watchdog::spawn_watchdog(
+        engine.clone(),
+        plugins,
+        opts.call_budget,
+        stop_watchdog.clone(),
+    );
 
     let stop_threads = Arc::new(AtomicBool::new(false));
     let watcher = spawn_watcher(opts, reloader, stop_threads.clone())?;
@@ -267,7 +292,9 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         "quiet-host running"
     );
     Ok(RunningHost {
-        scheduler: Some(scheduler),
+        engine,
+        watchdog: Some(watchdog),
+        stop_watchdog,
         watcher: Some(watcher),
         checkpointer: Some(checkpointer),
         to_scheduler,

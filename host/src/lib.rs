@@ -37,3 +37,4 @@ pub mod scheduler;
 pub mod status;
 pub mod testing;
 pub mod transit;
+pub mod watchdog;

@@ -170,7 +170,7 @@ pub fn from_module(
         .map_err(|e| format!("making its handlers failed: {e}"))?;
     let handlers = handlers
         .into_iter()
-        .map(|h| LoadedHandler::new(name.clone(), h).map(Arc::new))
+        .map(|h| LoadedHandler::new(name.clone(), file.to_owned(), hash.clone(), h).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(LoadedPlugin {
         file: file.to_owned(),

@@ -3,10 +3,11 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use quiet_host::{commands, host, loader, status};
+use quiet_host::{commands, host, loader, status, watchdog};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -65,6 +66,12 @@ enum Command {
         /// the host does not sync.
         #[arg(long, env = "QUIET_LISTEN")]
         listen: Option<String>,
+        /// How long one plugin call (filter, process, run_job) may run, in
+        /// milliseconds; a plugin whose call runs longer is disabled and the
+        /// host carries on without it [default: 10000].
+        #[arg(long = "call-budget-ms", env = "QUIET_CALL_BUDGET_MS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        call_budget_ms: Option<u64>,
     },
     /// Show plugins, jobs and dead letters of a host (running or not).
     Status {
@@ -176,7 +183,14 @@ fn main() -> ExitCode {
             plugins_dir,
             jobs_path,
             listen,
-        } => run(data_dir, plugins_dir, jobs_path, listen),
+            call_budget_ms,
+        } => run(
+            data_dir,
+            plugins_dir,
+            jobs_path,
+            listen,
+            call_budget_ms.map_or(watchdog::DEFAULT_CALL_BUDGET, Duration::from_millis),
+        ),
         Command::Status { json, dead_letters } => status::read(&data_dir, dead_letters).map(|s| {
             if json {
                 println!(
@@ -294,6 +308,7 @@ fn run(
     plugins_dir: Option<PathBuf>,
     jobs_path: PathBuf,
     listen: Option<String>,
+    call_budget: Duration,
 ) -> Result<(), String> {
     let plugins_dir = match plugins_dir {
         Some(dir) => dir,
@@ -310,6 +325,7 @@ fn run(
         plugins_dir,
         jobs_path,
         listen,
+        call_budget,
     })
     .map_err(|e| e.to_string())?;
     if let Some(sig) = signals.forever().next() {

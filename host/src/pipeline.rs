@@ -32,6 +32,7 @@ use crate::{
     handler::CallError,
     json::envelope_to_json,
     registry::Registry,
+    watchdog,
 };
 
 /// How many times envelopes may beget envelopes before the chain is cut.
@@ -39,6 +40,11 @@ pub const DEFAULT_HOP_LIMIT: u32 = 16;
 
 /// How many envelopes one run (one job run, one batch of frames) may handle.
 pub const MAX_ENVELOPES_PER_RUN: usize = 100_000;
+
+/// Dead letters of one run that are logged one by one; the rest are
+/// counted in one line, so that a flood of them cannot flood the log (the
+/// table and `status` still have each).
+const LOGGED_DEAD_LETTERS: usize = 10;
 
 /// Where outgoing envelopes go.
 ///
@@ -114,12 +120,14 @@ pub struct Pipeline<'a> {
 
 impl Services {
     /// Runs `f` in a write transaction, then sends what it queued for the
-    /// network if the transaction committed, or drops it if not.
+    /// network if the transaction committed, or drops it if not. On an
+    /// engine the watchdog abandoned, starts no transaction and fails.
     pub fn write_tx<T, E: From<rusqlite::Error>>(
         &self,
         conn: &Connection,
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
+        watchdog::check_not_abandoned()?;
         let result = db::with_write_tx(conn, f);
         match result {
             Ok(_) => self.outbox.flush(),
@@ -178,6 +186,13 @@ impl<'a> Pipeline<'a> {
             }
             self.step(item, &mut queue, &mut report)?;
         }
+        if report.dead_letters > LOGGED_DEAD_LETTERS {
+            tracing::warn!(
+                "{} dead letters in one run, {} of them not logged one by one (see `quiet-host status`)",
+                report.dead_letters,
+                report.dead_letters - LOGGED_DEAD_LETTERS
+            );
+        }
         Ok(report)
     }
 
@@ -231,17 +246,14 @@ impl<'a> Pipeline<'a> {
             match handler.filter(&envelope) {
                 Ok(true) => {}
                 Ok(false) => continue,
-                Err(e) => {
+                Err(CallError::Sql(e)) => return Err(e),
+                Err(CallError::Handler(e)) => {
                     self.dead_letter(report, &here, &format!("filter failed: {e}"), &envelope)?;
                     continue;
                 }
             }
             let mut ctx = HostContext::new(self.conn, &handler.plugin, &self.services.identity);
-            let outcome = db::with_savepoint(self.conn, || {
-                handler
-                    .process(&envelope, &mut ctx)
-                    .map_err(CallError::Handler)
-            });
+            let outcome = db::with_savepoint(self.conn, || handler.process(&envelope, &mut ctx));
             match outcome {
                 Ok(produced) => {
                     report.processed += 1;
@@ -278,7 +290,9 @@ impl<'a> Pipeline<'a> {
         envelope: &Envelope,
     ) -> rusqlite::Result<()> {
         report.dead_letters += 1;
-        tracing::warn!(handler = %source.handler, plugin = source.plugin.as_deref().unwrap_or("-"), "dead letter: {reason}");
+        if report.dead_letters <= LOGGED_DEAD_LETTERS {
+            tracing::warn!(handler = %source.handler, plugin = source.plugin.as_deref().unwrap_or("-"), "dead letter: {reason}");
+        }
         record_dead_letter(self.conn, source, reason, envelope)
     }
 }

@@ -14,6 +14,10 @@
 //! fails any of this is refused with one line, and whatever generation was
 //! serving keeps serving. An invalid `jobs.yaml` is refused with its line,
 //! and the last good configuration keeps running.
+//!
+//! Builds the watchdog disabled are recorded in the `plugins` table and
+//! dropped from what this reloader serves; the same build is not loaded
+//! again (until the host restarts), another build of the file is.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -32,7 +36,7 @@ use crate::{
     jobs::{self, JobsConfig},
     json::value_to_json,
     loader::{self, hash_bytes, LoadedPlugin},
-    registry::{Plugins, Registry},
+    registry::{Disabled, Plugins, Registry},
     scheduler::Signal,
 };
 
@@ -80,6 +84,8 @@ pub struct Reloader {
     seen: HashMap<PathBuf, (Stamp, String)>,
     config_seen: Option<(Stamp, String)>,
     generation: u64,
+    /// How many of [`Plugins::disabled`] are recorded.
+    disabled_recorded: usize,
 }
 
 impl Reloader {
@@ -105,11 +111,13 @@ impl Reloader {
             seen: HashMap::new(),
             config_seen: None,
             generation: 0,
+            disabled_recorded: 0,
         })
     }
 
     /// Looks at the plugin folder and `jobs.yaml`, and applies any change.
     pub fn sync(&mut self) {
+        self.sync_disabled();
         let plugins_changed = self.sync_plugins().unwrap_or_else(|e| {
             tracing::error!("reload: {e}");
             false
@@ -137,7 +145,22 @@ impl Reloader {
         Ok(())
     }
 
+    /// Records builds the watchdog disabled since the last look, and stops
+    /// serving them (the current generation already left them out).
+    fn sync_disabled(&mut self) {
+        let disabled = self.plugins.disabled();
+        for d in &disabled[self.disabled_recorded.min(disabled.len())..] {
+            if self.loaded.get(&d.file).is_some_and(|p| p.hash == d.hash) {
+                self.loaded.remove(&d.file);
+            }
+            self.record_disabled(d);
+        }
+        self.disabled_recorded = disabled.len();
+    }
+
     fn sync_plugins(&mut self) -> std::io::Result<bool> {
+        // The watchdog swaps in generations too, when it disables a build.
+        self.generation = self.generation.max(self.plugins.current().generation);
         let mut files: Vec<PathBuf> = fs::read_dir(&self.paths.plugins_dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| loader::is_plugin_file(p) && p.is_file())
@@ -169,8 +192,18 @@ impl Reloader {
             let Ok(bytes) = fs::read(&path) else { continue };
             let hash = hash_bytes(&bytes);
             let same = self.seen.get(&path).is_some_and(|(_, h)| *h == hash);
-            self.seen.insert(path.clone(), (stamp, hash));
+            self.seen.insert(path.clone(), (stamp, hash.clone()));
             if same {
+                continue;
+            }
+            if let Some(d) = self
+                .plugins
+                .disabled()
+                .into_iter()
+                .find(|d| d.is(&path, &hash))
+            {
+                tracing::warn!(file = %path.display(), "plugin not loaded: this build is disabled: {}", d.reason);
+                self.record_disabled(&d);
                 continue;
             }
             changed |= self.load_one(&path, &bytes);
@@ -332,7 +365,7 @@ impl Reloader {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL)
              ON CONFLICT(file) DO UPDATE SET name = excluded.name, version = excluded.version,
                 generation = excluded.generation, loaded_at_ms = excluded.loaded_at_ms, hash = excluded.hash,
-                error = NULL, error_at_ms = NULL",
+                error = NULL, error_at_ms = NULL, disabled = NULL, disabled_at_ms = NULL",
             rusqlite::params![
                 p.file.display().to_string(),
                 &*p.name,
@@ -341,6 +374,20 @@ impl Reloader {
                 db::now_ms(),
                 p.hash
             ],
+        );
+        if let Err(e) = r {
+            tracing::error!("cannot record plugin status: {e}");
+        }
+    }
+
+    /// Marks the row of `d`'s file disabled, unless it now shows another
+    /// build.
+    fn record_disabled(&self, d: &Disabled) {
+        let r = self.conn.execute(
+            "INSERT INTO plugins(file, name, hash, disabled, disabled_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(file) DO UPDATE SET disabled = excluded.disabled, disabled_at_ms = excluded.disabled_at_ms
+             WHERE hash = excluded.hash",
+            rusqlite::params![d.file.display().to_string(), d.plugin, d.hash, d.reason, d.at_ms],
         );
         if let Err(e) = r {
             tracing::error!("cannot record plugin status: {e}");

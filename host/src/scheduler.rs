@@ -12,12 +12,18 @@
 //! The scheduler has its own thread and its own connection; it reads the
 //! current plugin generation and job configuration at every tick, so reloads
 //! take effect at the next tick.
+//!
+//! This thread is the host's **engine**: it also runs the frames from the
+//! network and the CLI's submissions. If a plugin call on it overruns the
+//! call budget, the watchdog abandons it and starts a fresh one on the same
+//! signal queue (see [`crate::watchdog`]); an abandoned engine whose call
+//! comes back stops before its next unit of work.
 
 use std::{
     collections::HashMap,
     sync::{
-        mpsc::{Receiver, RecvTimeoutError},
-        Arc,
+        mpsc::{Receiver, RecvTimeoutError, TryRecvError},
+        Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
@@ -36,6 +42,7 @@ use crate::{
     network::Received,
     pipeline::{Pipeline, Services, Source},
     registry::{Plugins, Registry},
+    watchdog::{self, EngineWatch},
 };
 
 /// The longest the scheduler sleeps before looking again: the latency of a
@@ -66,6 +73,10 @@ pub enum Signal {
     Shutdown,
 }
 
+/// The engine's signal queue. Shared, so that a fresh engine can take over
+/// the queue of an abandoned one; only the running engine receives.
+pub type Signals = Arc<Mutex<Receiver<Signal>>>;
+
 /// Whether a job last run at `last_run_ms` is due at `now`.
 pub fn is_due(last_run_ms: Option<i64>, frequency_ms: u64, now: i64) -> bool {
     match last_run_ms {
@@ -82,24 +93,27 @@ pub struct Scheduler {
     plugins: Plugins,
     config: Arc<ArcSwap<JobsConfig>>,
     services: Services,
-    signals: Receiver<Signal>,
+    signals: Signals,
     counters: Arc<Counters>,
+    watch: Arc<EngineWatch>,
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
     blocked: HashMap<String, (String, u64)>,
 }
 
 impl Scheduler {
-    /// A scheduler that owns `conn`.
+    /// A scheduler that owns `conn`, which must come from
+    /// [`db::open_engine`] (the watchdog's rescue needs its serialized mode).
     pub fn new(
         conn: Connection,
         plugins: Plugins,
         config: Arc<ArcSwap<JobsConfig>>,
         services: Services,
-        signals: Receiver<Signal>,
+        signals: Signals,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
+            watch: EngineWatch::new(&conn),
             conn,
             plugins,
             config,
@@ -110,17 +124,32 @@ impl Scheduler {
         }
     }
 
-    /// Runs due jobs until told to stop.
+    /// What the watchdog watches of this engine.
+    pub fn watch(&self) -> Arc<EngineWatch> {
+        self.watch.clone()
+    }
+
+    /// Runs due jobs until told to stop, or until the watchdog abandons
+    /// this engine.
     pub fn run(mut self) {
+        watchdog::install(self.watch.clone());
         loop {
             let sleep = match self.tick() {
                 Ok(sleep) => sleep,
+                Err(_) if self.watch.abandoned() => break,
                 Err(e) => {
                     tracing::error!("scheduler: database error: {e}");
                     MAX_SLEEP
                 }
             };
-            match self.signals.recv_timeout(sleep) {
+            // Checked before taking anything off the queue: what this
+            // engine takes, its replacement will never see.
+            if self.watch.abandoned() {
+                break;
+            }
+            let signals = self.signals.clone();
+            let rx = signals.lock().unwrap_or_else(PoisonError::into_inner);
+            match rx.recv_timeout(sleep) {
                 Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Signal::Received(first)) => {
@@ -130,7 +159,7 @@ impl Scheduler {
                     let mut frames = vec![first];
                     let mut stop = false;
                     while frames.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
-                        match self.signals.try_recv() {
+                        match rx.try_recv() {
                             Ok(Signal::Received(f)) => {
                                 bytes += f.frame_len();
                                 frames.push(f);
@@ -140,9 +169,10 @@ impl Scheduler {
                                 stop = true;
                                 break;
                             }
-                            Err(_) => break,
+                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                         }
                     }
+                    drop(rx);
                     if let Err(e) = self.receive(frames) {
                         tracing::error!("engine: database error while receiving: {e}");
                     }
@@ -152,7 +182,12 @@ impl Scheduler {
                 }
             }
         }
-        tracing::debug!("scheduler stopped");
+        match self.watch.abandoned() {
+            true => tracing::warn!(
+                "an abandoned engine thread came back from its plugin call and stopped"
+            ),
+            false => tracing::debug!("scheduler stopped"),
+        }
     }
 
     /// Runs every due job once; returns how long to sleep until the next.
@@ -161,6 +196,9 @@ impl Scheduler {
         let registry = self.plugins.current();
         let mut sleep = MAX_SLEEP;
         for job in config.enabled() {
+            if self.watch.abandoned() {
+                return Err(watchdog::abandoned_error());
+            }
             let now = db::now_ms();
             let last = last_run(&self.conn, &job.name)?;
             let next_due = if is_due(last, job.frequency_ms, now) {
@@ -181,12 +219,14 @@ impl Scheduler {
             let wait = Duration::from_millis((next_due - db::now_ms()).max(0) as u64);
             sleep = sleep.min(wait);
         }
+        watchdog::check_not_abandoned()?;
         if self.drain_submissions(&registry)? == SUBMISSION_BATCH {
             // More are queued: come straight back.
             sleep = Duration::ZERO;
         }
         if !self.counters.is_empty() {
-            db::with_write_tx(&self.conn, |c| self.counters.flush(c))?;
+            self.services
+                .write_tx(&self.conn, |c| self.counters.flush(c))?;
         }
         Ok(sleep)
     }
@@ -195,18 +235,23 @@ impl Scheduler {
     /// transaction. Their frames' bytes stay counted against the queue
     /// budget until it is done.
     fn receive(&mut self, received: Vec<Received>) -> rusqlite::Result<()> {
-        let (envelopes, _held): (Vec<Envelope>, Vec<_>) =
+        let (envelopes, held): (Vec<Envelope>, Vec<_>) =
             received.into_iter().map(Received::into_parts).unzip();
+        // Held by the watch, so that the watchdog can give the budget back
+        // if it abandons this engine in the middle of the batch.
+        self.watch.hold(held);
         let registry = self.plugins.current();
         let source = Source {
             plugin: None,
             handler: "network".into(),
         };
-        self.services.write_tx(&self.conn, |conn| {
+        let done = self.services.write_tx(&self.conn, |conn| {
             Pipeline::new(conn, &registry, &self.services)
                 .run(envelopes, source)
                 .map(drop)
-        })
+        });
+        self.watch.release();
+        done
     }
 
     /// Runs up to a batch of the envelopes that CLI commands queued in
@@ -243,10 +288,11 @@ impl Scheduler {
     /// Runs one job; returns false if it could not be run at all.
     fn run_job(&mut self, job: &JobSpec, registry: &Registry, now: i64) -> rusqlite::Result<bool> {
         let Some(handler) = registry.handler(&job.handler) else {
-            let blocked = (
-                format!("handler '{}' is not loaded", job.handler),
-                registry.generation,
-            );
+            let why = match self.plugins.why_disabled(&job.handler) {
+                Some(reason) => format!("handler '{}' is disabled: {reason}", job.handler),
+                None => format!("handler '{}' is not loaded", job.handler),
+            };
+            let blocked = (why, registry.generation);
             if self.blocked.get(&job.name) != Some(&blocked) {
                 tracing::warn!(job = %job.name, "job cannot run: {}", blocked.0);
                 set_job_error(&self.conn, &job.name, Some(&blocked.0), now)?;
@@ -278,11 +324,7 @@ pub fn execute_job(
     };
     services.write_tx(conn, |conn| {
         let mut ctx = HostContext::new(conn, &handler.plugin, &services.identity);
-        let result = db::with_savepoint(conn, || {
-            handler
-                .run_job(&mut ctx, &job.params)
-                .map_err(CallError::Handler)
-        });
+        let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params));
         let error = match result {
             Ok(envelopes) => {
                 let report = Pipeline::new(conn, registry, services).run(envelopes, source)?;

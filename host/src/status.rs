@@ -88,6 +88,12 @@ pub struct PluginStatus {
     pub loaded_at_ms: Option<i64>,
     /// Why the latest version of the file was refused.
     pub error: Option<String>,
+    /// Why the watchdog disabled the build in the file (it overran the call
+    /// budget); `null` while it serves. Another build of the file loads
+    /// again.
+    pub disabled: Option<String>,
+    /// When it was disabled.
+    pub disabled_at_ms: Option<i64>,
 }
 
 /// One job.
@@ -158,7 +164,10 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
     // One read transaction: a consistent snapshot of a host that keeps writing.
     conn.execute_batch("BEGIN")?;
     let plugins = conn
-        .prepare("SELECT file, name, version, generation, loaded_at_ms, error FROM plugins ORDER BY file")?
+        .prepare(
+            "SELECT file, name, version, generation, loaded_at_ms, error, disabled, disabled_at_ms
+             FROM plugins ORDER BY file",
+        )?
         .query_map([], |r| {
             Ok(PluginStatus {
                 file: r.get(0)?,
@@ -167,6 +176,8 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
                 generation: r.get(3)?,
                 loaded_at_ms: r.get(4)?,
                 error: r.get(5)?,
+                disabled: r.get(6)?,
+                disabled_at_ms: r.get(7)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -304,8 +315,9 @@ pub fn render(s: &Status) -> String {
         let file = Path::new(&p.file)
             .file_name()
             .map_or(p.file.clone(), |f| f.to_string_lossy().into());
-        let serving = match (&p.name, p.generation) {
-            (Some(name), Some(g)) => {
+        let serving = match (&p.name, p.generation, &p.disabled) {
+            (Some(name), _, Some(_)) => format!("{name} disabled"),
+            (Some(name), Some(g), None) => {
                 format!("{name} {} gen {g}", p.version.as_deref().unwrap_or("?"))
             }
             _ => "not loaded".into(),
@@ -313,6 +325,13 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "  {file:<28} {serving}");
         if let Some(e) = &p.error {
             let _ = writeln!(out, "  {:<28} REFUSED: {e}", "");
+        }
+        if let Some(why) = &p.disabled {
+            let _ = writeln!(
+                out,
+                "  {:<28} DISABLED: {why}; install another build to load it again",
+                ""
+            );
         }
     }
 

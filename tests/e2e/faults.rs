@@ -38,7 +38,7 @@ jobs:
 
 /// Polls the status until `cond` holds; panics with the last status and the
 /// host's log if it does not within `timeout`.
-fn eventually(
+pub(crate) fn eventually(
     host: &HostProcess,
     what: &str,
     timeout: Duration,
@@ -59,12 +59,12 @@ fn eventually(
     })
 }
 
-fn ticks(data: &Path) -> i64 {
+pub(crate) fn ticks(data: &Path) -> i64 {
     query_i64(data, "SELECT COUNT(*) FROM ticks").unwrap_or(0)
 }
 
 /// Waits until the ticks table has more rows than `than`; returns the count.
-fn ticks_grow(host: &HostProcess, data: &Path, than: i64, when: &str) -> i64 {
+pub(crate) fn ticks_grow(host: &HostProcess, data: &Path, than: i64, when: &str) -> i64 {
     wait_for(Duration::from_secs(5), || {
         let n = ticks(data);
         (n > than).then_some(n)
@@ -154,14 +154,14 @@ fn assert_refused(status: &serde_json::Value, file: &str, needle: &str) {
     );
 }
 
-fn assert_loaded(status: &serde_json::Value, file: &str, name: &str) {
+pub(crate) fn assert_loaded(status: &serde_json::Value, file: &str, name: &str) {
     let p = plugin_file(status, file)
         .unwrap_or_else(|| panic!("{file} is not in the status: {status:#}"));
     assert_eq!(p["name"], name, "{file}: {p:#}");
     assert!(p["error"].is_null(), "{file}: {p:#}");
 }
 
-fn dead_letter_with<'a>(
+pub(crate) fn dead_letter_with<'a>(
     status: &'a serde_json::Value,
     handler: &str,
     needles: &[&str],
@@ -177,7 +177,7 @@ fn dead_letter_with<'a>(
         })
 }
 
-fn run_count(status: &serde_json::Value, name: &str) -> i64 {
+pub(crate) fn run_count(status: &serde_json::Value, name: &str) -> i64 {
     job(status, name)
         .and_then(|j| j["run_count"].as_i64())
         .unwrap_or(-1)
