@@ -20,6 +20,7 @@ pub mod context;
 pub mod counters;
 pub mod db;
 pub mod demo;
+pub mod entropy;
 pub mod event_crypto;
 pub mod event_store;
 pub mod handler;
