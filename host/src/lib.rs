@@ -35,6 +35,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod reload;
 pub mod scheduler;
+pub mod sim;
 pub mod status;
 pub mod testing;
 pub mod transit;
