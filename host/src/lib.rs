@@ -12,7 +12,9 @@
 //! - [`host`] starts all of it, and [`status`] reads back what it did.
 //!
 //! Plugin authors: [`testing::TestHost`] runs a plugin's handlers on an
-//! in-memory host, for unit tests without a running `quiet-host`.
+//! in-memory host, for unit tests without a running `quiet-host`, and
+//! [`sim::Sim`] runs many real hosts on virtual time over a simulated,
+//! lossy network.
 
 pub mod codec;
 pub mod commands;

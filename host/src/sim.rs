@@ -107,7 +107,7 @@ pub fn seed_for(test: &str) -> u64 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkSpec {
     /// One-way latency in ms, drawn uniformly from `min..=max` per frame.
-    pub latency_ms: (i64, i64),
+    pub latency_ms: (u64, u64),
     /// Probability that a datagram (one fragment) is lost.
     pub loss: f64,
     /// Probability that a frame arrives twice (the copy with its own
@@ -266,11 +266,14 @@ impl Ord for InFlight {
     }
 }
 
-/// splitmix64: the simulator's own stream, reproducible from the seed.
-struct Rng(u64);
+/// splitmix64: a small reproducible stream from one seed, with no
+/// dependency. The simulator draws its schedule from one; tests with
+/// seeded choices of their own (such as the crash test's) use it too.
+pub struct SplitMix64(pub u64);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -280,12 +283,13 @@ impl Rng {
 
     /// True with probability `p`; draws nothing when `p` is 0, so that
     /// turning a fault off does not shift the rest of the stream.
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
     }
 
-    fn between(&mut self, (lo, hi): (i64, i64)) -> i64 {
-        lo + (self.next() % ((hi - lo).max(0) as u64 + 1)) as i64
+    /// A number in `lo..=hi` (`lo` if the range is empty).
+    pub fn between(&mut self, (lo, hi): (u64, u64)) -> u64 {
+        lo + self.next_u64() % (hi.saturating_sub(lo).saturating_add(1)).max(1)
     }
 }
 
@@ -297,7 +301,7 @@ pub struct Sim {
     root: tempfile::TempDir,
     config: SimConfig,
     now: i64,
-    rng: Rng,
+    rng: SplitMix64,
     hosts: Vec<SimHost>,
     /// `links[from][to]`.
     links: Vec<Vec<LinkSpec>>,
@@ -332,7 +336,7 @@ impl Sim {
         Ok(Self {
             root,
             now: START_MS,
-            rng: Rng(config.seed),
+            rng: SplitMix64(config.seed),
             config,
             hosts: Vec::new(),
             links: Vec::new(),
@@ -729,7 +733,8 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let mut at = self.now + self.rng.between(link.latency_ms);
+            let (lo, hi) = link.latency_ms;
+            let mut at = self.now + self.rng.between((lo, hi)) as i64;
             if self.rng.chance(link.reorder) {
                 self.stats.reordered += 1;
             } else {

@@ -4,20 +4,17 @@
 
 use quiet_host::sim::{sync_jobs, LinkSpec, Sim};
 
-use crate::{counts, expect_within, network, sim};
+use crate::{counts, expect_within, network, sim, write_messages};
 
 /// Host 1 writes `n` messages that host 0 lacks; returns their ids.
 fn backlog(sim: &mut Sim, net: &str, n: usize) -> Vec<String> {
-    let texts: Vec<String> = (0..n).map(|i| format!("backlog message {i}")).collect();
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let ids = sim.send_messages(1, net, &texts).unwrap();
-    // Stored by host 1's scheduler at its next tick.
+    let ids = write_messages(sim, 1, net, n);
     sim.run_for(250);
     assert_eq!(sim.events(1, net).len(), n);
     ids
 }
 
-fn with_latency(ms: i64) -> LinkSpec {
+fn with_latency(ms: u64) -> LinkSpec {
     LinkSpec {
         latency_ms: (ms, ms),
         ..LinkSpec::default()
@@ -40,7 +37,7 @@ fn a_response_after_its_transit_secret_expired_is_dropped() {
     // the secret lives. (Host 1's own requests to host 0 are as slow, and
     // host 0 refuses them as stale: no other way in.)
     sim.set_one_way(0, 1, with_latency(5));
-    sim.set_one_way(1, 0, with_latency(TTL_MS + 500));
+    sim.set_one_way(1, 0, with_latency(TTL_MS as u64 + 500));
     sim.run_for(20_000);
     let expired = sim.counter(0, "drop_unknown_or_expired_request");
     assert!(expired >= 3, "late responses dropped: {expired}");
@@ -73,9 +70,7 @@ fn duplicate_responses_store_each_event_once() {
     });
     let mut ids = Vec::new();
     for h in 0..3 {
-        let texts: Vec<String> = (0..5).map(|i| format!("{h}/{i}")).collect();
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        ids.extend(sim.send_messages(h, &net, &texts).unwrap());
+        ids.extend(write_messages(&mut sim, h, &net, 5));
     }
     expect_within(&mut sim, "duplicates: convergence", 30_000, |s| {
         s.everyone_has(&net, &ids)
@@ -187,9 +182,7 @@ fn a_seed_replays_the_same_schedule() {
         });
         let mut ids = Vec::new();
         for h in 0..4 {
-            let texts: Vec<String> = (0..30).map(|i| format!("{h}/{i}")).collect();
-            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            ids.extend(sim.send_messages(h, &net, &texts).unwrap());
+            ids.extend(write_messages(&mut sim, h, &net, 30));
         }
         let took = expect_within(&mut sim, "every fault at once: convergence", 300_000, |s| {
             s.everyone_has(&net, &ids)

@@ -59,6 +59,14 @@ fn expect_within(sim: &mut Sim, what: &str, limit_ms: i64, done: impl FnMut(&Sim
     took
 }
 
+/// Host `h` writes `n` messages (`"h/i"`) in one transaction; returns
+/// their event ids. Its scheduler stores them at its next tick.
+fn write_messages(sim: &mut Sim, h: usize, net: &str, n: usize) -> Vec<String> {
+    let texts: Vec<String> = (0..n).map(|i| format!("{h}/{i}")).collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    sim.send_messages(h, net, &texts).expect("sending messages")
+}
+
 /// Each host's events of `net` as counts, for failure messages.
 fn counts(sim: &Sim, net: &str) -> Vec<usize> {
     (0..sim.len()).map(|i| sim.events(i, net).len()).collect()
