@@ -28,11 +28,13 @@
 //! frames a sync takes). Hosts and deliveries are visited in a fixed order
 //! (host index; arrival time, then send order), on one thread. What stays
 //! random is drawn inside the plugins (the sync plugin's request ids,
-//! session ids and transit secrets) and the X25519/nonce randomness of
-//! sealing: those change bytes, never the number, size, order or fate of
-//! frames, because the simulator decides from sizes and its own stream
-//! only. [`Sim::trace_digest`] hashes every delivery (time, link, size), so
-//! a test can check that a seed replays exactly.
+//! session ids and transit secrets, from the OS): fixed-length values that
+//! change bytes, never the number, size, order or fate of frames, because
+//! the simulator decides from sizes and its own stream only. A plugin must
+//! not let hash-map order decide what it sends (the sync plugin sorts the
+//! ids negentropy hands it out of a `HashSet`). [`Sim::trace_digest`]
+//! hashes every delivery (time, link, size), so a test checks that a seed
+//! replays exactly.
 //!
 //! Use it from a test (plugins built with `quiet_test_support::plugin`):
 //!
