@@ -14,6 +14,7 @@
 //! [`apply_plugin_migrations`]).
 
 use std::{
+    cell::Cell,
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -121,8 +122,26 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE plugins ADD COLUMN disabled_at_ms INTEGER;",
 ];
 
-/// Milliseconds since the Unix epoch.
+thread_local! {
+    /// The calling thread's virtual time, if a simulator set one.
+    static VIRTUAL_NOW_MS: Cell<Option<i64>> = const { Cell::new(None) };
+}
+
+/// Sets (with `Some`) or clears (with `None`) the calling thread's virtual
+/// clock, which [`now_ms`] then returns. It is per thread so that
+/// simulations in parallel tests keep their own time; a real host never
+/// sets it. Everything that tells time (the scheduler, transit TTLs, the
+/// context plugins read `now_ms` from) goes through [`now_ms`].
+pub fn set_thread_clock(now_ms: Option<i64>) {
+    VIRTUAL_NOW_MS.set(now_ms);
+}
+
+/// Milliseconds since the Unix epoch, or the thread's virtual time (see
+/// [`set_thread_clock`]).
 pub fn now_ms() -> i64 {
+    if let Some(now) = VIRTUAL_NOW_MS.get() {
+        return now;
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -18,13 +18,13 @@
 //!   of the whole event: ids cannot be chosen to collide.
 
 use crypto_box::{
-    aead::{generic_array::GenericArray, Aead, AeadCore, OsRng},
+    aead::{generic_array::GenericArray, Aead, AeadCore},
     PublicKey, SalsaBox, SecretKey,
 };
 use crypto_secretbox::{KeyInit, XSalsa20Poly1305};
 use quiet_plugin_api::Value;
 
-use crate::{codec, identity::HostIdentity};
+use crate::{codec, entropy::HostRng, identity::HostIdentity};
 
 const NONCE: usize = 24;
 
@@ -59,7 +59,7 @@ pub fn peer_key(peer_id: &str) -> Result<PublicKey, CryptoError> {
 /// `crypto_box_seal`: only `recipient` can open it.
 pub fn seal(recipient: &PublicKey, message: &[u8]) -> Vec<u8> {
     recipient
-        .seal(&mut OsRng, message)
+        .seal(&mut HostRng, message)
         .expect("sealing cannot fail for in-memory input")
 }
 
@@ -95,7 +95,7 @@ pub fn seal_from(
     payload: &[u8],
     network: Option<(&str, &NetworkKey)>,
 ) -> Vec<u8> {
-    let nonce = SalsaBox::generate_nonce(&mut OsRng);
+    let nonce = SalsaBox::generate_nonce(&mut HostRng);
     let digest = blake3::hash(payload);
     let tag = SalsaBox::new(recipient, me.secret_key())
         .encrypt(&nonce, digest.as_bytes().as_slice())
@@ -163,7 +163,7 @@ pub struct NetworkKey(pub [u8; 32]);
 impl NetworkKey {
     /// A fresh random key.
     pub fn generate() -> Self {
-        NetworkKey(XSalsa20Poly1305::generate_key(&mut OsRng).into())
+        NetworkKey(XSalsa20Poly1305::generate_key(&mut HostRng).into())
     }
 }
 
@@ -173,7 +173,7 @@ impl NetworkKey {
 /// match the clear copy: it cannot be changed without the key.
 pub fn encrypt_event(key: &NetworkKey, created_ms: i64, plaintext: &[u8]) -> Vec<u8> {
     let cipher = XSalsa20Poly1305::new(&key.0.into());
-    let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
+    let nonce = XSalsa20Poly1305::generate_nonce(&mut HostRng);
     let head = created_ms.to_be_bytes();
     let mut inner = Vec::with_capacity(8 + plaintext.len());
     inner.extend_from_slice(&head);

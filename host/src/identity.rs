@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crypto_box::{aead::OsRng, PublicKey, SecretKey};
+use crypto_box::{PublicKey, SecretKey};
 
 /// The secret key's file name inside the data folder.
 pub const KEY_FILE: &str = "identity.key";
@@ -73,7 +73,7 @@ impl HostIdentity {
                 Ok(Self::from_secret(SecretKey::from(key)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let secret = SecretKey::generate(&mut OsRng);
+                let secret = SecretKey::generate(&mut crate::entropy::HostRng);
                 write_private(&path, &secret.to_bytes()).map_err(io_err)?;
                 Ok(Self::from_secret(secret))
             }

@@ -12,7 +12,9 @@
 //! - [`host`] starts all of it, and [`status`] reads back what it did.
 //!
 //! Plugin authors: [`testing::TestHost`] runs a plugin's handlers on an
-//! in-memory host, for unit tests without a running `quiet-host`.
+//! in-memory host, for unit tests without a running `quiet-host`, and
+//! [`sim::Sim`] runs many real hosts on virtual time over a simulated,
+//! lossy network.
 
 pub mod codec;
 pub mod commands;
@@ -20,6 +22,7 @@ pub mod context;
 pub mod counters;
 pub mod db;
 pub mod demo;
+pub mod entropy;
 pub mod event_crypto;
 pub mod event_store;
 pub mod handler;
@@ -34,6 +37,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod reload;
 pub mod scheduler;
+pub mod sim;
 pub mod status;
 pub mod testing;
 pub mod transit;

@@ -16,8 +16,9 @@
 //!
 //! **Out** (envelope → socket): [`NetworkOutbox`] seals `event_plaintext` to
 //! `seal_to`, wraps it (a request registers its transit secret; a response
-//! is encrypted under the requester's), and a sender thread writes it to
-//! `dest_ip:dest_port`.
+//! is encrypted under the requester's), and hands the frame for
+//! `dest_ip:dest_port` to a [`Transport`]: [`Tcp`], where a sender thread
+//! writes it, or the network simulator's.
 //!
 //! Why TCP, not UDP as the seed assumes: catch-up moves megabytes, and TCP
 //! brings flow and congestion control for free. The protocol does not rely
@@ -294,15 +295,65 @@ impl Inbound {
     }
 }
 
-/// The sending half: envelope → sealed, wrapped frame → socket.
+/// Where sealed, wrapped frames go once their transaction has committed.
+///
+/// [`Tcp`] is the real one; the network simulator ([`crate::sim`]) plugs in
+/// its own, so that everything up to the frame's bytes is the host's code.
+pub trait Transport: Send {
+    /// Sends `frame` to `addr`, or drops it (counted): delivery is never
+    /// guaranteed, and the sync protocol does not need it to be.
+    fn send_frame(&self, addr: SocketAddr, frame: Vec<u8>);
+}
+
+/// The sending half: envelope → sealed, wrapped frame → [`Transport`].
 ///
 /// Frames wait in `pending` until the transaction that made them commits;
-/// then each goes to its destination's own sender thread, through a small
-/// bounded queue, so a slow or dead peer delays only itself.
+/// then they go to the transport, and requests' transit secrets go live.
 pub struct NetworkOutbox {
     wire: Wire,
     pending: Mutex<Vec<Outgoing>>,
+    transport: Box<dyn Transport>,
+}
+
+/// Frames over TCP: each destination has its own sender thread, fed
+/// through a small bounded queue, so a slow or dead peer delays only itself.
+pub struct Tcp {
+    counters: Arc<Counters>,
     peers: Mutex<HashMap<SocketAddr, SyncSender<Vec<u8>>>>,
+}
+
+impl Tcp {
+    /// A transport counting its drops in `counters`.
+    pub fn new(counters: Arc<Counters>) -> Self {
+        Self {
+            counters,
+            peers: Mutex::default(),
+        }
+    }
+}
+
+impl Transport for Tcp {
+    fn send_frame(&self, addr: SocketAddr, frame: Vec<u8>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut frame = Some(frame);
+        // At most twice: a sender thread that went idle has exited.
+        for _ in 0..2 {
+            let queue = peers
+                .entry(addr)
+                .or_insert_with(|| spawn_peer_sender(addr, self.counters.clone()));
+            match queue.try_send(frame.take().expect("one frame")) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => {
+                    self.counters.bump("drop_send_queue_full");
+                    return;
+                }
+                Err(TrySendError::Disconnected(f)) => {
+                    frame = Some(f);
+                    peers.remove(&addr);
+                }
+            }
+        }
+    }
 }
 
 /// A frame ready to go, and the request it makes live when it does.
@@ -313,35 +364,19 @@ struct Outgoing {
 }
 
 impl NetworkOutbox {
-    /// An outbox sealing as our identity and registering our requests as
-    /// live.
+    /// An outbox sealing as our identity, registering our requests as live,
+    /// and sending over TCP.
     pub fn new(wire: Wire) -> Self {
+        let tcp = Tcp::new(wire.counters.clone());
+        Self::with_transport(wire, Box::new(tcp))
+    }
+
+    /// Like [`NetworkOutbox::new`], sending through `transport`.
+    pub fn with_transport(wire: Wire, transport: Box<dyn Transport>) -> Self {
         Self {
             wire,
             pending: Mutex::default(),
-            peers: Mutex::default(),
-        }
-    }
-
-    fn route(&self, addr: SocketAddr, frame: Vec<u8>) {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut frame = Some(frame);
-        // At most twice: a sender thread that went idle has exited.
-        for _ in 0..2 {
-            let queue = peers
-                .entry(addr)
-                .or_insert_with(|| spawn_peer_sender(addr, self.wire.counters.clone()));
-            match queue.try_send(frame.take().expect("one frame")) {
-                Ok(()) => return,
-                Err(TrySendError::Full(_)) => {
-                    self.wire.counters.bump("drop_send_queue_full");
-                    return;
-                }
-                Err(TrySendError::Disconnected(f)) => {
-                    frame = Some(f);
-                    peers.remove(&addr);
-                }
-            }
+            transport,
         }
     }
 }
@@ -437,7 +472,7 @@ impl Outbox for NetworkOutbox {
             if let Some((id, secret, ttl)) = request {
                 self.wire.live.register(id, secret, db::now_ms(), ttl);
             }
-            self.route(addr, frame);
+            self.transport.send_frame(addr, frame);
         }
     }
 

@@ -223,7 +223,7 @@ pub fn is_member(conn: &Connection, network_id: &str) -> rusqlite::Result<bool> 
 
 fn getrandom(buf: &mut [u8]) {
     use crypto_box::aead::rand_core::RngCore;
-    crypto_box::aead::OsRng.fill_bytes(buf);
+    crate::entropy::HostRng.fill_bytes(buf);
 }
 
 #[cfg(test)]

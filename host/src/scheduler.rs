@@ -233,8 +233,10 @@ impl Scheduler {
 
     /// Runs envelopes from the network through the pipeline, in one
     /// transaction. Their frames' bytes stay counted against the queue
-    /// budget until it is done.
-    fn receive(&mut self, received: Vec<Received>) -> rusqlite::Result<()> {
+    /// budget until it is done. [`Scheduler::run`] calls it for each batch
+    /// of queued frames; a simulator, which owns the thread, calls it
+    /// directly.
+    pub fn receive(&mut self, received: Vec<Received>) -> rusqlite::Result<()> {
         let (envelopes, held): (Vec<Envelope>, Vec<_>) =
             received.into_iter().map(Received::into_parts).unzip();
         // Held by the watch, so that the watchdog can give the budget back

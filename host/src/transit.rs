@@ -12,7 +12,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use crypto_box::aead::{generic_array::GenericArray, Aead, AeadCore, OsRng};
+use crypto_box::aead::{generic_array::GenericArray, Aead, AeadCore};
 use crypto_secretbox::{KeyInit, XSalsa20Poly1305};
 
 /// Frame kind: a sealed request.
@@ -100,7 +100,7 @@ impl LiveRequests {
 
 /// Wraps `sealed` as the response to `request_id`.
 pub fn wrap_response(request_id: [u8; 16], secret: &[u8; 32], sealed: &[u8]) -> Vec<u8> {
-    let nonce = XSalsa20Poly1305::generate_nonce(&mut OsRng);
+    let nonce = XSalsa20Poly1305::generate_nonce(&mut crate::entropy::HostRng);
     let mut inner = Vec::with_capacity(16 + sealed.len());
     inner.extend_from_slice(&request_id);
     inner.extend_from_slice(sealed);

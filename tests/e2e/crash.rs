@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use quiet_host::db::now_ms;
+use quiet_host::{db::now_ms, sim::SplitMix64};
 use quiet_test_support::{wait_for, HostDirs, HostProcess};
 
 use crate::{
@@ -35,23 +35,6 @@ const SEED_VAR: &str = "QUIET_CRASH_SEED";
 /// The one job of `sync::SYNC_JOBS`.
 const JOB: &str = "sync_with_peers";
 const JOB_PERIOD_MS: i64 = 3000;
-
-/// splitmix64: a reproducible stream from one seed, with no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn between(&mut self, (lo, hi): (u64, u64)) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 fn seed() -> u64 {
     match std::env::var(SEED_VAR) {
@@ -237,7 +220,7 @@ fn network_of(data: &Path) -> String {
 fn thirty_kills_during_heavy_sync_lose_nothing_committed() {
     let seed = seed();
     eprintln!("crash test seed {seed}; replay with {SEED_VAR}={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let test_start = now_ms();
     let started = Instant::now();
 
@@ -277,7 +260,7 @@ fn thirty_kills_during_heavy_sync_lose_nothing_committed() {
         // The last round takes A down too, so that the convergence measured
         // afterwards is the catch-up, not A's wait for its sessions with
         // the dead B to expire (the transit TTL, 30 s).
-        let kill_a = rng.next().is_multiple_of(4) || round == KILLS;
+        let kill_a = rng.next_u64().is_multiple_of(4) || round == KILLS;
         let delay = Duration::from_millis(rng.between(KILL_AFTER_MS));
         thread::sleep(delay.saturating_sub(life.elapsed()));
 

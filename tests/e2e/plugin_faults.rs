@@ -360,7 +360,7 @@ fn a_plugin_deleted_while_its_job_runs_finishes_the_call_then_stops() {
   - name: slow
     handler: hanger
     frequency_ms: 3600000
-    params: {ms: 2000}
+    params: {ms: 6000}
 ";
     let dirs = HostDirs::new(jobs);
     install(
@@ -377,7 +377,8 @@ fn a_plugin_deleted_while_its_job_runs_finishes_the_call_then_stops() {
     let s = eventually(&host, "faulty loads", Duration::from_secs(10), |s| {
         plugin_file(s, "libfaulty.so").is_some_and(|p| p["name"] == "faulty")
     });
-    // The job is due at once and sleeps 2 s: delete the file in the middle.
+    // The job is due at once and sleeps 6 s (long enough that a loaded
+    // machine still finds it running): delete the file in the middle.
     assert_eq!(run_count(&s, "slow"), 0, "{s:#}");
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(run_count(&host.status(), "slow"), 0);
@@ -388,7 +389,7 @@ fn a_plugin_deleted_while_its_job_runs_finishes_the_call_then_stops() {
     let s = eventually(
         &host,
         "the running call finishes",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         |s| run_count(s, "slow") == 1,
     );
     let finished = deleted.elapsed();

@@ -476,6 +476,11 @@ impl SyncHandler {
             let (mut have, mut need) = (Vec::new(), Vec::new());
             match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
                 Ok(msg) => {
+                    // negentropy lists needed ids out of a HashSet, in an
+                    // order that changes from process to process; sorted,
+                    // the batches fetched (and so a simulated run) are the
+                    // same every time.
+                    need.sort_unstable();
                     session.queue(need);
                     if msg.is_some() {
                         session.reconciler = Some(reconciler);
