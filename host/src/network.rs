@@ -36,7 +36,7 @@ use std::{
         Arc, Mutex,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use quiet_plugin_api::{field, Envelope, Value};
@@ -63,6 +63,11 @@ const MAX_QUEUED_BYTES: usize = 128 << 20;
 const MAX_CONNECTIONS: usize = 256;
 /// An inbound connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(120);
+/// Frames per second, across all connections, that the host opens for
+/// connections it does not trust; see [`OpenBudget`].
+const UNTRUSTED_OPENS_PER_SEC: f64 = 2_000.0;
+/// How many of them may come at once.
+const UNTRUSTED_OPENS_BURST: f64 = 256.0;
 /// Default life of a transit secret.
 pub const DEFAULT_TRANSIT_TTL_MS: i64 = 30_000;
 
@@ -120,6 +125,46 @@ impl Drop for Reserved {
     }
 }
 
+/// The bound on what garbage can cost: opening a frame (a sealed-box open
+/// and a sender proof, ~100 µs) is the one expensive thing a stranger can
+/// make the host do. A connection is trusted once a frame of it has
+/// authenticated, and until one fails; frames of untrusted connections
+/// (new ones, and ones that just sent garbage) take a token from this
+/// budget, shared by all connections, before they are read. So a flood
+/// costs at most [`UNTRUSTED_OPENS_PER_SEC`] opens a second (about 20 % of
+/// one core) however many connections it uses, TCP back-pressure slows the
+/// flooder, and peers whose connections authenticate are never held up.
+///
+/// Each taker is given the next free slot and sleeps once until it (a
+/// virtual schedule, as GCRA): readers waiting on a drained budget cost
+/// nothing while they wait.
+struct OpenBudget(Mutex<Instant>);
+
+impl OpenBudget {
+    fn new() -> Self {
+        Self(Mutex::new(Instant::now()))
+    }
+
+    /// Waits for a token.
+    fn take(&self) {
+        let interval = Duration::from_secs_f64(1.0 / UNTRUSTED_OPENS_PER_SEC);
+        let slot = {
+            let mut next = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            // A budget left unused allows a burst, no more.
+            let earliest = now
+                .checked_sub(interval.mul_f64(UNTRUSTED_OPENS_BURST))
+                .unwrap_or(now);
+            let slot = (*next).max(earliest);
+            *next = slot + interval;
+            slot
+        };
+        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+}
+
 /// Listens on `address`, opens frames with `inbound` and queues what
 /// authenticates for the engine. Returns the bound address (useful with
 /// port 0).
@@ -134,6 +179,7 @@ pub fn listen(
     let local = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
     let budget = Arc::new(AtomicUsize::new(0));
+    let untrusted = Arc::new(OpenBudget::new());
     thread::Builder::new()
         .name("listener".into())
         .spawn(move || {
@@ -143,14 +189,15 @@ pub fn listen(
                     counters.bump("drop_too_many_connections");
                     continue;
                 }
-                let (inbound, engine, open, budget) = (
+                let (inbound, engine, open, budget, untrusted) = (
                     inbound.clone(),
                     engine.clone(),
                     open.clone(),
                     budget.clone(),
+                    untrusted.clone(),
                 );
                 let _ = thread::Builder::new().name("reader".into()).spawn(move || {
-                    read_frames(stream, &inbound, &engine, &budget);
+                    read_frames(stream, &inbound, &engine, &budget, &untrusted);
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -163,10 +210,12 @@ fn read_frames(
     inbound: &Inbound,
     engine: &SyncSender<Signal>,
     budget: &Arc<AtomicUsize>,
+    untrusted: &OpenBudget,
 ) {
     let counters = &inbound.wire.counters;
     let Ok(from) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(IDLE));
+    let mut trusted = false;
     loop {
         let mut head = [0u8; 5];
         if stream.read_exact(&mut head).is_err() {
@@ -184,6 +233,9 @@ fn read_frames(
             counters.bump("drop_oversized_frame");
             return;
         }
+        if !trusted {
+            untrusted.take();
+        }
         let Some(reserved) = Reserved::take(budget, len) else {
             counters.bump("drop_overloaded");
             return;
@@ -196,7 +248,9 @@ fn read_frames(
         }
         counters.bump("net_frames_received");
         counters.add("net_bytes_received", 4 + len as i64);
-        let Some(envelope) = inbound.open(from, &bytes) else {
+        let opened = inbound.open(from, &bytes);
+        trusted = opened.is_some();
+        let Some(envelope) = opened else {
             continue;
         };
         match engine.try_send(Signal::Received(Received {
@@ -509,13 +563,13 @@ fn spawn_peer_sender(addr: SocketAddr, counters: Arc<Counters>) -> SyncSender<Ve
 
 fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Counters) {
     let mut stream: Option<TcpStream> = None;
-    let mut backoff_until: Option<std::time::Instant> = None;
+    let mut backoff_until: Option<Instant> = None;
     while let Ok(frame) = queue.recv_timeout(PEER_IDLE) {
         // While backing off from a peer that did not accept a connection,
         // requests to it are dropped; a response is not: it answers a
         // request that peer has just sent, so it is back (restarted, say).
         let responding = frame.first() == Some(&transit::RESPONSE);
-        if !responding && backoff_until.is_some_and(|t| std::time::Instant::now() < t) {
+        if !responding && backoff_until.is_some_and(|t| Instant::now() < t) {
             counters.bump("send_failed");
             continue;
         }
@@ -529,7 +583,7 @@ fn send_frames(addr: SocketAddr, queue: mpsc::Receiver<Vec<u8>>, counters: &Coun
                         backoff_until = None;
                     }
                     Err(_) => {
-                        backoff_until = Some(std::time::Instant::now() + BACKOFF);
+                        backoff_until = Some(Instant::now() + BACKOFF);
                         break;
                     }
                 }

@@ -8,6 +8,7 @@
 mod cli;
 mod crash;
 mod faults;
+mod flood;
 mod jobs;
 mod plugin_faults;
 mod reload;

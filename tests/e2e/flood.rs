@@ -1,0 +1,165 @@
+//! Floods: a stranger sends garbage and junk sealed to the host as fast as
+//! it can, over many connections, while an honest peer keeps syncing.
+//!
+//! The bound under test (see `network::OpenBudget`): frames of connections
+//! that have not authenticated share a budget of 2,000 opens a second, so
+//! the flood costs the host a bounded share of CPU, its queued bytes stay
+//! under the 128 MiB budget, and connections that authenticate are never
+//! held up.
+
+use std::{
+    io::Write,
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use quiet_host::{event_crypto, transit};
+use quiet_test_support::wait_for;
+
+use crate::sync::{cli, create_network, events, sync_host};
+
+/// Flooding connections, each its own thread.
+const FLOODERS: usize = 8;
+/// How long the flood lasts.
+const FLOOD: Duration = Duration::from_secs(8);
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Sends `frames` round and round to `addr` until `stop`, reconnecting
+/// whenever the host closes the connection; counts the frames written.
+fn flood(addr: String, frames: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(&addr) else {
+            continue;
+        };
+        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+        for frame in frames.iter().cycle() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let len = (frame.len() as u32).to_be_bytes();
+            if s.write_all(&len).and_then(|()| s.write_all(frame)).is_err() {
+                break;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn a_flood_of_junk_leaves_honest_peers_served_and_the_host_bounded() {
+    let (a_dirs, a) = sync_host();
+    let (b_dirs, b) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    cli(&a_dirs.data, &["message", "send", &net, "before the flood"]);
+    cli(&b_dirs.data, &["network", "join", &invite]);
+    wait_for(Duration::from_secs(30), || {
+        (events(&b_dirs.data, &net) == 1).then_some(())
+    })
+    .expect("B never synced with A");
+
+    let status = a.status();
+    let addr = status["listen_addr"].as_str().unwrap().to_owned();
+    let a_key = event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap();
+    // Junk sealed to A costs A a full open; garbage costs it a failed one.
+    let mut frames: Vec<Vec<u8>> = (0..32u8)
+        .map(|i| transit::wrap_request(&event_crypto::seal(&a_key, &[i; 900])))
+        .collect();
+    frames.extend((0..32u8).map(|i| {
+        let mut junk = vec![i; 1000];
+        junk[0] = transit::REQUEST;
+        junk
+    }));
+    let frames = Arc::new(frames);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(a.pid());
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let (addr, frames, stop, sent) =
+                (addr.clone(), frames.clone(), stop.clone(), sent.clone());
+            thread::spawn(move || flood(addr, frames, stop, sent))
+        })
+        .collect();
+
+    // An honest message written on B during the flood reaches A, within
+    // the normal interval (3 s) give or take a round.
+    thread::sleep(Duration::from_secs(1));
+    cli(&b_dirs.data, &["message", "send", &net, "during the flood"]);
+    let written = Instant::now();
+    wait_for(Duration::from_secs(15), || {
+        (events(&a_dirs.data, &net) == 2).then_some(())
+    })
+    .expect("B's message did not reach A during the flood");
+    let reached = written.elapsed();
+
+    thread::sleep(FLOOD.saturating_sub(started.elapsed()));
+    let cpu = cpu_seconds(a.pid()) - cpu_before;
+    let took = started.elapsed();
+    let rss_mib = a.rss_kib() / 1024;
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+
+    let counters = &a.status()["counters"];
+    // Opens still under way when the flood stopped count too.
+    let budgeted = started.elapsed();
+    let dropped = [
+        "drop_bad_seal",
+        "drop_malformed_payload",
+        "drop_malformed_frame",
+    ]
+    .iter()
+    .map(|c| counters[c].as_i64().unwrap_or(0))
+    .sum::<i64>();
+    let sent = sent.load(Ordering::Relaxed);
+    eprintln!(
+        "flood: {sent} frames written over {FLOODERS} connections in {took:.1?}, {dropped} opened \
+         and dropped by A ({:.0}/s); A used {:.0} % of one core, RSS {rss_mib} MiB; \
+         B's message reached A in {reached:.1?}",
+        dropped as f64 / took.as_secs_f64(),
+        100.0 * cpu / took.as_secs_f64()
+    );
+    assert!(dropped > 0, "the flood never reached A: {counters:#}");
+    // The budget: opens of junk stay at 2,000 a second (plus one burst of
+    // 256), whatever the flooders manage to write.
+    assert!(
+        (dropped as f64) <= 2_000.0 * budgeted.as_secs_f64() + 256.0 + 50.0,
+        "{dropped} junk frames opened in {budgeted:?}"
+    );
+    // Memory: the 128 MiB queue budget bounds what waits; the host itself
+    // is far below that.
+    assert!(
+        rss_mib < 300,
+        "A's RSS grew to {rss_mib} MiB under the flood"
+    );
+
+    // After the flood, the two still sync.
+    cli(&a_dirs.data, &["message", "send", &net, "after the flood"]);
+    wait_for(Duration::from_secs(15), || {
+        (events(&b_dirs.data, &net) == 3).then_some(())
+    })
+    .expect("B did not get A's message after the flood");
+    a.stop();
+    b.stop();
+}
