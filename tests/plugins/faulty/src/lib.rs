@@ -197,6 +197,8 @@ impl Handler for Hanger {
             ms => Some(Instant::now() + Duration::from_millis(ms as u64)),
         };
         let over = || until.is_some_and(|t| Instant::now() >= t);
+        // Tests see from the log that the call is under way.
+        ctx.info("hanger started");
         match params.str_or("mode", "sleep")? {
             "sleep" => {
                 while !over() {
