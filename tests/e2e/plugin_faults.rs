@@ -85,6 +85,19 @@ fn loaded_host(jobs: &str) -> (HostDirs, HostProcess) {
     (dirs, host)
 }
 
+/// A host with ticker and faulty only, with the default call budget.
+fn ticker_and_faulty(jobs: &str) -> (HostDirs, HostProcess) {
+    let dirs = HostDirs::new(jobs);
+    for (package, file) in [
+        ("ticker-plugin", "libticker.so"),
+        ("faulty-plugin", "libfaulty.so"),
+    ] {
+        install(&plugin(package, "v1"), &dirs.plugins, file);
+    }
+    let host = HostProcess::start(&bin(), &dirs);
+    (dirs, host)
+}
+
 /// Queues `n` messages on the host of `data` (running or not).
 fn send(data: &Path, net: &str, n: usize, prefix: &str) {
     let texts: Vec<String> = (0..n).map(|i| format!("{prefix} {i}")).collect();
@@ -258,18 +271,7 @@ fn a_plugin_returning_thousands_of_envelopes_is_bounded_and_named() {
             "  - name: {name}\n    handler: flooder\n    frequency_ms: 3600000\n    params: {{n: {n}, from: {from}, event_type: {event_type}}}\n"
         )
     };
-    let dirs = HostDirs::new(&jobs(""));
-    install(
-        &plugin("ticker-plugin", "v1"),
-        &dirs.plugins,
-        "libticker.so",
-    );
-    install(
-        &plugin("faulty-plugin", "v1"),
-        &dirs.plugins,
-        "libfaulty.so",
-    );
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) = ticker_and_faulty(&jobs(""));
     let seen = ticks_grow(&host, &dirs.data, 0, "at start");
 
     // 50,000 envelopes from one call, all wanted: all handled, in one run.
@@ -362,18 +364,7 @@ fn a_plugin_deleted_while_its_job_runs_finishes_the_call_then_stops() {
     frequency_ms: 3600000
     params: {ms: 6000}
 ";
-    let dirs = HostDirs::new(jobs);
-    install(
-        &plugin("ticker-plugin", "v1"),
-        &dirs.plugins,
-        "libticker.so",
-    );
-    install(
-        &plugin("faulty-plugin", "v1"),
-        &dirs.plugins,
-        "libfaulty.so",
-    );
-    let host = HostProcess::start(&bin(), &dirs);
+    let (dirs, host) = ticker_and_faulty(jobs);
     // From the log, not status: the job is due at once and holds the write
     // lock while it sleeps (6 s), so the reloader's rows for status may
     // only land after it. Delete the file in the middle of the call.
