@@ -53,12 +53,6 @@ impl EventSet {
             .unwrap_or(0);
         let mut set = match cached {
             Some(set) if set.version == version => return Ok(set),
-            // A session is reconciling against this set: it stays as it is
-            // until that ends, rather than being copied (40 MB at a million
-            // events) to add a few. Its summary is then a little old, which
-            // costs at most a later round, never a wrong answer: ids asked
-            // for are read from `events`, not from the set.
-            Some(set) if Arc::strong_count(&set.storage.0) > 1 => return Ok(set),
             Some(set) => set,
             None => EventSet::empty()?,
         };
