@@ -15,6 +15,17 @@ use rusqlite::Connection;
 
 use crate::{codec, counters::Counters, db, event_crypto, networks::NetworkKeys};
 
+/// An event decrypted and checked by [`EventStore::open`], not yet stored.
+#[derive(Debug)]
+pub struct Opened {
+    id: [u8; 32],
+    network_id: String,
+    created_ms: i64,
+    event_type: String,
+    plaintext: Value,
+    event: Vec<u8>,
+}
+
 /// The event type that asks the host to store an event.
 pub const STORE_EVENT: &str = "store_event";
 
@@ -41,47 +52,99 @@ impl EventStore {
         conn: &Connection,
         envelope: &Envelope,
     ) -> rusqlite::Result<Option<Envelope>> {
+        self.store_opened(conn, self.open(envelope))
+    }
+
+    /// The part of storing that needs no database: decrypting, decoding and
+    /// hashing the event. `Err` names the counter a refused event goes under.
+    pub fn open(&self, envelope: &Envelope) -> Result<Opened, &'static str> {
         let (Some(network_id), Some(event)) = (
             envelope.str(field::NETWORK_ID),
             envelope.bytes(field::EVENT_CIPHERTEXT),
         ) else {
-            return Ok(self.refuse("drop_malformed_store_event"));
+            return Err("drop_malformed_store_event");
         };
         if event.len() > MAX_EVENT_BYTES {
-            return Ok(self.refuse("drop_oversized_event"));
+            return Err("drop_oversized_event");
         }
-        let Some(key) = self.keys.get(network_id) else {
-            return Ok(self.refuse("drop_event_for_unknown_network"));
-        };
-        let Ok((created_ms, plaintext)) = event_crypto::decrypt_event(&key, event) else {
-            return Ok(self.refuse("drop_undecryptable_event"));
-        };
-        let Ok(plaintext) = codec::decode(&plaintext) else {
-            return Ok(self.refuse("drop_malformed_event"));
-        };
-        let Some(event_type) = plaintext
+        let key = self
+            .keys
+            .get(network_id)
+            .ok_or("drop_event_for_unknown_network")?;
+        let (created_ms, plaintext) =
+            event_crypto::decrypt_event(&key, event).map_err(|_| "drop_undecryptable_event")?;
+        let plaintext = codec::decode(&plaintext).map_err(|_| "drop_malformed_event")?;
+        let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return Ok(self.refuse("drop_malformed_event"));
+            .ok_or("drop_malformed_event")?
+            .to_owned();
+        Ok(Opened {
+            id: event_crypto::event_id(event),
+            network_id: network_id.to_owned(),
+            created_ms,
+            event_type,
+            plaintext,
+            event: event.to_vec(),
+        })
+    }
+
+    /// [`open`](Self::open) for each of `envelopes`, spread over two threads
+    /// when there are enough to pay for it: during a catch-up decryption is
+    /// a tenth of the engine's work, and the other core is otherwise idle
+    /// half the time.
+    pub fn open_all(&self, envelopes: &[&Envelope]) -> Vec<Result<Opened, &'static str>> {
+        const PARALLEL_FROM: usize = 64;
+        if envelopes.len() < PARALLEL_FROM {
+            return envelopes.iter().map(|e| self.open(e)).collect();
+        }
+        let (first, second) = envelopes.split_at(envelopes.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| second.iter().map(|e| self.open(e)).collect::<Vec<_>>());
+            let mut opened: Vec<_> = first.iter().map(|e| self.open(e)).collect();
+            match other.join() {
+                Ok(rest) => opened.extend(rest),
+                // Opening does not panic on any input (fuzzed); if it ever
+                // did, open the rest here rather than lose them.
+                Err(_) => opened.extend(second.iter().map(|e| self.open(e))),
+            }
+            opened
+        })
+    }
+
+    /// Stores what [`open`](Self::open) made of an event; see
+    /// [`store`](Self::store).
+    pub fn store_opened(
+        &self,
+        conn: &Connection,
+        opened: Result<Opened, &'static str>,
+    ) -> rusqlite::Result<Option<Envelope>> {
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(counter) => return Ok(self.refuse(counter)),
         };
-        let id = event_crypto::event_id(event);
         let inserted = conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO events(event_id, network_id, created_ms, event_type, event, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(rusqlite::params![&id[..], network_id, created_ms, event_type, event, db::now_ms()])?;
+            .execute(rusqlite::params![
+                &opened.id[..],
+                opened.network_id,
+                opened.created_ms,
+                opened.event_type,
+                opened.event,
+                db::now_ms()
+            ])?;
         if inserted == 0 {
             return Ok(self.refuse("duplicate_events"));
         }
         Ok(Some(
-            Envelope::of_type(&event_type)
-                .with(field::EVENT_ID, id)
-                .with(field::NETWORK_ID, network_id)
-                .with(field::EVENT_PLAINTEXT, plaintext)
-                .with(field::EVENT_CIPHERTEXT, event),
+            Envelope::of_type(&opened.event_type)
+                .with(field::EVENT_ID, opened.id)
+                .with(field::NETWORK_ID, opened.network_id)
+                .with(field::EVENT_PLAINTEXT, opened.plaintext)
+                .with(field::EVENT_CIPHERTEXT, opened.event),
         ))
     }
 
@@ -101,5 +164,50 @@ impl EventStore {
         Ok(Envelope::of_type(STORE_EVENT)
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_CIPHERTEXT, event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_crypto::NetworkKey;
+
+    #[test]
+    fn opening_in_parallel_gives_what_opening_one_by_one_gives_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = "ab".repeat(16);
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(
+            dir.path().join(format!("keys/{net}.key")),
+            NetworkKey::generate().0,
+        )
+        .unwrap();
+        let store = EventStore::new(
+            Arc::new(NetworkKeys::new(dir.path())),
+            Arc::new(Counters::default()),
+        );
+        let mut envelopes: Vec<Envelope> = (0..200)
+            .map(|i| {
+                let plaintext = Value::map([("type", Value::from("message")), ("i", i.into())]);
+                store.new_local_event(&net, &plaintext).unwrap()
+            })
+            .collect();
+        // Some that must be refused, each for its own reason.
+        envelopes[7].set(field::EVENT_CIPHERTEXT, vec![0u8; 80]);
+        envelopes[100].set(field::NETWORK_ID, "cd".repeat(16));
+        envelopes[150].set(field::EVENT_CIPHERTEXT, vec![0u8; MAX_EVENT_BYTES + 1]);
+
+        let summary = |r: &Result<Opened, &'static str>| match r {
+            Ok(o) => Ok((o.id, o.created_ms, o.event_type.clone())),
+            Err(counter) => Err(*counter),
+        };
+        let refs: Vec<&Envelope> = envelopes.iter().collect();
+        let together: Vec<_> = store.open_all(&refs).iter().map(summary).collect();
+        let one_by_one: Vec<_> = refs.iter().map(|e| summary(&store.open(e))).collect();
+        assert_eq!(together, one_by_one);
+        assert_eq!(together[7], Err("drop_undecryptable_event"));
+        assert_eq!(together[100], Err("drop_event_for_unknown_network"));
+        assert_eq!(together[150], Err("drop_oversized_event"));
+        assert_eq!(together.iter().filter(|r| r.is_ok()).count(), 197);
     }
 }

@@ -28,7 +28,7 @@ use rusqlite::Connection;
 use crate::{
     context::HostContext,
     db,
-    event_store::{EventStore, STORE_EVENT},
+    event_store::{EventStore, Opened, STORE_EVENT},
     handler::CallError,
     json::envelope_to_json,
     registry::Registry,
@@ -97,7 +97,28 @@ struct Queued {
     envelope: Envelope,
     hops: u32,
     source: Source,
+    /// A `store_event` already opened by [`EventStore::open_all`].
+    opened: Option<Result<Opened, &'static str>>,
 }
+
+impl Queued {
+    fn new(envelope: Envelope, hops: u32, source: Source) -> Self {
+        Self {
+            envelope,
+            hops,
+            source,
+            opened: None,
+        }
+    }
+
+    fn is_unopened_event(&self) -> bool {
+        self.opened.is_none() && self.envelope.event_type() == Some(STORE_EVENT)
+    }
+}
+
+/// The most `store_event` envelopes opened together; see
+/// [`Pipeline::open_ahead`].
+const OPEN_AHEAD: usize = 1024;
 
 /// What a pipeline run uses besides the database and the handlers.
 pub struct Services {
@@ -162,15 +183,14 @@ impl<'a> Pipeline<'a> {
     ) -> rusqlite::Result<Report> {
         let mut queue: VecDeque<Queued> = envelopes
             .into_iter()
-            .map(|envelope| Queued {
-                envelope,
-                hops: 0,
-                source: source.clone(),
-            })
+            .map(|envelope| Queued::new(envelope, 0, source.clone()))
             .collect();
         let mut report = Report::default();
         let mut steps = 0;
-        while let Some(item) = queue.pop_front() {
+        while let Some(mut item) = queue.pop_front() {
+            if item.is_unopened_event() {
+                self.open_ahead(&mut item, &mut queue);
+            }
             steps += 1;
             if steps > MAX_ENVELOPES_PER_RUN {
                 // The hop limit bounds depth; this bounds breadth, so that one
@@ -196,6 +216,29 @@ impl<'a> Pipeline<'a> {
         Ok(report)
     }
 
+    /// Opens `item`, a `store_event`, together with the `store_event`s that
+    /// follow it in the queue (a sync response yields a thousand at once),
+    /// so that their decryption runs in parallel; storing them stays in
+    /// queue order.
+    fn open_ahead(&self, item: &mut Queued, queue: &mut VecDeque<Queued>) {
+        let Some(store) = &self.services.store else {
+            return;
+        };
+        let mut run: Vec<&mut Queued> = std::iter::once(item)
+            .chain(
+                queue
+                    .iter_mut()
+                    .take_while(|q| q.is_unopened_event())
+                    .take(OPEN_AHEAD - 1),
+            )
+            .collect();
+        let envelopes: Vec<&Envelope> = run.iter().map(|q| &q.envelope).collect();
+        let opened = store.open_all(&envelopes);
+        for (q, o) in run.iter_mut().zip(opened) {
+            q.opened = Some(o);
+        }
+    }
+
     fn step(
         &self,
         item: Queued,
@@ -206,6 +249,7 @@ impl<'a> Pipeline<'a> {
             mut envelope,
             hops,
             source,
+            opened,
         } = item;
         if envelope.event_type() == Some(STORE_EVENT) {
             let Some(store) = &self.services.store else {
@@ -216,7 +260,11 @@ impl<'a> Pipeline<'a> {
                     &envelope,
                 );
             };
-            match store.store(self.conn, &envelope)? {
+            let stored = match opened {
+                Some(opened) => store.store_opened(self.conn, opened)?,
+                None => store.store(self.conn, &envelope)?,
+            };
+            match stored {
                 Some(decrypted) => envelope = decrypted,
                 // A duplicate or a refused event, counted by the store.
                 None => return Ok(()),
@@ -267,11 +315,11 @@ impl<'a> Pipeline<'a> {
                         }
                         continue;
                     }
-                    queue.extend(produced.into_iter().map(|envelope| Queued {
-                        envelope,
-                        hops: hops + 1,
-                        source: here.clone(),
-                    }));
+                    queue.extend(
+                        produced
+                            .into_iter()
+                            .map(|envelope| Queued::new(envelope, hops + 1, here.clone())),
+                    );
                 }
                 Err(CallError::Sql(e)) => return Err(e),
                 Err(CallError::Handler(e)) => {
