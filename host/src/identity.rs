@@ -110,27 +110,42 @@ impl HostIdentity {
     }
 }
 
-/// Creates `path` with `bytes`, readable by the owner only (0600).
-#[cfg(unix)]
+/// Creates `path` with `bytes`, readable by the owner only (0600), and
+/// fails if it exists. Written whole or not at all: the bytes go to a
+/// temporary file first, which is then hard-linked into place, so a crash
+/// cannot leave an empty or partial key file that would keep the host from
+/// starting.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    // A temporary file left by a crash of this same pid is stale.
+    let _ = fs::remove_file(&tmp);
+    let written = create_private(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    linked
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+        .open(path)
 }
 
 #[cfg(not(unix))]
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new()
+fn create_private(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+        .open(path)
 }
 
 #[cfg(unix)]
@@ -185,5 +200,20 @@ mod tests {
                 .to_string();
             assert!(err.contains("chmod 600"), "{err}");
         }
+    }
+
+    #[test]
+    fn private_files_are_written_whole_never_over_another_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        write_private(&path, b"first").unwrap();
+        let err = write_private(&path, b"second").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["k.key"], "a temporary file was left behind");
     }
 }
