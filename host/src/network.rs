@@ -59,7 +59,8 @@ pub const MAX_REQUEST_FRAME: usize = 1 << 20;
 /// The most bytes of frames that may wait for the engine at once; past it,
 /// frames are dropped (and counted) at the socket.
 const MAX_QUEUED_BYTES: usize = 128 << 20;
-/// Concurrent inbound connections; more are closed at once.
+/// Concurrent inbound connections. When all are taken, a new one closes
+/// the oldest that has not authenticated; see [`Connections`].
 const MAX_CONNECTIONS: usize = 256;
 /// An inbound connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(120);
@@ -165,6 +166,64 @@ impl OpenBudget {
     }
 }
 
+/// The open inbound connections. A stranger can open connections and send
+/// nothing (or junk) to hold all [`MAX_CONNECTIONS`] slots; so a connection
+/// counts as untrusted until one of its frames authenticates, and when the
+/// slots are full a new connection closes the oldest untrusted one instead
+/// of being refused. Peers whose connections have authenticated keep them;
+/// a new honest peer always gets in, and authenticates on its first frame.
+#[derive(Default)]
+struct Connections(Mutex<ConnectionsState>);
+
+#[derive(Default)]
+struct ConnectionsState {
+    open: usize,
+    next_id: u64,
+    /// Untrusted connections, oldest first, with a handle to close them.
+    untrusted: std::collections::VecDeque<(u64, TcpStream)>,
+    /// Connections closed to make room whose readers have not ended yet;
+    /// their slots are already free.
+    evicted: std::collections::HashSet<u64>,
+}
+
+impl Connections {
+    /// Takes a slot for `stream`, closing the oldest untrusted connection
+    /// if none is free; `None` if every slot holds a trusted connection.
+    fn admit(&self, stream: &TcpStream, counters: &Counters) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if state.open >= MAX_CONNECTIONS {
+            let (oldest_id, oldest) = state.untrusted.pop_front()?;
+            // Its reader fails its next read and ends.
+            let _ = oldest.shutdown(std::net::Shutdown::Both);
+            state.evicted.insert(oldest_id);
+            state.open -= 1;
+            counters.bump("drop_evicted_connection");
+        }
+        state.open += 1;
+        state.next_id += 1;
+        let id = state.next_id;
+        state.untrusted.push_back((id, handle));
+        Some(id)
+    }
+
+    /// Connection `id` has authenticated a frame: it can no longer be
+    /// evicted.
+    fn trust(&self, id: u64) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.untrusted.retain(|(i, _)| *i != id);
+    }
+
+    /// Connection `id` has ended.
+    fn close(&self, id: u64) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.evicted.remove(&id) {
+            state.untrusted.retain(|(i, _)| *i != id);
+            state.open -= 1;
+        }
+    }
+}
+
 /// Listens on `address`, opens frames with `inbound` and queues what
 /// authenticates for the engine. Returns the bound address (useful with
 /// port 0).
@@ -177,29 +236,35 @@ pub fn listen(
     let counters = inbound.wire.counters.clone();
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
-    let open = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(Connections::default());
     let budget = Arc::new(AtomicUsize::new(0));
     let untrusted = Arc::new(OpenBudget::new());
     thread::Builder::new()
         .name("listener".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    open.fetch_sub(1, Ordering::SeqCst);
+                let Some(id) = connections.admit(&stream, &counters) else {
                     counters.bump("drop_too_many_connections");
                     continue;
-                }
-                let (inbound, engine, open, budget, untrusted) = (
+                };
+                let (inbound, engine, connections, budget, untrusted) = (
                     inbound.clone(),
                     engine.clone(),
-                    open.clone(),
+                    connections.clone(),
                     budget.clone(),
                     untrusted.clone(),
                 );
-                let _ = thread::Builder::new().name("reader".into()).spawn(move || {
-                    read_frames(stream, &inbound, &engine, &budget, &untrusted);
-                    open.fetch_sub(1, Ordering::SeqCst);
+                let spawned = thread::Builder::new().name("reader".into()).spawn({
+                    let connections = connections.clone();
+                    move || {
+                        let trust = || connections.trust(id);
+                        read_frames(stream, &inbound, &engine, &budget, &untrusted, trust);
+                        connections.close(id);
+                    }
                 });
+                if spawned.is_err() {
+                    connections.close(id);
+                }
             }
         })?;
     Ok(local)
@@ -211,6 +276,7 @@ fn read_frames(
     engine: &SyncSender<Signal>,
     budget: &Arc<AtomicUsize>,
     untrusted: &OpenBudget,
+    trust: impl Fn(),
 ) {
     let counters = &inbound.wire.counters;
     let Ok(from) = stream.peer_addr() else { return };
@@ -249,6 +315,9 @@ fn read_frames(
         counters.bump("net_frames_received");
         counters.add("net_bytes_received", 4 + len as i64);
         let opened = inbound.open(from, &bytes);
+        if opened.is_some() && !trusted {
+            trust();
+        }
         trusted = opened.is_some();
         let Some(envelope) = opened else {
             continue;

@@ -163,3 +163,38 @@ fn a_flood_of_junk_leaves_honest_peers_served_and_the_host_bounded() {
     a.stop();
     b.stop();
 }
+
+#[test]
+fn a_stranger_holding_every_connection_slot_does_not_keep_a_new_peer_out() {
+    let (a_dirs, a) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    cli(&a_dirs.data, &["message", "send", &net, "for the newcomer"]);
+    let addr = a.status()["listen_addr"].as_str().unwrap().to_owned();
+    // More idle connections than A has slots: they send nothing.
+    let idle: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect(&addr).ok())
+        .collect();
+    assert_eq!(idle.len(), 300);
+    thread::sleep(Duration::from_millis(500));
+
+    // A new peer connects, is let in, and syncs.
+    let (c_dirs, c) = sync_host();
+    cli(&c_dirs.data, &["network", "join", &invite]);
+    let started = Instant::now();
+    wait_for(Duration::from_secs(20), || {
+        (events(&c_dirs.data, &net) == 1).then_some(())
+    })
+    .expect("the new peer was kept out by idle connections");
+    let counters = &a.status()["counters"];
+    assert!(
+        counters["drop_evicted_connection"].as_i64().unwrap_or(0) >= 1,
+        "{counters:#}"
+    );
+    eprintln!(
+        "with 300 idle connections open, a new peer synced in {:.1?}",
+        started.elapsed()
+    );
+    drop(idle);
+    a.stop();
+    c.stop();
+}
