@@ -20,8 +20,9 @@ use negentropy::{Bound, Error, Id, Item, NegentropyStorageBase, NegentropyStorag
 use quiet_plugin_api::{params, Context, PluginError, Rows};
 
 /// Rows read per query while loading, so that a million events never sit in
-/// memory twice.
-const LOAD_CHUNK: i64 = 50_000;
+/// memory twice. Tiny in unit tests, so that their sessions page through
+/// many chunks on both the full and the incremental path.
+const LOAD_CHUNK: i64 = if cfg!(test) { 7 } else { 50_000 };
 
 /// The bytes of a [`EventSet::summary`]: count (8, big-endian) ‖ sum (32).
 pub const SUMMARY_LEN: usize = 40;
@@ -56,7 +57,9 @@ impl EventSet {
             Some(set) => set,
             None => EventSet::empty()?,
         };
-        let mut added = Vec::new();
+        // Chunk by chunk straight into the set: a million ids never sit
+        // in memory twice (the rows of one query, then a list of them, then
+        // the storage was the peak of a 1M catch-up).
         if set.version == 0 {
             // Everything: through the network index, which holds both
             // columns, in keyset-paged chunks.
@@ -68,7 +71,7 @@ impl EventSet {
                      ORDER BY created_ms, event_id LIMIT ?4",
                     params![network_id, after.0, after.1.clone(), LOAD_CHUNK],
                 )?;
-                collect(&rows, &mut added);
+                set.insert(&rows)?;
                 match rows.iter().last().map(|r| (r.int(0), r.bytes(1))) {
                     Some((Some(t), Some(id))) if rows.len() as i64 == LOAD_CHUNK => {
                         after = (t, id.to_vec())
@@ -79,14 +82,22 @@ impl EventSet {
         } else {
             // Only the rows added since, by rowid: NOT INDEXED keeps SQLite
             // on the rowid range rather than scanning the network index.
-            let rows = ctx.query(
-                "SELECT created_ms, event_id FROM events NOT INDEXED \
-                 WHERE rowid > ?1 AND network_id = ?2",
-                params![set.version, network_id],
-            )?;
-            collect(&rows, &mut added);
+            let mut after = set.version;
+            loop {
+                let rows = ctx.query(
+                    "SELECT created_ms, event_id, rowid FROM events NOT INDEXED \
+                     WHERE rowid > ?1 AND rowid <= ?2 AND network_id = ?3 \
+                     ORDER BY rowid LIMIT ?4",
+                    params![after, version, network_id, LOAD_CHUNK],
+                )?;
+                set.insert(&rows)?;
+                match rows.iter().last().and_then(|r| r.int(2)) {
+                    Some(last) if rows.len() as i64 == LOAD_CHUNK => after = last,
+                    _ => break,
+                }
+            }
         }
-        set.add(&added)?;
+        set.seal()?;
         set.version = version;
         Ok(set)
     }
@@ -102,21 +113,34 @@ impl EventSet {
         })
     }
 
-    fn add(&mut self, added: &[(u64, Id)]) -> Result<(), PluginError> {
-        if added.is_empty() {
+    /// Adds the `(created_ms, event_id)` of `rows` (their first two
+    /// columns), leaving the storage unsealed until [`seal`](Self::seal).
+    fn insert(&mut self, rows: &Rows) -> Result<(), PluginError> {
+        if rows.is_empty() {
             return Ok(());
         }
-        for (_, id) in added {
-            add_id(&mut self.sum, id.as_bytes());
-        }
-        self.count += added.len() as u64;
         // Copied only if a session is reconciling against the old version.
         let storage = Arc::make_mut(&mut self.storage.0);
         storage.unseal()?;
-        for (created_ms, id) in added {
-            storage.insert(*created_ms, *id)?;
+        for r in rows.iter() {
+            let (Some(created_ms), Some(Ok(id))) = (r.int(0), r.bytes(1).map(Id::from_slice))
+            else {
+                continue;
+            };
+            add_id(&mut self.sum, id.as_bytes());
+            self.count += 1;
+            storage.insert(created_ms.max(0) as u64, id)?;
         }
-        storage.seal()?;
+        Ok(())
+    }
+
+    /// Sorts what [`insert`](Self::insert) added, if anything.
+    fn seal(&mut self) -> Result<(), PluginError> {
+        // Unsealed only if rows were inserted, and then it is ours alone:
+        // `make_mut` copies nothing here.
+        if self.storage.0.size().is_err() {
+            Arc::make_mut(&mut self.storage.0).seal()?;
+        }
         Ok(())
     }
 
@@ -133,15 +157,6 @@ impl EventSet {
     /// The storage to reconcile against, shared.
     pub fn storage(&self) -> SharedStorage {
         self.storage.clone()
-    }
-}
-
-/// Appends `(created_ms, id)` of each row.
-fn collect(rows: &Rows, added: &mut Vec<(u64, Id)>) {
-    for r in rows.iter() {
-        if let (Some(created_ms), Some(Ok(id))) = (r.int(0), r.bytes(1).map(Id::from_slice)) {
-            added.push((created_ms.max(0) as u64, id));
-        }
     }
 }
 
