@@ -196,6 +196,8 @@ def two_hosts(work, n):
 def catchup(work, n):
     a, b, _ = two_hosts(work, n)
     cpu_a, wire_a = a.cpu(), a.wire_bytes()
+    # A's peak from storing its own messages, before it serves anything.
+    rss_a0 = a.peak_rss_mib()
     t0 = time.time()
     b.start()
     wait_messages(b, n)
@@ -205,7 +207,7 @@ def catchup(work, n):
     same_events(a, b)
     row(f"catch-up {n:,}", f"{took:.2f} s", f"**{n / took:,.0f} events/s**",
         f"CPU A {a.cpu() - cpu_a:.2f} s, B {b.cpu():.2f} s",
-        f"peak RSS A {a.peak_rss_mib():.0f} MiB, B {b.peak_rss_mib():.0f} MiB",
+        f"peak RSS A {a.peak_rss_mib():.0f} MiB ({rss_a0:.0f} before serving), B {b.peak_rss_mib():.0f} MiB",
         f"wire {wire / 1e6:.1f} MB = {wire / baseline:.2f}× id list + events")
     return a, b
 
