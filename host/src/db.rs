@@ -190,7 +190,7 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
 }
 
 /// Starts the thread that checkpoints the WAL of `conn`'s database every
-/// [`CHECKPOINT_EVERY`], until `stop` is set. Its checkpoints are passive:
+/// 100 ms, until `stop` is set. Its checkpoints are passive:
 /// they never wait for, or hold up, a writer.
 pub fn spawn_checkpointer(conn: Connection, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     thread::Builder::new()

@@ -1,4 +1,4 @@
-//! The root module every plugin library exports, and [`export_plugin!`].
+//! The root module every plugin library exports, and [`export_plugin!`](crate::export_plugin).
 //!
 //! The root module is an abi_stable *prefix type*: later versions of this
 //! crate may append fields after the last one, and a host built with them
@@ -21,7 +21,7 @@ use crate::HandlerBox;
 /// compatible version of it (for 0.x: the same minor version).
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// A plugin library's root module. Build it with [`export_plugin!`].
+/// A plugin library's root module. Build it with [`export_plugin!`](crate::export_plugin).
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
