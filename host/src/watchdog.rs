@@ -649,8 +649,15 @@ mod tests {
         let attempt = after
             .recv_timeout(Duration::from_secs(10))
             .expect("the stuck handler came back");
-        let err = attempt.expect_err("the abandoned engine wrote after its rescue");
-        assert!(err.contains("readonly"), "{err}");
+        // A handler stuck in its own code comes back to a read-only
+        // connection. One stuck in SQL is interrupted first, so a write it
+        // makes at once may still land in the transaction the watchdog
+        // then rolls back: what matters, checked below, is that none of it
+        // survives.
+        if let Stuck::Blocked = stuck {
+            let err = attempt.expect_err("the abandoned engine wrote after its rescue");
+            assert!(err.contains("readonly"), "{err}");
+        }
         let steady = notes(data, "steady");
         wait_until("the steady job still runs", || {
             notes(data, "steady") > steady + 2
