@@ -273,15 +273,7 @@ impl Handler for SyncHandler {
                 continue;
             };
             let reply = (reply_ip.as_str(), reply_port);
-            out.extend(state.start_session(
-                ctx,
-                peer_id,
-                network_id,
-                (ip, port),
-                reply,
-                &ours,
-                now,
-            )?);
+            out.extend(state.start_session(ctx, peer_id, network_id, (ip, port), reply)?);
         }
         Ok(out)
     }
@@ -332,14 +324,13 @@ impl SyncHandler {
                 let summary = event_set(&mut state.sets, ctx, req.network_id)?.summary();
                 if theirs != summary {
                     if let Some((ip, port)) = listen_addr(ctx)? {
+                        let dest = (req.reply_ip, req.reply_port);
                         out.extend(state.start_session(
                             ctx,
                             req.peer_id,
                             req.network_id,
-                            (req.reply_ip, req.reply_port),
+                            dest,
                             (&ip, port),
-                            &ours,
-                            now,
                         )?);
                     }
                 }
@@ -551,7 +542,6 @@ impl State {
     /// and returns its round 0: only our set's summary, so that peers in
     /// sync are done after it and only peers that differ reconcile. `None`
     /// if one is running or the peer would not admit a new one yet.
-    #[allow(clippy::too_many_arguments)]
     fn start_session(
         &mut self,
         ctx: &mut Context<'_>,
@@ -559,9 +549,8 @@ impl State {
         network_id: &str,
         (dest_ip, dest_port): (&str, i64),
         (reply_ip, reply_port): (&str, i64),
-        ours: &str,
-        now: i64,
     ) -> Result<Option<Envelope>, PluginError> {
+        let now = ctx.now_ms();
         let k = key(peer_id, network_id);
         let due = self.next_start_ms.get(&k).copied().unwrap_or(i64::MIN);
         // A schedule far ahead means our clock stepped back: start afresh.
@@ -597,7 +586,8 @@ impl State {
             expires_ms: 0,
         };
         self.sessions.insert(k.clone(), session);
-        Ok(Some(self.send(&k, Opening::Summary(summary), ours, now)))
+        let ours = ctx.identity().peer_id.to_string();
+        Ok(Some(self.send(&k, Opening::Summary(summary), &ours, now)))
     }
 
     /// Builds the request for `session`'s current round (with `opening`
