@@ -27,9 +27,9 @@
 //! a later sync round.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
@@ -180,10 +180,10 @@ struct ConnectionsState {
     open: usize,
     next_id: u64,
     /// Untrusted connections, oldest first, with a handle to close them.
-    untrusted: std::collections::VecDeque<(u64, TcpStream)>,
+    untrusted: VecDeque<(u64, TcpStream)>,
     /// Connections closed to make room whose readers have not ended yet;
     /// their slots are already free.
-    evicted: std::collections::HashSet<u64>,
+    evicted: HashSet<u64>,
 }
 
 impl Connections {
@@ -195,7 +195,7 @@ impl Connections {
         if state.open >= MAX_CONNECTIONS {
             let (oldest_id, oldest) = state.untrusted.pop_front()?;
             // Its reader fails its next read and ends.
-            let _ = oldest.shutdown(std::net::Shutdown::Both);
+            let _ = oldest.shutdown(Shutdown::Both);
             state.evicted.insert(oldest_id);
             state.open -= 1;
             counters.bump("drop_evicted_connection");
