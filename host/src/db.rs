@@ -78,8 +78,8 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
      );",
-    // 2: sync. Events are stored encrypted; `event` is the exact bytes whose
-    // BLAKE3 hash is `event_id`.
+    // 2: sync. Events are stored encrypted; `event` is the exact bytes
+    // `event_id` is derived from (see `event_crypto::event_id`).
     "CREATE TABLE events (
         event_id BLOB PRIMARY KEY,
         network_id TEXT NOT NULL,
@@ -120,6 +120,10 @@ const MIGRATIONS: &[&str] = &[
     // 3: plugin builds the watchdog disabled (an overrun call budget).
     "ALTER TABLE plugins ADD COLUMN disabled TEXT;
      ALTER TABLE plugins ADD COLUMN disabled_at_ms INTEGER;",
+    // 4: event ids become time-first (the event's clear 8-byte time, then
+    // the first 24 bytes of its BLAKE3 hash, which the old id was).
+    // Projections keyed by the old ids map them by those 24 bytes.
+    "UPDATE events SET event_id = unhex(hex(substr(event, 1, 8)) || hex(substr(event_id, 1, 24)));",
 ];
 
 thread_local! {
@@ -363,6 +367,31 @@ pub fn set_host_state(conn: &Connection, key: &str, value: Option<&str>) -> rusq
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_stored_under_whole_hash_ids_get_time_first_ids() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        let mut event = 1_700_000_000_123i64.to_be_bytes().to_vec();
+        event.extend_from_slice(b"the rest of an encrypted event");
+        let old_id = blake3::hash(&event).as_bytes().to_vec();
+        conn.execute(
+            "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms)
+             VALUES (?1, 'net', 1700000000123, 'message', ?2, 0)",
+            rusqlite::params![old_id, event],
+        )
+        .unwrap();
+
+        migrate(&conn).unwrap();
+        let id: Vec<u8> = conn
+            .query_row("SELECT event_id FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, crate::event_crypto::event_id(&event));
+        assert_eq!(id[8..], old_id[..24]);
+    }
 
     #[test]
     fn a_burst_of_commits_leaves_a_wal_cut_back_once_the_engine_pauses() {

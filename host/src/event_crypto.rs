@@ -14,8 +14,10 @@
 //! - **Network events**: XSalsa20-Poly1305 (`crypto_secretbox`) under the
 //!   network's symmetric key, so every member, the author included, can
 //!   decrypt. The creation time stays in clear in front (reconciliation
-//!   orders by it) and is covered by the event id, which is the BLAKE3 hash
-//!   of the whole event: ids cannot be chosen to collide.
+//!   orders by it). The event id is that time followed by 24 bytes of the
+//!   BLAKE3 hash of the whole event: ids cannot be chosen to collide, and
+//!   they sort by time, so indexes keyed by id grow at their end instead of
+//!   at a random page (see [`event_id`]).
 
 use crypto_box::{
     aead::{generic_array::GenericArray, Aead, AeadCore},
@@ -208,9 +210,22 @@ pub fn decrypt_event(key: &NetworkKey, event: &[u8]) -> Result<(i64, Vec<u8>), C
     ))
 }
 
-/// An event's id: BLAKE3 of its bytes.
+/// An event's id: its first 8 bytes (the creation time, big-endian), then
+/// the first 24 bytes of the BLAKE3 hash of all its bytes.
+///
+/// Why not the whole hash: random ids put every insert into the
+/// `events` primary key on a random page, so a commit of a thousand events
+/// rewrote about a page per event, more as the store grew (SQLite
+/// microbenchmark of 1 KiB events, 1,000 per commit: 4.9 KB of WAL per event
+/// at 100k events and 6.6 KB at 400k, against 3.1 KB for time-first ids at
+/// both; CPU 31 us against 16 us per event at 400k). 192 bits of hash keep
+/// ids collision-resistant, and the time in front is covered by the hash.
 pub fn event_id(event: &[u8]) -> [u8; 32] {
-    *blake3::hash(event).as_bytes()
+    let mut id = [0u8; 32];
+    let head = event.len().min(8);
+    id[..head].copy_from_slice(&event[..head]);
+    id[8..].copy_from_slice(&blake3::hash(event).as_bytes()[..24]);
+    id
 }
 
 #[cfg(test)]

@@ -100,6 +100,15 @@ export_plugin! {
          ALTER TABLE messages_v2 RENAME TO messages;
          CREATE UNIQUE INDEX messages_by_network
             ON messages (network_id, created_ms, event_id);",
+        // 3: the host's event ids became time-first; its migration kept the
+        // old id's first 24 bytes as their tail, which finds each row's new
+        // id. (The host's migrations run before any plugin's.)
+        "CREATE TEMP TABLE id_map AS SELECT substr(event_id, 9) AS tail, event_id FROM events;
+         CREATE INDEX temp.id_map_tail ON id_map (tail);
+         UPDATE messages SET event_id = COALESCE(
+            (SELECT event_id FROM id_map WHERE tail = substr(messages.event_id, 1, 24)),
+            event_id);
+         DROP TABLE temp.id_map;",
     ],
     handlers: [Messages],
 }
@@ -185,6 +194,46 @@ mod tests {
             conn.execute(insert, []).unwrap(),
             0,
             "a duplicate is ignored"
+        );
+    }
+
+    #[test]
+    fn rows_keyed_by_whole_hash_ids_take_their_events_time_first_ids() {
+        use quiet_host::db;
+        let module = super::plugin_module();
+        let migrations: Vec<&str> = module.migrations().iter().map(|m| m.as_str()).collect();
+        let conn = db::open_in_memory().unwrap();
+        db::apply_plugin_migrations(&conn, "messages", &migrations[..2]).unwrap();
+        // As the host's migration left it: time first, then the old id's
+        // first 24 bytes.
+        let old_id: Vec<u8> = (0..32).collect();
+        let mut new_id = 1000i64.to_be_bytes().to_vec();
+        new_id.extend_from_slice(&old_id[..24]);
+        conn.execute(
+            "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms) \
+             VALUES (?1, 'net-1', 1000, 'message', x'00', 0)",
+            [&new_id],
+        )
+        .unwrap();
+        let insert = "INSERT INTO messages (event_id, network_id, author, text, created_ms) \
+                      VALUES (?1, 'net-1', 'alice', ?2, 1000)";
+        conn.execute(insert, (&old_id, "mapped")).unwrap();
+        conn.execute(insert, (vec![9u8; 32], "no event")).unwrap();
+
+        db::apply_plugin_migrations(&conn, "messages", &migrations).unwrap();
+        let id = |text: &str| -> Vec<u8> {
+            conn.query_row(
+                "SELECT event_id FROM messages WHERE text = ?1",
+                [text],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(id("mapped"), new_id);
+        assert_eq!(
+            id("no event"),
+            vec![9u8; 32],
+            "a row without its event is kept"
         );
     }
 }
