@@ -15,10 +15,13 @@
 //! `events`, gives the same rows.
 //!
 //! That one index is the table's only key, on purpose: a primary key on
-//! the random event id put every insert on a random index page, and a
-//! commit wrote a whole page per event for it (measured: 6.7 KB of WAL per
-//! event with it, 4.9 KB without; a catch-up's receiver spent a third of its
-//! SQLite time there). Time-ordered keys fill pages in order. A plaintext missing a field is an error naming it: the host rolls
+//! the event id (random until ids became time-first) put every insert on a
+//! random index page, and a commit wrote a whole page per event for it
+//! (measured: 6.7 KB of WAL per event with it, 4.9 KB without; a
+//! catch-up's receiver spent a third of its SQLite time there).
+//! Time-ordered keys fill pages in order.
+//!
+//! A plaintext missing a field is an error naming it: the host rolls
 //! the call back and keeps the envelope in `dead_letters`, where a malformed
 //! event is visible instead of silently missing from the conversation.
 
@@ -115,7 +118,7 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::testing::TestHost;
+    use quiet_host::{db, testing::TestHost};
     use quiet_plugin_api::{envelope, Envelope, Value};
 
     fn message(id: u8, plaintext: Value) -> Envelope {
@@ -169,19 +172,31 @@ mod tests {
         assert_eq!(host.count("SELECT COUNT(*) FROM messages"), 0);
     }
 
+    /// A database with the host's schema and the first `applied` of this
+    /// plugin's migrations, and a function that applies the rest.
+    fn migrated_up_to(applied: usize) -> (rusqlite::Connection, impl Fn(&rusqlite::Connection)) {
+        let migrations: Vec<&'static str> = super::plugin_module()
+            .migrations()
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        let conn = db::open_in_memory().unwrap();
+        db::apply_plugin_migrations(&conn, "messages", &migrations[..applied]).unwrap();
+        let rest = move |conn: &rusqlite::Connection| {
+            db::apply_plugin_migrations(conn, "messages", &migrations).unwrap();
+        };
+        (conn, rest)
+    }
+
     #[test]
     fn an_old_projection_keeps_its_rows_and_stays_unique_after_migrating() {
-        use quiet_host::db;
-        let module = super::plugin_module();
-        let migrations: Vec<&str> = module.migrations().iter().map(|m| m.as_str()).collect();
-        let conn = db::open_in_memory().unwrap();
-        db::apply_plugin_migrations(&conn, "messages", &migrations[..1]).unwrap();
+        let (conn, migrate_rest) = migrated_up_to(1);
         let insert =
             "INSERT OR IGNORE INTO messages (event_id, network_id, author, text, created_ms) \
                       VALUES (x'01', 'net-1', 'alice', 'hello', 1000)";
         assert_eq!(conn.execute(insert, []).unwrap(), 1);
 
-        db::apply_plugin_migrations(&conn, "messages", &migrations).unwrap();
+        migrate_rest(&conn);
         let row: (Vec<u8>, String, String) = conn
             .query_row(
                 "SELECT event_id, author, text FROM messages WHERE network_id = 'net-1'",
@@ -199,11 +214,7 @@ mod tests {
 
     #[test]
     fn rows_keyed_by_whole_hash_ids_take_their_events_time_first_ids() {
-        use quiet_host::db;
-        let module = super::plugin_module();
-        let migrations: Vec<&str> = module.migrations().iter().map(|m| m.as_str()).collect();
-        let conn = db::open_in_memory().unwrap();
-        db::apply_plugin_migrations(&conn, "messages", &migrations[..2]).unwrap();
+        let (conn, migrate_rest) = migrated_up_to(2);
         // As the host's migration left it: time first, then the old id's
         // first 24 bytes.
         let old_id: Vec<u8> = (0..32).collect();
@@ -220,7 +231,7 @@ mod tests {
         conn.execute(insert, (&old_id, "mapped")).unwrap();
         conn.execute(insert, (vec![9u8; 32], "no event")).unwrap();
 
-        db::apply_plugin_migrations(&conn, "messages", &migrations).unwrap();
+        migrate_rest(&conn);
         let id = |text: &str| -> Vec<u8> {
             conn.query_row(
                 "SELECT event_id FROM messages WHERE text = ?1",

@@ -9,8 +9,8 @@
 //! - a **summary**: the count and the 256-bit sum of all ids, updated as
 //!   events are added. Two peers whose summaries match hold the same set
 //!   (ids end in 192 bits of a BLAKE3 hash: a different set with the same
-//!   sum and count would need a chosen collision), so a session between peers in sync is
-//!   one small round and no reconciliation at all;
+//!   sum and count would need a chosen collision), so a session between
+//!   peers in sync is one small round and no reconciliation at all;
 //! - the negentropy storage, shared (not copied) by every session that
 //!   reconciles against it.
 
