@@ -5,7 +5,6 @@
 #![no_main]
 
 use quiet_host::{db, event_crypto, transit};
-use quiet_plugin_api::Value;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((mode, rest)) = data.split_first() else {
@@ -49,13 +48,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     };
     if let Some(env) = opened {
-        // Only what decodes to a map about our network, from its sealer.
+        // Only what decodes, named as about the proven network and from
+        // its sealer.
         let plaintext = quiet_host::codec::decode(rest).expect("opened, so it decoded");
         assert_eq!(env.plaintext(), Some(&plaintext));
-        assert_eq!(
-            plaintext.get("network_id").and_then(Value::as_str),
-            Some(quiet_fuzz::NET)
-        );
+        assert_eq!(env.str("network_id"), Some(quiet_fuzz::NET));
         assert_eq!(env.str("sender_peer_id"), Some(r.peer.peer_id().as_str()));
     }
 });

@@ -6,7 +6,9 @@
 //! closes the connection) and opens each with [`Inbound::open`]: transit
 //! crypto unwraps a response with the transit secret of a live request of
 //! ours, event crypto opens the sealed box with our key and verifies the
-//! sender, and the decoded map becomes an envelope. Anything that fails is
+//! sender and its membership proof, and the decoded map becomes an envelope
+//! that names the verified sender (`sender_peer_id`) and network
+//! (`network_id`), so that payloads need not repeat them. Anything that fails is
 //! dropped and counted; nothing from the network reaches a plugin before it
 //! has been authenticated this far. The reader then queues the envelope for
 //! the engine thread without blocking; when the queue is full it is dropped
@@ -400,9 +402,6 @@ impl Inbound {
             return Err("drop_not_a_member");
         }
         let plaintext = codec::decode(&opened.payload).map_err(|_| "drop_malformed_payload")?;
-        if plaintext.get(field::NETWORK_ID).and_then(Value::as_str) != Some(network_id.as_str()) {
-            return Err("drop_not_a_member");
-        }
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
@@ -410,6 +409,7 @@ impl Inbound {
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)
             .with("sender_peer_id", opened.sender)
+            .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_PLAINTEXT, plaintext);
         if let Some(id) = in_response_to {
             envelope.set(field::IN_RESPONSE_TO, id);
@@ -529,10 +529,9 @@ impl Outbox for NetworkOutbox {
         let addr = SocketAddr::new(ip, port);
 
         let payload = codec::encode(plaintext);
-        let network_id = plaintext
-            .get(field::NETWORK_ID)
-            .and_then(Value::as_str)
-            .ok_or("an outgoing payload needs a network_id")?;
+        let network_id = envelope
+            .str(field::NETWORK_ID)
+            .ok_or("an outgoing envelope needs a network_id")?;
         let key = self
             .wire
             .keys
@@ -556,8 +555,8 @@ impl Outbox for NetworkOutbox {
             None => {
                 let id = plaintext
                     .get("request_id")
-                    .and_then(Value::as_str)
-                    .and_then(transit::parse_request_id);
+                    .and_then(Value::as_bytes)
+                    .and_then(|id| id.try_into().ok());
                 let secret =
                     transit_secret(plaintext.get("transit_secret").and_then(Value::as_bytes));
                 let ttl = envelope

@@ -8,6 +8,7 @@
 
 mod convergence;
 mod edge_cases;
+mod idle;
 
 use std::time::Instant;
 

@@ -10,7 +10,10 @@
 //!
 //! One handler plays both parts; the host does all crypto and networking
 //! (it seals requests to `seal_to`, keeps each request's transit secret and
-//! accepts one response per request, and verifies `sender_peer_id`):
+//! accepts one response per request, and names on each envelope the
+//! sender its seal proves, `sender_peer_id`, and the network its membership
+//! proof proves, `network_id`; so the plaintexts do not repeat them, which
+//! keeps an idle round trip under 1 KB):
 //!
 //! - **Requester.** The `sync_with_peers` job ([`SyncHandler::run_job`])
 //!   starts a session with every active address of every network we belong
@@ -30,8 +33,8 @@
 //!   everything is answered and nothing is left, the session is complete and
 //!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
 //!   other side pulls them in its own sessions.
-//! - **Responder.** A request is answered only if its sender is who it says,
-//!   it is addressed to us, we are a member of its network, it is fresh (its
+//! - **Responder.** A request is answered only if it is not from us, we are
+//!   a member of its network, it is fresh (its
 //!   `timestamp_ms` within the transit TTL of our clock, and later than that
 //!   of the last request we accepted from that peer in that network, so a
 //!   captured request cannot be replayed), and it passes the rate limits
@@ -169,7 +172,7 @@ struct Session {
     dest_port: i64,
     reply_ip: String,
     reply_port: i64,
-    session_id: String,
+    session_id: [u8; 16],
     /// The round the next request will carry.
     round: i64,
     /// Requests sent and not yet answered, at most [`WINDOW`].
@@ -285,11 +288,7 @@ impl SyncHandler {
         let ours = ctx.identity().peer_id.to_string();
         let now = ctx.now_ms();
         let limits = self.state().limits;
-        let request = env.plaintext().and_then(Request::parse).filter(|r| {
-            env.str("sender_peer_id") == Some(r.peer_id)
-                && r.target_peer_id == ours
-                && r.peer_id != ours
-        });
+        let request = Request::parse(env).filter(|r| r.peer_id != ours);
         let Some(req) = request else {
             return dropped(ctx, "sync_rejected_request");
         };
@@ -366,12 +365,9 @@ impl SyncHandler {
             .iter()
             .map(|p| Value::map([("peer_id", p.get(0)), ("ip", p.get(1)), ("port", p.get(2))]))
             .collect();
-        let plaintext = Value::map([
+        let plaintext = message([
             ("type", Value::from("sync_response")),
-            ("request_id", req.request_id.into()),
-            ("session_id", req.session_id.into()),
-            ("network_id", req.network_id.into()),
-            ("peer_id", ours.into()),
+            ("session_id", req.session_id_bytes.into()),
             ("summary", summary),
             ("negentropy", negentropy),
             ("events", events.into()),
@@ -387,7 +383,7 @@ impl SyncHandler {
                 "dest_ip" => req.reply_ip,
                 "dest_port" => req.reply_port,
                 "network_id" => req.network_id,
-                "in_response_to" => req.request_id,
+                "in_response_to" => hex::encode(req.request_id),
                 "transit_secret" => req.transit_secret,
                 "event_plaintext" => plaintext,
             },
@@ -412,8 +408,8 @@ impl SyncHandler {
             return dropped(ctx, "sync_unknown_response");
         };
         let session = state.sessions.get_mut(&k).expect("answered() checked it");
-        let response = env.plaintext().and_then(Response::parse).filter(|r| {
-            env.str("sender_peer_id") == Some(session.peer_id.as_str())
+        let response = Response::parse(env).filter(|r| {
+            r.peer_id == session.peer_id
                 && r.network_id == session.network_id
                 && r.session_id == session.session_id
         });
@@ -531,7 +527,7 @@ impl SyncHandler {
                 break;
             }
             let opening = message.take().map_or(Opening::Nothing, Opening::Negentropy);
-            out.push(state.send(&k, opening, &ours, now));
+            out.push(state.send(&k, opening, now));
         }
         Ok(out)
     }
@@ -574,7 +570,7 @@ impl State {
             dest_port,
             reply_ip: reply_ip.to_owned(),
             reply_port,
-            session_id: random_hex(),
+            session_id: random_bytes(),
             round: 0,
             in_flight: 0,
             reconciling_request: None,
@@ -586,14 +582,13 @@ impl State {
             expires_ms: 0,
         };
         self.sessions.insert(k.clone(), session);
-        let ours = ctx.identity().peer_id.to_string();
-        Ok(Some(self.send(&k, Opening::Summary(summary), &ours, now)))
+        Ok(Some(self.send(&k, Opening::Summary(summary), now)))
     }
 
     /// Builds the request for `session`'s current round (with `opening`
     /// and the next batch of needed ids) and keeps the session until its
     /// response arrives or the request expires.
-    fn send(&mut self, k: &Key, opening: Opening, ours: &str, now: i64) -> Envelope {
+    fn send(&mut self, k: &Key, opening: Opening, now: i64) -> Envelope {
         let session = self.sessions.get_mut(k).expect("a session to send for");
         let reconciles = !matches!(opening, Opening::Nothing);
         let patience = match opening {
@@ -611,23 +606,19 @@ impl State {
             .drain(..batch)
             .map(|id| Value::from(*id))
             .collect();
-        let request_id = random_hex();
+        let request_id = random_bytes::<16>();
         // Rounds within one millisecond (or after our clock stepped back)
         // still carry increasing timestamps.
         session.sent_ms = now.max(session.sent_ms.saturating_add(1));
         session.expires_ms = now.saturating_add(patience);
-        let plaintext = Value::map([
+        let plaintext = message([
             ("type", Value::from("sync_request")),
-            ("request_id", request_id.as_str().into()),
-            ("network_id", session.network_id.as_str().into()),
-            ("peer_id", ours.into()),
-            ("user_id", ours.into()),
+            ("request_id", request_id.into()),
             ("transit_secret", random_bytes::<32>().into()),
             ("timestamp_ms", session.sent_ms.into()),
-            ("target_peer_id", session.peer_id.as_str().into()),
             ("reply_ip", session.reply_ip.as_str().into()),
             ("reply_port", session.reply_port.into()),
-            ("session_id", session.session_id.as_str().into()),
+            ("session_id", session.session_id.into()),
             ("round", session.round.into()),
             ("summary", summary),
             ("negentropy", negentropy),
@@ -645,6 +636,7 @@ impl State {
         };
         session.round += 1;
         session.in_flight += 1;
+        let request_id = hex::encode(request_id);
         if reconciles {
             session.reconciling_request = Some(request_id.clone());
         }
@@ -694,16 +686,25 @@ fn summary(v: Option<&Value>) -> Option<Option<[u8; SUMMARY_LEN]>> {
     }
 }
 
-/// A verified incoming `sync_request`'s plaintext, borrowed.
+/// A verified incoming `sync_request`: what the host vouches for (the
+/// sender, by its seal, and the network, by its membership proof) and the
+/// plaintext, borrowed.
+///
+/// The plaintext names neither the sender, nor us, nor the network: the
+/// host's envelope already says who sent it and for which network, and the
+/// sender's proof is made for the recipient's key, so a request sealed to
+/// another peer cannot be re-sealed to us. Repeating them cost 276 bytes a
+/// request, a third of an idle round trip.
 struct Request<'a> {
-    request_id: &'a str,
-    network_id: &'a str,
     peer_id: &'a str,
-    target_peer_id: &'a str,
+    network_id: &'a str,
+    request_id: [u8; 16],
     reply_ip: &'a str,
     reply_port: i64,
     timestamp_ms: i64,
-    session_id: &'a str,
+    /// Hex, as `sync_sessions` keeps it.
+    session_id: String,
+    session_id_bytes: [u8; 16],
     round: i64,
     transit_secret: &'a [u8],
     summary: Option<[u8; SUMMARY_LEN]>,
@@ -713,18 +714,20 @@ struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// `None` if any field is missing or malformed.
-    fn parse(p: &'a Value) -> Option<Self> {
+    fn parse(env: &'a Envelope) -> Option<Self> {
+        let p = env.plaintext()?;
         let text = |k| p.get(k).and_then(Value::as_str);
         let int = |k| p.get(k).and_then(Value::as_int);
+        let session_id = id16(p.get("session_id"))?;
         Some(Self {
-            request_id: text("request_id").filter(|id| is_hex_id(id))?,
-            network_id: text("network_id")?,
-            peer_id: text("peer_id").filter(|id| is_peer_id(id))?,
-            target_peer_id: text("target_peer_id")?,
+            peer_id: env.str("sender_peer_id").filter(|id| is_peer_id(id))?,
+            network_id: env.str(field::NETWORK_ID)?,
+            request_id: id16(p.get("request_id"))?,
             reply_ip: text("reply_ip").filter(|ip| is_ip(ip))?,
             reply_port: int("reply_port").filter(|p| is_port(*p))?,
             timestamp_ms: int("timestamp_ms")?,
-            session_id: text("session_id").filter(|id| is_hex_id(id))?,
+            session_id: hex::encode(session_id),
+            session_id_bytes: session_id,
             round: int("round").filter(|r| *r >= 0)?,
             transit_secret: p
                 .get("transit_secret")
@@ -737,10 +740,12 @@ impl<'a> Request<'a> {
     }
 }
 
-/// An incoming `sync_response`'s plaintext, borrowed.
+/// A verified incoming `sync_response`: its sender and network as the host
+/// vouches for them, and the plaintext, borrowed.
 struct Response<'a> {
+    peer_id: &'a str,
     network_id: &'a str,
-    session_id: &'a str,
+    session_id: [u8; 16],
     summary: Option<[u8; SUMMARY_LEN]>,
     negentropy: &'a [u8],
     events: Vec<&'a [u8]>,
@@ -750,11 +755,13 @@ struct Response<'a> {
 
 impl<'a> Response<'a> {
     /// `None` if any field is missing or malformed.
-    fn parse(p: &'a Value) -> Option<Self> {
+    fn parse(env: &'a Envelope) -> Option<Self> {
+        let p = env.plaintext()?;
         let list = |k| p.get(k).map_or(Some(&[][..]), Value::as_list);
         Some(Self {
-            network_id: p.get("network_id").and_then(Value::as_str)?,
-            session_id: p.get("session_id").and_then(Value::as_str)?,
+            peer_id: env.str("sender_peer_id")?,
+            network_id: env.str(field::NETWORK_ID)?,
+            session_id: id16(p.get("session_id"))?,
             summary: summary(p.get("summary"))?,
             negentropy: optional_bytes(p.get("negentropy"))?,
             events: list("events")?
@@ -765,6 +772,22 @@ impl<'a> Response<'a> {
             peers: list("peers")?,
         })
     }
+}
+
+/// A sync message's plaintext: the fields, less those that are null or
+/// empty lists (a reader takes a missing field as empty), so that an idle
+/// round's frames carry only what they say.
+fn message<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::map(
+        fields
+            .into_iter()
+            .filter(|(_, v)| !v.is_null() && v.as_list().is_none_or(|items| !items.is_empty())),
+    )
+}
+
+/// A 16-byte id (request and session ids).
+fn id16(v: Option<&Value>) -> Option<[u8; 16]> {
+    v?.as_bytes()?.try_into().ok()
 }
 
 /// Bytes, with a missing or null value read as empty.
@@ -841,7 +864,7 @@ fn admit(
             params![
                 req.peer_id,
                 req.network_id,
-                req.session_id,
+                req.session_id.as_str(),
                 now,
                 due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
                 req.timestamp_ms
@@ -850,7 +873,8 @@ fn admit(
         return Ok(Ok(()));
     }
     let in_order = current.is_some_and(|r| {
-        r.str(0) == Some(req.session_id) && r.int(1).map(|last| last + 1) == Some(req.round)
+        r.str(0) == Some(req.session_id.as_str())
+            && r.int(1).map(|last| last + 1) == Some(req.round)
     });
     if !in_order || req.round >= max_rounds {
         return Ok(Err("sync_rate_limited"));
@@ -982,11 +1006,6 @@ fn key(peer_id: &str, network_id: &str) -> Key {
     (peer_id.to_owned(), network_id.to_owned())
 }
 
-/// 32 lowercase hex digits, as request and session ids are.
-fn is_hex_id(s: &str) -> bool {
-    is_hex(s, 32)
-}
-
 /// 64 lowercase hex digits, as the host writes a peer id (its public key):
 /// anything else is no peer we could seal to.
 fn is_peer_id(s: &str) -> bool {
@@ -1011,11 +1030,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::getrandom(&mut bytes).expect("the OS random number generator failed");
     bytes
-}
-
-/// A fresh 16-byte random id in hex (request and session ids).
-fn random_hex() -> String {
-    hex::encode(random_bytes::<16>())
 }
 
 export_plugin! {
@@ -1047,7 +1061,7 @@ mod tests {
 
     use std::collections::VecDeque;
 
-    use super::{random_hex, SyncHandler, WINDOW};
+    use super::{random_bytes, SyncHandler, WINDOW};
 
     const NET: &str = "net-1";
     /// Peer ids, as the host writes them: 64 hex digits.
@@ -1102,20 +1116,17 @@ mod tests {
 
     /// A request as the host hands it to the responder ("test-peer") after
     /// opening it: from `peer`, whose identity the host verified.
-    fn request_from(peer: &str, session_id: &str, round: i64, need: Vec<Value>) -> Envelope {
+    fn request_from(peer: &str, session_id: [u8; 16], round: i64, need: Vec<Value>) -> Envelope {
         envelope! {
             "event_type" => "sync_request",
             "is_outgoing" => false,
             "sender_peer_id" => peer,
+            "network_id" => NET,
             "event_plaintext" => Value::map([
                 ("type", Value::from("sync_request")),
-                ("request_id", random_hex().into()),
-                ("network_id", NET.into()),
-                ("peer_id", peer.into()),
-                ("user_id", peer.into()),
+                ("request_id", new_id().into()),
                 ("transit_secret", [7u8; 32].into()),
                 ("timestamp_ms", timestamp().into()),
-                ("target_peer_id", "test-peer".into()),
                 ("reply_ip", "10.0.0.9".into()),
                 ("reply_port", 7009.into()),
                 ("session_id", session_id.into()),
@@ -1126,6 +1137,11 @@ mod tests {
         }
     }
 
+    /// A fresh request or session id.
+    fn new_id() -> [u8; 16] {
+        random_bytes()
+    }
+
     /// Now, and later with each call, as a requester's timestamps are.
     fn timestamp() -> i64 {
         static CALLS: AtomicI64 = AtomicI64::new(0);
@@ -1134,13 +1150,13 @@ mod tests {
 
     /// `env` with its plaintext's `key` set to `value`.
     fn with_field(mut env: Envelope, key: &str, value: impl Into<Value>) -> Envelope {
-        let mut p = env.plaintext().unwrap().clone();
-        let Value::Map(fields) = &mut p else {
-            panic!("the plaintext is not a map")
-        };
-        let field = fields.iter_mut().find(|f| f.key.as_str() == key);
-        field.unwrap_or_else(|| panic!("no field {key}")).value = value.into();
-        env.set("event_plaintext", p);
+        let p = env.plaintext().unwrap().as_map().unwrap();
+        let fields = p
+            .iter()
+            .filter(|f| f.key.as_str() != key)
+            .map(|f| (f.key.clone(), f.value.clone()))
+            .chain([(key.into(), value.into())]);
+        env.set("event_plaintext", Value::map(fields));
         env
     }
 
@@ -1150,6 +1166,7 @@ mod tests {
         let mut env = Envelope::of_type(out.event_type().unwrap())
             .with("is_outgoing", false)
             .with("sender_peer_id", sender)
+            .with("network_id", out.str("network_id").unwrap())
             .with("event_plaintext", out.plaintext().unwrap());
         if let Some(id) = out.str("in_response_to") {
             env.set("in_response_to", id);
@@ -1159,6 +1176,16 @@ mod tests {
 
     fn plaintext<'a>(env: &'a Envelope, key: &str) -> &'a Value {
         env.plaintext().unwrap().get(key).unwrap_or(&Value::Null)
+    }
+
+    /// A list field of `env`'s plaintext; a missing one is empty.
+    fn list<'a>(env: &'a Envelope, key: &str) -> &'a [Value] {
+        let value = plaintext(env, key);
+        if value.is_null() {
+            &[]
+        } else {
+            value.as_list().unwrap()
+        }
     }
 
     #[test]
@@ -1184,12 +1211,14 @@ mod tests {
         assert_eq!(req.int("transit_ttl_ms"), Some(30_000));
         let text = |k| plaintext(req, k).as_str().unwrap();
         assert_eq!(text("type"), "sync_request");
-        assert!(super::is_hex_id(text("request_id")));
-        assert!(super::is_hex_id(text("session_id")));
-        assert_eq!(text("network_id"), NET);
-        assert_eq!(text("peer_id"), "test-peer");
-        assert_eq!(text("user_id"), "test-peer");
-        assert_eq!(text("target_peer_id"), PEER_B);
+        assert_eq!(plaintext(req, "request_id").as_bytes().unwrap().len(), 16);
+        assert_eq!(plaintext(req, "session_id").as_bytes().unwrap().len(), 16);
+        // Who sends, to whom, in which network: the host vouches for those
+        // (the seal, the recipient it is sealed to, the membership proof),
+        // so the plaintext does not repeat them.
+        for vouched in ["network_id", "peer_id", "user_id", "target_peer_id"] {
+            assert_eq!(plaintext(req, vouched), &Value::Null, "{vouched}");
+        }
         assert_eq!(text("reply_ip"), "127.0.0.1");
         assert_eq!(plaintext(req, "reply_port").as_int(), Some(7001));
         assert_eq!(plaintext(req, "round").as_int(), Some(0));
@@ -1204,8 +1233,9 @@ mod tests {
         assert_eq!(summary.len(), super::SUMMARY_LEN);
         let count = host.count("SELECT COUNT(*) FROM events");
         assert_eq!(summary[..8], (count as u64).to_be_bytes());
+        // Nothing else: empty fields are left out.
         assert_eq!(plaintext(req, "negentropy"), &Value::Null);
-        assert_eq!(plaintext(req, "need").as_list(), Some(&[][..]));
+        assert_eq!(plaintext(req, "need"), &Value::Null);
 
         // The session is still running: no second request to that peer.
         host.run_job("sync", limits(1000)).unwrap();
@@ -1237,8 +1267,10 @@ mod tests {
         let mut need: Vec<Value> = vec![vec![9u8; 32].into()];
         need.extend((1..10).rev().map(|i| event_id(1, i).into()));
         need.extend((10..25).map(|i| event_id(1, i).into()));
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, need)])
-            .unwrap();
+        let request = request_from(PEER_A, new_id(), 0, need);
+        let request_id = plaintext(&request, "request_id").as_bytes().unwrap();
+        let request_id = hex::encode(request_id);
+        host.deliver(vec![request]).unwrap();
 
         let sent = host.take_sent();
         assert_eq!(sent.len(), 1, "{sent:?}");
@@ -1249,9 +1281,11 @@ mod tests {
         assert_eq!(resp.str("dest_ip"), Some("10.0.0.9"));
         assert_eq!(resp.int("dest_port"), Some(7009));
         assert_eq!(resp.bytes("transit_secret"), Some(&[7u8; 32][..]));
-        let request_id = resp.str("in_response_to").unwrap();
-        assert_eq!(plaintext(resp, "request_id").as_str(), Some(request_id));
-        assert_eq!(plaintext(resp, "peer_id").as_str(), Some("test-peer"));
+        assert_eq!(resp.str("in_response_to"), Some(request_id.as_str()));
+        assert_eq!(resp.str("network_id"), Some(NET));
+        for vouched in ["request_id", "network_id", "peer_id"] {
+            assert_eq!(plaintext(resp, vouched), &Value::Null, "{vouched}");
+        }
         assert_eq!(plaintext(resp, "negentropy"), &Value::Null);
         // The nine of those we have, oldest first.
         let events = plaintext(resp, "events").as_list().unwrap();
@@ -1283,24 +1317,24 @@ mod tests {
     #[test]
     fn new_sessions_are_rate_limited_and_rounds_must_follow_in_order() {
         let mut host = host("127.0.0.1:7002");
-        let first = random_hex();
+        let first = new_id();
         host.deliver(vec![
-            request_from(PEER_A, &first, 0, vec![]),
-            request_from(PEER_A, &random_hex(), 0, vec![]),
+            request_from(PEER_A, first, 0, vec![]),
+            request_from(PEER_A, new_id(), 0, vec![]),
         ])
         .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         assert_eq!(counter(&host, "sync_rate_limited"), 1);
         // Another peer is not held back by peer-a.
-        host.deliver(vec![request_from(PEER_X, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_X, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
 
         host.deliver(vec![
-            request_from(PEER_A, &first, 2, vec![]), // skips round 1
-            request_from(PEER_A, &random_hex(), 1, vec![]), // not the session
-            request_from(PEER_A, &first, 1, vec![]), // in order
-            request_from(PEER_A, &first, 1, vec![]), // a replay
+            request_from(PEER_A, first, 2, vec![]),    // skips round 1
+            request_from(PEER_A, new_id(), 1, vec![]), // not the session
+            request_from(PEER_A, first, 1, vec![]),    // in order
+            request_from(PEER_A, first, 1, vec![]),    // a replay
         ])
         .unwrap();
         assert_eq!(host.take_sent().len(), 1);
@@ -1317,11 +1351,11 @@ mod tests {
                 .unwrap()
         };
         due_in(&host, 1_500);
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(counter(&host, "sync_rate_limited"), 5);
         due_in(&host, 500);
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         // The next one is due 3 s after the scheduled time, not the arrival.
@@ -1334,18 +1368,15 @@ mod tests {
     }
 
     #[test]
-    fn requests_not_from_their_sender_or_not_for_us_are_rejected() {
+    fn requests_without_a_verified_sender_or_not_for_our_networks_are_rejected() {
         let mut host = host("127.0.0.1:7002");
-        let mut forged = request_from(PEER_A, &random_hex(), 0, vec![]);
-        forged.set("sender_peer_id", PEER_Z);
-        let elsewhere = with_field(
-            request_from(PEER_A, &random_hex(), 0, vec![]),
-            "network_id",
-            "net-unknown",
-        );
-        let mut malformed = request_from(PEER_A, &random_hex(), 0, vec![]);
+        // Only the host sets `sender_peer_id`, having verified the seal.
+        let mut unsigned = request_from(PEER_A, new_id(), 0, vec![]);
+        unsigned.remove("sender_peer_id");
+        let elsewhere = request_from(PEER_A, new_id(), 0, vec![]).with("network_id", "net-unknown");
+        let mut malformed = request_from(PEER_A, new_id(), 0, vec![]);
         malformed.set("event_plaintext", Value::map([("type", "sync_request")]));
-        host.deliver(vec![forged, elsewhere, malformed]).unwrap();
+        host.deliver(vec![unsigned, elsewhere, malformed]).unwrap();
         assert!(host.take_sent().is_empty());
         assert_eq!(counter(&host, "sync_rejected_request"), 3);
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
@@ -1357,12 +1388,12 @@ mod tests {
         host.deliver(vec![envelope! {
             "event_type" => "sync_response",
             "is_outgoing" => false,
-            "in_response_to" => random_hex(),
+            "in_response_to" => hex::encode(new_id()),
             "sender_peer_id" => PEER_B,
+            "network_id" => NET,
             "event_plaintext" => Value::map([
                 ("type", Value::from("sync_response")),
-                ("network_id", NET.into()),
-                ("session_id", random_hex().into()),
+                ("session_id", new_id().into()),
                 ("events", vec![Value::from(b"evil".to_vec())].into()),
             ]),
         }])
@@ -1434,7 +1465,7 @@ mod tests {
                 plaintext(&request, "round").as_int(),
                 Some(out.rounds as i64 - 1)
             );
-            assert!(plaintext(&request, "need").as_list().unwrap().len() <= max_events);
+            assert!(list(&request, "need").len() <= max_events);
             // B answers every round; to a round 0 whose summary differs it
             // also opens its own session with A, which is not followed here.
             let mut responses = b.process(&arrived(&request, PEER_A));
@@ -1445,7 +1476,7 @@ mod tests {
             assert!(reverse.count() <= usize::from(out.rounds == 1));
             responses.truncate(1);
             assert_eq!(responses[0].event_type(), Some("sync_response"));
-            let events = plaintext(&responses[0], "events").as_list().unwrap();
+            let events = list(&responses[0], "events");
             assert!(events.len() <= max_events);
             for env in a.process(&arrived(&responses[0], PEER_B)) {
                 match env.event_type() {
@@ -1628,7 +1659,7 @@ mod tests {
     #[test]
     fn stale_future_and_replayed_requests_are_refused() {
         let mut host = host("127.0.0.1:7002");
-        let at = |session: &str, round, ts: i64| {
+        let at = |session: [u8; 16], round, ts: i64| {
             with_field(
                 request_from(PEER_A, session, round, vec![]),
                 "timestamp_ms",
@@ -1637,16 +1668,16 @@ mod tests {
         };
         // Beyond the transit TTL (30 s unless the job says otherwise), either way.
         let now = quiet_host::db::now_ms();
-        let session = random_hex();
+        let session = new_id();
         host.deliver(vec![
-            at(&session, 0, now - 31_000),
-            at(&session, 0, now + 31_000),
+            at(session, 0, now - 31_000),
+            at(session, 0, now + 31_000),
         ])
         .unwrap();
         assert!(host.take_sent().is_empty());
         assert_eq!(counter(&host, "sync_rejected_request"), 2);
 
-        let captured = request_from(PEER_A, &session, 0, vec![]);
+        let captured = request_from(PEER_A, session, 0, vec![]);
         let captured_ms = plaintext(&captured, "timestamp_ms").as_int().unwrap();
         host.deliver(vec![captured.clone()]).unwrap();
         assert_eq!(host.take_sent().len(), 1);
@@ -1658,12 +1689,12 @@ mod tests {
                 .unwrap()
         };
         due_now(&host);
-        host.deliver(vec![captured, at(&random_hex(), 0, captured_ms)])
+        host.deliver(vec![captured, at(new_id(), 0, captured_ms)])
             .unwrap();
         assert!(host.take_sent().is_empty());
         assert_eq!(counter(&host, "sync_replayed_request"), 2);
         // ...so the real requester goes on, and its rounds cannot be replayed.
-        let round_1 = request_from(PEER_A, &session, 1, vec![]);
+        let round_1 = request_from(PEER_A, session, 1, vec![]);
         host.deliver(vec![round_1.clone(), round_1]).unwrap();
         assert_eq!(host.take_sent().len(), 1);
         assert_eq!(counter(&host, "sync_replayed_request"), 3);
@@ -1682,9 +1713,9 @@ mod tests {
         // Two more rounds within the same millisecond, then one after our
         // clock stepped back.
         for now in [t0, t0, t0 - 5_000] {
-            let id = request_id.as_ref().and_then(Value::as_str).unwrap();
-            let k = state.answered(id, now).unwrap();
-            let next = state.send(&k, super::Opening::Nothing, PEER_A, now);
+            let id = hex::encode(request_id.as_ref().and_then(Value::as_bytes).unwrap());
+            let k = state.answered(&id, now).unwrap();
+            let next = state.send(&k, super::Opening::Nothing, now);
             sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
             request_id = next.plaintext().unwrap().get("request_id").cloned();
         }
@@ -1694,17 +1725,12 @@ mod tests {
     #[test]
     fn requests_with_a_malformed_peer_id_or_reply_address_are_rejected() {
         let mut host = host("127.0.0.1:7002");
-        let with = |key, value: &str| {
-            with_field(request_from(PEER_A, &random_hex(), 0, vec![]), key, value)
-        };
-        let from = |peer_id: &str| {
-            let mut env = with("peer_id", peer_id);
-            env.set("sender_peer_id", peer_id);
-            env
-        };
+        let with =
+            |key, value: &str| with_field(request_from(PEER_A, new_id(), 0, vec![]), key, value);
+        let from = |peer_id: &str| request_from(peer_id, new_id(), 0, vec![]);
         let port = |port: i64| {
             with_field(
-                request_from(PEER_A, &random_hex(), 0, vec![]),
+                request_from(PEER_A, new_id(), 0, vec![]),
                 "reply_port",
                 port,
             )
@@ -1767,8 +1793,7 @@ mod tests {
             format!("{PEER_B} 127.0.0.1 7002, {PEER_C} 10.0.0.3 7003, {PEER_X} ::1 7004")
         );
         // Nor does a request from us, to us, add us.
-        let own = with_field(request, "target_peer_id", PEER_A);
-        assert!(a.process(&arrived(&own, PEER_A)).is_empty());
+        assert!(a.process(&arrived(&request, PEER_A)).is_empty());
         assert_eq!(counter(&a.host, "sync_rejected_request"), 1);
         assert_eq!(
             a.host.count(&format!(
@@ -1840,7 +1865,7 @@ mod tests {
     #[test]
     fn a_schedule_left_far_ahead_by_our_clock_stepping_back_is_reset() {
         let mut host = host("127.0.0.1:7002");
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         let due_in = |host: &TestHost, ms: i64| {
@@ -1854,14 +1879,14 @@ mod tests {
         // The schedule can run ahead by an interval plus the tolerance of
         // its own accord: that is still kept...
         due_in(&host, 4_000);
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert!(host.take_sent().is_empty());
         assert_eq!(counter(&host, "sync_rate_limited"), 1);
         // ...but an hour ahead means our clock stepped back an hour.
         due_in(&host, 3_600_000);
         let before = quiet_host::db::now_ms();
-        host.deliver(vec![request_from(PEER_A, &random_hex(), 0, vec![])])
+        host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         let next_start_ms = host.count("SELECT next_start_ms FROM sync_sessions");

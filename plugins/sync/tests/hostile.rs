@@ -14,6 +14,8 @@ use quiet_plugin_api::{Envelope, Value};
 use quiet_test_support::hostile::{check, key, proptest::prelude::*, value as any_value};
 
 const NET: &str = "0123456789abcdef0123456789abcdef";
+/// A network the host is not in.
+const OTHER_NET: &str = "fedcba9876543210fedcba9876543210";
 const PEER_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const PEER_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 /// The responder's limit in these tests, low so that it is reached.
@@ -114,6 +116,7 @@ fn any_plaintext_is_dropped_without_failing() {
             let mut host = host();
             let mut env = Envelope::of_type(event_type)
                 .with("sender_peer_id", PEER_A)
+                .with("network_id", NET)
                 .with("event_plaintext", plaintext);
             if let Some(id) = in_response_to {
                 env.set("in_response_to", id);
@@ -126,20 +129,17 @@ fn any_plaintext_is_dropped_without_failing() {
     );
 }
 
-/// A well-formed round-0 request from `PEER_A` to us.
+/// A well-formed round-0 request (from `PEER_A` to us, as the host's
+/// envelope says).
 fn request_template(negentropy: Value, need: Value) -> Value {
     Value::map([
         ("type", Value::from("sync_request")),
-        ("request_id", Value::from("11".repeat(16))),
-        ("network_id", Value::from(NET)),
-        ("peer_id", Value::from(PEER_A)),
-        ("user_id", Value::from(PEER_A)),
+        ("request_id", Value::from([0x11u8; 16])),
         ("transit_secret", Value::from([7u8; 32])),
         ("timestamp_ms", Value::from(quiet_host::db::now_ms())),
-        ("target_peer_id", Value::from("test-peer")),
         ("reply_ip", Value::from("10.0.0.9")),
         ("reply_port", Value::from(7009)),
-        ("session_id", Value::from("22".repeat(16))),
+        ("session_id", Value::from([0x22u8; 16])),
         ("round", Value::from(0)),
         ("negentropy", negentropy),
         ("need", need),
@@ -160,6 +160,7 @@ fn hostile_requests_are_answered_within_limits_or_dropped() {
             let request = overlay(request_template(negentropy, need.clone()), overrides);
             let env = Envelope::of_type("sync_request")
                 .with("sender_peer_id", PEER_A)
+                .with("network_id", NET)
                 .with("event_plaintext", request.clone());
             let copies = if twice { 2 } else { 1 };
             host.deliver(vec![env; copies]).unwrap();
@@ -171,11 +172,11 @@ fn hostile_requests_are_answered_within_limits_or_dropped() {
                 answered.set(answered.get() + 1);
                 // Answered: only to the verified sender, at its own request.
                 prop_assert_eq!(answer.str("seal_to"), Some(PEER_A));
-                prop_assert_eq!(request.get("peer_id").and_then(Value::as_str), Some(PEER_A));
-                prop_assert_eq!(
-                    answer.str("in_response_to"),
-                    request.get("request_id").and_then(Value::as_str)
-                );
+                let request_id = request
+                    .get("request_id")
+                    .and_then(Value::as_bytes)
+                    .map(hex::encode);
+                prop_assert_eq!(answer.str("in_response_to"), request_id.as_deref());
                 let p = answer.plaintext().unwrap();
                 let len = |k| p.get(k).and_then(Value::as_list).map_or(0, <[Value]>::len);
                 prop_assert!(len("events") <= MAX_EVENTS);
@@ -234,21 +235,16 @@ fn hostile_responses_store_nothing_unless_they_are_the_sessions() {
             peers(),
             overrides(),
             prop::sample::select(vec![PEER_B, PEER_A]),
+            prop::sample::select(vec![NET, OTHER_NET]),
         ),
-        |(negentropy, events, deferred, peers, overrides, sender)| {
+        |(negentropy, events, deferred, peers, overrides, sender, network)| {
             let (mut host, request) = requester();
-            let request_id = request
-                .get("request_id")
-                .and_then(Value::as_str)
-                .unwrap()
-                .to_owned();
+            let request_id = request.get("request_id").and_then(Value::as_bytes).unwrap();
+            let request_id = hex::encode(request_id);
             let response = overlay(
                 Value::map([
                     ("type", Value::from("sync_response")),
-                    ("request_id", Value::from(request_id.as_str())),
                     ("session_id", request.get("session_id").unwrap().clone()),
-                    ("network_id", Value::from(NET)),
-                    ("peer_id", Value::from(sender)),
                     ("negentropy", negentropy),
                     ("events", Value::from(events)),
                     ("deferred", deferred),
@@ -258,6 +254,7 @@ fn hostile_responses_store_nothing_unless_they_are_the_sessions() {
             );
             let env = Envelope::of_type("sync_response")
                 .with("sender_peer_id", sender)
+                .with("network_id", network)
                 .with("in_response_to", request_id.as_str())
                 .with("event_plaintext", response.clone());
             // The second copy is a replay: the session no longer expects it.
@@ -270,7 +267,7 @@ fn hostile_responses_store_nothing_unless_they_are_the_sessions() {
             };
             prop_assert_eq!(counter("sync_unknown_response"), 1);
             let is_the_sessions = sender == PEER_B
-                && response.get("network_id") == request.get("network_id")
+                && network == NET
                 && response.get("session_id") == request.get("session_id");
             stored.set(stored.get() + host.dead_letters().len());
             if !is_the_sessions {
