@@ -67,7 +67,7 @@ use std::{
 
 mod event_set;
 
-use crate::event_set::{EventSet, SharedStorage, SUMMARY_LEN};
+use crate::event_set::{EventSet, SUMMARY_LEN};
 use negentropy::{Id, Negentropy};
 use quiet_plugin_api::{
     envelope, export_plugin, field, params, Context, Envelope, Handler, PluginError, Value,
@@ -179,9 +179,15 @@ struct Session {
     in_flight: usize,
     /// The request in flight that carries our latest negentropy message.
     reconciling_request: Option<String>,
-    /// The negentropy client while reconciliation is under way; then the
-    /// request in flight carries its latest message.
-    reconciler: Option<Negentropy<'static, SharedStorage>>,
+    /// Whether reconciliation is under way; then the request in flight
+    /// carries our latest negentropy message. The negentropy client is made
+    /// afresh for each reply, over our set as last brought up to date (a
+    /// negentropy initiator keeps no state between rounds besides being
+    /// one), so that
+    /// no session pins an old version of the set: while events arrive, a
+    /// pinned version made every update copy the whole set (40 MB at a
+    /// million events) and kept both.
+    reconciling: bool,
     /// The summary of our set that round 0 carried.
     summary: [u8; SUMMARY_LEN],
     /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
@@ -441,13 +447,13 @@ impl SyncHandler {
         let mut next = None;
         let answers_reconciliation = session.reconciling_request.is_some()
             && session.reconciling_request.as_deref() == env.str(field::IN_RESPONSE_TO);
-        let reconciler = if answers_reconciliation {
+        let reconciling = if answers_reconciliation {
             session.reconciling_request = None;
-            session.reconciler.take()
+            std::mem::take(&mut session.reconciling)
         } else {
-            None
+            false
         };
-        if answers_reconciliation && reconciler.is_none() {
+        if answers_reconciliation && !reconciling {
             // The answer to round 0: a summary like ours means the sets are
             // the same; otherwise reconciliation opens now.
             if resp.summary == Some(session.summary) {
@@ -455,11 +461,25 @@ impl SyncHandler {
             } else {
                 counter(ctx, "sync_sets_differ")?;
                 let storage = event_set(&mut state.sets, ctx, &k.1)?.storage();
-                let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
-                next = Some(reconciler.initiate()?);
-                session.reconciler = Some(reconciler);
+                next = Some(Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.initiate()?);
+                session.reconciling = true;
             }
-        } else if let (Some(mut reconciler), false) = (reconciler, resp.negentropy.is_empty()) {
+        } else if reconciling && !resp.negentropy.is_empty() {
+            // Our set as last brought up to date (by round 0 of our
+            // sessions and of the peers' ones we answer), not refreshed for
+            // each reply: a refresh re-sorts the whole set, and a reply
+            // comes every few dozen milliseconds in a catch-up. It may
+            // have grown since our last message (with events of this very
+            // session), which only makes ranges we have since filled in
+            // compare equal; the reconciler used to keep the set of its
+            // first message, which is older still.
+            let storage = known_set(&mut state.sets, ctx, &k.1)?.storage();
+            let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
+            reconciler.set_initiator();
+            // The ids only we have are the other side's to pull; listed,
+            // they were 32 bytes each (32 MB when it holds none of a
+            // million).
+            reconciler.skip_have_ids();
             let (mut have, mut need) = (Vec::new(), Vec::new());
             match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
                 Ok(msg) => {
@@ -469,9 +489,7 @@ impl SyncHandler {
                     // same every time.
                     need.sort_unstable();
                     session.queue(need);
-                    if msg.is_some() {
-                        session.reconciler = Some(reconciler);
-                    }
+                    session.reconciling = msg.is_some();
                     next = msg;
                 }
                 Err(e) => {
@@ -486,8 +504,7 @@ impl SyncHandler {
             }
         }
 
-        let reconciling = session.reconciler.is_some();
-        let done = next.is_none() && !reconciling && session.needs.is_empty();
+        let done = next.is_none() && !session.reconciling && session.needs.is_empty();
         if done && session.in_flight == 0 {
             let session = state.sessions.remove(&k).expect("still there");
             // Ids dropped for MAX_NEEDS are still missing: the session is not
@@ -574,7 +591,7 @@ impl State {
             round: 0,
             in_flight: 0,
             reconciling_request: None,
-            reconciler: None,
+            reconciling: false,
             summary,
             needs: VecDeque::new(),
             dropped_needs: false,
@@ -964,6 +981,19 @@ fn event_set<'s>(
 ) -> Result<&'s EventSet, PluginError> {
     let set = EventSet::current(sets.remove(network_id), ctx, network_id)?;
     Ok(sets.entry(network_id.to_owned()).or_insert(set))
+}
+
+/// Our events of `network_id` as last brought up to date, loaded if they
+/// never were.
+fn known_set<'s>(
+    sets: &'s mut HashMap<String, EventSet>,
+    ctx: &mut Context<'_>,
+    network_id: &str,
+) -> Result<&'s EventSet, PluginError> {
+    if sets.contains_key(network_id) {
+        return Ok(&sets[network_id]);
+    }
+    event_set(sets, ctx, network_id)
 }
 
 /// This host's reply address, from `host_state.listen_addr` ("ip:port").
