@@ -35,7 +35,10 @@ pub mod field {
     pub const DEST_PORT: &str = "dest_port";
     /// Event ids this event depends on (a list).
     pub const DEPS: &str = "deps";
-    /// The network the event belongs to.
+    /// The network the event belongs to. On an envelope from the network,
+    /// the host sets it to the network whose key proved the sender's
+    /// membership; an outgoing envelope must carry it, and the host proves
+    /// our membership of that network to the receiver.
     pub const NETWORK_ID: &str = "network_id";
     /// A peer id.
     pub const PEER_ID: &str = "peer_id";

@@ -33,6 +33,8 @@
 //!             "is_outgoing" => true,
 //!             "dest_ip" => p.get(1),
 //!             "dest_port" => p.get(2),
+//!             "network_id" => network_id,
+//!             "event_plaintext" => Value::map([("type", "sync_request")]),
 //!         }).collect())
 //!     }
 //! }
