@@ -8,9 +8,9 @@
 //! ours, event crypto opens the sealed box with our key and verifies the
 //! sender and its membership proof, and the decoded map becomes an envelope
 //! that names the verified sender (`sender_peer_id`) and network
-//! (`network_id`), so that payloads need not repeat them. Anything that fails is
-//! dropped and counted; nothing from the network reaches a plugin before it
-//! has been authenticated this far. The reader then queues the envelope for
+//! (`network_id`), so that payloads need not repeat them. Anything that
+//! fails is dropped and counted; nothing from the network reaches a plugin
+//! before it has been authenticated this far. The reader then queues the envelope for
 //! the engine thread without blocking; when the queue is full it is dropped
 //! and counted, so a flood cannot grow memory. Opening on the reader keeps
 //! the crypto off the engine thread, which owns the database: during a

@@ -34,10 +34,10 @@
 //!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
 //!   other side pulls them in its own sessions.
 //! - **Responder.** A request is answered only if it is not from us, we are
-//!   a member of its network, it is fresh (its
-//!   `timestamp_ms` within the transit TTL of our clock, and later than that
-//!   of the last request we accepted from that peer in that network, so a
-//!   captured request cannot be replayed), and it passes the rate limits
+//!   a member of its network, it is fresh (its `timestamp_ms` within the
+//!   transit TTL of our clock, and later than that of the last request we
+//!   accepted from that peer in that network, so a captured request cannot
+//!   be replayed), and it passes the rate limits
 //!   kept in `sync_sessions` (new sessions on a 3 s schedule per peer and
 //!   network, see `admit`; continuation rounds must follow the current
 //!   session in order, below `max_rounds_per_session`). The answer carries
@@ -372,7 +372,7 @@ impl SyncHandler {
             .collect();
         let plaintext = message([
             ("type", Value::from("sync_response")),
-            ("session_id", req.session_id_bytes.into()),
+            ("session_id", req.session_id.into()),
             ("summary", summary),
             ("negentropy", negentropy),
             ("events", events.into()),
@@ -719,9 +719,7 @@ struct Request<'a> {
     reply_ip: &'a str,
     reply_port: i64,
     timestamp_ms: i64,
-    /// Hex, as `sync_sessions` keeps it.
-    session_id: String,
-    session_id_bytes: [u8; 16],
+    session_id: [u8; 16],
     round: i64,
     transit_secret: &'a [u8],
     summary: Option<[u8; SUMMARY_LEN]>,
@@ -735,7 +733,6 @@ impl<'a> Request<'a> {
         let p = env.plaintext()?;
         let text = |k| p.get(k).and_then(Value::as_str);
         let int = |k| p.get(k).and_then(Value::as_int);
-        let session_id = id16(p.get("session_id"))?;
         Some(Self {
             peer_id: env.str("sender_peer_id").filter(|id| is_peer_id(id))?,
             network_id: env.str(field::NETWORK_ID)?,
@@ -743,8 +740,7 @@ impl<'a> Request<'a> {
             reply_ip: text("reply_ip").filter(|ip| is_ip(ip))?,
             reply_port: int("reply_port").filter(|p| is_port(*p))?,
             timestamp_ms: int("timestamp_ms")?,
-            session_id: hex::encode(session_id),
-            session_id_bytes: session_id,
+            session_id: id16(p.get("session_id"))?,
             round: int("round").filter(|r| *r >= 0)?,
             transit_secret: p
                 .get("transit_secret")
@@ -849,6 +845,8 @@ fn admit(
     max_rounds: i64,
     now: i64,
 ) -> Result<Result<(), &'static str>, PluginError> {
+    // `sync_sessions` keeps session ids in hex.
+    let session_id = hex::encode(req.session_id);
     let current = ctx.query(
         "SELECT session_id, last_round, next_start_ms, last_request_ms FROM sync_sessions \
          WHERE peer_id = ?1 AND network_id = ?2",
@@ -881,7 +879,7 @@ fn admit(
             params![
                 req.peer_id,
                 req.network_id,
-                req.session_id.as_str(),
+                session_id,
                 now,
                 due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
                 req.timestamp_ms
@@ -890,8 +888,7 @@ fn admit(
         return Ok(Ok(()));
     }
     let in_order = current.is_some_and(|r| {
-        r.str(0) == Some(req.session_id.as_str())
-            && r.int(1).map(|last| last + 1) == Some(req.round)
+        r.str(0) == Some(session_id.as_str()) && r.int(1).map(|last| last + 1) == Some(req.round)
     });
     if !in_order || req.round >= max_rounds {
         return Ok(Err("sync_rate_limited"));
