@@ -91,8 +91,13 @@ const ROUND_0_TIMEOUT_MS: i64 = 5_000;
 /// Requests of one session in flight at once: fetching needed ids is
 /// latency-bound, so several batches travel while one is being stored.
 const WINDOW: usize = 4;
-/// Negentropy's frame size limit: bounds each reconciliation message.
-const FRAME_SIZE_LIMIT: u64 = 60_000;
+/// Negentropy's frame size limit: bounds each reconciliation message. When
+/// one side lacks much, each reply lists up to this many bytes of ids (32
+/// each), so it sets how fast the ids to fetch are found: 60 KB (1,800 ids)
+/// per round trip kept a catch-up waiting on reconciliation rather than on
+/// fetching. 500 KB is 15,000 ids, and with the events of a response still
+/// well inside the host's 8 MiB frame.
+const FRAME_SIZE_LIMIT: u64 = 500_000;
 /// Ids per `IN (...)` query, well below SQLite's parameter limit.
 const ID_CHUNK: usize = 500;
 /// Event bytes per response; the rest is deferred to the next round. Keeps
@@ -187,6 +192,11 @@ struct Session {
     /// events arrive, a pinned version made every update copy the whole set
     /// (40 MB at a million events) and kept both.
     reconciling: bool,
+    /// Our next negentropy message, held back while the queue of needed
+    /// ids holds a window's worth or more: reconciliation can find ids far
+    /// faster than they are fetched, and they would pile up past
+    /// [`MAX_NEEDS`] (and be dropped) in a large catch-up.
+    parked: Option<Vec<u8>>,
     /// The summary of our set that round 0 carried.
     summary: [u8; SUMMARY_LEN],
     /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
@@ -503,7 +513,11 @@ impl SyncHandler {
             }
         }
 
-        let done = next.is_none() && !session.reconciling && session.needs.is_empty();
+        // `reconciling` stays set while a message is parked.
+        if next.is_some() {
+            session.parked = next;
+        }
+        let done = !session.reconciling && session.needs.is_empty();
         if done && session.in_flight == 0 {
             let session = state.sessions.remove(&k).expect("still there");
             // Ids dropped for MAX_NEEDS are still missing: the session is not
@@ -516,14 +530,20 @@ impl SyncHandler {
             }
             return Ok(out);
         }
-        // The next reconciliation message goes at once (with needed ids);
-        // while it is out, and once reconciliation is over, more requests
-        // for needed ids keep up to WINDOW in flight, so that fetching does
-        // not wait a round trip per batch. They leave in order on one
-        // connection, which the responder's in-order check relies on.
-        let mut message = next;
+        // The next reconciliation message goes at once (with needed ids)
+        // unless a window's worth of ids is still queued; meanwhile, and
+        // once reconciliation is over, more requests for needed ids keep up
+        // to WINDOW in flight, so that fetching does not wait a round trip
+        // per batch. They leave in order on one connection, which the
+        // responder's in-order check relies on.
+        let window_ids = WINDOW * state.limits.max_events;
         loop {
-            let session = &state.sessions[&k];
+            let session = state.sessions.get_mut(&k).expect("still there");
+            let release = session.needs.len() < window_ids && session.in_flight < WINDOW;
+            let message = match release {
+                true => session.parked.take(),
+                false => None,
+            };
             let more =
                 message.is_some() || (!session.needs.is_empty() && session.in_flight < WINDOW);
             if !more {
@@ -542,7 +562,7 @@ impl SyncHandler {
                 }
                 break;
             }
-            let opening = message.take().map_or(Opening::Nothing, Opening::Negentropy);
+            let opening = message.map_or(Opening::Nothing, Opening::Negentropy);
             out.push(state.send(&k, opening, now));
         }
         Ok(out)
@@ -591,6 +611,7 @@ impl State {
             in_flight: 0,
             reconciling_request: None,
             reconciling: false,
+            parked: None,
             summary,
             needs: VecDeque::new(),
             dropped_needs: false,
@@ -1088,7 +1109,7 @@ mod tests {
 
     use std::collections::VecDeque;
 
-    use super::{random_bytes, SyncHandler, WINDOW};
+    use super::{random_bytes, SyncHandler, FRAME_SIZE_LIMIT, WINDOW};
 
     const NET: &str = "net-1";
     /// Peer ids, as the host writes them: 64 hex digits.
@@ -1517,6 +1538,17 @@ mod tests {
                 }
             }
             assert!(requests.len() <= WINDOW);
+            // Reconciliation waits while a window's worth of ids is queued,
+            // so the queue holds at most that plus one reply's ids.
+            let queued = a
+                .handler
+                .state()
+                .sessions
+                .values()
+                .map(|s| s.needs.len())
+                .max();
+            let bound = WINDOW * max_events + FRAME_SIZE_LIMIT as usize / 32;
+            assert!(queued.unwrap_or(0) <= bound, "{queued:?} ids queued");
         }
         out
     }
@@ -1612,6 +1644,27 @@ mod tests {
         let outcome = session(&a, &b, 1000);
         assert_eq!(outcome.stored.len(), 10_000);
         eprintln!("10,000 events in {} rounds", outcome.rounds);
+    }
+
+    #[test]
+    fn reconciliation_finds_ids_no_faster_than_they_are_fetched() {
+        // More ids than one reconciliation reply lists: the next message is
+        // held back while a window's worth is queued, then sent.
+        let (a, b) = two_peers();
+        let n = 2 * FRAME_SIZE_LIMIT as u32 / 32 + 1_000;
+        add_events(&b.host, 1, 0..n);
+        let outcome = session(&a, &b, 1000);
+        let mut stored = outcome.stored;
+        let len = stored.len();
+        stored.sort();
+        stored.dedup();
+        assert_eq!((stored.len(), len), (n as usize, n as usize));
+        assert!(
+            a.host.count(&format!(
+                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
+            )) > 0,
+            "the session completed"
+        );
     }
 
     #[test]
