@@ -27,12 +27,14 @@
 //!   names are remembered, and the session goes on at once with the next
 //!   round: the next negentropy message plus up to `max_events_per_response`
 //!   of the ids still needed. Up to `WINDOW` (4) requests of a session travel
-//!   at once (only one of them carries a negentropy message), so fetching a
-//!   large difference does not wait a round trip per batch; they leave in
-//!   order on one connection, as the responder's in-order check needs. When
+//!   at once (only one of them carries a negentropy message, held back
+//!   while a window's worth of ids is queued), so fetching a large
+//!   difference does not wait a round trip per batch; they leave in order
+//!   on one connection, as the responder's in-order check needs. When
 //!   everything is answered and nothing is left, the session is complete and
-//!   `addresses.last_sync_ms` records it. Ids only we have are ignored: the
-//!   other side pulls them in its own sessions.
+//!   `addresses.last_sync_ms` records it. Ids only we have are not listed:
+//!   the other side pulls them in its own session, which it opens at once
+//!   when a request of ours says it is `behind`.
 //! - **Responder.** A request is answered only if it is not from us, we are
 //!   a member of its network, it is fresh (its `timestamp_ms` within the
 //!   transit TTL of our clock, and later than that of the last request we
@@ -197,6 +199,11 @@ struct Session {
     /// faster than they are fetched, and they would pile up past
     /// [`MAX_NEEDS`] (and be dropped) in a large catch-up.
     parked: Option<Vec<u8>>,
+    /// Reconciliation found ids only we have, and the next request is to
+    /// say so (`behind`), so that the peer pulls them.
+    tell_behind: bool,
+    /// The peer has been told.
+    told_behind: bool,
     /// The summary of our set that round 0 carried.
     summary: [u8; SUMMARY_LEN],
     /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
@@ -326,29 +333,30 @@ impl SyncHandler {
             params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
         )?;
         // A round 0 gets our summary back: if it matches, the requester is
-        // done; if not, it opens reconciliation in its next round, and we
-        // open our own session with it at once (unless one is running), so
-        // that what only we lack also moves now rather than at our next
-        // tick.
+        // done; if not, it opens reconciliation in its next round. When its
+        // reconciliation finds ids only it has, it says we are `behind`, and
+        // we open our own session with it at once (unless one is running),
+        // so that they move now rather than at our next tick. Opened at the
+        // first sign of a difference instead, that session reconciled the
+        // same difference again when only the requester lacked events: half
+        // the bytes of a small repair.
         let mut out = Vec::new();
+        if req.behind {
+            if let Some((ip, port)) = listen_addr(ctx)? {
+                let dest = (req.reply_ip, req.reply_port);
+                out.extend(self.state().start_session(
+                    ctx,
+                    req.peer_id,
+                    req.network_id,
+                    dest,
+                    (&ip, port),
+                )?);
+            }
+        }
         let summary = match req.summary {
-            Some(theirs) => {
+            Some(_) => {
                 let mut guard = self.state();
-                let state = &mut *guard;
-                let summary = event_set(&mut state.sets, ctx, req.network_id)?.summary();
-                if theirs != summary {
-                    if let Some((ip, port)) = listen_addr(ctx)? {
-                        let dest = (req.reply_ip, req.reply_port);
-                        out.extend(state.start_session(
-                            ctx,
-                            req.peer_id,
-                            req.network_id,
-                            dest,
-                            (&ip, port),
-                        )?);
-                    }
-                }
-                Value::from(&summary[..])
+                Value::from(&event_set(&mut guard.sets, ctx, req.network_id)?.summary()[..])
             }
             None => Value::Null,
         };
@@ -498,6 +506,9 @@ impl SyncHandler {
                     // same every time.
                     need.sort_unstable();
                     session.queue(need);
+                    if reconciler.skipped_have_ids() > 0 && !session.told_behind {
+                        session.tell_behind = true;
+                    }
                     session.reconciling = msg.is_some();
                     next = msg;
                 }
@@ -518,7 +529,7 @@ impl SyncHandler {
             session.parked = next;
         }
         let done = !session.reconciling && session.needs.is_empty();
-        if done && session.in_flight == 0 {
+        if done && session.in_flight == 0 && !session.tell_behind {
             let session = state.sessions.remove(&k).expect("still there");
             // Ids dropped for MAX_NEEDS are still missing: the session is not
             // complete, and the next one reconciles again.
@@ -544,8 +555,11 @@ impl SyncHandler {
                 true => session.parked.take(),
                 false => None,
             };
-            let more =
-                message.is_some() || (!session.needs.is_empty() && session.in_flight < WINDOW);
+            // Telling the peer it is behind is worth a request of its own
+            // once nothing else is left to send.
+            let more = message.is_some()
+                || (!session.needs.is_empty() && session.in_flight < WINDOW)
+                || (session.tell_behind && session.in_flight == 0);
             if !more {
                 break;
             }
@@ -612,6 +626,8 @@ impl State {
             reconciling_request: None,
             reconciling: false,
             parked: None,
+            tell_behind: false,
+            told_behind: false,
             summary,
             needs: VecDeque::new(),
             dropped_needs: false,
@@ -660,7 +676,10 @@ impl State {
             ("summary", summary),
             ("negentropy", negentropy),
             ("need", need.into()),
+            ("behind", session.tell_behind.then_some(true).into()),
         ]);
+        session.told_behind |= session.tell_behind;
+        session.tell_behind = false;
         let env = envelope! {
             "event_type" => "sync_request",
             "is_outgoing" => true,
@@ -746,6 +765,8 @@ struct Request<'a> {
     summary: Option<[u8; SUMMARY_LEN]>,
     negentropy: &'a [u8],
     need: Vec<Id>,
+    /// The requester holds ids we lack.
+    behind: bool,
 }
 
 impl<'a> Request<'a> {
@@ -770,6 +791,10 @@ impl<'a> Request<'a> {
             summary: summary(p.get("summary"))?,
             negentropy: optional_bytes(p.get("negentropy"))?,
             need: ids(p.get("need"))?,
+            behind: match p.get("behind") {
+                None | Some(Value::Null) => false,
+                Some(v) => v.as_bool()?,
+            },
         })
     }
 }
@@ -1492,6 +1517,8 @@ mod tests {
         /// Event bytes A was given to store, in order.
         stored: Vec<Vec<u8>>,
         rounds: usize,
+        /// Sessions B opened with A because A said B was behind.
+        reverse: usize,
     }
 
     /// Runs one session of A pulling from B, shuttling envelopes by hand,
@@ -1503,6 +1530,7 @@ mod tests {
         let mut out = Outcome {
             stored: Vec::new(),
             rounds: 0,
+            reverse: 0,
         };
         // First in, first out: requests travel in order on one connection.
         let mut requests: VecDeque<Envelope> = requests.into();
@@ -1514,14 +1542,14 @@ mod tests {
                 Some(out.rounds as i64 - 1)
             );
             assert!(list(&request, "need").len() <= max_events);
-            // B answers every round; to a round 0 whose summary differs it
-            // also opens its own session with A, which is not followed here.
+            // B answers every round; told that it is behind, it also opens
+            // its own session with A, which is not followed here.
             let mut responses = b.process(&arrived(&request, PEER_A));
             let reverse = responses.iter().skip(1);
             assert!(reverse
                 .clone()
                 .all(|r| r.event_type() == Some("sync_request")));
-            assert!(reverse.count() <= usize::from(out.rounds == 1));
+            out.reverse += reverse.count();
             responses.truncate(1);
             assert_eq!(responses[0].event_type(), Some("sync_response"));
             let events = list(&responses[0], "events");
@@ -1581,6 +1609,8 @@ mod tests {
         expected.sort();
         assert_eq!(stored, expected);
         assert!(outcome.rounds >= 3, "1000 events per round");
+        // A holds nothing B lacks, so B opens no session of its own.
+        assert_eq!(outcome.reverse, 0);
 
         // The session is complete: recorded, and forgotten, so the next tick
         // starts a new one; and A learned about peer-c from B.
@@ -1610,6 +1640,8 @@ mod tests {
         add_events(&a.host, 1, 500..1_500); // a thousand of B's
         add_events(&a.host, 2, 0..300); // and some only A has
         let outcome = session(&a, &b, 1000);
+        // What only A has, B pulls in a session of its own, opened at once.
+        assert_eq!(outcome.reverse, 1);
         let mut stored = outcome.stored;
         stored.sort();
         let mut expected = event_bytes(1, 0..500);
@@ -1698,10 +1730,22 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_whose_set_differs_is_synced_back_at_once() {
+    fn a_peer_told_it_is_behind_syncs_back_at_once() {
         let (a, b) = two_peers();
         add_events(&a.host, 1, 0..10); // only A has these
-        let request = a.run_job(&limits(1000)).pop().unwrap();
+                                       // Round 0 (summaries) and round 1 (reconciliation): B only answers.
+        let mut request = a.run_job(&limits(1000)).pop().unwrap();
+        for round in 0..2 {
+            let out = b.process(&arrived(&request, PEER_A));
+            assert_eq!(out.len(), 1, "round {round}: {out:?}");
+            let next = a.process(&arrived(&out[0], PEER_B));
+            assert_eq!(next.len(), 1, "round {round}: {next:?}");
+            request = next.into_iter().next().unwrap();
+        }
+        // A's reconciliation found ids only it has, and nothing else is
+        // left to send: one more request says B is behind.
+        assert_eq!(plaintext(&request, "behind").as_bool(), Some(true));
+        assert!(list(&request, "need").is_empty());
         let out = b.process(&arrived(&request, PEER_A));
         // B answers, and opens its own session with A at A's reply address
         // rather than waiting for its next tick.

@@ -51,8 +51,10 @@ pub struct Negentropy<'a, T> {
     storage: Storage<'a, T>,
     frame_size_limit: u64,
     is_initiator: bool,
-    // quiet-host: whether the initiator lists the ids only it has.
+    // quiet-host: whether the initiator lists the ids only it has, and how
+    // many it found when it does not.
     collect_have_ids: bool,
+    skipped_have_ids: u64,
     last_timestamp_in: u64,
     last_timestamp_out: u64,
 }
@@ -74,6 +76,7 @@ where
             frame_size_limit,
             is_initiator: false,
             collect_have_ids: true,
+            skipped_have_ids: 0,
             last_timestamp_in: 0,
             last_timestamp_out: 0,
         })
@@ -131,6 +134,13 @@ where
     #[inline]
     pub fn skip_have_ids(&mut self) {
         self.collect_have_ids = false;
+    }
+
+    /// quiet-host: how many ids only we have the reconcile calls since
+    /// [`skip_have_ids`](Self::skip_have_ids) found and did not list.
+    #[inline]
+    pub fn skipped_have_ids(&self) -> u64 {
+        self.skipped_have_ids
     }
 
     /// Reconcile (server method)
@@ -249,11 +259,16 @@ where
                         their_elems.insert(Id::from_byte_array(e));
                     }
 
+                    // quiet-host: counted here, as the closure borrows self.
+                    let mut skipped: u64 = 0;
+                    let (is_initiator, collect) = (self.is_initiator, self.collect_have_ids);
                     self.storage.iterate(lower, upper, &mut |item: Item, _| {
                         let k: Id = item.id;
                         if !their_elems.contains(&k) {
-                            if self.is_initiator && self.collect_have_ids {
+                            if is_initiator && collect {
                                 have_ids.push(k);
+                            } else if is_initiator {
+                                skipped += 1;
                             }
                         } else {
                             their_elems.remove(&k);
@@ -261,6 +276,7 @@ where
 
                         Ok(true)
                     })?;
+                    self.skipped_have_ids += skipped;
 
                     if self.is_initiator {
                         skip = true;
