@@ -1,7 +1,8 @@
 //! Whole inbound frames through `Inbound::open`, as the engine sees them.
 //! The first byte picks: 0: raw frame bytes (never accepted); 1: a member's
-//! sealed request whose payload is the rest; 2: the same as a response to
-//! a live request of ours; 3: a raw body for `LiveRequests::accept`.
+//! sealed request whose payload is the rest; 2: the same payload as a
+//! response to a live request of ours; 3: a raw body for
+//! `LiveRequests::accept`.
 #![no_main]
 
 use quiet_host::{db, event_crypto, transit};
@@ -27,8 +28,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         1 => r.open(transit::wrap_request(&sealed())),
         2 => {
             let (id, secret) = ([mode / 4; 16], [9; 32]);
-            r.live.register(id, secret, db::now_ms(), 30_000);
-            let env = r.open(transit::wrap_response(id, &secret, &sealed()));
+            let asked = transit::Live {
+                secret,
+                peer_id: r.peer.peer_id(),
+                network_id: quiet_fuzz::NET.into(),
+            };
+            r.live.register(id, asked, db::now_ms(), 30_000);
+            let body = event_crypto::with_member_proof(&r.key, rest);
+            let env = r.open(transit::wrap_response(id, &secret, &body));
             if let Some(env) = &env {
                 assert_eq!(env.str("in_response_to"), Some(hex_id(id).as_str()));
             }
@@ -49,7 +56,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     if let Some(env) = opened {
         // Only what decodes, named as about the proven network and from
-        // its sealer.
+        // its sealer (or the peer a request of ours was sealed to).
         let plaintext = quiet_host::codec::decode(rest).expect("opened, so it decoded");
         assert_eq!(env.plaintext(), Some(&plaintext));
         assert_eq!(env.str("network_id"), Some(quiet_fuzz::NET));

@@ -89,6 +89,23 @@ pub fn member_proof(network: &NetworkKey, payload: &[u8]) -> [u8; 32] {
     *blake3::keyed_hash(&key, payload).as_bytes()
 }
 
+/// `member_proof ‖ payload`: a payload with our proof of membership, for a
+/// frame that already names its sender (a response, see `transit`).
+pub fn with_member_proof(network: &NetworkKey, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32 + payload.len());
+    body.extend_from_slice(&member_proof(network, payload));
+    body.extend_from_slice(payload);
+    body
+}
+
+/// Splits what [`with_member_proof`] made; `None` if it is too short.
+/// Check the proof with [`member_proof`] before decoding the payload.
+pub fn split_member_proof(mut body: Vec<u8>) -> Option<([u8; 32], Vec<u8>)> {
+    let proof: [u8; 32] = body.get(..32)?.try_into().expect("32 bytes");
+    body.drain(..32);
+    Some((proof, body))
+}
+
 /// Seals `payload` to `recipient`, with proof that we sent it and, given a
 /// network id and key, that we are a member of that network.
 pub fn seal_from(

@@ -376,39 +376,54 @@ impl Inbound {
 
     fn try_open(&self, bytes: &[u8]) -> Result<Envelope, &'static str> {
         let (kind, body) = bytes.split_first().ok_or("drop_malformed_frame")?;
-        let (in_response_to, sealed) = match *kind {
-            transit::REQUEST => (None, body.to_vec()),
+        // Who sent it, about which network, its membership proof and the
+        // payload; and the request it answers, for a response.
+        let (sender, network_id, proof, payload, in_response_to) = match *kind {
+            transit::REQUEST => {
+                let opened =
+                    event_crypto::open_from(&self.wire.identity, body).map_err(|e| match e {
+                        event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+                        event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+                        _ => "drop_malformed_payload",
+                    })?;
+                let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
+                (opened.sender, network_id, proof, opened.payload, None)
+            }
             transit::RESPONSE => {
-                let (id, sealed) = self
+                // Only the peer we sealed the request to holds its transit
+                // secret: the request names the sender and the network.
+                let accepted = self
                     .wire
                     .live
                     .accept(body, db::now_ms())
                     .map_err(|e| e.counter())?;
-                (Some(hex::encode(id)), sealed)
+                let (proof, payload) = event_crypto::split_member_proof(accepted.body)
+                    .ok_or("drop_malformed_payload")?;
+                let id = hex::encode(accepted.request_id);
+                (
+                    accepted.peer_id,
+                    accepted.network_id,
+                    proof,
+                    payload,
+                    Some(id),
+                )
             }
             _ => return Err("drop_malformed_frame"),
         };
-        let opened =
-            event_crypto::open_from(&self.wire.identity, &sealed).map_err(|e| match e {
-                event_crypto::CryptoError::BadSeal => "drop_bad_seal",
-                event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
-                _ => "drop_malformed_payload",
-            })?;
         // Every message is about a network: only members of it are heard,
         // and only when we are one. Checked before the payload is decoded.
-        let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
         let key = self.wire.keys.get(&network_id).ok_or("drop_not_a_member")?;
-        if proof != event_crypto::member_proof(&key, &opened.payload) {
+        if proof != event_crypto::member_proof(&key, &payload) {
             return Err("drop_not_a_member");
         }
-        let plaintext = codec::decode(&opened.payload).map_err(|_| "drop_malformed_payload")?;
+        let plaintext = codec::decode(&payload).map_err(|_| "drop_malformed_payload")?;
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)
-            .with("sender_peer_id", opened.sender)
+            .with("sender_peer_id", sender)
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_PLAINTEXT, plaintext);
         if let Some(id) = in_response_to {
@@ -483,7 +498,7 @@ impl Transport for Tcp {
 struct Outgoing {
     addr: SocketAddr,
     frame: Vec<u8>,
-    request: Option<([u8; 16], [u8; 32], i64)>,
+    request: Option<([u8; 16], transit::Live, i64)>,
 }
 
 impl NetworkOutbox {
@@ -537,22 +552,25 @@ impl Outbox for NetworkOutbox {
             .keys
             .get(network_id)
             .ok_or_else(|| format!("not a member of network {network_id}"))?;
-        let sealed = event_crypto::seal_from(
-            &self.wire.identity,
-            &recipient,
-            &payload,
-            Some((network_id, &key)),
-        );
         let mut request = None;
         let frame = match envelope.str(field::IN_RESPONSE_TO) {
+            // Under the requester's transit secret only (see `transit`),
+            // with our proof of membership.
             Some(request_id) => {
                 let id = transit::parse_request_id(request_id)
                     .ok_or("in_response_to is not a request id")?;
                 let secret = transit_secret(envelope.bytes("transit_secret"))
                     .ok_or("a response needs the request's transit_secret")?;
-                transit::wrap_response(id, &secret, &sealed)
+                let body = event_crypto::with_member_proof(&key, &payload);
+                transit::wrap_response(id, &secret, &body)
             }
             None => {
+                let sealed = event_crypto::seal_from(
+                    &self.wire.identity,
+                    &recipient,
+                    &payload,
+                    Some((network_id, &key)),
+                );
                 let id = plaintext
                     .get("request_id")
                     .and_then(Value::as_bytes)
@@ -562,7 +580,14 @@ impl Outbox for NetworkOutbox {
                 let ttl = envelope
                     .int("transit_ttl_ms")
                     .unwrap_or(DEFAULT_TRANSIT_TTL_MS);
-                request = id.zip(secret).map(|(id, secret)| (id, secret, ttl));
+                request = id.zip(secret).map(|(id, secret)| {
+                    let live = transit::Live {
+                        secret,
+                        peer_id: to.to_owned(),
+                        network_id: network_id.to_owned(),
+                    };
+                    (id, live, ttl)
+                });
                 transit::wrap_request(&sealed)
             }
         };
@@ -591,8 +616,8 @@ impl Outbox for NetworkOutbox {
             request,
         } in pending
         {
-            if let Some((id, secret, ttl)) = request {
-                self.wire.live.register(id, secret, db::now_ms(), ttl);
+            if let Some((id, live, ttl)) = request {
+                self.wire.live.register(id, live, db::now_ms(), ttl);
             }
             self.transport.send_frame(addr, frame);
         }

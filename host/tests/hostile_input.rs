@@ -224,7 +224,12 @@ fn forged_transit_frames_never_consume_a_live_request() {
         (bytes(120), bytes(64), mutation()),
         |(raw, sealed, (at, with, how))| {
             let live = LiveRequests::default();
-            live.register(id, secret, 1_000, 30_000);
+            let asked = transit::Live {
+                secret,
+                peer_id: "peer".into(),
+                network_id: "net".into(),
+            };
+            live.register(id, asked, 1_000, 30_000);
             let frame = transit::wrap_response(id, &secret, &sealed);
             prop_assert!(live.accept(&raw, 2_000).is_err());
             let mutated = mutate(frame[1..].to_vec(), at, with, how);
@@ -232,7 +237,10 @@ fn forged_transit_frames_never_consume_a_live_request() {
                 prop_assert!(live.accept(&mutated, 2_000).is_err());
             }
             // Still live: the genuine answer is taken, once.
-            prop_assert_eq!(live.accept(&frame[1..], 2_000), Ok((id, sealed)));
+            let accepted = live
+                .accept(&frame[1..], 2_000)
+                .map(|a| (a.request_id, a.body));
+            prop_assert_eq!(accepted, Ok((id, sealed)));
             prop_assert_eq!(
                 live.accept(&frame[1..], 2_000),
                 Err(TransitError::UnknownRequest)
@@ -448,56 +456,57 @@ fn messages_for_another_network_are_never_accepted() {
 fn forged_replayed_and_late_responses_are_never_accepted() {
     let rx = Receiver::new();
     let (_d, responder) = identity();
-    let (_d2, stranger) = identity();
     let (id, secret) = ([0x42u8; 16], [0x24u8; 32]);
-    rx.live.register(id, secret, db::now_ms(), 30_000);
-    let response = |from: &HostIdentity, net: &str, key: &NetworkKey, secret: &[u8; 32]| {
-        let plaintext = Value::map([
-            ("type", Value::from("sync_response")),
-            ("network_id", Value::from(net)),
-        ]);
-        let sealed = event_crypto::seal_from(
-            from,
-            rx.identity.public_key(),
-            &encoded(&plaintext),
-            Some((net, key)),
-        );
-        transit::wrap_response(id, secret, &sealed)
+    let asked = || transit::Live {
+        secret,
+        peer_id: responder.peer_id(),
+        network_id: NET.into(),
+    };
+    rx.live.register(id, asked(), db::now_ms(), 30_000);
+    let response = |key: &NetworkKey, secret: &[u8; 32]| {
+        let plaintext = Value::map([("type", Value::from("sync_response"))]);
+        let body = event_crypto::with_member_proof(key, &encoded(&plaintext));
+        transit::wrap_response(id, secret, &body)
     };
     // Without the transit secret; to a request we never made.
-    rx.refuses(
-        &response(&stranger, NET, &rx.key, &[0; 32]),
-        "drop_bad_transit_secret",
-    );
-    let mut unknown = response(&responder, NET, &rx.key, &secret);
+    rx.refuses(&response(&rx.key, &[0; 32]), "drop_bad_transit_secret");
+    let mut unknown = response(&rx.key, &secret);
     unknown[1] ^= 1;
     rx.refuses(&unknown, "drop_unknown_or_expired_request");
     // Re-labelled: the id in clear no longer matches the id inside.
-    rx.live.register([0x43; 16], secret, db::now_ms(), 30_000);
-    let mut relabelled = response(&responder, NET, &rx.key, &secret);
+    rx.live.register([0x43; 16], asked(), db::now_ms(), 30_000);
+    let mut relabelled = response(&rx.key, &secret);
     relabelled[1..17].copy_from_slice(&[0x43; 16]);
     rx.refuses(&relabelled, "drop_bad_transit_secret");
-    // The genuine response, once; its replay finds no live request.
-    let genuine = response(&responder, NET, &rx.key, &secret);
+    // The genuine response, once, named as from the peer we asked, about
+    // the network we asked about; its replay finds no live request.
+    let genuine = response(&rx.key, &secret);
     let env = rx.open(&genuine).expect("the genuine response");
     assert_eq!(env.str("in_response_to"), Some(hex::encode(id).as_str()));
     assert_eq!(
         env.str("sender_peer_id"),
         Some(responder.peer_id().as_str())
     );
+    assert_eq!(env.str("network_id"), Some(NET));
     rx.refuses(&genuine, "drop_unknown_or_expired_request");
     // One arriving after its transit secret expired.
-    rx.live.register(id, secret, db::now_ms() - 31_000, 30_000);
+    rx.live.register(id, asked(), db::now_ms() - 31_000, 30_000);
     rx.refuses(
-        &response(&responder, NET, &rx.key, &secret),
+        &response(&rx.key, &secret),
         "drop_unknown_or_expired_request",
     );
-    // A response for another network: the transit secret is used up, the
-    // payload refused.
-    rx.live.register(id, secret, db::now_ms(), 30_000);
+    // From a responder that does not hold the network key: the transit
+    // secret is used up, the payload refused.
+    rx.live.register(id, asked(), db::now_ms(), 30_000);
     rx.refuses(
-        &response(&responder, NET_X, &NetworkKey([9; 32]), &secret),
+        &response(&NetworkKey([9; 32]), &secret),
         "drop_not_a_member",
+    );
+    // Too short to carry a membership proof.
+    rx.live.register(id, asked(), db::now_ms(), 30_000);
+    rx.refuses(
+        &transit::wrap_response(id, &secret, &[0; 31]),
+        "drop_malformed_payload",
     );
 }
 
