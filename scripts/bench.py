@@ -216,7 +216,7 @@ def catchup(work, n):
     b.start()
     wait_messages(b, n)
     took = time.time() - t0
-    wire = a.wire_bytes() - wire_a + b.wire_bytes()
+    wire = settled(lambda: a.wire_bytes() - wire_a + b.wire_bytes())
     baseline = 32 * n + event_bytes(a)
     same_events(a, b)
     row(f"catch-up {n:,}", f"{took:.2f} s", f"**{n / took:,.0f} events/s**",
@@ -274,6 +274,20 @@ def lose(host, where):
     return ids
 
 
+def settled(read):
+    """`read()` once it has stopped changing: hosts write their counters to
+    SQLite on the engine's next pass (within 200 ms), so the last frames of
+    a sync show up a little after its last event is stored. A short repair
+    is a few frames, and reading at once undercounted them."""
+    last = read()
+    while True:
+        time.sleep(0.5)
+        now = read()
+        if now == last:
+            return now
+        last = now
+
+
 def repair(a, b, n, label, where):
     b.stop()
     lost = lose(b, where)
@@ -291,8 +305,8 @@ def repair(a, b, n, label, where):
          3600, "B to repair")
     took = time.time() - t0
     wait_messages(b, n)
-    wire = a.wire_bytes() + b.wire_bytes() - wire0
-    frames = a.frames() + b.frames() - frames0
+    wire, frames = settled(lambda: (a.wire_bytes() + b.wire_bytes() - wire0,
+                                    a.frames() + b.frames() - frames0))
     baseline = 32 * n + lost_bytes
     same_events(a, b)
     row(f"{label}: {len(lost):,} of {n:,} missing, B restarted", f"{took:.2f} s",
