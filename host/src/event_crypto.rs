@@ -10,14 +10,17 @@
 //!   the payload. Opening checks the proof, so a peer cannot claim another's
 //!   id. A message about a network also carries a membership proof: a MAC of
 //!   the payload under a key derived from the network key, so only members
-//!   are answered.
+//!   are answered. Requests are sealed; a response is not sealed again but
+//!   carries only the membership proof ([`with_member_proof`]), under the
+//!   request's transit secret (see `transit`), which names its sender.
 //! - **Network events**: XChaCha20-Poly1305 (`crypto_secretbox`'s) under
 //!   the network's symmetric key, so every member, the author included, can
 //!   decrypt (events made before, with XSalsa20-Poly1305, still do). The
-//!   creation time stays in clear in front (reconciliation orders by it). The event id is that time followed by 24 bytes of the
-//!   BLAKE3 hash of the whole event: ids cannot be chosen to collide, and
-//!   they sort by time, so indexes keyed by id grow at their end instead of
-//!   at a random page (see [`event_id`]).
+//!   creation time stays in clear in front (reconciliation orders by it).
+//!   The event id is that time followed by 24 bytes of the BLAKE3 hash of
+//!   the whole event: ids cannot be chosen to collide, and they sort by
+//!   time, so indexes keyed by id grow at their end instead of at a random
+//!   page (see [`event_id`]).
 
 use crypto_box::{
     aead::{generic_array::GenericArray, Aead, AeadCore},

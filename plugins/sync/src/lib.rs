@@ -338,8 +338,8 @@ impl SyncHandler {
         // we open our own session with it at once (unless one is running),
         // so that they move now rather than at our next tick. Opened at the
         // first sign of a difference instead, that session reconciled the
-        // same difference again when only the requester lacked events: half
-        // the bytes of a small repair.
+        // same difference a second time whenever only the requester lacked
+        // events (and the per-peer schedule let it start).
         let mut out = Vec::new();
         if req.behind {
             if let Some((ip, port)) = listen_addr(ctx)? {
