@@ -14,6 +14,15 @@
 //! 3. envelopes a handler returns join the back of the queue, one hop further
 //!    from where they started.
 //!
+//! `store_event`s that arrive together (a sync response holds a thousand)
+//! are opened together, stored in queue order, and then handed to their
+//! handlers under **one** savepoint rather than one per call, which was 6 %
+//! of a receiver's instructions per event. That savepoint is optimistic: if
+//! any call of the batch fails, or anything would become a dead letter, the
+//! batch's handler work is rolled back and run again one call per savepoint,
+//! so that what ends up committed is what per-call savepoints would have
+//! committed.
+//!
 //! Nothing is dropped silently. A handler that fails or panics has its
 //! savepoint rolled back and the envelope goes to `dead_letters` with the
 //! handler and the reason; so does an envelope no handler subscribes to, one
@@ -120,6 +129,30 @@ impl Queued {
 /// [`Pipeline::open_ahead`].
 const OPEN_AHEAD: usize = 1024;
 
+/// How a handler call's writes are kept apart from the others'.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// In a savepoint of its own: a failed call is rolled back alone and
+    /// its envelope becomes a dead letter.
+    Own,
+    /// In the savepoint of its batch: a failed call abandons the batch.
+    Shared,
+}
+
+/// Why a batch's shared savepoint was rolled back.
+enum Batch {
+    /// A call failed, or something would have become a dead letter.
+    Abandoned,
+    /// The database failed: the whole unit fails.
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Batch {
+    fn from(e: rusqlite::Error) -> Self {
+        Batch::Sql(e)
+    }
+}
+
 /// What a pipeline run uses besides the database and the handlers.
 pub struct Services {
     /// This host's public identity, lent to handlers.
@@ -204,7 +237,18 @@ impl<'a> Pipeline<'a> {
                 self.dead_letter(&mut report, &item.source, &reason, &item.envelope)?;
                 break;
             }
-            self.step(item, &mut queue, &mut report)?;
+            if item.opened.is_none() {
+                self.step(item, &mut queue, &mut report)?;
+                continue;
+            }
+            // The opened events right behind it, within the run's budget.
+            let mut batch = vec![item];
+            while steps < MAX_ENVELOPES_PER_RUN && queue.front().is_some_and(|q| q.opened.is_some())
+            {
+                batch.extend(queue.pop_front());
+                steps += 1;
+            }
+            self.step_events(batch, &mut queue, &mut report)?;
         }
         if report.dead_letters > LOGGED_DEAD_LETTERS {
             tracing::warn!(
@@ -239,6 +283,8 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// Takes one envelope through the pipeline: the event store first if it
+    /// is a `store_event`, then the outbox or its handlers.
     fn step(
         &self,
         item: Queued,
@@ -270,64 +316,149 @@ impl<'a> Pipeline<'a> {
                 None => return Ok(()),
             }
         }
-        if envelope.is_outgoing() {
-            let kept = envelope.clone();
-            return match self.services.outbox.send(envelope) {
-                Ok(()) => {
-                    report.sent += 1;
-                    Ok(())
-                }
-                Err(reason) => self.dead_letter(report, &source, &reason, &kept),
+        self.deliver(&envelope, hops, &source, Isolation::Own, queue, report)
+            .map(drop)
+    }
+
+    /// Stores a batch of opened `store_event`s in queue order, then hands
+    /// the new ones to their handlers under one shared savepoint; see the
+    /// module docs.
+    fn step_events(
+        &self,
+        batch: Vec<Queued>,
+        queue: &mut VecDeque<Queued>,
+        report: &mut Report,
+    ) -> rusqlite::Result<()> {
+        let Some(store) = &self.services.store else {
+            // Only an event store opens events, so this is not reached.
+            for item in batch {
+                self.step(item, queue, report)?;
+            }
+            return Ok(());
+        };
+        let mut decrypted = Vec::with_capacity(batch.len());
+        for item in batch {
+            let stored = match item.opened {
+                Some(opened) => store.store_opened(self.conn, opened)?,
+                None => store.store(self.conn, &item.envelope)?,
             };
+            // `None`: a duplicate or a refused event, counted by the store.
+            if let Some(envelope) = stored {
+                decrypted.push((envelope, item.hops, item.source));
+            }
+        }
+        if decrypted.len() > 1 {
+            let (queued, before) = (queue.len(), report.clone());
+            let shared = db::with_savepoint(self.conn, || {
+                for (envelope, hops, source) in &decrypted {
+                    let done =
+                        self.deliver(envelope, *hops, source, Isolation::Shared, queue, report)?;
+                    if !done {
+                        return Err(Batch::Abandoned);
+                    }
+                }
+                Ok(())
+            });
+            match shared {
+                Ok(()) => return Ok(()),
+                Err(Batch::Sql(e)) => return Err(e),
+                // Rolled back: run the batch again, one savepoint per call.
+                Err(Batch::Abandoned) => {
+                    queue.truncate(queued);
+                    *report = before;
+                }
+            }
+        }
+        for (envelope, hops, source) in &decrypted {
+            self.deliver(envelope, *hops, source, Isolation::Own, queue, report)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `envelope` out if it is outgoing, or else hands it to each
+    /// handler that subscribes to it. Under [`Isolation::Shared`] it stops
+    /// and returns `false` where it would send, or write a dead letter.
+    fn deliver(
+        &self,
+        envelope: &Envelope,
+        hops: u32,
+        source: &Source,
+        isolation: Isolation,
+        queue: &mut VecDeque<Queued>,
+        report: &mut Report,
+    ) -> rusqlite::Result<bool> {
+        let own = isolation == Isolation::Own;
+        if envelope.is_outgoing() {
+            if !own {
+                return Ok(false);
+            }
+            match self.services.outbox.send(envelope.clone()) {
+                Ok(()) => report.sent += 1,
+                Err(reason) => self.dead_letter(report, source, &reason, envelope)?,
+            }
+            return Ok(true);
         }
         let event_type = envelope.event_type().unwrap_or("");
         let subscribers = self.registry.subscribers(event_type);
         if subscribers.is_empty() {
-            let reason = format!("no loaded handler subscribes to event_type '{event_type}'");
-            return self.dead_letter(report, &source, &reason, &envelope);
+            if own {
+                let reason = format!("no loaded handler subscribes to event_type '{event_type}'");
+                self.dead_letter(report, source, &reason, envelope)?;
+            }
+            return Ok(own);
         }
         for handler in subscribers {
             let here = Source {
                 plugin: Some(handler.plugin.to_string()),
                 handler: handler.name.clone(),
             };
-            match handler.filter(&envelope) {
+            match handler.filter(envelope) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(CallError::Sql(e)) => return Err(e),
+                Err(CallError::Handler(_)) if !own => return Ok(false),
                 Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here, &format!("filter failed: {e}"), &envelope)?;
+                    self.dead_letter(report, &here, &format!("filter failed: {e}"), envelope)?;
                     continue;
                 }
             }
             let mut ctx = HostContext::new(self.conn, &handler.plugin, &self.services.identity);
-            let outcome = db::with_savepoint(self.conn, || handler.process(&envelope, &mut ctx));
-            match outcome {
-                Ok(produced) => {
-                    report.processed += 1;
-                    if !produced.is_empty() && hops + 1 > self.hop_limit {
-                        let reason = format!(
-                            "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
-                            self.hop_limit, handler.name, handler.plugin
-                        );
-                        for env in &produced {
-                            self.dead_letter(report, &here, &reason, env)?;
-                        }
-                        continue;
-                    }
-                    queue.extend(
-                        produced
-                            .into_iter()
-                            .map(|envelope| Queued::new(envelope, hops + 1, here.clone())),
-                    );
+            let outcome = match isolation {
+                Isolation::Own => {
+                    db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx))
                 }
+                Isolation::Shared => handler.process(envelope, &mut ctx),
+            };
+            let produced = match outcome {
+                Ok(produced) => produced,
                 Err(CallError::Sql(e)) => return Err(e),
+                Err(CallError::Handler(_)) if !own => return Ok(false),
                 Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here, &e, &envelope)?;
+                    self.dead_letter(report, &here, &e, envelope)?;
+                    continue;
                 }
+            };
+            report.processed += 1;
+            if !produced.is_empty() && hops + 1 > self.hop_limit {
+                if !own {
+                    return Ok(false);
+                }
+                let reason = format!(
+                    "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
+                    self.hop_limit, handler.name, handler.plugin
+                );
+                for env in &produced {
+                    self.dead_letter(report, &here, &reason, env)?;
+                }
+                continue;
             }
+            queue.extend(
+                produced
+                    .into_iter()
+                    .map(|envelope| Queued::new(envelope, hops + 1, here.clone())),
+            );
         }
-        Ok(())
+        Ok(true)
     }
 
     fn dead_letter(
@@ -387,4 +518,192 @@ fn dead_letter_text(envelope: &Envelope) -> String {
         text.push_str(&format!("… (cut: {total} bytes in all)"));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, sync::Arc};
+
+    use quiet_plugin_api::{
+        __private::{make_handlers, module, HandlersResult, RStr},
+        bail, envelope, into_abi, params, Context, Handler, PluginError, Value,
+    };
+
+    use super::*;
+    use crate::{counters::Counters, event_crypto::NetworkKey, loader, networks::NetworkKeys};
+
+    /// Notes each `note`'s `n`, refusing (after a write that must be rolled
+    /// back) those in `refused`; each note it keeps begets a `noted`.
+    struct Notes;
+
+    impl Handler for Notes {
+        fn name(&self) -> &str {
+            "notes"
+        }
+        fn event_types(&self) -> &[&str] {
+            &["note"]
+        }
+        fn process(
+            &self,
+            env: &Envelope,
+            ctx: &mut Context<'_>,
+        ) -> Result<Vec<Envelope>, PluginError> {
+            let n = env
+                .plaintext()
+                .and_then(|p| p.get("n"))
+                .and_then(Value::as_int)
+                .unwrap_or(-1);
+            ctx.execute("INSERT INTO notes (n, kept) VALUES (?1, 0)", params![n])?;
+            if n % 4 == 3 {
+                bail!("refusing note {n}");
+            }
+            ctx.execute("UPDATE notes SET kept = 1 WHERE n = ?1", params![n])?;
+            Ok(vec![envelope! { "event_type" => "noted", "n" => n }])
+        }
+    }
+
+    /// Counts the `noted`s.
+    struct Noted;
+
+    impl Handler for Noted {
+        fn name(&self) -> &str {
+            "noted"
+        }
+        fn event_types(&self) -> &[&str] {
+            &["noted"]
+        }
+        fn process(
+            &self,
+            env: &Envelope,
+            ctx: &mut Context<'_>,
+        ) -> Result<Vec<Envelope>, PluginError> {
+            ctx.execute("INSERT INTO noted (n) VALUES (?1)", params![env.int("n")])?;
+            Ok(vec![])
+        }
+    }
+
+    fn notes_module() -> quiet_plugin_api::PluginModRef {
+        static MIGRATIONS: &[RStr<'static>] = &[RStr::from_str(
+            "CREATE TABLE notes (n INTEGER NOT NULL, kept INTEGER NOT NULL);
+             CREATE TABLE noted (n INTEGER NOT NULL);",
+        )];
+        extern "C" fn handlers() -> HandlersResult {
+            make_handlers(|| vec![into_abi(Notes), into_abi(Noted)])
+        }
+        module("notes", "1", MIGRATIONS, handlers)
+    }
+
+    /// Runs `count` notes, arrived together as a sync response's events
+    /// arrive, through a host with an event store and the notes plugin.
+    /// Returns the report and the database.
+    fn deliver_notes(count: i64) -> (Report, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let net = "ab".repeat(16);
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(
+            dir.path().join(format!("keys/{net}.key")),
+            NetworkKey::generate().0,
+        )
+        .unwrap();
+        let store = EventStore::new(
+            Arc::new(NetworkKeys::new(dir.path())),
+            Arc::new(Counters::default()),
+        );
+        let events: Vec<Envelope> = (0..count)
+            .map(|n| {
+                let note = Value::map([("type", Value::from("note")), ("n", n.into())]);
+                store.new_local_event(&net, &note).unwrap()
+            })
+            .collect();
+        let plugin =
+            loader::from_module(notes_module(), Path::new("<test>"), 1, String::new()).unwrap();
+        let conn = db::open_in_memory().unwrap();
+        db::apply_plugin_migrations(&conn, &plugin.name, &plugin.migrations).unwrap();
+        let registry = Registry::new(1, vec![plugin.into()]);
+        let services = Services {
+            identity: Identity {
+                peer_id: "test-peer".into(),
+                public_key: vec![0u8; 32].into(),
+            },
+            outbox: Box::new(crate::pipeline::NoTransport),
+            store: Some(store),
+        };
+        let source = Source {
+            plugin: None,
+            handler: "network".into(),
+        };
+        let report = services
+            .write_tx(&conn, |conn| {
+                Pipeline::new(conn, &registry, &services).run(events, source)
+            })
+            .unwrap();
+        (report, conn)
+    }
+
+    fn column(conn: &Connection, sql: &str) -> Vec<i64> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn events_that_arrive_together_are_handled_under_one_savepoint() {
+        let (report, conn) = deliver_notes(3);
+        assert_eq!(
+            report,
+            Report {
+                processed: 6,
+                sent: 0,
+                dead_letters: 0
+            }
+        );
+        assert_eq!(
+            column(&conn, "SELECT n FROM notes WHERE kept = 1 ORDER BY n"),
+            [0, 1, 2]
+        );
+        assert_eq!(column(&conn, "SELECT n FROM noted ORDER BY n"), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_failed_call_in_a_batch_rolls_back_that_call_alone() {
+        let (report, conn) = deliver_notes(10);
+        // Notes 3 and 7 were refused: each a dead letter, its write undone.
+        assert_eq!(
+            column(&conn, "SELECT n FROM notes ORDER BY n"),
+            [0, 1, 2, 4, 5, 6, 8, 9]
+        );
+        assert_eq!(
+            column(&conn, "SELECT COUNT(*) FROM notes WHERE kept = 0"),
+            [0]
+        );
+        let dead: Vec<String> = conn
+            .prepare("SELECT handler || ': ' || reason FROM dead_letters ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(
+            dead[0].starts_with("notes: ") && dead[0].contains("refusing note 3"),
+            "{dead:?}"
+        );
+        assert!(dead[1].contains("refusing note 7"), "{dead:?}");
+        // What the abandoned shared pass produced was dropped with it: one
+        // `noted` per kept note, and the report counts each call once.
+        assert_eq!(
+            column(&conn, "SELECT n FROM noted ORDER BY n"),
+            [0, 1, 2, 4, 5, 6, 8, 9]
+        );
+        assert_eq!(
+            report,
+            Report {
+                processed: 16,
+                sent: 0,
+                dead_letters: 2
+            }
+        );
+        // Every event is stored, refused by its handler or not.
+        assert_eq!(column(&conn, "SELECT COUNT(*) FROM events"), [10]);
+    }
 }
