@@ -314,6 +314,8 @@ pub struct Sim {
     floor: Vec<Vec<i64>>,
     /// `delivered[from][to]`: frames handed over on each link.
     delivered: Vec<Vec<u64>>,
+    /// `sent[from][to]`: frames sent on each link, delivered or not.
+    sent: Vec<Vec<u64>>,
     in_flight: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     stats: NetStats,
@@ -345,6 +347,7 @@ impl Sim {
             groups: Vec::new(),
             floor: Vec::new(),
             delivered: Vec::new(),
+            sent: Vec::new(),
             in_flight: BinaryHeap::new(),
             seq: 0,
             stats: NetStats::default(),
@@ -442,6 +445,7 @@ impl Sim {
         grow(&mut self.links, self.config.link.clone());
         grow(&mut self.floor, 0);
         grow(&mut self.delivered, 0);
+        grow(&mut self.sent, 0);
         self.groups.push(0);
         Ok(i)
     }
@@ -570,6 +574,11 @@ impl Sim {
         self.delivered[from][to]
     }
 
+    /// Frames `from` sent to `to` so far, whether they arrived or not.
+    pub fn sent(&self, from: usize, to: usize) -> u64 {
+        self.sent[from][to]
+    }
+
     /// A hash of every delivery so far (time, link, size, in order): equal
     /// for two runs with the same seed and the same test.
     pub fn trace_digest(&self) -> String {
@@ -618,11 +627,14 @@ impl Sim {
 
     /// Whether every host stores every event id (hex) in `ids`.
     pub fn everyone_has(&self, network: &str, ids: &[String]) -> bool {
-        (0..self.hosts.len()).all(|i| {
-            let have = self.events(i, network);
-            ids.iter()
-                .all(|id| hex::decode(id).is_ok_and(|id| have.contains(&id)))
-        })
+        (0..self.hosts.len()).all(|i| self.has(i, network, ids))
+    }
+
+    /// Whether host `i` stores every one of `ids` (hex) in `network`.
+    pub fn has(&self, i: usize, network: &str, ids: &[String]) -> bool {
+        let have = self.events(i, network);
+        ids.iter()
+            .all(|id| hex::decode(id).is_ok_and(|id| have.contains(&id)))
     }
 
     /// One integer from `sql` on host `i`'s database; panics if it fails.
@@ -713,6 +725,7 @@ impl Sim {
             self.stats.unroutable += 1;
             return;
         };
+        self.sent[from][to] += 1;
         if !self.reachable(from, to) {
             self.stats.cut += 1;
             return;

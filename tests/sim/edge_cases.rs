@@ -164,6 +164,54 @@ fn a_link_dropping_mid_reconciliation_recovers() {
     eprintln!("sim: link drop: {partial} of {EVENTS} events in before the cut");
 }
 
+/// A peer that goes away is tried less and less often, rather than every
+/// few seconds for ever, while the others go on syncing; when it comes
+/// back it is brought up to date within the longest wait.
+#[test]
+fn an_unreachable_peer_is_tried_less_often_and_caught_up_when_it_returns() {
+    let mut sim = sim(
+        "an_unreachable_peer_is_tried_less_often_and_caught_up_when_it_returns",
+        sync_jobs(&[]),
+    );
+    let net = network(&mut sim, 3, |_| 0);
+    let first = write_messages(&mut sim, 0, &net, 5);
+    expect_within(&mut sim, "unreachable: first convergence", 30_000, |s| {
+        s.everyone_has(&net, &first)
+    });
+    // Host 1 learns of host 2 through host 0, and asks it too.
+    sim.run_for(10_000);
+    assert!(sim.sent(1, 2) > 0);
+
+    sim.partition(&[&[0, 1], &[2]]);
+    let before = [sim.sent(0, 2), sim.sent(1, 2)];
+    sim.run_for(20 * 60_000);
+    let tries = [sim.sent(0, 2) - before[0], sim.sent(1, 2) - before[1]];
+    // A session every 3 s (each round 0 waits 5 s) would be some 200 in 20
+    // minutes; the back-off doubles the wait from 6 s up to 5 minutes.
+    eprintln!("sim: unreachable: requests to the lost peer in 20 minutes: {tries:?}");
+    for t in tries {
+        assert!(
+            (5..=15).contains(&t),
+            "requests to the lost peer in 20 minutes: {tries:?}"
+        );
+    }
+    let during = write_messages(&mut sim, 1, &net, 5);
+    expect_within(
+        &mut sim,
+        "unreachable: the others still sync",
+        15_000,
+        |s| s.has(0, &net, &during),
+    );
+
+    sim.heal();
+    expect_within(
+        &mut sim,
+        "unreachable: caught up once back",
+        5 * 60_000 + 15_000,
+        |s| s.everyone_has(&net, &during),
+    );
+}
+
 /// Every fault at once on four hosts, twice with the same seed: the same
 /// deliveries at the same virtual times, and the same outcome.
 #[test]

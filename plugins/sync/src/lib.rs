@@ -34,7 +34,8 @@
 //!   everything is answered and nothing is left, the session is complete and
 //!   `addresses.last_sync_ms` records it. Ids only we have are not listed:
 //!   the other side pulls them in its own session, which it opens at once
-//!   when a request of ours says it is `behind`.
+//!   when a request of ours says it is `behind`. A peer that answers
+//!   nothing is tried less and less often (see `Unreachable`).
 //! - **Responder.** A request is answered only if it is not from us, we are
 //!   a member of its network, it is fresh (its `timestamp_ms` within the
 //!   transit TTL of our clock, and later than that of the last request we
@@ -110,6 +111,9 @@ const MAX_PEERS: usize = 256;
 /// Ids one session may queue (3.2 MB): bounds what a hostile responder can
 /// make us hold. Ids beyond are dropped; the next session reconciles again.
 const MAX_NEEDS: usize = 100_000;
+/// The longest wait between sessions with a peer that does not answer;
+/// see [`Unreachable`].
+const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
 
 /// The `sync` handler; see the [module docs](self).
 #[derive(Default)]
@@ -164,11 +168,38 @@ struct State {
     sessions: HashMap<Key, Session>,
     /// The requests in flight: request id → session.
     requests: HashMap<String, Key>,
+    /// Peers whose last sessions got no answer at all, and when to try
+    /// each again.
+    unreachable: HashMap<Key, Unreachable>,
     /// When each peer's responder admits our next new session: the same
     /// virtual schedule as its `admit` keeps, so that a session we start
     /// early (answering a peer whose set differs) never makes it refuse the
     /// next one of our job.
     next_start_ms: HashMap<Key, i64>,
+}
+
+/// A peer that has not answered our last `failures` sessions (their round
+/// 0 expired unanswered: it is down, or gone, or cut off). Addresses are
+/// never forgotten (peers gossip them, and a peer may come back), so
+/// without a back-off every host would open a session with every dead peer
+/// every few seconds, for ever. After the second failure in a row the wait
+/// doubles, from 6 s up to [`MAX_RETRY_INTERVAL_MS`]. Any answer from the
+/// peer, or any request of its own, clears it.
+struct Unreachable {
+    failures: u32,
+    retry_ms: i64,
+}
+
+impl Unreachable {
+    /// The wait after `failures` unanswered sessions in a row.
+    fn backoff_ms(failures: u32) -> i64 {
+        match failures {
+            0 | 1 => 0,
+            n => MIN_SESSION_INTERVAL_MS
+                .saturating_mul(1 << (n - 1).min(20))
+                .min(MAX_RETRY_INTERVAL_MS),
+        }
+    }
 }
 
 /// One requester-side session with a peer, in one network.
@@ -216,6 +247,8 @@ struct Session {
     sent_ms: i64,
     /// When the request in flight counts as lost.
     expires_ms: i64,
+    /// Whether any response of this session arrived.
+    heard: bool,
 }
 
 impl Session {
@@ -278,7 +311,13 @@ impl Handler for SyncHandler {
         let ours = ctx.identity().peer_id.to_string();
         let mut state = self.state();
         state.limits = limits;
-        state.forget_expired(now);
+        for (peer_id, network_id) in state.forget_expired(now) {
+            ctx.info(&format!(
+                "peer {peer_id} has not answered two sync sessions in a row in network {network_id}: \
+                 trying it less often (up to every {} s) until it answers or syncs with us",
+                MAX_RETRY_INTERVAL_MS / 1000
+            ));
+        }
         let Some((reply_ip, reply_port)) = listen_addr(ctx)? else {
             ctx.debug("not listening: no reply address, so no sync requests");
             return Ok(Vec::new());
@@ -325,6 +364,8 @@ impl SyncHandler {
         if let Err(reason) = admit(ctx, &req, limits.max_rounds, now)? {
             return dropped(ctx, reason);
         }
+        self.state()
+            .heard_from(ctx, &key(req.peer_id, req.network_id));
         ctx.execute(
             "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
              VALUES (?1, ?2, ?3, ?4, 1, ?5) \
@@ -430,6 +471,7 @@ impl SyncHandler {
         let Some(k) = answered else {
             return dropped(ctx, "sync_unknown_response");
         };
+        state.heard_from(ctx, &k);
         let session = state.sessions.get_mut(&k).expect("answered() checked it");
         let response = Response::parse(env).filter(|r| {
             r.peer_id == session.peer_id
@@ -605,7 +647,12 @@ impl State {
         } else {
             due
         };
-        if self.sessions.contains_key(&k) || now < due {
+        // A retry far ahead means our clock stepped back, as above.
+        let retry = match self.unreachable.get(&k) {
+            Some(u) if u.retry_ms <= now.saturating_add(MAX_RETRY_INTERVAL_MS) => u.retry_ms,
+            _ => i64::MIN,
+        };
+        if self.sessions.contains_key(&k) || now < due || now < retry {
             return Ok(None);
         }
         self.next_start_ms.insert(
@@ -633,6 +680,7 @@ impl State {
             dropped_needs: false,
             sent_ms: 0,
             expires_ms: 0,
+            heard: false,
         };
         self.sessions.insert(k.clone(), session);
         Ok(Some(self.send(&k, Opening::Summary(summary), now)))
@@ -710,17 +758,46 @@ impl State {
             return None;
         }
         session.in_flight = session.in_flight.saturating_sub(1);
+        session.heard = true;
         Some(k)
     }
 
+    /// The peer of `k` answered, or asked: it is reachable again.
+    fn heard_from(&mut self, ctx: &Context<'_>, k: &Key) {
+        if self.unreachable.remove(k).is_some_and(|u| u.failures >= 2) {
+            ctx.info(&format!(
+                "peer {} answers again in network {}: back to the job's schedule",
+                k.0, k.1
+            ));
+        }
+    }
+
     /// Forgets sessions whose request in flight has expired (lost on the
-    /// way, or dropped by the responder): the peer gets a new session.
-    fn forget_expired(&mut self, now: i64) {
+    /// way, or dropped by the responder): the peer gets a new session, and
+    /// one that answered nothing at all counts as unreachable (see
+    /// [`Unreachable`]). Returns the peers that just became unreachable.
+    fn forget_expired(&mut self, now: i64) -> Vec<Key> {
+        let mut newly = Vec::new();
+        for (k, s) in &self.sessions {
+            if now <= s.expires_ms || s.heard {
+                continue;
+            }
+            let u = self.unreachable.entry(k.clone()).or_insert(Unreachable {
+                failures: 0,
+                retry_ms: 0,
+            });
+            u.failures = u.failures.saturating_add(1);
+            u.retry_ms = now.saturating_add(Unreachable::backoff_ms(u.failures));
+            if u.failures == 2 {
+                newly.push(k.clone());
+            }
+        }
         self.sessions.retain(|_, s| now <= s.expires_ms);
         let sessions = &self.sessions;
         self.requests.retain(|_, k| sessions.contains_key(k));
         // A schedule already due says nothing more than none at all.
         self.next_start_ms.retain(|_, due| *due > now);
+        newly
     }
 }
 
@@ -1965,6 +2042,17 @@ mod tests {
             1
         );
         assert!(a.handler.state().sessions.is_empty());
+    }
+
+    #[test]
+    fn the_wait_for_an_unreachable_peer_doubles_up_to_five_minutes() {
+        let waits: Vec<i64> = (0..12)
+            .map(|n| super::Unreachable::backoff_ms(n) / 1000)
+            .collect();
+        // One unanswered session is forgiven: a live responder may refuse a
+        // round 0 silently (its rate limit, after our restart).
+        assert_eq!(waits, [0, 0, 6, 12, 24, 48, 96, 192, 300, 300, 300, 300]);
+        assert_eq!(super::Unreachable::backoff_ms(u32::MAX), 300_000);
     }
 
     #[test]
