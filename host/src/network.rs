@@ -290,6 +290,13 @@ fn read_frames(
             return;
         }
         let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        // A host of another version: nothing it sends can be read, so say
+        // so once and hang up rather than count each of its frames as junk.
+        if let Some(theirs) = transit::wire_version(head[4]).filter(|&v| v != transit::WIRE_VERSION)
+        {
+            inbound.other_version(from, theirs);
+            return;
+        }
         // Requests are small (ids and a reconciliation message); only a
         // response to one of our live requests may be large.
         let limit = if head[4] == transit::RESPONSE {
@@ -352,18 +359,52 @@ pub struct Wire {
 /// The receiving half of the crypto: frame → authenticated envelope.
 pub struct Inbound {
     wire: Wire,
+    /// Addresses already warned about for speaking another wire version.
+    warned: Mutex<HashSet<std::net::IpAddr>>,
 }
+
+/// Addresses [`Inbound`] remembers having warned about: past that it stops
+/// warning, so that a flood of forged tags cannot grow memory.
+const MAX_WARNED: usize = 1024;
 
 impl Inbound {
     /// Opens frames sealed to us, accepting responses to our live requests
     /// and messages about networks we are in.
     pub fn new(wire: Wire) -> Self {
-        Self { wire }
+        Self {
+            wire,
+            warned: Mutex::default(),
+        }
+    }
+
+    /// Counts a frame from a host that speaks wire version `theirs`, and
+    /// warns once per address.
+    pub fn other_version(&self, from: SocketAddr, theirs: u8) {
+        self.wire.counters.bump("drop_wire_version");
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.len() < MAX_WARNED && warned.insert(from.ip()) {
+            let age = match theirs < transit::WIRE_VERSION {
+                true => "an older",
+                false => "a newer",
+            };
+            tracing::warn!(
+                %from,
+                "{age} quiet-host sends frames of wire protocol version {theirs}, and this one \
+                 speaks version {}: they cannot sync until both run the same version \
+                 (its frames are dropped, counted as drop_wire_version)",
+                transit::WIRE_VERSION
+            );
+        }
     }
 
     /// The envelope in a frame that came `from` a socket address, or `None`
     /// (counted) if it does not authenticate or decode.
     pub fn open(&self, from: SocketAddr, frame: &[u8]) -> Option<Envelope> {
+        let tag = frame.first().copied().unwrap_or(0);
+        if let Some(theirs) = transit::wire_version(tag).filter(|&v| v != transit::WIRE_VERSION) {
+            self.other_version(from, theirs);
+            return None;
+        }
         match self.try_open(frame) {
             Ok(envelope) => Some(envelope),
             Err(counter) => {

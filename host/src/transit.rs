@@ -1,9 +1,13 @@
 //! Transit crypto: what goes on the wire around a payload.
 //!
-//! Two frame kinds:
-//! - a **request** (`0x01`) is just the sealed box: the responder has no
+//! A frame's first byte is its **tag**: the wire protocol's version in the
+//! high four bits, the frame's kind in the low four. Builds before the
+//! version existed sent tags `0x01` and `0x02`, which read as version 0,
+//! so a host tells a peer of another version from junk, and says so (see
+//! [`wire_version`]). Two frame kinds:
+//! - a **request** (kind 1) is just the sealed box: the responder has no
 //!   shared secret with us yet;
-//! - a **response** (`0x02`) is `request_id` (16 bytes) ‖ nonce ‖
+//! - a **response** (kind 2) is `request_id` (16 bytes) ‖ nonce ‖
 //!   XChaCha20-Poly1305 (`crypto_secretbox`'s) under the request's transit
 //!   secret, of `request_id` ‖ body. The requester put that secret inside
 //!   its sealed request, so only the peer it sealed to can answer: a
@@ -21,10 +25,19 @@ use std::{collections::HashMap, sync::Mutex};
 use crypto_box::aead::{generic_array::GenericArray, Aead, AeadCore};
 use crypto_secretbox::{KeyInit, XChaCha20Poly1305};
 
-/// Frame kind: a sealed request.
-pub const REQUEST: u8 = 1;
-/// Frame kind: a response wrapped in a transit secret.
-pub const RESPONSE: u8 = 2;
+/// The wire protocol this build speaks. Raise it with any change that
+/// hosts of the previous version cannot read.
+pub const WIRE_VERSION: u8 = 1;
+/// Frame tag: a sealed request.
+pub const REQUEST: u8 = WIRE_VERSION << 4 | 1;
+/// Frame tag: a response wrapped in a transit secret.
+pub const RESPONSE: u8 = WIRE_VERSION << 4 | 2;
+
+/// The wire version a frame's tag says it was written in, if the tag is of
+/// a request or a response of some version; `None` for any other byte.
+pub fn wire_version(tag: u8) -> Option<u8> {
+    matches!(tag & 0x0f, 1 | 2).then_some(tag >> 4)
+}
 
 const NONCE: usize = 24;
 

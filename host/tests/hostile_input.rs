@@ -336,7 +336,12 @@ fn inbound_frames_of_any_bytes_are_dropped_and_counted() {
     check(
         "inbound_frames_of_any_bytes_are_dropped_and_counted",
         300,
-        (0u8..4, bytes(200), plaintext(), mutation()),
+        (
+            prop_oneof![Just(transit::REQUEST), Just(transit::RESPONSE), any::<u8>()],
+            bytes(200),
+            plaintext(),
+            mutation(),
+        ),
         |(kind, body, plaintext, (at, with, how))| {
             let mut frame = vec![kind];
             frame.extend_from_slice(&body);
@@ -373,6 +378,41 @@ fn inbound_frames_of_any_bytes_are_dropped_and_counted() {
         },
     );
     assert!(accepted.get() > 0, "no generated plaintext was accepted");
+}
+
+#[test]
+fn frames_of_another_wire_version_are_dropped_as_such() {
+    let rx = Receiver::new();
+    let (_d, peer) = identity();
+    let sealed = event_crypto::seal_from(
+        &peer,
+        rx.identity.public_key(),
+        &encoded(&request(NET, &peer.peer_id())),
+        Some((NET, &rx.key)),
+    );
+    let genuine = transit::wrap_request(&sealed);
+    assert!(rx.open(&genuine).is_some());
+    rx.drops();
+    // The same request as a host before wire versions (tag 0x01), or a
+    // later version, would send it: a version mismatch, not junk.
+    for tag in [
+        0x01,
+        0x02,
+        transit::REQUEST + 0x10,
+        transit::RESPONSE + 0x10,
+    ] {
+        let mut frame = genuine.clone();
+        frame[0] = tag;
+        rx.refuses(&frame, "drop_wire_version");
+    }
+    // A byte that is no tag of any version stays junk.
+    let mut frame = genuine.clone();
+    frame[0] = transit::REQUEST + 2;
+    rx.refuses(&frame, "drop_malformed_frame");
+    assert_eq!(
+        transit::wire_version(transit::REQUEST),
+        Some(transit::WIRE_VERSION)
+    );
 }
 
 #[test]

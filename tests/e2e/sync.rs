@@ -330,13 +330,16 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(&100u32.to_be_bytes()).unwrap();
-        s.write_all(&[1u8; 50]).unwrap();
+        s.write_all(&[transit::REQUEST]).unwrap();
+        s.write_all(&[1u8; 49]).unwrap();
     }
     {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
         s.write_all(&[transit::RESPONSE]).unwrap();
     }
+    // A host of an older wire version (its tag had no version in it).
+    send_raw(&addr, &[0x01, 1, 2, 3]);
     // Sealed to someone else.
     let stranger = event_crypto::peer_key(&"11".repeat(32)).unwrap();
     send_raw(
@@ -418,6 +421,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         "drop_not_a_member",
         "drop_truncated_frame",
         "drop_oversized_frame",
+        "drop_wire_version",
         "drop_bad_seal",
         "drop_unknown_or_expired_request",
         "sync_rejected_request",
