@@ -164,6 +164,42 @@ fn a_link_dropping_mid_reconciliation_recovers() {
     eprintln!("sim: link drop: {partial} of {EVENTS} events in before the cut");
 }
 
+/// Responses lost on the way (a connection dropped, say) while later ones
+/// of the same session arrive: the requester asks again at once for what
+/// the lost ones carried, instead of waiting out the session (the transit
+/// TTL, 30 s) and reconciling the whole set again.
+#[test]
+fn lost_responses_are_asked_for_again_at_once() {
+    const EVENTS: usize = 2_000;
+    let mut sim = sim(
+        "lost_responses_are_asked_for_again_at_once",
+        sync_jobs(&[("max_events_per_response", 50)]),
+    );
+    let net = network(&mut sim, 2, |_| 0);
+    let ids = backlog(&mut sim, &net, EVENTS);
+    sim.set_one_way(0, 1, with_latency(20));
+    sim.set_one_way(
+        1,
+        0,
+        LinkSpec {
+            loss: 0.1,
+            ..with_latency(20)
+        },
+    );
+    let took = expect_within(&mut sim, "lost responses: catch-up", 120_000, |s| {
+        s.has(0, &net, &ids)
+    });
+    let lost = sim.counter(0, "sync_lost_response");
+    eprintln!(
+        "sim: lost responses: {} frames lost, {lost} responses asked for again",
+        sim.stats().lost
+    );
+    assert!(sim.stats().lost > 0 && lost > 0);
+    // 40 rounds of 50 events, 4 in flight, 40 ms a round trip: a second or
+    // two; each lost response cost 30 s before.
+    assert!(took < 10_000, "the catch-up took {took} virtual ms");
+}
+
 /// A peer that goes away is tried less and less often, rather than every
 /// few seconds for ever, while the others go on syncing; when it comes
 /// back it is brought up to date within the longest wait.

@@ -34,8 +34,10 @@
 //!   everything is answered and nothing is left, the session is complete and
 //!   `addresses.last_sync_ms` records it. Ids only we have are not listed:
 //!   the other side pulls them in its own session, which it opens at once
-//!   when a request of ours says it is `behind`. A peer that answers
-//!   nothing is tried less and less often (see `Unreachable`).
+//!   when a request of ours says it is `behind`. A response that never
+//!   comes while a later one of the session does was lost on the way: its
+//!   ids are asked for again at once (see `State::answered`). A peer that
+//!   answers nothing is tried less and less often (see `Unreachable`).
 //! - **Responder.** A request is answered only if it is not from us, we are
 //!   a member of its network, it is fresh (its `timestamp_ms` within the
 //!   transit TTL of our clock, and later than that of the last request we
@@ -202,6 +204,13 @@ impl Unreachable {
     }
 }
 
+/// A request of a session that has not been answered yet.
+struct InFlight {
+    request_id: String,
+    /// The ids it asked for, asked again if its response is lost.
+    need: Vec<Id>,
+}
+
 /// One requester-side session with a peer, in one network.
 struct Session {
     peer_id: String,
@@ -213,8 +222,9 @@ struct Session {
     session_id: [u8; 16],
     /// The round the next request will carry.
     round: i64,
-    /// Requests sent and not yet answered, at most [`WINDOW`].
-    in_flight: usize,
+    /// Requests sent and not yet answered, oldest first, at most
+    /// [`WINDOW`]; see [`State::answered`].
+    in_flight: VecDeque<InFlight>,
     /// The request in flight that carries our latest negentropy message.
     reconciling_request: Option<String>,
     /// Whether reconciliation is under way; then the request in flight
@@ -252,6 +262,29 @@ struct Session {
 }
 
 impl Session {
+    /// Puts the ids of requests whose responses were lost back at the
+    /// head of the queue, and ends reconciliation if its request was
+    /// among them (its reply cannot come): the session then fetches what
+    /// it found so far and does not count as complete, so that the next
+    /// one reconciles again.
+    fn ask_again(&mut self, lost: Vec<InFlight>) {
+        for request in lost.into_iter().rev() {
+            if self.reconciling_request.as_ref() == Some(&request.request_id) {
+                self.reconciling_request = None;
+                self.reconciling = false;
+                self.parked = None;
+                self.dropped_needs = true;
+            }
+            for id in request.need.into_iter().rev() {
+                if self.needs.len() >= MAX_NEEDS {
+                    self.dropped_needs = true;
+                    break;
+                }
+                self.needs.push_front(id);
+            }
+        }
+    }
+
     /// Queues `ids`, up to [`MAX_NEEDS`].
     fn queue(&mut self, ids: impl IntoIterator<Item = Id>) {
         let mut ids = ids.into_iter();
@@ -468,11 +501,15 @@ impl SyncHandler {
         let answered = env
             .str(field::IN_RESPONSE_TO)
             .and_then(|id| state.answered(id, now));
-        let Some(k) = answered else {
+        let Some((k, lost)) = answered else {
             return dropped(ctx, "sync_unknown_response");
         };
         state.heard_from(ctx, &k);
         let session = state.sessions.get_mut(&k).expect("answered() checked it");
+        for _ in &lost {
+            counter(ctx, "sync_lost_response")?;
+        }
+        session.ask_again(lost);
         let response = Response::parse(env).filter(|r| {
             r.peer_id == session.peer_id
                 && r.network_id == session.network_id
@@ -571,7 +608,7 @@ impl SyncHandler {
             session.parked = next;
         }
         let done = !session.reconciling && session.needs.is_empty();
-        if done && session.in_flight == 0 && !session.tell_behind {
+        if done && session.in_flight.is_empty() && !session.tell_behind {
             let session = state.sessions.remove(&k).expect("still there");
             // Ids dropped for MAX_NEEDS are still missing: the session is not
             // complete, and the next one reconciles again.
@@ -592,7 +629,7 @@ impl SyncHandler {
         let window_ids = WINDOW * state.limits.max_events;
         loop {
             let session = state.sessions.get_mut(&k).expect("still there");
-            let release = session.needs.len() < window_ids && session.in_flight < WINDOW;
+            let release = session.needs.len() < window_ids && session.in_flight.len() < WINDOW;
             let message = match release {
                 true => session.parked.take(),
                 false => None,
@@ -600,8 +637,8 @@ impl SyncHandler {
             // Telling the peer it is behind is worth a request of its own
             // once nothing else is left to send.
             let more = message.is_some()
-                || (!session.needs.is_empty() && session.in_flight < WINDOW)
-                || (session.tell_behind && session.in_flight == 0);
+                || (!session.needs.is_empty() && session.in_flight.len() < WINDOW)
+                || (session.tell_behind && session.in_flight.is_empty());
             if !more {
                 break;
             }
@@ -613,7 +650,7 @@ impl SyncHandler {
                     state.limits.max_rounds,
                     session.needs.len()
                 ));
-                if session.in_flight == 0 {
+                if session.in_flight.is_empty() {
                     state.sessions.remove(&k);
                 }
                 break;
@@ -669,7 +706,7 @@ impl State {
             reply_port,
             session_id: random_bytes(),
             round: 0,
-            in_flight: 0,
+            in_flight: VecDeque::new(),
             reconciling_request: None,
             reconciling: false,
             parked: None,
@@ -702,11 +739,8 @@ impl State {
             Opening::Negentropy(m) => (Value::from(m), Value::Null),
         };
         let batch = session.needs.len().min(self.limits.max_events);
-        let need: Vec<Value> = session
-            .needs
-            .drain(..batch)
-            .map(|id| Value::from(*id))
-            .collect();
+        let ids: Vec<Id> = session.needs.drain(..batch).collect();
+        let need: Vec<Value> = ids.iter().map(|id| Value::from(**id)).collect();
         let request_id = random_bytes::<16>();
         // Rounds within one millisecond (or after our clock stepped back)
         // still carry increasing timestamps.
@@ -739,27 +773,45 @@ impl State {
             "event_plaintext" => plaintext,
         };
         session.round += 1;
-        session.in_flight += 1;
         let request_id = hex::encode(request_id);
         if reconciles {
             session.reconciling_request = Some(request_id.clone());
         }
+        session.in_flight.push_back(InFlight {
+            request_id: request_id.clone(),
+            need: ids,
+        });
         self.requests.insert(request_id, k.clone());
         env
     }
 
     /// The session that `request_id` belongs to, with that request no
-    /// longer in flight; `None` if there is none or it has expired.
-    fn answered(&mut self, request_id: &str, now: i64) -> Option<Key> {
+    /// longer in flight, and the requests sent before it that are still
+    /// unanswered; `None` if there is none or it has expired.
+    ///
+    /// A responder answers a session's requests in order, and its answers
+    /// leave in order on one connection, so those earlier responses were
+    /// lost (a connection that dropped, say): the caller asks again for
+    /// what they carried rather than wait out the session. Should one still
+    /// arrive (it came on another connection), it is dropped as unknown and
+    /// its events come again: bytes wasted, nothing lost.
+    fn answered(&mut self, request_id: &str, now: i64) -> Option<(Key, Vec<InFlight>)> {
         let k = self.requests.remove(request_id)?;
         let session = self.sessions.get_mut(&k)?;
         if now > session.expires_ms {
             self.sessions.remove(&k);
             return None;
         }
-        session.in_flight = session.in_flight.saturating_sub(1);
+        let at = session
+            .in_flight
+            .iter()
+            .position(|r| r.request_id == request_id)?;
+        let lost: Vec<InFlight> = session.in_flight.drain(..=at).take(at).collect();
+        for request in &lost {
+            self.requests.remove(&request.request_id);
+        }
         session.heard = true;
-        Some(k)
+        Some((k, lost))
     }
 
     /// The peer of `k` answered, or asked: it is reachable again.
@@ -1601,6 +1653,16 @@ mod tests {
     /// Runs one session of A pulling from B, shuttling envelopes by hand,
     /// until A sends nothing more.
     fn session(a: &Peer, b: &Peer, max_events: usize) -> Outcome {
+        session_losing(a, b, max_events, |_| false)
+    }
+
+    /// [`session`], losing B's response to each request that `lose` picks.
+    fn session_losing(
+        a: &Peer,
+        b: &Peer,
+        max_events: usize,
+        lose: impl Fn(&Envelope) -> bool,
+    ) -> Outcome {
         let mut requests = a.run_job(&limits(max_events as i64));
         requests.retain(|r| r.str("seal_to") == Some(PEER_B)); // not peer-c
         assert_eq!(requests.len(), 1);
@@ -1629,6 +1691,9 @@ mod tests {
             out.reverse += reverse.count();
             responses.truncate(1);
             assert_eq!(responses[0].event_type(), Some("sync_response"));
+            if lose(&request) {
+                continue;
+            }
             let events = list(&responses[0], "events");
             assert!(events.len() <= max_events);
             for env in a.process(&arrived(&responses[0], PEER_B)) {
@@ -1708,6 +1773,44 @@ mod tests {
             .map(|r| r.str("seal_to").unwrap().to_owned())
             .collect();
         assert_eq!(next, [PEER_B, PEER_C]);
+    }
+
+    #[test]
+    fn a_lost_response_is_asked_for_again_when_a_later_one_arrives() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        // The first response that only carries events is lost on the way;
+        // the three requests sent after it are answered.
+        let lost = std::cell::Cell::new(None);
+        let outcome = session_losing(&a, &b, 100, |req| {
+            let fetch_only =
+                plaintext(req, "negentropy").is_null() && !list(req, "need").is_empty();
+            if lost.get().is_none() && fetch_only {
+                lost.set(plaintext(req, "round").as_int());
+            }
+            lost.get() == plaintext(req, "round").as_int()
+        });
+        assert!(lost.get().is_some());
+        assert_eq!(counter(&a.host, "sync_lost_response"), 1);
+        let mut stored = outcome.stored.clone();
+        stored.sort();
+        stored.dedup();
+        assert_eq!(stored.len(), outcome.stored.len(), "no event is sent twice");
+        let mut expected = event_bytes(1, 0..2_500);
+        expected.sort();
+        assert_eq!(
+            stored.len(),
+            expected.len(),
+            "the lost response's events came again"
+        );
+        assert!(stored == expected);
+        // Complete, without waiting for the session to expire.
+        assert!(a.handler.state().sessions.is_empty());
+        assert!(
+            a.host.count(&format!(
+                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
+            )) > 0
+        );
     }
 
     #[test]
@@ -1915,7 +2018,7 @@ mod tests {
         // clock stepped back.
         for now in [t0, t0, t0 - 5_000] {
             let id = hex::encode(request_id.as_ref().and_then(Value::as_bytes).unwrap());
-            let k = state.answered(&id, now).unwrap();
+            let (k, _) = state.answered(&id, now).unwrap();
             let next = state.send(&k, super::Opening::Nothing, now);
             sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
             request_id = next.plaintext().unwrap().get("request_id").cloned();
