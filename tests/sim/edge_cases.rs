@@ -164,40 +164,52 @@ fn a_link_dropping_mid_reconciliation_recovers() {
     eprintln!("sim: link drop: {partial} of {EVENTS} events in before the cut");
 }
 
+/// Host 0 catches up on 2,000 events of host 1, 50 per response, while the
+/// link loses `loss.0` of the requests and `loss.1` of the responses.
+/// Returns the virtual ms it took and the responses host 0 counted lost.
+fn catch_up_losing(test: &str, loss: (f64, f64)) -> (i64, i64) {
+    const EVENTS: usize = 2_000;
+    let mut sim = sim(test, sync_jobs(&[("max_events_per_response", 50)]));
+    let net = network(&mut sim, 2, |_| 0);
+    let ids = backlog(&mut sim, &net, EVENTS);
+    let lossy = |loss| LinkSpec {
+        loss,
+        ..with_latency(20)
+    };
+    sim.set_one_way(0, 1, lossy(loss.0));
+    sim.set_one_way(1, 0, lossy(loss.1));
+    let took = expect_within(&mut sim, test, 120_000, |s| s.has(0, &net, &ids));
+    let lost = sim.counter(0, "sync_lost_response");
+    eprintln!(
+        "sim: {test}: {} frames lost, {lost} counted lost by host 0",
+        sim.stats().lost
+    );
+    assert!(sim.stats().lost > 0);
+    (took, lost)
+}
+
 /// Responses lost on the way (a connection dropped, say) while later ones
 /// of the same session arrive: the requester asks again at once for what
 /// the lost ones carried, instead of waiting out the session (the transit
 /// TTL, 30 s) and reconciling the whole set again.
 #[test]
 fn lost_responses_are_asked_for_again_at_once() {
-    const EVENTS: usize = 2_000;
-    let mut sim = sim(
-        "lost_responses_are_asked_for_again_at_once",
-        sync_jobs(&[("max_events_per_response", 50)]),
-    );
-    let net = network(&mut sim, 2, |_| 0);
-    let ids = backlog(&mut sim, &net, EVENTS);
-    sim.set_one_way(0, 1, with_latency(20));
-    sim.set_one_way(
-        1,
-        0,
-        LinkSpec {
-            loss: 0.1,
-            ..with_latency(20)
-        },
-    );
-    let took = expect_within(&mut sim, "lost responses: catch-up", 120_000, |s| {
-        s.has(0, &net, &ids)
-    });
-    let lost = sim.counter(0, "sync_lost_response");
-    eprintln!(
-        "sim: lost responses: {} frames lost, {lost} responses asked for again",
-        sim.stats().lost
-    );
-    assert!(sim.stats().lost > 0 && lost > 0);
+    let (took, lost) = catch_up_losing("lost_responses_are_asked_for_again_at_once", (0.0, 0.1));
+    assert!(lost > 0);
     // 40 rounds of 50 events, 4 in flight, 40 ms a round trip: a second or
     // two; each lost response cost 30 s before.
     assert!(took < 10_000, "the catch-up took {took} virtual ms");
+}
+
+/// Requests lost on the way: the responder takes the session's next ones
+/// (rounds may skip, never go back), so the requester sees the gap in the
+/// answers and asks again, instead of every later request being refused
+/// until the session expires.
+#[test]
+fn lost_requests_are_asked_for_again_at_once() {
+    let (took, lost) = catch_up_losing("lost_requests_are_asked_for_again_at_once", (0.1, 0.0));
+    assert!(lost > 0);
+    assert!(took < 15_000, "the catch-up took {took} virtual ms");
 }
 
 /// A peer that goes away is tried less and less often, rather than every

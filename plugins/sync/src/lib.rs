@@ -44,8 +44,8 @@
 //!   accepted from that peer in that network, so a captured request cannot
 //!   be replayed), and it passes the rate limits
 //!   kept in `sync_sessions` (new sessions on a 3 s schedule per peer and
-//!   network, see `admit`; continuation rounds must follow the current
-//!   session in order, below `max_rounds_per_session`). The answer carries
+//!   network, see `admit`; continuation rounds must belong to the current
+//!   session and move forward, below `max_rounds_per_session`). The answer carries
 //!   the negentropy reply, the events asked for (at most
 //!   `max_events_per_response`, and at most 6 MiB: ids left out for either
 //!   limit are listed in `deferred` and asked for again next round) and the
@@ -1005,7 +1005,12 @@ fn ids(v: Option<&Value>) -> Option<Vec<Id>> {
 /// A request must be later than the last one accepted (`last_request_ms`):
 /// the requester's timestamps increase, and a captured request, even within
 /// its TTL, cannot reset the session of the real one. A continuation round
-/// must name the current session and come in order, below `max_rounds`.
+/// must name the current session and come after the last one accepted,
+/// below `max_rounds`. It may skip rounds: one lost on the way would
+/// otherwise make every later one of the session refused, and the
+/// requester wait out the session (its TTL) before starting again. The
+/// requester asks again for what the lost one asked (see
+/// `State::answered`); the responder keeps no state a skip could upset.
 ///
 /// A new session (round 0) is admitted at most once per
 /// [`MIN_SESSION_INTERVAL_MS`] on average, as a virtual schedule:
@@ -1062,10 +1067,10 @@ fn admit(
         )?;
         return Ok(Ok(()));
     }
-    let in_order = current.is_some_and(|r| {
-        r.str(0) == Some(session_id.as_str()) && r.int(1).map(|last| last + 1) == Some(req.round)
+    let forward = current.is_some_and(|r| {
+        r.str(0) == Some(session_id.as_str()) && r.int(1).is_some_and(|last| req.round > last)
     });
-    if !in_order || req.round >= max_rounds {
+    if !forward || req.round >= max_rounds {
         return Ok(Err("sync_rate_limited"));
     }
     ctx.execute(
@@ -1517,7 +1522,7 @@ mod tests {
     }
 
     #[test]
-    fn new_sessions_are_rate_limited_and_rounds_must_follow_in_order() {
+    fn new_sessions_are_rate_limited_and_rounds_only_move_forward() {
         let mut host = host("127.0.0.1:7002");
         let first = new_id();
         host.deliver(vec![
@@ -1533,10 +1538,10 @@ mod tests {
         assert_eq!(host.take_sent().len(), 1);
 
         host.deliver(vec![
-            request_from(PEER_A, first, 2, vec![]),    // skips round 1
             request_from(PEER_A, new_id(), 1, vec![]), // not the session
-            request_from(PEER_A, first, 1, vec![]),    // in order
-            request_from(PEER_A, first, 1, vec![]),    // a replay
+            request_from(PEER_A, first, 2, vec![]),    // round 1 was lost: taken
+            request_from(PEER_A, first, 1, vec![]),    // behind the last one taken
+            request_from(PEER_A, first, 2, vec![]),    // a replay
         ])
         .unwrap();
         assert_eq!(host.take_sent().len(), 1);
