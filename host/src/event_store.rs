@@ -8,7 +8,10 @@
 //! to the plugins under its own type, such as `message`. Plugins never see
 //! network keys. Sync requests never come here: they carry no event.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, OnceLock,
+};
 
 use quiet_plugin_api::{field, Envelope, Value};
 use rusqlite::Connection;
@@ -98,18 +101,33 @@ impl EventStore {
         if envelopes.len() < PARALLEL_FROM {
             return envelopes.iter().map(|e| self.open(e)).collect();
         }
-        let (first, second) = envelopes.split_at(envelopes.len() / 2);
+        // Both threads take the next unopened event until none is left,
+        // rather than half each: on two busy cores the helper may start
+        // late or be descheduled, and the engine then opens what it has
+        // not taken instead of waiting for it.
+        let next = AtomicUsize::new(0);
+        let slots: Vec<OnceLock<Result<Opened, &'static str>>> =
+            envelopes.iter().map(|_| OnceLock::new()).collect();
+        let work = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(envelope) = envelopes.get(i) else {
+                break;
+            };
+            let _ = slots[i].set(self.open(envelope));
+        };
         std::thread::scope(|s| {
-            let other = s.spawn(|| second.iter().map(|e| self.open(e)).collect::<Vec<_>>());
-            let mut opened: Vec<_> = first.iter().map(|e| self.open(e)).collect();
-            match other.join() {
-                Ok(rest) => opened.extend(rest),
-                // Opening does not panic on any input (fuzzed); if it ever
-                // did, open the rest here rather than lose them.
-                Err(_) => opened.extend(second.iter().map(|e| self.open(e))),
-            }
-            opened
-        })
+            let helper = s.spawn(work);
+            work();
+            // Joined here, so that a panic in it does not become ours.
+            let _ = helper.join();
+        });
+        slots
+            .into_iter()
+            .zip(envelopes)
+            // Opening does not panic on any input (fuzzed); if it ever did
+            // in the helper, the event it held is opened here instead.
+            .map(|(slot, e)| slot.into_inner().unwrap_or_else(|| self.open(e)))
+            .collect()
     }
 
     /// Stores what [`open`](Self::open) made of an event; see
