@@ -36,7 +36,9 @@
 //!   the other side pulls them in its own session, which it opens at once
 //!   when a request of ours says it is `behind`. A response that never
 //!   comes while a later one of the session does was lost on the way: its
-//!   ids are asked for again at once (see `State::answered`). A peer that
+//!   ids are asked for again at once (see `State::answered`); a session
+//!   that falls silent after answers sends its requests in flight again,
+//!   once (see `RETRY_AFTER_MS`). A peer that
 //!   answers nothing is tried less and less often (see `Unreachable`).
 //! - **Responder.** A request is answered only if it is not from us, we are
 //!   a member of its network, it is fresh (its `timestamp_ms` within the
@@ -113,6 +115,12 @@ const MAX_PEERS: usize = 256;
 /// Ids one session may queue (3.2 MB): bounds what a hostile responder can
 /// make us hold. Ids beyond are dropped; the next session reconciles again.
 const MAX_NEEDS: usize = 100_000;
+/// How long a session that has been answered before may hear nothing at
+/// all before its requests in flight count as lost and are sent again,
+/// once: a lost last response is followed by no other that would show it
+/// (see [`State::answered`]), and waiting for the session to expire cost
+/// the transit TTL (30 s). A responder answers a round in milliseconds.
+const RETRY_AFTER_MS: i64 = 5_000;
 /// The longest wait between sessions with a peer that does not answer;
 /// see [`Unreachable`].
 const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
@@ -259,6 +267,11 @@ struct Session {
     expires_ms: i64,
     /// Whether any response of this session arrived.
     heard: bool,
+    /// When the latest response arrived (or the session started).
+    last_heard_ms: i64,
+    /// Whether the requests in flight were sent again for silence, since
+    /// the latest response; see [`RETRY_AFTER_MS`].
+    retried: bool,
 }
 
 impl Session {
@@ -333,8 +346,8 @@ impl Handler for SyncHandler {
         }
     }
 
-    /// Starts a session with each active address that has none running.
-    /// Params: `max_events_per_response`, `transit_secret_ttl_ms`,
+    /// Starts a session with each active address that has none running,
+    /// and sends again what sessions that fell silent asked for. Params: `max_events_per_response`, `transit_secret_ttl_ms`,
     /// `max_rounds_per_session`, and optionally `network_id` (else every
     /// network in `networks`).
     fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
@@ -363,6 +376,9 @@ impl Handler for SyncHandler {
             params![ours.as_str(), only_network],
         )?;
         let mut out = Vec::new();
+        for k in state.stalled(now) {
+            out.extend(state.retry(ctx, &k, now)?);
+        }
         for t in targets.iter() {
             let (Some(peer_id), Some(network_id), Some(ip), Some(port)) =
                 (t.str(0), t.str(1), t.str(2), t.int(3))
@@ -607,57 +623,7 @@ impl SyncHandler {
         if next.is_some() {
             session.parked = next;
         }
-        let done = !session.reconciling && session.needs.is_empty();
-        if done && session.in_flight.is_empty() && !session.tell_behind {
-            let session = state.sessions.remove(&k).expect("still there");
-            // Ids dropped for MAX_NEEDS are still missing: the session is not
-            // complete, and the next one reconciles again.
-            if !session.dropped_needs {
-                ctx.execute(
-                    "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
-                    params![session.peer_id.as_str(), session.network_id.as_str(), now],
-                )?;
-            }
-            return Ok(out);
-        }
-        // The next reconciliation message goes at once (with needed ids)
-        // unless a window's worth of ids is still queued; meanwhile, and
-        // once reconciliation is over, more requests for needed ids keep up
-        // to WINDOW in flight, so that fetching does not wait a round trip
-        // per batch. They leave in order on one connection, which the
-        // responder's in-order check relies on.
-        let window_ids = WINDOW * state.limits.max_events;
-        loop {
-            let session = state.sessions.get_mut(&k).expect("still there");
-            let release = session.needs.len() < window_ids && session.in_flight.len() < WINDOW;
-            let message = match release {
-                true => session.parked.take(),
-                false => None,
-            };
-            // Telling the peer it is behind is worth a request of its own
-            // once nothing else is left to send.
-            let more = message.is_some()
-                || (!session.needs.is_empty() && session.in_flight.len() < WINDOW)
-                || (session.tell_behind && session.in_flight.is_empty());
-            if !more {
-                break;
-            }
-            if session.round >= state.limits.max_rounds {
-                ctx.warn(&format!(
-                    "sync session with {} in {} ended after {} rounds with {} ids still needed",
-                    session.peer_id,
-                    session.network_id,
-                    state.limits.max_rounds,
-                    session.needs.len()
-                ));
-                if session.in_flight.is_empty() {
-                    state.sessions.remove(&k);
-                }
-                break;
-            }
-            let opening = message.map_or(Opening::Nothing, Opening::Negentropy);
-            out.push(state.send(&k, opening, now));
-        }
+        out.extend(state.advance(ctx, &k, now)?);
         Ok(out)
     }
 }
@@ -718,6 +684,8 @@ impl State {
             sent_ms: 0,
             expires_ms: 0,
             heard: false,
+            last_heard_ms: now,
+            retried: false,
         };
         self.sessions.insert(k.clone(), session);
         Ok(Some(self.send(&k, Opening::Summary(summary), now)))
@@ -811,7 +779,117 @@ impl State {
             self.requests.remove(&request.request_id);
         }
         session.heard = true;
+        session.last_heard_ms = now;
+        session.retried = false;
         Some((k, lost))
+    }
+
+    /// After a response (or a retry): completes `k`'s session if nothing
+    /// is left, or sends its next requests, keeping up to [`WINDOW`] in
+    /// flight.
+    fn advance(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        now: i64,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let session = self.sessions.get_mut(k).expect("a session to advance");
+        let done = !session.reconciling && session.needs.is_empty();
+        if done && session.in_flight.is_empty() && !session.tell_behind {
+            let session = self.sessions.remove(k).expect("still there");
+            // Ids dropped for MAX_NEEDS are still missing: the session is not
+            // complete, and the next one reconciles again.
+            if !session.dropped_needs {
+                ctx.execute(
+                    "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+                    params![session.peer_id.as_str(), session.network_id.as_str(), now],
+                )?;
+            }
+            return Ok(Vec::new());
+        }
+        // The next reconciliation message goes at once (with needed ids)
+        // unless a window's worth of ids is still queued; meanwhile, and
+        // once reconciliation is over, more requests for needed ids keep up
+        // to WINDOW in flight, so that fetching does not wait a round trip
+        // per batch. They leave in order on one connection, which the
+        // responder's check that rounds move forward relies on.
+        let window_ids = WINDOW * self.limits.max_events;
+        let mut out = Vec::new();
+        loop {
+            let session = self.sessions.get_mut(k).expect("still there");
+            let release = session.needs.len() < window_ids && session.in_flight.len() < WINDOW;
+            let message = match release {
+                true => session.parked.take(),
+                false => None,
+            };
+            // Telling the peer it is behind is worth a request of its own
+            // once nothing else is left to send.
+            let more = message.is_some()
+                || (!session.needs.is_empty() && session.in_flight.len() < WINDOW)
+                || (session.tell_behind && session.in_flight.is_empty());
+            if !more {
+                break;
+            }
+            if session.round >= self.limits.max_rounds {
+                ctx.warn(&format!(
+                    "sync session with {} in {} ended after {} rounds with {} ids still needed",
+                    session.peer_id,
+                    session.network_id,
+                    self.limits.max_rounds,
+                    session.needs.len()
+                ));
+                if session.in_flight.is_empty() {
+                    self.sessions.remove(k);
+                }
+                break;
+            }
+            let opening = message.map_or(Opening::Nothing, Opening::Negentropy);
+            out.push(self.send(k, opening, now));
+        }
+        Ok(out)
+    }
+
+    /// Sends again what `k`'s requests in flight asked for, counted as
+    /// lost: the session has been answered before and has now heard
+    /// nothing for [`RETRY_AFTER_MS`]. Once per silence.
+    fn retry(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        now: i64,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let session = self.sessions.get_mut(k).expect("a session to retry");
+        session.retried = true;
+        let lost: Vec<InFlight> = session.in_flight.drain(..).collect();
+        for request in &lost {
+            self.requests.remove(&request.request_id);
+            counter(ctx, "sync_lost_response")?;
+        }
+        self.sessions
+            .get_mut(k)
+            .expect("still there")
+            .ask_again(lost);
+        self.advance(ctx, k, now)
+    }
+
+    /// The sessions that have been answered before and have heard
+    /// nothing since for [`RETRY_AFTER_MS`], not yet retried; sorted, so
+    /// that their requests leave in the same order every run (a simulation
+    /// replays exactly).
+    fn stalled(&self, now: i64) -> Vec<Key> {
+        let mut stalled: Vec<Key> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.heard
+                    && !s.retried
+                    && !s.in_flight.is_empty()
+                    && now.saturating_sub(s.last_heard_ms) >= RETRY_AFTER_MS
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        stalled.sort();
+        stalled
     }
 
     /// The peer of `k` answered, or asked: it is reachable again.
@@ -1671,19 +1749,35 @@ mod tests {
         let mut requests = a.run_job(&limits(max_events as i64));
         requests.retain(|r| r.str("seal_to") == Some(PEER_B)); // not peer-c
         assert_eq!(requests.len(), 1);
+        exchange(a, b, requests, max_events, lose)
+    }
+
+    /// Carries `requests` of A's session to B and back until nothing is
+    /// left to send, losing B's response to each request `lose` picks.
+    fn exchange(
+        a: &Peer,
+        b: &Peer,
+        requests: Vec<Envelope>,
+        max_events: usize,
+        lose: impl Fn(&Envelope) -> bool,
+    ) -> Outcome {
         let mut out = Outcome {
             stored: Vec::new(),
             rounds: 0,
             reverse: 0,
         };
         // First in, first out: requests travel in order on one connection.
+        let first_round = requests
+            .first()
+            .and_then(|r| plaintext(r, "round").as_int())
+            .unwrap_or(0);
         let mut requests: VecDeque<Envelope> = requests.into();
         while let Some(request) = requests.pop_front() {
             out.rounds += 1;
             assert!(out.rounds < 100, "the session does not end");
             assert_eq!(
                 plaintext(&request, "round").as_int(),
-                Some(out.rounds as i64 - 1)
+                Some(first_round + out.rounds as i64 - 1)
             );
             assert!(list(&request, "need").len() <= max_events);
             // B answers every round; told that it is behind, it also opens
@@ -1816,6 +1910,52 @@ mod tests {
                 "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
             )) > 0
         );
+    }
+
+    #[test]
+    fn a_session_silent_after_answers_sends_its_requests_again_once() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        // Every response from round 8 on is lost, the last ones among them:
+        // no later answer shows the loss, and the session falls silent.
+        let first = session_losing(&a, &b, 100, |req| {
+            plaintext(req, "round").as_int().is_some_and(|r| r >= 8)
+        });
+        let with_b = |a: &Peer| a.handler.state().sessions.keys().any(|k| k.0 == PEER_B);
+        assert!(with_b(&a), "the session is still waiting");
+        let start = quiet_host::db::now_ms();
+        let at = |ms: i64| quiet_host::db::set_thread_clock(Some(start + ms));
+        // A tick before the silence has lasted RETRY_AFTER_MS sends nothing.
+        at(super::RETRY_AFTER_MS - 1_000);
+        let early: Vec<_> = a.run_job(&limits(100));
+        assert!(
+            early.iter().all(|r| r.str("seal_to") != Some(PEER_B)),
+            "{early:?}"
+        );
+        // One after it asks again for everything in flight.
+        at(super::RETRY_AFTER_MS + 1_000);
+        let mut again = a.run_job(&limits(100));
+        again.retain(|r| r.str("seal_to") == Some(PEER_B));
+        assert!(!again.is_empty());
+        let lost = counter(&a.host, "sync_lost_response");
+        assert!((1..=WINDOW as i64).contains(&lost), "{lost} counted lost");
+        // Once per silence: still nothing heard, nothing sent again.
+        at(3 * super::RETRY_AFTER_MS);
+        let later = a.run_job(&limits(100));
+        assert!(
+            later.iter().all(|r| r.str("seal_to") != Some(PEER_B)),
+            "{later:?}"
+        );
+        let second = exchange(&a, &b, again, 100, |_| false);
+        quiet_host::db::set_thread_clock(None);
+
+        let mut stored = [first.stored, second.stored].concat();
+        let count = stored.len();
+        stored.sort();
+        stored.dedup();
+        assert_eq!(stored.len(), count, "no event is sent twice");
+        assert_eq!(stored.len(), 2_500);
+        assert!(!with_b(&a), "complete");
     }
 
     #[test]
