@@ -6,6 +6,7 @@ plugins. Prints one Markdown table row per figure, for BENCHMARKS.md.
     scripts/bench.py                 # every scenario at 100k events
     scripts/bench.py --events 1000000
     scripts/bench.py --only catchup,idle
+    QUIET_HOST=/path/to/other/quiet-host scripts/bench.py --only bidi
 
 Scenarios (an event counts once the receiver has stored and projected it):
   catchup   A holds N messages of ~1 KiB; a fresh B joins and pulls them all.
@@ -36,7 +37,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BIN = os.path.join(TARGET, "release")
-QUIET = os.path.join(BIN, "quiet-host")
+# QUIET_HOST names another quiet-host binary, to compare builds side by side
+# (the plugins still come from this tree's release build).
+QUIET = os.environ.get("QUIET_HOST") or os.path.join(BIN, "quiet-host")
 TEXT = "x" * 900  # with the envelope and crypto, an event of about 1 KiB
 SYNC_JOB = "jobs:\n  - name: sync_with_peers\n    handler: sync\n    frequency_ms: 3000\n"
 NO_JOBS = "jobs: []\n"

@@ -20,7 +20,7 @@
 //! comes back stops before its next unit of work.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         mpsc::{Receiver, RecvTimeoutError, TryRecvError},
         Arc, Mutex, PoisonError,
@@ -29,7 +29,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use quiet_plugin_api::Envelope;
+use quiet_plugin_api::{field, Envelope};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::{
@@ -61,6 +61,10 @@ const FRAME_BATCH: usize = 256;
 /// already prepares the next responses, instead of after a whole window of
 /// responses (which left the engine idle half the time).
 const FRAME_BATCH_BYTES: usize = 1 << 20;
+
+/// Frames the engine takes off its queue ahead of handling them, so that it
+/// sees the requests among them; see [`Scheduler::next_batch`].
+const BACKLOG: usize = 2 * FRAME_BATCH;
 
 /// Messages to the engine thread.
 #[derive(Debug)]
@@ -96,6 +100,13 @@ pub struct Scheduler {
     signals: Signals,
     counters: Arc<Counters>,
     watch: Arc<EngineWatch>,
+    /// Frames taken off the queue and not handled yet, in arrival order.
+    /// An engine the watchdog abandons loses them, as it loses the batch in
+    /// hand: peers ask again.
+    backlog: VecDeque<Received>,
+    /// Whether the last batch of frames was of requests; see
+    /// [`Scheduler::next_batch`].
+    served_requests: bool,
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
     blocked: HashMap<String, (String, u64)>,
@@ -120,6 +131,8 @@ impl Scheduler {
             services,
             signals,
             counters,
+            backlog: VecDeque::new(),
+            served_requests: false,
             blocked: HashMap::new(),
         }
     }
@@ -149,37 +162,34 @@ impl Scheduler {
             }
             let signals = self.signals.clone();
             let rx = signals.lock().unwrap_or_else(PoisonError::into_inner);
-            match rx.recv_timeout(sleep) {
-                Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Signal::Received(first)) => {
-                    // Take what else is queued, up to a batch, into one
-                    // transaction.
-                    let mut bytes = first.frame_len();
-                    let mut frames = vec![first];
-                    let mut stop = false;
-                    while frames.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(Signal::Received(f)) => {
-                                bytes += f.frame_len();
-                                frames.push(f);
-                            }
-                            Ok(Signal::Wake) => {}
-                            Ok(Signal::Shutdown) => {
-                                stop = true;
-                                break;
-                            }
-                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                        }
-                    }
-                    drop(rx);
-                    if let Err(e) = self.receive(frames) {
-                        tracing::error!("engine: database error while receiving: {e}");
-                    }
-                    if stop {
+            // Wait only with nothing in hand.
+            if self.backlog.is_empty() {
+                match rx.recv_timeout(sleep) {
+                    Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                    Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => continue,
+                    Ok(Signal::Received(first)) => self.backlog.push_back(first),
+                }
+            }
+            // Then take what else is queued, without waiting.
+            let mut stop = false;
+            while self.backlog.len() < BACKLOG {
+                match rx.try_recv() {
+                    Ok(Signal::Received(f)) => self.backlog.push_back(f),
+                    Ok(Signal::Wake) => {}
+                    Ok(Signal::Shutdown) => {
+                        stop = true;
                         break;
                     }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
+            }
+            drop(rx);
+            let frames = self.next_batch();
+            if let Err(e) = self.receive(frames) {
+                tracing::error!("engine: database error while receiving: {e}");
+            }
+            if stop {
+                break;
             }
         }
         match self.watch.abandoned() {
@@ -229,6 +239,21 @@ impl Scheduler {
                 .write_tx(&self.conn, |c| self.counters.flush(c))?;
         }
         Ok(sleep)
+    }
+
+    /// The next batch of frames to handle, in one transaction: requests or
+    /// responses from the backlog, in turns when both wait, each in arrival
+    /// order, up to [`FRAME_BATCH`] frames and [`FRAME_BATCH_BYTES`] (at
+    /// least one).
+    ///
+    /// Answers leave only when their transaction commits. Taken in arrival
+    /// order, a peer's request waited behind a window of responses, each a
+    /// thousand events to store, so in a two-way sync the peer's pull
+    /// began only when ours was done. Requests first, always, starved our
+    /// own responses instead while the peer kept pulling. In turns, a
+    /// request waits for one batch at most, and both pulls move at once.
+    fn next_batch(&mut self) -> Vec<Received> {
+        take_batch(&mut self.backlog, &mut self.served_requests)
     }
 
     /// Runs envelopes from the network through the pipeline, in one
@@ -374,9 +399,76 @@ fn set_job_error(
     Ok(())
 }
 
+/// [`Scheduler::next_batch`], over `backlog`; `served_requests` says
+/// whether the last batch was of requests, and is updated.
+fn take_batch(backlog: &mut VecDeque<Received>, served_requests: &mut bool) -> Vec<Received> {
+    let is_request = |r: &Received| r.envelope.get(field::IN_RESPONSE_TO).is_none();
+    let has_requests = backlog.iter().any(is_request);
+    let has_responses = backlog.iter().any(|r| !is_request(r));
+    let requests = has_requests && !(*served_requests && has_responses);
+    *served_requests = requests;
+    let mut batch = Vec::new();
+    let mut rest = VecDeque::with_capacity(backlog.len());
+    let mut bytes = 0;
+    for r in backlog.drain(..) {
+        let room = batch.is_empty() || (batch.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES);
+        if room && is_request(&r) == requests {
+            bytes += r.frame_len();
+            batch.push(r);
+        } else {
+            rest.push_back(r);
+        }
+    }
+    *backlog = rest;
+    batch
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_due;
+    use std::collections::VecDeque;
+
+    use quiet_plugin_api::{field, Envelope};
+
+    use super::{is_due, take_batch};
+    use crate::network::Received;
+
+    #[test]
+    fn requests_and_responses_take_turns_each_in_arrival_order() {
+        // A frame named `resp…` answers a request of ours.
+        let frame = |name: &str| {
+            let mut envelope = Envelope::of_type(name);
+            if name.starts_with("resp") {
+                envelope.set(field::IN_RESPONSE_TO, "ab");
+            }
+            Received::new(envelope)
+        };
+        let mut backlog: VecDeque<Received> = ["resp1", "resp2", "req1", "resp3", "req2"]
+            .map(frame)
+            .into();
+        let mut served_requests = false;
+        let mut next = |backlog: &mut VecDeque<Received>| -> Vec<String> {
+            take_batch(backlog, &mut served_requests)
+                .iter()
+                .map(|r| r.envelope.event_type().unwrap_or("").to_owned())
+                .collect()
+        };
+        // Requests first: their answers wait for their commit.
+        assert_eq!(next(&mut backlog), ["req1", "req2"]);
+        backlog.extend(["req3", "resp4"].map(frame));
+        // Then the responses' turn, however many requests came meanwhile.
+        assert_eq!(next(&mut backlog), ["resp1", "resp2", "resp3", "resp4"]);
+        assert_eq!(next(&mut backlog), ["req3"]);
+        // One kind alone goes on, turn or not.
+        backlog.extend(["resp5"].map(frame));
+        assert_eq!(next(&mut backlog), ["resp5"]);
+        backlog.extend(["resp6"].map(frame));
+        assert_eq!(next(&mut backlog), ["resp6"]);
+        backlog.extend(["req4"].map(frame));
+        assert_eq!(next(&mut backlog), ["req4"]);
+        backlog.extend(["req5"].map(frame));
+        assert_eq!(next(&mut backlog), ["req5"]);
+        assert!(next(&mut backlog).is_empty());
+    }
 
     #[test]
     fn due_rule_matches_the_seed_and_survives_restarts() {
