@@ -386,7 +386,7 @@ impl Handler for SyncHandler {
                 continue;
             };
             let reply = (reply_ip.as_str(), reply_port);
-            out.extend(state.start_session(ctx, peer_id, network_id, (ip, port), reply)?);
+            out.extend(state.start_session(ctx, peer_id, network_id, (ip, port), reply, false)?);
         }
         Ok(out)
     }
@@ -426,7 +426,8 @@ impl SyncHandler {
         // done; if not, it opens reconciliation in its next round. When its
         // reconciliation finds ids only it has, it says we are `behind`, and
         // we open our own session with it at once (unless one is running),
-        // so that they move now rather than at our next tick. Opened at the
+        // with reconciliation rather than a summary, so that they move now
+        // rather than at our next tick. Opened at the
         // first sign of a difference instead, that session reconciled the
         // same difference a second time whenever only the requester lacked
         // events (and the per-peer schedule let it start).
@@ -440,6 +441,7 @@ impl SyncHandler {
                     req.network_id,
                     dest,
                     (&ip, port),
+                    true,
                 )?);
             }
         }
@@ -631,8 +633,11 @@ impl SyncHandler {
 impl State {
     /// Starts a session with `peer_id` in `network_id`, reached at `dest`,
     /// and returns its round 0: only our set's summary, so that peers in
-    /// sync are done after it and only peers that differ reconcile. `None`
-    /// if one is running or the peer would not admit a new one yet.
+    /// sync are done after it and only peers that differ reconcile; or,
+    /// when the peer has just told us we are `behind`, reconciliation's
+    /// first message at once (the summaries are known to differ, and the
+    /// round trip saved is one through both engines' queues). `None` if one
+    /// is running or the peer would not admit a new one yet.
     fn start_session(
         &mut self,
         ctx: &mut Context<'_>,
@@ -640,6 +645,7 @@ impl State {
         network_id: &str,
         (dest_ip, dest_port): (&str, i64),
         (reply_ip, reply_port): (&str, i64),
+        behind: bool,
     ) -> Result<Option<Envelope>, PluginError> {
         let now = ctx.now_ms();
         let k = key(peer_id, network_id);
@@ -662,7 +668,16 @@ impl State {
             k.clone(),
             due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
         );
-        let summary = event_set(&mut self.sets, ctx, network_id)?.summary();
+        let set = event_set(&mut self.sets, ctx, network_id)?;
+        let summary = set.summary();
+        let opening = match behind {
+            true => {
+                let first = Negentropy::owned(set.storage(), FRAME_SIZE_LIMIT)?.initiate()?;
+                counter(ctx, "sync_sets_differ")?;
+                Opening::Negentropy(first)
+            }
+            false => Opening::Summary(summary),
+        };
         let session = Session {
             peer_id: peer_id.to_owned(),
             network_id: network_id.to_owned(),
@@ -674,7 +689,7 @@ impl State {
             round: 0,
             in_flight: VecDeque::new(),
             reconciling_request: None,
-            reconciling: false,
+            reconciling: behind,
             parked: None,
             tell_behind: false,
             told_behind: false,
@@ -688,7 +703,7 @@ impl State {
             retried: false,
         };
         self.sessions.insert(k.clone(), session);
-        Ok(Some(self.send(&k, Opening::Summary(summary), now)))
+        Ok(Some(self.send(&k, opening, now)))
     }
 
     /// Builds the request for `session`'s current round (with `opening`
@@ -697,8 +712,8 @@ impl State {
     fn send(&mut self, k: &Key, opening: Opening, now: i64) -> Envelope {
         let session = self.sessions.get_mut(k).expect("a session to send for");
         let reconciles = !matches!(opening, Opening::Nothing);
-        let patience = match opening {
-            Opening::Summary(_) => ROUND_0_TIMEOUT_MS.min(self.limits.ttl_ms),
+        let patience = match session.round {
+            0 => ROUND_0_TIMEOUT_MS.min(self.limits.ttl_ms),
             _ => self.limits.ttl_ms,
         };
         let (negentropy, summary) = match opening {
@@ -2080,6 +2095,23 @@ mod tests {
         assert_eq!(reverse.str("seal_to"), Some(PEER_A));
         assert_eq!(reverse.int("dest_port"), Some(7001));
         assert_eq!(plaintext(reverse, "round").as_int(), Some(0));
+        // The sets are known to differ: it opens with reconciliation, not a
+        // summary, and pulls what A has in the rounds that follow.
+        assert_eq!(plaintext(reverse, "summary"), &Value::Null);
+        assert!(plaintext(reverse, "negentropy")
+            .as_bytes()
+            .is_some_and(|m| !m.is_empty()));
+        let (mut requests, mut pulled) = (vec![reverse.clone()], 0);
+        while let Some(request) = requests.pop() {
+            let answer = a.process(&arrived(&request, PEER_B));
+            for env in b.process(&arrived(&answer[0], PEER_A)) {
+                match env.event_type() {
+                    Some("store_event") => pulled += 1,
+                    _ => requests.push(env),
+                }
+            }
+        }
+        assert_eq!(pulled, 10);
         // While that session runs (and before A would admit another), B's
         // job starts none with A.
         b.handler.state().sessions.clear();
