@@ -185,25 +185,34 @@ impl EventStore {
     }
 }
 
+/// For tests: a store with a fresh key of `network_id`, in a temporary
+/// folder that lasts as long as the returned guard.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event_crypto::NetworkKey;
-
-    #[test]
-    fn opening_in_parallel_gives_what_opening_one_by_one_gives_in_order() {
+impl EventStore {
+    pub(crate) fn with_one_network(network_id: &str) -> (tempfile::TempDir, EventStore) {
         let dir = tempfile::tempdir().unwrap();
-        let net = "ab".repeat(16);
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
         std::fs::write(
-            dir.path().join(format!("keys/{net}.key")),
-            NetworkKey::generate().0,
+            dir.path().join(format!("keys/{network_id}.key")),
+            event_crypto::NetworkKey::generate().0,
         )
         .unwrap();
         let store = EventStore::new(
             Arc::new(NetworkKeys::new(dir.path())),
             Arc::new(Counters::default()),
         );
+        (dir, store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_in_parallel_gives_what_opening_one_by_one_gives_in_order() {
+        let net = "ab".repeat(16);
+        let (_dir, store) = EventStore::with_one_network(&net);
         let mut envelopes: Vec<Envelope> = (0..200)
             .map(|i| {
                 let plaintext = Value::map([("type", Value::from("message")), ("i", i.into())]);

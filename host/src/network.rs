@@ -292,9 +292,7 @@ fn read_frames(
         let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         // A host of another version: nothing it sends can be read, so say
         // so once and hang up rather than count each of its frames as junk.
-        if let Some(theirs) = transit::wire_version(head[4]).filter(|&v| v != transit::WIRE_VERSION)
-        {
-            inbound.other_version(from, theirs);
+        if inbound.other_version(from, head[4]) {
             return;
         }
         // Requests are small (ids and a reconciliation message); only a
@@ -377,9 +375,13 @@ impl Inbound {
         }
     }
 
-    /// Counts a frame from a host that speaks wire version `theirs`, and
-    /// warns once per address.
-    pub fn other_version(&self, from: SocketAddr, theirs: u8) {
+    /// Whether a frame with `tag` comes from a host of another wire
+    /// version; if so, it is counted, and warned about once per address.
+    pub fn other_version(&self, from: SocketAddr, tag: u8) -> bool {
+        let Some(theirs) = transit::wire_version(tag).filter(|&v| v != transit::WIRE_VERSION)
+        else {
+            return false;
+        };
         self.wire.counters.bump("drop_wire_version");
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         if warned.len() < MAX_WARNED && warned.insert(from.ip()) {
@@ -395,14 +397,13 @@ impl Inbound {
                 transit::WIRE_VERSION
             );
         }
+        true
     }
 
     /// The envelope in a frame that came `from` a socket address, or `None`
     /// (counted) if it does not authenticate or decode.
     pub fn open(&self, from: SocketAddr, frame: &[u8]) -> Option<Envelope> {
-        let tag = frame.first().copied().unwrap_or(0);
-        if let Some(theirs) = transit::wire_version(tag).filter(|&v| v != transit::WIRE_VERSION) {
-            self.other_version(from, theirs);
+        if self.other_version(from, frame.first().copied().unwrap_or(0)) {
             return None;
         }
         match self.try_open(frame) {

@@ -291,11 +291,12 @@ impl<'a> Pipeline<'a> {
         queue: &mut VecDeque<Queued>,
         report: &mut Report,
     ) -> rusqlite::Result<()> {
+        // Opened events go to `step_events` instead.
         let Queued {
             mut envelope,
             hops,
             source,
-            opened,
+            ..
         } = item;
         if envelope.event_type() == Some(STORE_EVENT) {
             let Some(store) = &self.services.store else {
@@ -306,11 +307,7 @@ impl<'a> Pipeline<'a> {
                     &envelope,
                 );
             };
-            let stored = match opened {
-                Some(opened) => store.store_opened(self.conn, opened)?,
-                None => store.store(self.conn, &envelope)?,
-            };
-            match stored {
+            match store.store(self.conn, &envelope)? {
                 Some(decrypted) => envelope = decrypted,
                 // A duplicate or a refused event, counted by the store.
                 None => return Ok(()),
@@ -522,7 +519,7 @@ fn dead_letter_text(envelope: &Envelope) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{path::Path, sync::Arc};
+    use std::path::Path;
 
     use quiet_plugin_api::{
         __private::{make_handlers, module, HandlersResult, RStr},
@@ -530,7 +527,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{counters::Counters, event_crypto::NetworkKey, loader, networks::NetworkKeys};
+    use crate::loader;
 
     /// Notes each `note`'s `n`, refusing (after a write that must be rolled
     /// back) those in `refused`; each note it keeps begets a `noted`.
@@ -597,18 +594,8 @@ mod tests {
     /// arrive, through a host with an event store and the notes plugin.
     /// Returns the report and the database.
     fn deliver_notes(count: i64) -> (Report, Connection) {
-        let dir = tempfile::tempdir().unwrap();
         let net = "ab".repeat(16);
-        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
-        std::fs::write(
-            dir.path().join(format!("keys/{net}.key")),
-            NetworkKey::generate().0,
-        )
-        .unwrap();
-        let store = EventStore::new(
-            Arc::new(NetworkKeys::new(dir.path())),
-            Arc::new(Counters::default()),
-        );
+        let (_dir, store) = EventStore::with_one_network(&net);
         let events: Vec<Envelope> = (0..count)
             .map(|n| {
                 let note = Value::map([("type", Value::from("note")), ("n", n.into())]);

@@ -63,7 +63,7 @@ const FRAME_BATCH: usize = 256;
 const FRAME_BATCH_BYTES: usize = 1 << 20;
 
 /// Frames the engine takes off its queue ahead of handling them, so that it
-/// sees the requests among them; see [`Scheduler::next_batch`].
+/// sees the requests among them; see [`take_batch`].
 const BACKLOG: usize = 2 * FRAME_BATCH;
 
 /// Messages to the engine thread.
@@ -105,7 +105,7 @@ pub struct Scheduler {
     /// hand: peers ask again.
     backlog: VecDeque<Received>,
     /// Whether the last batch of frames was of requests; see
-    /// [`Scheduler::next_batch`].
+    /// [`take_batch`].
     served_requests: bool,
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
@@ -184,7 +184,7 @@ impl Scheduler {
                 }
             }
             drop(rx);
-            let frames = self.next_batch();
+            let frames = take_batch(&mut self.backlog, &mut self.served_requests);
             if let Err(e) = self.receive(frames) {
                 tracing::error!("engine: database error while receiving: {e}");
             }
@@ -239,21 +239,6 @@ impl Scheduler {
                 .write_tx(&self.conn, |c| self.counters.flush(c))?;
         }
         Ok(sleep)
-    }
-
-    /// The next batch of frames to handle, in one transaction: requests or
-    /// responses from the backlog, in turns when both wait, each in arrival
-    /// order, up to [`FRAME_BATCH`] frames and [`FRAME_BATCH_BYTES`] (at
-    /// least one).
-    ///
-    /// Answers leave only when their transaction commits. Taken in arrival
-    /// order, a peer's request waited behind a window of responses, each a
-    /// thousand events to store, so in a two-way sync the peer's pull
-    /// began only when ours was done. Requests first, always, starved our
-    /// own responses instead while the peer kept pulling. In turns, a
-    /// request waits for one batch at most, and both pulls move at once.
-    fn next_batch(&mut self) -> Vec<Received> {
-        take_batch(&mut self.backlog, &mut self.served_requests)
     }
 
     /// Runs envelopes from the network through the pipeline, in one
@@ -399,8 +384,20 @@ fn set_job_error(
     Ok(())
 }
 
-/// [`Scheduler::next_batch`], over `backlog`; `served_requests` says
-/// whether the last batch was of requests, and is updated.
+/// The next batch of frames to handle, in one transaction: requests or
+/// responses from the backlog, in turns when both wait, each in arrival
+/// order, up to [`FRAME_BATCH`] frames and [`FRAME_BATCH_BYTES`] (at
+/// least one).
+///
+/// Answers leave only when their transaction commits. Taken in arrival
+/// order, a peer's request waited behind a window of responses, each a
+/// thousand events to store, so in a two-way sync the peer's pull
+/// began only when ours was done. Requests first, always, starved our
+/// own responses instead while the peer kept pulling. In turns, a
+/// request waits for one batch at most, and both pulls move at once.
+///
+/// `served_requests` says whether the last batch was of requests, and is
+/// updated.
 fn take_batch(backlog: &mut VecDeque<Received>, served_requests: &mut bool) -> Vec<Received> {
     let is_request = |r: &Received| r.envelope.get(field::IN_RESPONSE_TO).is_none();
     let has_requests = backlog.iter().any(is_request);

@@ -523,11 +523,8 @@ impl SyncHandler {
             return dropped(ctx, "sync_unknown_response");
         };
         state.heard_from(ctx, &k);
+        state.lost(ctx, &k, lost)?;
         let session = state.sessions.get_mut(&k).expect("answered() checked it");
-        for _ in &lost {
-            counter(ctx, "sync_lost_response")?;
-        }
-        session.ask_again(lost);
         let response = Response::parse(env).filter(|r| {
             r.peer_id == session.peer_id
                 && r.network_id == session.network_id
@@ -790,9 +787,6 @@ impl State {
             .iter()
             .position(|r| r.request_id == request_id)?;
         let lost: Vec<InFlight> = session.in_flight.drain(..=at).take(at).collect();
-        for request in &lost {
-            self.requests.remove(&request.request_id);
-        }
         session.heard = true;
         session.last_heard_ms = now;
         session.retried = false;
@@ -876,15 +870,26 @@ impl State {
         let session = self.sessions.get_mut(k).expect("a session to retry");
         session.retried = true;
         let lost: Vec<InFlight> = session.in_flight.drain(..).collect();
+        self.lost(ctx, k, lost)?;
+        self.advance(ctx, k, now)
+    }
+
+    /// Forgets `k`'s requests in `lost` (a late answer to one is then
+    /// unknown), counts them, and queues what they asked for again.
+    fn lost(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        lost: Vec<InFlight>,
+    ) -> Result<(), PluginError> {
         for request in &lost {
             self.requests.remove(&request.request_id);
             counter(ctx, "sync_lost_response")?;
         }
-        self.sessions
-            .get_mut(k)
-            .expect("still there")
-            .ask_again(lost);
-        self.advance(ctx, k, now)
+        if let Some(session) = self.sessions.get_mut(k) {
+            session.ask_again(lost);
+        }
+        Ok(())
     }
 
     /// The sessions that have been answered before and have heard
@@ -1856,15 +1861,28 @@ mod tests {
             .collect()
     }
 
+    /// `stored`, sorted, once it is checked that no event in it came twice.
+    fn each_once(mut stored: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let count = stored.len();
+        stored.sort();
+        stored.dedup();
+        assert_eq!(stored.len(), count, "no event is sent twice");
+        stored
+    }
+
+    /// Whether A recorded a completed session with B.
+    fn synced_with_b(a: &Peer) -> bool {
+        a.host.count(&format!(
+            "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
+        )) > 0
+    }
+
     #[test]
     fn a_session_pulls_every_missing_event_in_bounded_rounds() {
         let (a, b) = two_peers();
         add_events(&b.host, 1, 0..2_500);
         let outcome = session(&a, &b, 1000);
-        let mut stored = outcome.stored.clone();
-        stored.sort();
-        stored.dedup();
-        assert_eq!(stored.len(), outcome.stored.len(), "no event is sent twice");
+        let stored = each_once(outcome.stored);
         let mut expected = event_bytes(1, 0..2_500);
         expected.sort();
         assert_eq!(stored, expected);
@@ -1874,11 +1892,7 @@ mod tests {
 
         // The session is complete: recorded, and forgotten, so the next tick
         // starts a new one; and A learned about peer-c from B.
-        assert!(
-            a.host.count(&format!(
-                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
-            )) > 0
-        );
+        assert!(synced_with_b(&a));
         assert_eq!(
             a.host.count(&format!(
                 "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_C}' AND port = 7003"
@@ -1910,10 +1924,7 @@ mod tests {
         });
         assert!(lost.get().is_some());
         assert_eq!(counter(&a.host, "sync_lost_response"), 1);
-        let mut stored = outcome.stored.clone();
-        stored.sort();
-        stored.dedup();
-        assert_eq!(stored.len(), outcome.stored.len(), "no event is sent twice");
+        let stored = each_once(outcome.stored);
         let mut expected = event_bytes(1, 0..2_500);
         expected.sort();
         assert_eq!(
@@ -1924,11 +1935,7 @@ mod tests {
         assert!(stored == expected);
         // Complete, without waiting for the session to expire.
         assert!(a.handler.state().sessions.is_empty());
-        assert!(
-            a.host.count(&format!(
-                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
-            )) > 0
-        );
+        assert!(synced_with_b(&a));
     }
 
     #[test]
@@ -1968,11 +1975,7 @@ mod tests {
         let second = exchange(&a, &b, again, 100, |_| false);
         quiet_host::db::set_thread_clock(None);
 
-        let mut stored = [first.stored, second.stored].concat();
-        let count = stored.len();
-        stored.sort();
-        stored.dedup();
-        assert_eq!(stored.len(), count, "no event is sent twice");
+        let stored = each_once([first.stored, second.stored].concat());
         assert_eq!(stored.len(), 2_500);
         assert!(!with_b(&a), "complete");
     }
@@ -2030,17 +2033,8 @@ mod tests {
         let n = 2 * FRAME_SIZE_LIMIT as u32 / 32 + 1_000;
         add_events(&b.host, 1, 0..n);
         let outcome = session(&a, &b, 1000);
-        let mut stored = outcome.stored;
-        let len = stored.len();
-        stored.sort();
-        stored.dedup();
-        assert_eq!((stored.len(), len), (n as usize, n as usize));
-        assert!(
-            a.host.count(&format!(
-                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
-            )) > 0,
-            "the session completed"
-        );
+        assert_eq!(each_once(outcome.stored).len(), n as usize);
+        assert!(synced_with_b(&a), "the session completed");
     }
 
     #[test]
@@ -2351,11 +2345,7 @@ mod tests {
         expected.sort();
         assert_eq!(stored, expected);
         assert!(outcome.rounds >= 25);
-        assert!(
-            a.host.count(&format!(
-                "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
-            )) > 0
-        );
+        assert!(synced_with_b(&a));
     }
 
     #[test]
