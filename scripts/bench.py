@@ -43,6 +43,9 @@ QUIET = os.environ.get("QUIET_HOST") or os.path.join(BIN, "quiet-host")
 TEXT = "x" * 900  # with the envelope and crypto, an event of about 1 KiB
 SYNC_JOB = "jobs:\n  - name: sync_with_peers\n    handler: sync\n    frequency_ms: 3000\n"
 NO_JOBS = "jobs: []\n"
+# The size the host cuts its WAL back to once it is copied into the database
+# (`WAL_SIZE_LIMIT` in host/src/db.rs).
+WAL_SETTLED = 64 << 20
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -177,6 +180,22 @@ def wait_messages(host, n, timeout=3600):
         sys.exit(f"bench: {host.name} holds {count} messages, expected {n}")
 
 
+def settle(host, timeout=600):
+    """Waits until `host` has written back what it last stored: its WAL
+    copied into the database and cut back, and the process idle for half a
+    second. A host that has just stored 100k events still has ~500 MB of WAL
+    to copy back and cut (seconds of disk work); a catch-up started
+    meanwhile would measure that as well as the sync."""
+    wal = os.path.join(host.data, "quiet.db-wal")
+
+    def idle():
+        cpu = host.cpu()
+        time.sleep(0.5)
+        size = os.path.getsize(wal) if os.path.exists(wal) else 0
+        return size <= WAL_SETTLED and host.cpu() - cpu < 0.02
+    wait(idle, timeout, f"{host.name} to write back its WAL")
+
+
 def same_events(a, b):
     ids_a, ids_b = a.event_ids(), b.event_ids()
     if ids_a != ids_b:
@@ -206,6 +225,7 @@ def two_hosts(work, n):
     network = json.loads(a.cli("network", "list", "--json"))[0]["network_id"]
     send_messages(a, network, n)
     wait_messages(a, n)
+    settle(a)
     b.cli("network", "join", invite)
     return a, b, network
 
