@@ -159,7 +159,16 @@ pub fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
 }
 
 fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(data_dir.join(DB_FILE), flags)?;
+    // Gathered WAL writes (see `wal_writes`); the platform's VFS if that
+    // cannot be registered.
+    let path = data_dir.join(DB_FILE);
+    let conn = match crate::wal_writes::register() {
+        Ok(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        Err(rc) => {
+            tracing::warn!("writing the WAL page by page: its VFS failed to register ({rc})");
+            Connection::open_with_flags(path, flags)?
+        }
+    };
     configure(&conn)?;
     migrate(&conn)?;
     Ok(conn)

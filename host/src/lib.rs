@@ -41,4 +41,5 @@ pub mod sim;
 pub mod status;
 pub mod testing;
 pub mod transit;
+pub mod wal_writes;
 pub mod watchdog;
