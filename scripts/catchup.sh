@@ -21,9 +21,13 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm 
 trap cleanup EXIT
 
 printf 'jobs:\n  - name: sync_with_peers\n    handler: sync\n    frequency_ms: 3000\n    params: {max_events_per_response: 1000}\n' >"$work/jobs.yaml"
+# Both hosts' plugins are in place before either starts, so B's clock
+# counts its start-up but not copying its plugins.
+for h in a b; do
+    mkdir -p "$work/$h/plugins"
+    cp $bin/libsync.so $bin/libmessages.so "$work/$h/plugins/"
+done
 start() {
-    mkdir -p "$work/$1/plugins"
-    cp $bin/libsync.so $bin/libmessages.so "$work/$1/plugins/"
     $q run --data "$work/$1/data" --plugins "$work/$1/plugins" --jobs "$work/jobs.yaml" \
         --listen 127.0.0.1:0 2>"$work/$1.log" &
     pids+=($!)
