@@ -392,6 +392,33 @@ pub fn set_host_state(conn: &Connection, key: &str, value: Option<&str>) -> rusq
 mod tests {
     use super::*;
 
+    /// The name of the VFS `conn`'s main database was opened with.
+    fn vfs_name(conn: &Connection) -> String {
+        let mut vfs: *mut rusqlite::ffi::sqlite3_vfs = std::ptr::null_mut();
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                rusqlite::ffi::SQLITE_FCNTL_VFS_POINTER,
+                (&raw mut vfs).cast(),
+            )
+        };
+        assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
+        unsafe { std::ffi::CStr::from_ptr((*vfs).zName) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn the_engine_and_cli_writers_gather_wal_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open_engine(dir.path()).unwrap();
+        let cli = open(dir.path()).unwrap();
+        let expected = crate::wal_writes::VFS_NAME.to_str().unwrap();
+        assert_eq!(vfs_name(&engine), expected);
+        assert_eq!(vfs_name(&cli), expected);
+    }
+
     #[test]
     fn events_stored_under_whole_hash_ids_get_time_first_ids() {
         let conn = Connection::open_in_memory().unwrap();
