@@ -32,7 +32,10 @@
 //!   difference does not wait a round trip per batch; they leave in order
 //!   on one connection, as the responder's in-order check needs. When
 //!   everything is answered and nothing is left, the session is complete and
-//!   `addresses.last_sync_ms` records it. Ids only we have are not listed:
+//!   `addresses.last_sync_ms` records it. Ids only we have are not listed
+//!   (and a request with a negentropy message says `missing_ids`, so that
+//!   the responder answers our id lists with only the ids we lack, and a
+//!   count of ours it lacks, rather than with all of its own):
 //!   the other side pulls them in its own session, which it opens at once
 //!   when a request of ours says it is `behind`. A response that never
 //!   comes while a later one of the session does was lost on the way: its
@@ -312,11 +315,14 @@ impl SyncHandler {
     fn reconcile_as_responder(
         &self,
         ctx: &mut Context<'_>,
-        network_id: &str,
-        message: &[u8],
+        req: &Request<'_>,
     ) -> Result<Result<Vec<u8>, negentropy::Error>, PluginError> {
-        let storage = event_set(&mut self.state().sets, ctx, network_id)?.storage();
-        Ok(Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.reconcile(message))
+        let storage = event_set(&mut self.state().sets, ctx, req.network_id)?.storage();
+        let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
+        if req.missing_ids {
+            reconciler.answer_id_lists_with_missing_ids();
+        }
+        Ok(reconciler.reconcile(req.negentropy))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -455,7 +461,7 @@ impl SyncHandler {
         let negentropy = if req.negentropy.is_empty() {
             Value::Null
         } else {
-            match self.reconcile_as_responder(ctx, req.network_id, req.negentropy)? {
+            match self.reconcile_as_responder(ctx, &req)? {
                 Ok(reply) => Value::from(reply),
                 Err(e) => {
                     ctx.debug(&format!("bad negentropy message from {}: {e}", req.peer_id));
@@ -709,6 +715,7 @@ impl State {
     fn send(&mut self, k: &Key, opening: Opening, now: i64) -> Envelope {
         let session = self.sessions.get_mut(k).expect("a session to send for");
         let reconciles = !matches!(opening, Opening::Nothing);
+        let negentropy_message = matches!(opening, Opening::Negentropy(_));
         let patience = match session.round {
             0 => ROUND_0_TIMEOUT_MS.min(self.limits.ttl_ms),
             _ => self.limits.ttl_ms,
@@ -736,6 +743,9 @@ impl State {
             ("session_id", session.session_id.into()),
             ("round", session.round.into()),
             ("summary", summary),
+            // Our reconciler skips the ids only we have, so the answer to an
+            // id list of ours need only list the ids we lack.
+            ("missing_ids", negentropy_message.then_some(true).into()),
             ("negentropy", negentropy),
             ("need", need.into()),
             ("behind", session.tell_behind.then_some(true).into()),
@@ -961,6 +971,14 @@ enum Opening {
     Negentropy(Vec<u8>),
 }
 
+/// A flag: absent (false), or a bool.
+fn flag(v: Option<&Value>) -> Option<bool> {
+    match v {
+        None | Some(Value::Null) => Some(false),
+        Some(v) => v.as_bool(),
+    }
+}
+
 /// A summary field: absent, or exactly [`SUMMARY_LEN`] bytes.
 fn summary(v: Option<&Value>) -> Option<Option<[u8; SUMMARY_LEN]>> {
     match optional_bytes(v)? {
@@ -994,6 +1012,9 @@ struct Request<'a> {
     need: Vec<Id>,
     /// The requester holds ids we lack.
     behind: bool,
+    /// The requester wants its id lists answered with only the ids it
+    /// lacks (see `Negentropy::answer_id_lists_with_missing_ids`).
+    missing_ids: bool,
 }
 
 impl<'a> Request<'a> {
@@ -1018,10 +1039,8 @@ impl<'a> Request<'a> {
             summary: summary(p.get("summary"))?,
             negentropy: optional_bytes(p.get("negentropy"))?,
             need: ids(p.get("need"))?,
-            behind: match p.get("behind") {
-                None | Some(Value::Null) => false,
-                Some(v) => v.as_bool()?,
-            },
+            behind: flag(p.get("behind"))?,
+            missing_ids: flag(p.get("missing_ids"))?,
         })
     }
 }
@@ -2065,6 +2084,37 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(a.process(&arrived(&response, PEER_B)).is_empty());
         assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn id_lists_are_answered_with_only_the_missing_ids_when_asked() {
+        // Both hold 20 events, B 5 more: A's reconciliation lists its 20
+        // ids (fewer than negentropy splits), and B answers that list.
+        let answer_to_round_1 = |ask: bool| {
+            let (a, b) = two_peers();
+            add_events(&a.host, 1, 0..20);
+            add_events(&b.host, 1, 0..25);
+            let request = a.run_job(&limits(1000)).pop().unwrap();
+            let answer = b.process(&arrived(&request, PEER_A)).remove(0);
+            let request = a.process(&arrived(&answer, PEER_B)).remove(0);
+            assert_eq!(plaintext(&request, "missing_ids").as_bool(), Some(true));
+            let request = match ask {
+                true => request,
+                // A requester of an earlier build does not ask.
+                false => with_field(request, "missing_ids", Value::Null),
+            };
+            let answer = b.process(&arrived(&request, PEER_A)).remove(0);
+            let next = a.process(&arrived(&answer, PEER_B));
+            let reply = plaintext(&answer, "negentropy").as_bytes().unwrap().len();
+            (reply, next.iter().flat_map(|r| list(r, "need")).count())
+        };
+        let (missing_only, need) = answer_to_round_1(true);
+        assert_eq!(need, 5);
+        assert!(missing_only < 6 * 32, "{missing_only} bytes");
+        // Upstream's answer lists all 25, and A finds the same 5.
+        let (everything, need) = answer_to_round_1(false);
+        assert_eq!(need, 5);
+        assert!(everything > 25 * 32, "{everything} bytes");
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub(crate) enum Mode {
     Skip = 0,
     Fingerprint = 1,
     IdList = 2,
+    /// quiet-host: a responder's answer to an initiator's id list, listing
+    /// only the ids the initiator lacks; see
+    /// [`Negentropy::answer_id_lists_with_missing_ids`](crate::Negentropy::answer_id_lists_with_missing_ids).
+    MissingIds = 3,
 }
 
 impl Mode {
@@ -33,6 +37,7 @@ impl TryFrom<u64> for Mode {
             0 => Ok(Mode::Skip),
             1 => Ok(Mode::Fingerprint),
             2 => Ok(Mode::IdList),
+            3 => Ok(Mode::MissingIds),
             m => Err(Error::UnexpectedMode(m)),
         }
     }
