@@ -430,15 +430,21 @@ impl SyncHandler {
         )?;
         // A round 0 gets our summary back: if it matches, the requester is
         // done; if not, it opens reconciliation in its next round. When its
-        // reconciliation finds ids only it has, it says we are `behind`, and
-        // we open our own session with it at once (unless one is running),
-        // with reconciliation rather than a summary, so that they move now
-        // rather than at our next tick. Opened at the
-        // first sign of a difference instead, that session reconciled the
-        // same difference a second time whenever only the requester lacked
-        // events (and the per-peer schedule let it start).
+        // summary shows that it surely holds ids we lack (`we_lack_some`),
+        // or its reconciliation later finds some and it says we are
+        // `behind`, we open our own session with it at once (unless one is
+        // running), with reconciliation rather than a summary, so that they
+        // move now rather than at our next tick. Opened at every difference
+        // of summaries instead, that session reconciled the same difference
+        // a second time whenever only the requester lacked events (and the
+        // per-peer schedule let it start).
+        let our_summary = match req.summary {
+            Some(_) => Some(event_set(&mut self.state().sets, ctx, req.network_id)?.summary()),
+            None => None,
+        };
         let mut out = Vec::new();
-        if req.behind {
+        let lacking = req.summary.zip(our_summary);
+        if req.behind || lacking.is_some_and(|(theirs, ours)| we_lack_some(&theirs, &ours)) {
             if let Some((ip, port)) = listen_addr(ctx)? {
                 let dest = (req.reply_ip, req.reply_port);
                 out.extend(self.state().start_session(
@@ -451,13 +457,7 @@ impl SyncHandler {
                 )?);
             }
         }
-        let summary = match req.summary {
-            Some(_) => {
-                let mut guard = self.state();
-                Value::from(&event_set(&mut guard.sets, ctx, req.network_id)?.summary()[..])
-            }
-            None => Value::Null,
-        };
+        let summary = our_summary.map_or(Value::Null, |s| Value::from(&s[..]));
         let negentropy = if req.negentropy.is_empty() {
             Value::Null
         } else {
@@ -969,6 +969,18 @@ enum Opening {
     Summary([u8; SUMMARY_LEN]),
     /// A negentropy message.
     Negentropy(Vec<u8>),
+}
+
+/// Whether a requester whose set has summary `theirs` surely holds ids we
+/// lack, ours being `ours`: when the sets differ and theirs is no smaller.
+/// (A set no smaller than ours that holds nothing we lack would be ours.)
+/// Then we open our own session at once, rather than wait to be told we
+/// are `behind` two round trips later: when both sides made events, both
+/// directions move from the start. A smaller set may lack ids and hold
+/// none we lack, and a session of ours would reconcile for nothing.
+fn we_lack_some(theirs: &[u8; SUMMARY_LEN], ours: &[u8; SUMMARY_LEN]) -> bool {
+    let count = |s: &[u8; SUMMARY_LEN]| u64::from_be_bytes(s[..8].try_into().expect("8 bytes"));
+    theirs != ours && count(theirs) >= count(ours)
 }
 
 /// A flag: absent (false), or a bool.
@@ -2118,27 +2130,58 @@ mod tests {
     }
 
     #[test]
+    fn a_requester_whose_set_is_no_smaller_is_synced_back_from_round_0() {
+        // As many events on each side, different ones: B surely lacks some
+        // of A's, and opens its own session with A as it answers round 0,
+        // with reconciliation rather than a summary.
+        for (a_holds, b_holds) in [((1, 0..10), (2, 0..10)), ((1, 0..12), (1, 0..10))] {
+            let (a, b) = two_peers();
+            add_events(&a.host, a_holds.0, a_holds.1);
+            add_events(&b.host, b_holds.0, b_holds.1);
+            let request = a.run_job(&limits(1000)).pop().unwrap();
+            let out = b.process(&arrived(&request, PEER_A));
+            assert_eq!(out.len(), 2, "{out:?}");
+            assert_eq!(out[1].str("seal_to"), Some(PEER_A));
+            assert_eq!(plaintext(&out[1], "summary"), &Value::Null);
+            assert!(plaintext(&out[1], "negentropy")
+                .as_bytes()
+                .is_some_and(|m| !m.is_empty()));
+        }
+        // A requester holding fewer, all of which B has: B opens nothing.
+        let (a, b) = two_peers();
+        add_events(&a.host, 1, 0..5);
+        add_events(&b.host, 1, 0..10);
+        let request = a.run_job(&limits(1000)).pop().unwrap();
+        assert_eq!(b.process(&arrived(&request, PEER_A)).len(), 1);
+    }
+
+    #[test]
     fn a_peer_told_it_is_behind_syncs_back_at_once() {
         let (a, b) = two_peers();
         add_events(&a.host, 1, 0..10); // only A has these
-                                       // Round 0 (summaries) and round 1 (reconciliation): B only answers.
-        let mut request = a.run_job(&limits(1000)).pop().unwrap();
-        for round in 0..2 {
-            let out = b.process(&arrived(&request, PEER_A));
-            assert_eq!(out.len(), 1, "round {round}: {out:?}");
-            let next = a.process(&arrived(&out[0], PEER_B));
-            assert_eq!(next.len(), 1, "round {round}: {next:?}");
-            request = next.into_iter().next().unwrap();
+        add_events(&b.host, 2, 0..20); // more: A's summary alone shows nothing
+        let mut to_b: VecDeque<Envelope> = a.run_job(&limits(1000)).into();
+        let (mut reverse, mut a_pulled) = (None, 0);
+        while let Some(request) = to_b.pop_front() {
+            let behind = plaintext(&request, "behind").as_bool() == Some(true);
+            let mut out = b.process(&arrived(&request, PEER_A));
+            // B answers each request, and opens its own session with A (at
+            // A's reply address) when first told that it is behind, rather
+            // than waiting for its next tick.
+            let opens = behind && reverse.is_none();
+            assert_eq!(out.len(), 1 + usize::from(opens), "{out:?}");
+            if opens {
+                reverse = out.pop();
+            }
+            for env in a.process(&arrived(&out[0], PEER_B)) {
+                match env.event_type() {
+                    Some("store_event") => a_pulled += 1,
+                    _ => to_b.push_back(env),
+                }
+            }
         }
-        // A's reconciliation found ids only it has, and nothing else is
-        // left to send: one more request says B is behind.
-        assert_eq!(plaintext(&request, "behind").as_bool(), Some(true));
-        assert!(list(&request, "need").is_empty());
-        let out = b.process(&arrived(&request, PEER_A));
-        // B answers, and opens its own session with A at A's reply address
-        // rather than waiting for its next tick.
-        assert_eq!(out.len(), 2, "{out:?}");
-        let reverse = &out[1];
+        assert_eq!(a_pulled, 20);
+        let reverse = &reverse.expect("A's reconciliation found ids only it has and said so");
         assert_eq!(reverse.event_type(), Some("sync_request"));
         assert_eq!(reverse.str("seal_to"), Some(PEER_A));
         assert_eq!(reverse.int("dest_port"), Some(7001));
