@@ -200,6 +200,10 @@ const ENGINE_CACHE_KIB: i64 = 16 * 1024;
 /// How often the checkpointer looks at the WAL.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// The most looks in a row the checkpointer skips while the engine
+/// commits; see [`spawn_checkpointer`].
+const BUSY_SKIPS: u32 = 9;
+
 /// [`open`], for the engine thread: it leaves checkpoints to
 /// [`spawn_checkpointer`], and is in SQLite's serialized mode, so that the
 /// watchdog may roll back its transaction from another thread while a
@@ -215,16 +219,31 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Starts the thread that checkpoints the WAL of `conn`'s database every
-/// 100 ms, until `stop` is set. Its checkpoints are passive:
-/// they never wait for, or hold up, a writer.
+/// Starts the thread that checkpoints the WAL of `conn`'s database, until
+/// `stop` is set. Its checkpoints are passive: they never wait for, or hold
+/// up, a writer.
+///
+/// It looks every 100 ms, and checkpoints when the database has not
+/// changed since its last look, or at least once a second. While commits
+/// come back to back the WAL cannot restart anyway (see
+/// [`ENGINE_CHECKPOINT_PAGES`]), so copying it back early frees nothing;
+/// copied later, a page that many commits rewrote (an index's) is copied
+/// once rather than once per look, and the copying leaves the cores to the
+/// engine and its peers while they work.
 pub fn spawn_checkpointer(conn: Connection, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     thread::Builder::new()
         .name("checkpointer".into())
         .spawn(move || {
             lower_this_threads_priority();
             let mut failing = false;
+            let mut pacing = Pacing::default();
             while !stop.load(Ordering::SeqCst) {
+                // Changes whenever another connection commits.
+                let version = conn.query_row("PRAGMA data_version", [], |r| r.get(0));
+                if !pacing.due(version.ok()) {
+                    thread::sleep(CHECKPOINT_EVERY);
+                    continue;
+                }
                 let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                 // Log a failure once, not ten times a second.
                 if let Err(e) = &done {
@@ -237,6 +256,31 @@ pub fn spawn_checkpointer(conn: Connection, stop: Arc<AtomicBool>) -> JoinHandle
             }
         })
         .expect("spawning a thread")
+}
+
+/// When the checkpointer copies the WAL back; see [`spawn_checkpointer`].
+#[derive(Debug, Default)]
+struct Pacing {
+    /// The database's `data_version` at the last look.
+    seen: Option<i64>,
+    /// Looks skipped in a row.
+    skipped: u32,
+}
+
+impl Pacing {
+    /// Whether to checkpoint now, the database's `data_version` being
+    /// `version` (`None` if it could not be read: then checkpoint, as
+    /// before pacing).
+    fn due(&mut self, version: Option<i64>) -> bool {
+        let busy = version.is_some() && self.seen.is_some() && version != self.seen;
+        self.seen = version;
+        if busy && self.skipped < BUSY_SKIPS {
+            self.skipped += 1;
+            return false;
+        }
+        self.skipped = 0;
+        true
+    }
 }
 
 /// Lets the engine have a core before the checkpointer: copying the WAL
@@ -442,6 +486,23 @@ mod tests {
             .unwrap();
         assert_eq!(id, crate::event_crypto::event_id(&event));
         assert_eq!(id[8..], old_id[..24]);
+    }
+
+    #[test]
+    fn the_checkpointer_waits_for_a_pause_in_commits_but_not_for_long() {
+        let mut pacing = Pacing::default();
+        // Nothing committed between looks: copy back at every look.
+        assert!(pacing.due(Some(1)));
+        assert!(pacing.due(Some(1)));
+        // Commits between every two looks: one look in ten.
+        let looks: Vec<bool> = (2..32).map(|v| pacing.due(Some(v))).collect();
+        let due: Vec<usize> = (0..looks.len()).filter(|&i| looks[i]).collect();
+        assert_eq!(due, [9, 19, 29]);
+        // A pause: at once.
+        assert!(pacing.due(Some(31)));
+        // A version that cannot be read: as if idle.
+        assert!(pacing.due(None));
+        assert!(pacing.due(Some(40)));
     }
 
     #[test]
