@@ -204,6 +204,11 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// commits; see [`spawn_checkpointer`].
 const BUSY_SKIPS: u32 = 9;
 
+/// The WAL size from which the checkpointer no longer skips looks: nearer
+/// [`ENGINE_CHECKPOINT_PAGES`], it keeps the WAL copied back, so that the
+/// engine's own checkpoint finds little left to copy inside its commit.
+const SKIP_BELOW_WAL_BYTES: u64 = 256 << 20;
+
 /// [`open`], for the engine thread: it leaves checkpoints to
 /// [`spawn_checkpointer`], and is in SQLite's serialized mode, so that the
 /// watchdog may roll back its transaction from another thread while a
@@ -224,7 +229,8 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
 /// up, a writer.
 ///
 /// It looks every 100 ms, and checkpoints when the database has not
-/// changed since its last look, or at least once a second. While commits
+/// changed since its last look, or at least once a second (at every look
+/// once the WAL passes [`SKIP_BELOW_WAL_BYTES`]). While commits
 /// come back to back the WAL cannot restart anyway (see
 /// [`ENGINE_CHECKPOINT_PAGES`]), so copying it back early frees nothing;
 /// copied later, a page that many commits rewrote (an index's) is copied
@@ -237,10 +243,15 @@ pub fn spawn_checkpointer(conn: Connection, stop: Arc<AtomicBool>) -> JoinHandle
             lower_this_threads_priority();
             let mut failing = false;
             let mut pacing = Pacing::default();
+            let wal = conn.path().map(|db| format!("{db}-wal"));
             while !stop.load(Ordering::SeqCst) {
                 // Changes whenever another connection commits.
                 let version = conn.query_row("PRAGMA data_version", [], |r| r.get(0));
-                if !pacing.due(version.ok()) {
+                let wal_bytes = wal
+                    .as_ref()
+                    .and_then(|w| std::fs::metadata(w).ok())
+                    .map_or(0, |m| m.len());
+                if !pacing.due(version.ok(), wal_bytes) {
                     thread::sleep(CHECKPOINT_EVERY);
                     continue;
                 }
@@ -270,11 +281,11 @@ struct Pacing {
 impl Pacing {
     /// Whether to checkpoint now, the database's `data_version` being
     /// `version` (`None` if it could not be read: then checkpoint, as
-    /// before pacing).
-    fn due(&mut self, version: Option<i64>) -> bool {
+    /// before pacing) and its WAL `wal_bytes` long.
+    fn due(&mut self, version: Option<i64>, wal_bytes: u64) -> bool {
         let busy = version.is_some() && self.seen.is_some() && version != self.seen;
         self.seen = version;
-        if busy && self.skipped < BUSY_SKIPS {
+        if busy && self.skipped < BUSY_SKIPS && wal_bytes < SKIP_BELOW_WAL_BYTES {
             self.skipped += 1;
             return false;
         }
@@ -491,18 +502,21 @@ mod tests {
     #[test]
     fn the_checkpointer_waits_for_a_pause_in_commits_but_not_for_long() {
         let mut pacing = Pacing::default();
+        let small = SKIP_BELOW_WAL_BYTES - 1;
         // Nothing committed between looks: copy back at every look.
-        assert!(pacing.due(Some(1)));
-        assert!(pacing.due(Some(1)));
+        assert!(pacing.due(Some(1), small));
+        assert!(pacing.due(Some(1), small));
         // Commits between every two looks: one look in ten.
-        let looks: Vec<bool> = (2..32).map(|v| pacing.due(Some(v))).collect();
+        let looks: Vec<bool> = (2..32).map(|v| pacing.due(Some(v), small)).collect();
         let due: Vec<usize> = (0..looks.len()).filter(|&i| looks[i]).collect();
         assert_eq!(due, [9, 19, 29]);
         // A pause: at once.
-        assert!(pacing.due(Some(31)));
+        assert!(pacing.due(Some(31), small));
         // A version that cannot be read: as if idle.
-        assert!(pacing.due(None));
-        assert!(pacing.due(Some(40)));
+        assert!(pacing.due(None, small));
+        assert!(pacing.due(Some(40), small));
+        // A long WAL: every look, commits or not.
+        assert!((41..45).all(|v| pacing.due(Some(v), SKIP_BELOW_WAL_BYTES)));
     }
 
     #[test]

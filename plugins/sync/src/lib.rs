@@ -37,7 +37,8 @@
 //!   the responder answers our id lists with only the ids we lack, and a
 //!   count of ours it lacks, rather than with all of its own):
 //!   the other side pulls them in its own session, which it opens at once
-//!   when a request of ours says it is `behind`. A response that never
+//!   when our round 0's summary shows a set that differs and is no smaller
+//!   than its own, or a request of ours says it is `behind`. A response that never
 //!   comes while a later one of the session does was lost on the way: its
 //!   ids are asked for again at once (see `State::answered`); a session
 //!   that falls silent after answers sends its requests in flight again,
