@@ -230,9 +230,9 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
 ///
 /// It looks every 100 ms, and checkpoints when the database has not
 /// changed since its last look, or at least once a second (at every look
-/// once the WAL passes [`SKIP_BELOW_WAL_BYTES`]). While commits
+/// once the WAL passes 256 MiB, `SKIP_BELOW_WAL_BYTES`). While commits
 /// come back to back the WAL cannot restart anyway (see
-/// [`ENGINE_CHECKPOINT_PAGES`]), so copying it back early frees nothing;
+/// `ENGINE_CHECKPOINT_PAGES`), so copying it back early frees nothing;
 /// copied later, a page that many commits rewrote (an index's) is copied
 /// once rather than once per look, and the copying leaves the cores to the
 /// engine and its peers while they work.
