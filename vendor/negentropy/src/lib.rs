@@ -925,18 +925,22 @@ mod tests {
         assert_full_coverage(&have_ids, &need_ids, &server_only, &client_only);
     }
 
-    // quiet-host: a sync whose responder answers id lists with the missing
-    // ids only. Returns what the initiator needs, its count of ids only it
-    // has, and the bytes both sides sent.
-    fn run_missing_ids_sync(
+    // quiet-host: a whole sync, upstream's or (with `missing_ids`) one whose
+    // initiator skips the ids only it has and whose responder answers id
+    // lists with the missing ids only. Returns what the initiator has and
+    // needs, its count of ids only it has, and the bytes both sides sent.
+    fn run_sync(
         initiator_storage: &NegentropyStorageVector,
         responder_storage: &NegentropyStorageVector,
         limit: u64,
-    ) -> (Vec<Id>, u64, usize) {
+        missing_ids: bool,
+    ) -> (Vec<Id>, Vec<Id>, u64, usize) {
         let mut initiator = Negentropy::borrowed(initiator_storage, limit).unwrap();
-        initiator.skip_have_ids();
         let mut responder = Negentropy::borrowed(responder_storage, limit).unwrap();
-        responder.answer_id_lists_with_missing_ids();
+        if missing_ids {
+            initiator.skip_have_ids();
+            responder.answer_id_lists_with_missing_ids();
+        }
         let (mut have_ids, mut need_ids) = (Vec::new(), Vec::new());
         let mut msg = initiator.initiate().unwrap();
         let mut bytes = msg.len();
@@ -953,8 +957,11 @@ mod tests {
                     msg = next;
                 }
                 None => {
-                    assert!(have_ids.is_empty(), "ids only the initiator has are listed");
-                    return (need_ids, initiator.skipped_have_ids(), bytes);
+                    assert!(
+                        !missing_ids || have_ids.is_empty(),
+                        "ids only the initiator has are listed"
+                    );
+                    return (have_ids, need_ids, initiator.skipped_have_ids(), bytes);
                 }
             }
         }
@@ -1017,7 +1024,7 @@ mod tests {
         // initiator lists ranges of about 15 ids, so every differing range
         // ends in its id list and the answer to it.
         let (a, b, _, b_only) = scattered_sets(1_000_000, 0, 1_000);
-        let (need, skipped, bytes) = run_missing_ids_sync(&a, &b, 0);
+        let (_, need, skipped, bytes) = run_sync(&a, &b, 0, true);
         assert_eq!(sorted(need), sorted(b_only.clone()));
         assert_eq!(
             skipped, 0,
@@ -1025,23 +1032,7 @@ mod tests {
         );
 
         // Upstream's answers, for the bytes.
-        let mut upstream_bytes = 0;
-        let mut initiator = Negentropy::borrowed(&a, 0).unwrap();
-        let mut responder = Negentropy::borrowed(&b, 0).unwrap();
-        let mut msg = initiator.initiate().unwrap();
-        let (mut have, mut need_upstream) = (Vec::new(), Vec::new());
-        loop {
-            upstream_bytes += msg.len();
-            let response = responder.reconcile(&msg).unwrap();
-            upstream_bytes += response.len();
-            match initiator
-                .reconcile_with_ids(&response, &mut have, &mut need_upstream)
-                .unwrap()
-            {
-                Some(next) => msg = next,
-                None => break,
-            }
-        }
+        let (have, need_upstream, _, upstream_bytes) = run_sync(&a, &b, 0, false);
         assert!(have.is_empty());
         assert_eq!(sorted(need_upstream), sorted(b_only));
         assert!(
@@ -1055,7 +1046,7 @@ mod tests {
     #[test]
     fn quiet_missing_ids_answers_count_the_ids_only_the_initiator_has() {
         let (a, b, a_only, b_only) = scattered_sets(50_000, 40, 30);
-        let (need, skipped, _) = run_missing_ids_sync(&a, &b, 0);
+        let (_, need, skipped, _) = run_sync(&a, &b, 0, true);
         assert_eq!(sorted(need), sorted(b_only));
         assert!(
             skipped > 0 && skipped <= a_only.len() as u64 * 2,
@@ -1065,7 +1056,7 @@ mod tests {
 
         // And with both sides' frames cut short, over and over.
         let (a, b, _, b_only) = scattered_sets(20_000, 500, 3_000);
-        let (need, skipped, _) = run_missing_ids_sync(&a, &b, 4096);
+        let (_, need, skipped, _) = run_sync(&a, &b, 4096, true);
         assert_eq!(sorted(need), sorted(b_only));
         assert!(skipped > 0);
 
@@ -1075,7 +1066,7 @@ mod tests {
             s.seal().unwrap();
             s
         };
-        let (need, skipped, _) = run_missing_ids_sync(&empty, &b, 4096);
+        let (_, need, skipped, _) = run_sync(&empty, &b, 4096, true);
         assert_eq!(need.len(), b.size().unwrap());
         assert_eq!(skipped, 0);
     }
