@@ -133,9 +133,7 @@ class Host:
 
     def cpu(self):
         """CPU seconds (user + system) the process has used."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / HZ
+        return cpu_seconds(self.proc.pid)
 
     def run_time(self):
         """CPU seconds the live threads have run, in nanoseconds' resolution
@@ -180,20 +178,33 @@ def wait_messages(host, n, timeout=3600):
         sys.exit(f"bench: {host.name} holds {count} messages, expected {n}")
 
 
-def settle(host, timeout=600):
-    """Waits until `host` has written back what it last stored: its WAL
-    copied into the database and cut back, and the process idle for half a
-    second. A host that has just stored 100k events still has ~500 MB of WAL
-    to copy back and cut (seconds of disk work); a catch-up started
-    meanwhile would measure that as well as the sync."""
-    wal = os.path.join(host.data, "quiet.db-wal")
+def cpu_seconds(pid):
+    """CPU seconds (user + system) process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def settle_pid(pid, data, name, timeout=600):
+    """Waits until the host `pid`, with its database in folder `data`, has
+    written back what it last stored: its WAL copied into the database and
+    cut back, and the process idle for half a second. A host that has just
+    stored 100k events still has ~500 MB of WAL to copy back and cut
+    (seconds of disk work); a catch-up started meanwhile would measure that
+    as well as the sync. `scripts/catchup.sh` uses it too."""
+    wal = os.path.join(data, "quiet.db-wal")
 
     def idle():
-        cpu = host.cpu()
+        cpu = cpu_seconds(pid)
         time.sleep(0.5)
         size = os.path.getsize(wal) if os.path.exists(wal) else 0
-        return size <= WAL_SETTLED and host.cpu() - cpu < 0.02
-    wait(idle, timeout, f"{host.name} to write back its WAL")
+        return size <= WAL_SETTLED and cpu_seconds(pid) - cpu < 0.02
+    wait(idle, timeout, f"{name} to write back its WAL")
+
+
+def settle(host, timeout=600):
+    """`settle_pid` for a running `Host`."""
+    settle_pid(host.proc.pid, host.data, host.name, timeout)
 
 
 def same_events(a, b):

@@ -58,28 +58,10 @@ while True:
 PY
 }
 now() { date +%s.%N; }
-# Waits until host $1 (a pid) has written back what it stored: the WAL of
-# database $2 copied back and cut to at most 64 MiB (the host's limit), and
-# the process idle for half a second. A host that has just stored 100k
-# events has ~500 MB of WAL left to copy and cut; a catch-up started
-# meanwhile would measure that disk work as well as the sync.
+# Waits until host $1 (a pid) with data folder $2 has written back what it
+# stored, as bench.py's `settle_pid` says.
 settle() {
-    python3 - "$1" "$2" <<'PY'
-import os, sys, time
-pid, wal = sys.argv[1], sys.argv[2] + "-wal"
-def cpu():
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-deadline = time.time() + 600
-while time.time() < deadline:
-    before = cpu()
-    time.sleep(0.5)
-    size = os.path.getsize(wal) if os.path.exists(wal) else 0
-    if size <= 64 << 20 and cpu() - before <= 2:
-        sys.exit(0)
-sys.exit("catchup: A never settled")
-PY
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.settle_pid(int(sys.argv[1]), sys.argv[2], 'A')" "$1" "$2"
 }
 
 invite=$($q network create --data "$work/a/data")
@@ -89,7 +71,7 @@ t0=$(now)
 $q message send --data "$work/a/data" "$net" "$text" --count "$n" >/dev/null
 wait_for "$work/a/data/quiet.db" "$n"
 t1=$(now)
-settle "${pids[0]}" "$work/a/data/quiet.db"
+settle "${pids[0]}" "$work/a/data"
 $q network join --data "$work/b/data" "$invite" >/dev/null
 t2=$(now)
 start b
