@@ -1,8 +1,8 @@
 //! Whole inbound frames through `Inbound::open`, as the engine sees them.
 //! The first byte picks: 0: raw frame bytes (never accepted); 1: a member's
 //! sealed request whose payload is the rest; 2: the same payload as a
-//! response to a live request of ours; 3: a raw body for
-//! `LiveRequests::accept`.
+//! response to a live request of ours; 3: a raw frame for
+//! `LiveRequests::accept` (its first byte in the tag's place).
 #![no_main]
 
 use quiet_host::{db, event_crypto, transit};
@@ -42,15 +42,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             // Accepted or not, the request is used up.
             assert!(r
                 .live
-                .accept(
-                    &transit::wrap_response(id, &secret, b"x")[1..],
-                    db::now_ms()
-                )
+                .accept(transit::wrap_response(id, &secret, b"x"), db::now_ms())
                 .is_err());
             env
         }
         _ => {
-            assert!(r.live.accept(rest, db::now_ms()).is_err());
+            assert!(r.live.accept(data.to_vec(), db::now_ms()).is_err());
             return;
         }
     };

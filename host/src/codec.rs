@@ -45,9 +45,46 @@ pub struct DecodeError(&'static str);
 
 /// Encodes `v`.
 pub fn encode(v: &Value) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    put(&mut out, v);
+    let mut out = Vec::new();
+    encode_into(&mut out, v);
     out
+}
+
+/// Appends the encoding of `v` to `out`. Its exact size is reserved first:
+/// a sync response is a megabyte, and growing it by doubling copied it
+/// about eight times over.
+pub fn encode_into(out: &mut Vec<u8>, v: &Value) {
+    out.reserve(encoded_len(v));
+    put(out, v);
+}
+
+/// How many bytes [`encode`] makes of `v`.
+pub fn encoded_len(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::Int(_) | Value::Float(_) => 9,
+        Value::Text(s) => 1 + bytes_len(s.len()),
+        Value::Bytes(b) => 1 + bytes_len(b.len()),
+        Value::List(items) => {
+            1 + len_len(items.len()) + items.iter().map(encoded_len).sum::<usize>()
+        }
+        Value::Map(fields) => {
+            let content: usize = fields
+                .iter()
+                .map(|f| bytes_len(f.key.len()) + encoded_len(&f.value))
+                .sum();
+            1 + len_len(fields.len()) + content
+        }
+    }
+}
+
+fn bytes_len(n: usize) -> usize {
+    len_len(n) + n
+}
+
+/// The bytes of `n` as LEB128.
+fn len_len(n: usize) -> usize {
+    (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
 }
 
 fn put(out: &mut Vec<u8>, v: &Value) {
@@ -246,6 +283,25 @@ mod tests {
             ),
         ]);
         assert_eq!(decode(&encode(&v)).unwrap(), v);
+    }
+
+    #[test]
+    fn the_reserved_size_is_the_encoded_size() {
+        // Lengths on each side of LEB128's byte boundaries.
+        for n in [0, 1, 127, 128, 16_383, 16_384, 2_097_152] {
+            let list = Value::List((0..n.min(300)).map(Value::from).collect());
+            for v in [
+                Value::from(vec![7u8; n]),
+                Value::from("é".repeat(n / 2)),
+                list.clone(),
+                Value::map([("k".repeat(n.min(200)), list)]),
+            ] {
+                assert_eq!(encoded_len(&v), encode(&v).len(), "{n}");
+            }
+        }
+        let mut out = b"head".to_vec();
+        encode_into(&mut out, &Value::from(5));
+        assert_eq!(out[4..], encode(&Value::from(5))[..]);
     }
 
     #[test]

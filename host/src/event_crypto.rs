@@ -96,17 +96,29 @@ pub fn member_proof(network: &NetworkKey, payload: &[u8]) -> [u8; 32] {
 /// frame that already names its sender (a response, see `transit`).
 pub fn with_member_proof(network: &NetworkKey, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(32 + payload.len());
-    body.extend_from_slice(&member_proof(network, payload));
-    body.extend_from_slice(payload);
+    put_with_member_proof(network, &mut body, |out| out.extend_from_slice(payload));
     body
+}
+
+/// Appends what [`with_member_proof`] makes to `out`, where `put_payload`
+/// appends the payload: a response is built in its frame's buffer, not
+/// copied into it.
+pub fn put_with_member_proof(
+    network: &NetworkKey,
+    out: &mut Vec<u8>,
+    put_payload: impl FnOnce(&mut Vec<u8>),
+) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 32]);
+    put_payload(out);
+    let proof = member_proof(network, &out[at + 32..]);
+    out[at..at + 32].copy_from_slice(&proof);
 }
 
 /// Splits what [`with_member_proof`] made; `None` if it is too short.
 /// Check the proof with [`member_proof`] before decoding the payload.
-pub fn split_member_proof(mut body: Vec<u8>) -> Option<([u8; 32], Vec<u8>)> {
-    let proof: [u8; 32] = body.get(..32)?.try_into().expect("32 bytes");
-    body.drain(..32);
-    Some((proof, body))
+pub fn split_member_proof(body: &[u8]) -> Option<(&[u8; 32], &[u8])> {
+    body.split_first_chunk()
 }
 
 /// Seals `payload` to `recipient`, with proof that we sent it and, given a

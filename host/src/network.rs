@@ -321,7 +321,7 @@ fn read_frames(
         }
         counters.bump("net_frames_received");
         counters.add("net_bytes_received", 4 + len as i64);
-        let opened = inbound.open(from, &bytes);
+        let opened = inbound.open(from, bytes);
         if opened.is_some() && !trusted {
             trust();
         }
@@ -402,7 +402,7 @@ impl Inbound {
 
     /// The envelope in a frame that came `from` a socket address, or `None`
     /// (counted) if it does not authenticate or decode.
-    pub fn open(&self, from: SocketAddr, frame: &[u8]) -> Option<Envelope> {
+    pub fn open(&self, from: SocketAddr, frame: Vec<u8>) -> Option<Envelope> {
         if self.other_version(from, frame.first().copied().unwrap_or(0)) {
             return None;
         }
@@ -416,38 +416,46 @@ impl Inbound {
         }
     }
 
-    fn try_open(&self, bytes: &[u8]) -> Result<Envelope, &'static str> {
-        let (kind, body) = bytes.split_first().ok_or("drop_malformed_frame")?;
+    fn try_open(&self, frame: Vec<u8>) -> Result<Envelope, &'static str> {
+        // What `payload` borrows from: a request's opened box, or a
+        // response's frame, decrypted in place.
+        let (sealed, accepted);
         // Who sent it, about which network, its membership proof and the
         // payload; and the request it answers, for a response.
-        let (sender, network_id, proof, payload, in_response_to) = match *kind {
-            transit::REQUEST => {
-                let opened =
-                    event_crypto::open_from(&self.wire.identity, body).map_err(|e| match e {
+        let (sender, network_id, proof, payload, in_response_to) = match frame.first() {
+            Some(&transit::REQUEST) => {
+                sealed = event_crypto::open_from(&self.wire.identity, &frame[1..]).map_err(
+                    |e| match e {
                         event_crypto::CryptoError::BadSeal => "drop_bad_seal",
                         event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
                         _ => "drop_malformed_payload",
-                    })?;
-                let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
-                (opened.sender, network_id, proof, opened.payload, None)
+                    },
+                )?;
+                let (network_id, proof) = sealed.network.clone().ok_or("drop_not_a_member")?;
+                (
+                    sealed.sender.clone(),
+                    network_id,
+                    proof,
+                    &sealed.payload[..],
+                    None,
+                )
             }
-            transit::RESPONSE => {
+            Some(&transit::RESPONSE) => {
                 // Only the peer we sealed the request to holds its transit
                 // secret: the request names the sender and the network.
-                let accepted = self
+                accepted = self
                     .wire
                     .live
-                    .accept(body, db::now_ms())
+                    .accept(frame, db::now_ms())
                     .map_err(|e| e.counter())?;
-                let (proof, payload) = event_crypto::split_member_proof(accepted.body)
+                let (proof, payload) = event_crypto::split_member_proof(accepted.body())
                     .ok_or("drop_malformed_payload")?;
-                let id = hex::encode(accepted.request_id);
                 (
-                    accepted.peer_id,
-                    accepted.network_id,
-                    proof,
+                    accepted.peer_id.clone(),
+                    accepted.network_id.clone(),
+                    *proof,
                     payload,
-                    Some(id),
+                    Some(hex::encode(accepted.request_id)),
                 )
             }
             _ => return Err("drop_malformed_frame"),
@@ -455,10 +463,10 @@ impl Inbound {
         // Every message is about a network: only members of it are heard,
         // and only when we are one. Checked before the payload is decoded.
         let key = self.wire.keys.get(&network_id).ok_or("drop_not_a_member")?;
-        if proof != event_crypto::member_proof(&key, &payload) {
+        if proof != event_crypto::member_proof(&key, payload) {
             return Err("drop_not_a_member");
         }
-        let plaintext = codec::decode(&payload).map_err(|_| "drop_malformed_payload")?;
+        let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
@@ -585,7 +593,6 @@ impl Outbox for NetworkOutbox {
             .map_err(|_| format!("dest_ip '{ip}' is not an IP address"))?;
         let addr = SocketAddr::new(ip, port);
 
-        let payload = codec::encode(plaintext);
         let network_id = envelope
             .str(field::NETWORK_ID)
             .ok_or("an outgoing envelope needs a network_id")?;
@@ -603,14 +610,18 @@ impl Outbox for NetworkOutbox {
                     .ok_or("in_response_to is not a request id")?;
                 let secret = transit_secret(envelope.bytes("transit_secret"))
                     .ok_or("a response needs the request's transit_secret")?;
-                let body = event_crypto::with_member_proof(&key, &payload);
-                transit::wrap_response(id, &secret, &body)
+                let body_len = 32 + codec::encoded_len(plaintext);
+                transit::wrap_response_with(id, &secret, body_len, |out| {
+                    event_crypto::put_with_member_proof(&key, out, |out| {
+                        codec::encode_into(out, plaintext)
+                    })
+                })
             }
             None => {
                 let sealed = event_crypto::seal_from(
                     &self.wire.identity,
                     &recipient,
-                    &payload,
+                    &codec::encode(plaintext),
                     Some((network_id, &key)),
                 );
                 let id = plaintext
