@@ -23,7 +23,7 @@
 //!   page (see [`event_id`]).
 
 use crypto_box::{
-    aead::{generic_array::GenericArray, Aead, AeadCore},
+    aead::{generic_array::GenericArray, Aead, AeadCore, AeadInPlace},
     PublicKey, SalsaBox, SecretKey,
 };
 use crypto_secretbox::{KeyInit, XChaCha20Poly1305, XSalsa20Poly1305};
@@ -241,30 +241,38 @@ pub fn decrypt_event(key: &NetworkKey, event: &[u8]) -> Result<(i64, Vec<u8>), C
     // An older event's nonce starts with the format byte one time in 256:
     // the tag decides, so it then takes a second try.
     let inner = match rest.split_first() {
-        Some((&EVENT_FORMAT_2, rest)) if rest.len() >= NONCE + 16 + 8 => {
-            let (nonce, body) = rest.split_at(NONCE);
-            XChaCha20Poly1305::new(&key.0.into())
-                .decrypt(GenericArray::from_slice(nonce), body)
-                .ok()
-        }
+        Some((&EVENT_FORMAT_2, rest)) => open_in_place::<XChaCha20Poly1305>(key, rest),
         _ => None,
     };
-    let inner = match inner {
-        Some(inner) => Ok(inner),
-        None => {
-            let (nonce, body) = rest.split_at(NONCE);
-            XSalsa20Poly1305::new(&key.0.into()).decrypt(GenericArray::from_slice(nonce), body)
-        }
-    };
-    let mut inner = inner.map_err(|_| CryptoError::BadEvent)?;
+    let mut inner = inner
+        .or_else(|| open_in_place::<XSalsa20Poly1305>(key, rest))
+        .ok_or(CryptoError::BadEvent)?;
     if inner.len() < 8 || inner[..8] != *head {
         return Err(CryptoError::BadEvent);
     }
-    let plaintext = inner.split_off(8);
-    Ok((
-        i64::from_be_bytes(head.try_into().expect("8 bytes")),
-        plaintext,
-    ))
+    // A receiver opens every event: one buffer each, not three.
+    inner.drain(..8);
+    Ok((i64::from_be_bytes(head.try_into().expect("8 bytes")), inner))
+}
+
+/// Opens secretbox's `nonce ‖ tag ‖ ciphertext` into one new buffer.
+fn open_in_place<C: KeyInit + AeadInPlace>(key: &NetworkKey, sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE + 16 {
+        return None;
+    }
+    let (nonce, rest) = sealed.split_at(NONCE);
+    let (tag, ciphertext) = rest.split_at(16);
+    let mut plaintext = ciphertext.to_vec();
+    C::new_from_slice(&key.0)
+        .ok()?
+        .decrypt_in_place_detached(
+            GenericArray::from_slice(nonce),
+            b"",
+            &mut plaintext,
+            GenericArray::from_slice(tag),
+        )
+        .ok()?;
+    Some(plaintext)
 }
 
 /// An event's id: its first 8 bytes (the creation time, big-endian), then

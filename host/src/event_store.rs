@@ -19,14 +19,13 @@ use rusqlite::Connection;
 use crate::{codec, counters::Counters, db, event_crypto, networks::NetworkKeys};
 
 /// An event decrypted and checked by [`EventStore::open`], not yet stored.
+/// Its network id and bytes stay in its envelope until they are stored.
 #[derive(Debug)]
 pub struct Opened {
     id: [u8; 32],
-    network_id: String,
     created_ms: i64,
     event_type: String,
     plaintext: Value,
-    event: Vec<u8>,
 }
 
 /// The event type that asks the host to store an event.
@@ -53,9 +52,10 @@ impl EventStore {
     pub fn store(
         &self,
         conn: &Connection,
-        envelope: &Envelope,
+        envelope: Envelope,
     ) -> rusqlite::Result<Option<Envelope>> {
-        self.store_opened(conn, self.open(envelope))
+        let opened = self.open(&envelope);
+        self.store_opened(conn, envelope, opened)
     }
 
     /// The part of storing that needs no database: decrypting, decoding and
@@ -84,11 +84,9 @@ impl EventStore {
             .to_owned();
         Ok(Opened {
             id: event_crypto::event_id(event),
-            network_id: network_id.to_owned(),
             created_ms,
             event_type,
             plaintext,
-            event: event.to_vec(),
         })
     }
 
@@ -130,16 +128,24 @@ impl EventStore {
             .collect()
     }
 
-    /// Stores what [`open`](Self::open) made of an event; see
-    /// [`store`](Self::store).
+    /// Stores what [`open`](Self::open) made of the event in `envelope`;
+    /// see [`store`](Self::store).
     pub fn store_opened(
         &self,
         conn: &Connection,
+        mut envelope: Envelope,
         opened: Result<Opened, &'static str>,
     ) -> rusqlite::Result<Option<Envelope>> {
         let opened = match opened {
             Ok(opened) => opened,
             Err(counter) => return Ok(self.refuse(counter)),
+        };
+        // Moved, not copied, into the decrypted event: `open` checked both.
+        let (Some(Value::Text(network_id)), Some(Value::Bytes(event))) = (
+            envelope.remove(field::NETWORK_ID),
+            envelope.remove(field::EVENT_CIPHERTEXT),
+        ) else {
+            return Ok(self.refuse("drop_malformed_store_event"));
         };
         let inserted = conn
             .prepare_cached(
@@ -148,10 +154,10 @@ impl EventStore {
             )?
             .execute(rusqlite::params![
                 &opened.id[..],
-                opened.network_id,
+                network_id.as_str(),
                 opened.created_ms,
                 opened.event_type,
-                opened.event,
+                event.as_slice(),
                 db::now_ms()
             ])?;
         if inserted == 0 {
@@ -160,9 +166,9 @@ impl EventStore {
         Ok(Some(
             Envelope::of_type(&opened.event_type)
                 .with(field::EVENT_ID, opened.id)
-                .with(field::NETWORK_ID, opened.network_id)
+                .with(field::NETWORK_ID, network_id)
                 .with(field::EVENT_PLAINTEXT, opened.plaintext)
-                .with(field::EVENT_CIPHERTEXT, opened.event),
+                .with(field::EVENT_CIPHERTEXT, event),
         ))
     }
 

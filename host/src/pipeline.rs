@@ -307,11 +307,11 @@ impl<'a> Pipeline<'a> {
                     &envelope,
                 );
             };
-            match store.store(self.conn, &envelope)? {
-                Some(decrypted) => envelope = decrypted,
+            envelope = match store.store(self.conn, envelope)? {
+                Some(decrypted) => decrypted,
                 // A duplicate or a refused event, counted by the store.
                 None => return Ok(()),
-            }
+            };
         }
         self.deliver(&envelope, hops, &source, Isolation::Own, queue, report)
             .map(drop)
@@ -335,13 +335,19 @@ impl<'a> Pipeline<'a> {
         };
         let mut decrypted = Vec::with_capacity(batch.len());
         for item in batch {
-            let stored = match item.opened {
-                Some(opened) => store.store_opened(self.conn, opened)?,
-                None => store.store(self.conn, &item.envelope)?,
+            let Queued {
+                envelope,
+                hops,
+                source,
+                opened,
+            } = item;
+            let stored = match opened {
+                Some(opened) => store.store_opened(self.conn, envelope, opened)?,
+                None => store.store(self.conn, envelope)?,
             };
             // `None`: a duplicate or a refused event, counted by the store.
             if let Some(envelope) = stored {
-                decrypted.push((envelope, item.hops, item.source));
+                decrypted.push((envelope, hops, source));
             }
         }
         if decrypted.len() > 1 {
