@@ -228,6 +228,31 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
+def machine_speed():
+    """Medians of two fixed workloads, in ms: a pure-Python loop (one core's
+    speed) and BLAKE2b over 64 MiB (memory bandwidth too). This shared
+    machine's speed drifts by half from hour to hour; these say how fast it
+    was when the figures were taken, so that runs of different days compare."""
+    import hashlib
+    data = bytes(64 << 20)
+
+    def loop():
+        total = 0
+        for i in range(2_000_000):
+            total += i * i
+        return total
+
+    def median_ms(f):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - t0) * 1000)
+        return sorted(times)[2]
+
+    return median_ms(loop), median_ms(lambda: hashlib.blake2b(data).digest())
+
+
 def two_hosts(work, n):
     """A with n messages, running; B joined to A's network, not started."""
     a, b = Host(work, "a"), Host(work, "b")
@@ -440,7 +465,9 @@ def main():
                     "-p", "quiet-sync-plugin", "-p", "quiet-messages-plugin"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="quiet-bench-")
     hosts = []
+    speed = "machine speed: Python loop {:.0f} ms, BLAKE2b of 64 MiB {:.0f} ms (lower is faster)"
     try:
+        print(speed.format(*machine_speed()), flush=True)
         row("scenario", "time", "rate / cost", "CPU", "memory / rounds", "wire")
         row(*["---"] * 6)
         n = args.events
@@ -460,6 +487,7 @@ def main():
     finally:
         for h in hosts:
             h.stop()
+        print(speed.format(*machine_speed()), flush=True)
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
