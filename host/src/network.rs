@@ -419,26 +419,21 @@ impl Inbound {
     fn try_open(&self, frame: Vec<u8>) -> Result<Envelope, &'static str> {
         // What `payload` borrows from: a request's opened box, or a
         // response's frame, decrypted in place.
-        let (sealed, accepted);
+        let (unsealed, accepted);
         // Who sent it, about which network, its membership proof and the
         // payload; and the request it answers, for a response.
         let (sender, network_id, proof, payload, in_response_to) = match frame.first() {
             Some(&transit::REQUEST) => {
-                sealed = event_crypto::open_from(&self.wire.identity, &frame[1..]).map_err(
+                let opened = event_crypto::open_from(&self.wire.identity, &frame[1..]).map_err(
                     |e| match e {
                         event_crypto::CryptoError::BadSeal => "drop_bad_seal",
                         event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
                         _ => "drop_malformed_payload",
                     },
                 )?;
-                let (network_id, proof) = sealed.network.clone().ok_or("drop_not_a_member")?;
-                (
-                    sealed.sender.clone(),
-                    network_id,
-                    proof,
-                    &sealed.payload[..],
-                    None,
-                )
+                let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
+                unsealed = opened.payload;
+                (opened.sender, network_id, proof, &unsealed[..], None)
             }
             Some(&transit::RESPONSE) => {
                 // Only the peer we sealed the request to holds its transit
