@@ -9,6 +9,10 @@
 # A first writes back what it stored (see `settle`); B joins before it
 # starts, so its first sync runs at once: the clock runs from B's start to
 # its last event.
+#
+# Prints one table row, and on stderr the page faults and CPU of A while it
+# served and those of B, by thread: where a change's effect hides in noise,
+# these counts still show it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20000}
@@ -73,6 +77,9 @@ wait_for "$work/a/data/quiet.db" "$n"
 t1=$(now)
 settle "${pids[0]}" "$work/a/data"
 $q network join --data "$work/b/data" "$invite" >/dev/null
+# Page faults and CPU ticks (user + system) of a process, from /proc.
+faults_ticks() { awk '{ print $10, $14 + $15 }' "/proc/$1/stat"; }
+read -r faults_a0 ticks_a0 < <(faults_ticks "${pids[0]}")
 t2=$(now)
 start b
 wait_for "$work/b/data/quiet.db" "$n"
@@ -80,6 +87,27 @@ t3=$(now)
 # CPU seconds each host used so far (user + system), from /proc.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 cpu_a=$(cpu "${pids[0]}") cpu_b=$(cpu "${pids[1]}")
+read -r faults_a1 ticks_a1 < <(faults_ticks "${pids[0]}")
+# B's CPU by thread (its helper threads count under the thread that started
+# them, "engine"; exited threads are missing), on stderr so that stdout
+# stays one table row.
+python3 - "${pids[1]}" "$((faults_a1 - faults_a0))" "$((ticks_a1 - ticks_a0))" >&2 <<'PY'
+import collections, os, sys
+pid, faults_a, ticks_a = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hz = os.sysconf("SC_CLK_TCK")
+def stat(path):
+    text = open(path).read()
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, rest  # rest[0] is field 3 of proc(5)
+by_thread = collections.Counter()
+for tid in os.listdir(f"/proc/{pid}/task"):
+    name, rest = stat(f"/proc/{pid}/task/{tid}/stat")
+    by_thread[name.split(" ")[0]] += int(rest[11]) + int(rest[12])
+_, rest = stat(f"/proc/{pid}/stat")
+threads = ", ".join(f"{k} {v / hz:.2f} s" for k, v in by_thread.most_common() if v)
+print(f"A while serving: {faults_a} page faults, {ticks_a / hz:.2f} s CPU; "
+      f"B: {rest[7]} page faults; B's threads: {threads}")
+PY
 python3 -c "
 n=$n; a=$t1-$t0; b=$t3-$t2
 print(f'| {n} | A stores and projects its own: {a:.2f} s ({n/a:,.0f}/s) | A to a fresh B: {b:.2f} s ({n/b:,.0f} events/s) | CPU s: A $cpu_a, B $cpu_b |')"
