@@ -29,7 +29,7 @@
 //! the outbox refuses, and one past the hop limit (naming the handler that
 //! keeps producing them). The caller owns the transaction around all of it.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use quiet_plugin_api::{field, Envelope, Identity};
 use rusqlite::Connection;
@@ -105,13 +105,15 @@ pub struct Source {
 struct Queued {
     envelope: Envelope,
     hops: u32,
-    source: Source,
+    /// Shared by everything one call produced: a sync response yields a
+    /// thousand events, and a copy of the names each was two allocations.
+    source: Arc<Source>,
     /// A `store_event` already opened by [`EventStore::open_all`].
     opened: Option<Result<Opened, &'static str>>,
 }
 
 impl Queued {
-    fn new(envelope: Envelope, hops: u32, source: Source) -> Self {
+    fn new(envelope: Envelope, hops: u32, source: Arc<Source>) -> Self {
         Self {
             envelope,
             hops,
@@ -214,6 +216,7 @@ impl<'a> Pipeline<'a> {
         envelopes: impl IntoIterator<Item = Envelope>,
         source: Source,
     ) -> rusqlite::Result<Report> {
+        let source = Arc::new(source);
         let mut queue: VecDeque<Queued> = envelopes
             .into_iter()
             .map(|envelope| Queued::new(envelope, 0, source.clone()))
@@ -411,7 +414,9 @@ impl<'a> Pipeline<'a> {
             return Ok(own);
         }
         for handler in subscribers {
-            let here = Source {
+            // Named only when something needs the name: most calls produce
+            // nothing and fail nothing.
+            let here = || Source {
                 plugin: Some(handler.plugin.to_string()),
                 handler: handler.name.clone(),
             };
@@ -421,7 +426,7 @@ impl<'a> Pipeline<'a> {
                 Err(CallError::Sql(e)) => return Err(e),
                 Err(CallError::Handler(_)) if !own => return Ok(false),
                 Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here, &format!("filter failed: {e}"), envelope)?;
+                    self.dead_letter(report, &here(), &format!("filter failed: {e}"), envelope)?;
                     continue;
                 }
             }
@@ -437,7 +442,7 @@ impl<'a> Pipeline<'a> {
                 Err(CallError::Sql(e)) => return Err(e),
                 Err(CallError::Handler(_)) if !own => return Ok(false),
                 Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here, &e, envelope)?;
+                    self.dead_letter(report, &here(), &e, envelope)?;
                     continue;
                 }
             };
@@ -450,16 +455,20 @@ impl<'a> Pipeline<'a> {
                     "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
                     self.hop_limit, handler.name, handler.plugin
                 );
+                let here = here();
                 for env in &produced {
                     self.dead_letter(report, &here, &reason, env)?;
                 }
                 continue;
             }
-            queue.extend(
-                produced
-                    .into_iter()
-                    .map(|envelope| Queued::new(envelope, hops + 1, here.clone())),
-            );
+            if !produced.is_empty() {
+                let here = Arc::new(here());
+                queue.extend(
+                    produced
+                        .into_iter()
+                        .map(|envelope| Queued::new(envelope, hops + 1, here.clone())),
+                );
+            }
         }
         Ok(true)
     }
