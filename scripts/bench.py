@@ -20,6 +20,9 @@ Scenarios (an event counts once the receiver has stored and projected it):
   peers     a hub and 20 peers holding the same N events: the hub's CPU.
 
 Every scenario ends by checking that both stores hold the same event ids.
+Before and after the runs it prints the machine's speed (see
+`machine_speed`): on a shared machine, compare figures only with others
+taken at a similar speed, or side by side.
 """
 
 import argparse
