@@ -88,9 +88,9 @@ t3=$(now)
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 cpu_a=$(cpu "${pids[0]}") cpu_b=$(cpu "${pids[1]}")
 read -r faults_a1 ticks_a1 < <(faults_ticks "${pids[0]}")
-# B's CPU by thread (its helper threads count under the thread that started
-# them, "engine"; exited threads are missing), on stderr so that stdout
-# stays one table row.
+# B's CPU by thread, on stderr so that stdout stays one table row. Threads
+# that have exited (the engine's short-lived helpers, a closed connection's
+# reader) are missing, so these add up to less than B's CPU.
 python3 - "${pids[1]}" "$((faults_a1 - faults_a0))" "$((ticks_a1 - ticks_a0))" >&2 <<'PY'
 import collections, os, sys
 pid, faults_a, ticks_a = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
