@@ -45,8 +45,8 @@ pub struct DecodeError(&'static str);
 
 /// Encodes `v`.
 pub fn encode(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_into(&mut out, v);
+    let mut out = Vec::with_capacity(encoded_len(v));
+    put(&mut out, v);
     out
 }
 
@@ -296,7 +296,10 @@ mod tests {
                 list.clone(),
                 Value::map([("k".repeat(n.min(200)), list)]),
             ] {
-                assert_eq!(encoded_len(&v), encode(&v).len(), "{n}");
+                let bytes = encode(&v);
+                assert_eq!(encoded_len(&v), bytes.len(), "{n}");
+                // One allocation of the exact size, never regrown.
+                assert_eq!(bytes.capacity(), bytes.len(), "{n}");
             }
         }
         let mut out = b"head".to_vec();

@@ -226,6 +226,8 @@ mod tests {
         live.register(id, request.clone(), 1000, 30_000);
         let frame = wrap_response(id, &secret, b"body");
         assert_eq!(frame[0], RESPONSE);
+        // The frame is its only buffer: allocated once, at its exact size.
+        assert_eq!(frame.capacity(), frame.len());
         // Wrong secret: refused, and the request stays live.
         let forged = wrap_response(id, &[1u8; 32], b"evil");
         assert_eq!(live.accept(forged, 2000), Err(TransitError::BadSecret));
