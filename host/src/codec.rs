@@ -50,9 +50,9 @@ pub fn encode(v: &Value) -> Vec<u8> {
     out
 }
 
-/// Appends the encoding of `v` to `out`. Its exact size is reserved first:
-/// a sync response is a megabyte, and growing it by doubling copied it
-/// about eight times over.
+/// Appends the encoding of `v` to `out`, reserving room for all of it
+/// first: a sync response is a megabyte, and growing it by doubling copied
+/// it about eight times over.
 pub fn encode_into(out: &mut Vec<u8>, v: &Value) {
     out.reserve(encoded_len(v));
     put(out, v);
