@@ -285,61 +285,16 @@ where
                         their_elems.insert(Id::from_byte_array(e));
                     }
 
-                    if !self.is_initiator && self.answer_missing_ids {
-                        // quiet-host: answer with the ids they lack, in one
-                        // pass that stops listing where upstream's answer
-                        // is cut short (the range then ends at the first
-                        // item left out, and the rest of the set gets a
-                        // fingerprint below), and goes on only to find which
-                        // of their ids we have, for the count.
-                        // do_skip
-                        if skip {
-                            skip = false;
-                            o.extend(self.encode_bound(&prev_bound));
-                            o.extend(self.encode_mode(Mode::Skip));
-                        }
-
-                        let mut response_ids: Vec<u8> = Vec::new();
-                        let mut num_response_ids: usize = 0;
-                        let mut end_bound = curr_bound;
-                        let mut cut = false;
-                        self.storage
-                            .iterate(lower, upper, &mut |item: Item, index| {
-                                if their_elems.remove(&item.id) || cut {
-                                    return Ok(!their_elems.is_empty() || !cut);
-                                }
-                                if self.exceeded_frame_size_limit(
-                                    full_output.len() + response_ids.len(),
-                                ) {
-                                    end_bound = Bound::from_item(&item);
-                                    upper = index;
-                                    cut = true;
-                                    return Ok(!their_elems.is_empty());
-                                }
-                                response_ids.extend(item.id.iter());
-                                num_response_ids += 1;
-                                Ok(true)
-                            })?;
-
-                        o.extend(self.encode_bound(&end_bound));
-                        o.extend(self.encode_mode(Mode::MissingIds));
-                        o.extend(encode_var_int(their_elems.len() as u64));
-                        o.extend(encode_var_int(num_response_ids as u64));
-                        o.extend(response_ids);
-
-                        full_output.extend(&o);
-                        o.clear();
-                        emitted_index = upper;
-                    } else {
+                    if self.is_initiator {
                         // quiet-host: counted here, as the closure borrows self.
                         let mut skipped: u64 = 0;
-                        let (is_initiator, collect) = (self.is_initiator, self.collect_have_ids);
+                        let collect = self.collect_have_ids;
                         self.storage.iterate(lower, upper, &mut |item: Item, _| {
                             let k: Id = item.id;
                             if !their_elems.contains(&k) {
-                                if is_initiator && collect {
+                                if collect {
                                     have_ids.push(k);
-                                } else if is_initiator {
+                                } else {
                                     skipped += 1;
                                 }
                             } else {
@@ -350,48 +305,61 @@ where
                         })?;
                         self.skipped_have_ids += skipped;
 
-                        if self.is_initiator {
-                            skip = true;
+                        skip = true;
 
-                            for k in their_elems.into_iter() {
-                                need_ids.push(k);
-                            }
-                        } else {
-                            // do_skip
-                            if skip {
-                                skip = false;
-                                o.extend(self.encode_bound(&prev_bound));
-                                o.extend(self.encode_mode(Mode::Skip));
-                            }
-
-                            let mut response_ids: Vec<u8> = Vec::new();
-                            let mut num_response_ids: usize = 0;
-                            let mut end_bound = curr_bound;
-
-                            self.storage
-                                .iterate(lower, upper, &mut |item: Item, index| {
-                                    if self.exceeded_frame_size_limit(
-                                        full_output.len() + response_ids.len(),
-                                    ) {
-                                        end_bound = Bound::from_item(&item);
-                                        upper = index; // shrink upper so that remaining range gets correct fingerprint
-                                        return Ok(false);
-                                    }
-
-                                    response_ids.extend(item.id.iter());
-                                    num_response_ids += 1;
-                                    Ok(true)
-                                })?;
-
-                            o.extend(self.encode_bound(&end_bound));
-                            o.extend(self.encode_mode(Mode::IdList));
-                            o.extend(encode_var_int(num_response_ids as u64));
-                            o.extend(response_ids);
-
-                            full_output.extend(&o);
-                            o.clear();
-                            emitted_index = upper;
+                        for k in their_elems.into_iter() {
+                            need_ids.push(k);
                         }
+                    } else {
+                        // do_skip
+                        if skip {
+                            skip = false;
+                            o.extend(self.encode_bound(&prev_bound));
+                            o.extend(self.encode_mode(Mode::Skip));
+                        }
+
+                        // quiet-host: answering with the missing ids only,
+                        // the ids they listed are left out, and the pass
+                        // goes on past the cut only to find which of their
+                        // ids we have, for the count.
+                        let missing_only = self.answer_missing_ids;
+                        let mut response_ids: Vec<u8> = Vec::new();
+                        let mut num_response_ids: usize = 0;
+                        let mut end_bound = curr_bound;
+                        let mut cut = false;
+
+                        self.storage
+                            .iterate(lower, upper, &mut |item: Item, index| {
+                                if missing_only && (their_elems.remove(&item.id) || cut) {
+                                    return Ok(!their_elems.is_empty() || !cut);
+                                }
+                                if self.exceeded_frame_size_limit(
+                                    full_output.len() + response_ids.len(),
+                                ) {
+                                    end_bound = Bound::from_item(&item);
+                                    upper = index; // shrink upper so that remaining range gets correct fingerprint
+                                    cut = true;
+                                    return Ok(missing_only && !their_elems.is_empty());
+                                }
+
+                                response_ids.extend(item.id.iter());
+                                num_response_ids += 1;
+                                Ok(true)
+                            })?;
+
+                        o.extend(self.encode_bound(&end_bound));
+                        if missing_only {
+                            o.extend(self.encode_mode(Mode::MissingIds));
+                            o.extend(encode_var_int(their_elems.len() as u64));
+                        } else {
+                            o.extend(self.encode_mode(Mode::IdList));
+                        }
+                        o.extend(encode_var_int(num_response_ids as u64));
+                        o.extend(response_ids);
+
+                        full_output.extend(&o);
+                        o.clear();
+                        emitted_index = upper;
                     }
                 }
                 Mode::MissingIds => {
