@@ -181,11 +181,37 @@ def wait_messages(host, n, timeout=3600):
         sys.exit(f"bench: {host.name} holds {count} messages, expected {n}")
 
 
+def proc_stat(path):
+    """The name in a `/proc/.../stat` file (which may hold spaces) and the
+    fields after it: `fields[0]` is proc(5)'s field 3."""
+    with open(path) as f:
+        text = f.read()
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
 def cpu_seconds(pid):
     """CPU seconds (user + system) process `pid` has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = proc_stat(f"/proc/{pid}/stat")[1]
     return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def page_faults(pid):
+    """Page faults (minor: no disk read) of process `pid` so far."""
+    return int(proc_stat(f"/proc/{pid}/stat")[1][7])
+
+
+def cpu_by_thread(pid):
+    """CPU seconds of process `pid`'s live threads, by the first word of
+    their names, most first. Threads that have exited are missing."""
+    seconds = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name, fields = proc_stat(f"/proc/{pid}/task/{task}/stat")
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        key = name.split(" ")[0]
+        seconds[key] = seconds.get(key, 0) + (int(fields[11]) + int(fields[12])) / HZ
+    return sorted(seconds.items(), key=lambda kv: -kv[1])
 
 
 def settle_pid(pid, data, name, timeout=600):

@@ -62,11 +62,19 @@ while True:
 PY
 }
 now() { date +%s.%N; }
+# Runs the Python statements $1 with bench.py imported and the rest of the
+# arguments in sys.argv[1:]: bench.py waits for a host and reads /proc for
+# both scripts.
+with_bench() {
+    local code=$1
+    shift
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; $code" "$@"
+}
 # Waits until host $1 (a pid) with data folder $2 has written back what it
 # stored, as bench.py's `settle_pid` says.
-settle() {
-    python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.settle_pid(int(sys.argv[1]), sys.argv[2], 'A')" "$1" "$2"
-}
+settle() { with_bench "bench.settle_pid(int(sys.argv[1]), sys.argv[2], 'A')" "$1" "$2"; }
+# Page faults and CPU seconds of process $1 so far.
+faults_cpu() { with_bench "p = int(sys.argv[1]); print(bench.page_faults(p), bench.cpu_seconds(p))" "$1"; }
 
 invite=$($q network create --data "$work/a/data")
 net=$($q network list --data "$work/a/data" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['network_id'])")
@@ -77,37 +85,23 @@ wait_for "$work/a/data/quiet.db" "$n"
 t1=$(now)
 settle "${pids[0]}" "$work/a/data"
 $q network join --data "$work/b/data" "$invite" >/dev/null
-# Page faults and CPU ticks (user + system) of a process, from /proc.
-faults_ticks() { awk '{ print $10, $14 + $15 }' "/proc/$1/stat"; }
-read -r faults_a0 ticks_a0 < <(faults_ticks "${pids[0]}")
+read -r faults_a0 cpu_a0 < <(faults_cpu "${pids[0]}")
 t2=$(now)
 start b
 wait_for "$work/b/data/quiet.db" "$n"
 t3=$(now)
-# CPU seconds each host used so far (user + system), from /proc.
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
-cpu_a=$(cpu "${pids[0]}") cpu_b=$(cpu "${pids[1]}")
-read -r faults_a1 ticks_a1 < <(faults_ticks "${pids[0]}")
-# B's CPU by thread, on stderr so that stdout stays one table row. Threads
-# that have exited (the engine's short-lived helpers, a closed connection's
-# reader) are missing, so these add up to less than B's CPU.
-python3 - "${pids[1]}" "$((faults_a1 - faults_a0))" "$((ticks_a1 - ticks_a0))" >&2 <<'PY'
-import collections, os, sys
-pid, faults_a, ticks_a = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-hz = os.sysconf("SC_CLK_TCK")
-def stat(path):
-    text = open(path).read()
-    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-    return name, rest  # rest[0] is field 3 of proc(5)
-by_thread = collections.Counter()
-for tid in os.listdir(f"/proc/{pid}/task"):
-    name, rest = stat(f"/proc/{pid}/task/{tid}/stat")
-    by_thread[name.split(" ")[0]] += int(rest[11]) + int(rest[12])
-_, rest = stat(f"/proc/{pid}/stat")
-threads = ", ".join(f"{k} {v / hz:.2f} s" for k, v in by_thread.most_common() if v)
-print(f"A while serving: {faults_a} page faults, {ticks_a / hz:.2f} s CPU; "
-      f"B: {rest[7]} page faults; B's threads: {threads}")
-PY
+read -r faults_a cpu_a < <(faults_cpu "${pids[0]}")
+read -r faults_b cpu_b < <(faults_cpu "${pids[1]}")
+# What A used while serving, and B by thread, on stderr so that stdout stays
+# one table row. Threads that have exited (the engine's short-lived helpers,
+# a closed connection's reader) are missing, so B's add up to less than its
+# CPU.
+with_bench "
+f0, c0, f1, c1, b_faults, b = sys.argv[1:]
+threads = ', '.join(f'{k} {v:.2f} s' for k, v in bench.cpu_by_thread(int(b)) if v)
+print(f\"A while serving: {int(f1) - int(f0)} page faults, {float(c1) - float(c0):.2f} s CPU; \"
+      f\"B: {b_faults} page faults; B's threads: {threads}\")" \
+    "$faults_a0" "$cpu_a0" "$faults_a" "$cpu_a" "$faults_b" "${pids[1]}" >&2
 python3 -c "
 n=$n; a=$t1-$t0; b=$t3-$t2
-print(f'| {n} | A stores and projects its own: {a:.2f} s ({n/a:,.0f}/s) | A to a fresh B: {b:.2f} s ({n/b:,.0f} events/s) | CPU s: A $cpu_a, B $cpu_b |')"
+print(f'| {n} | A stores and projects its own: {a:.2f} s ({n/a:,.0f}/s) | A to a fresh B: {b:.2f} s ({n/b:,.0f} events/s) | CPU s: A {$cpu_a:.2f}, B {$cpu_b:.2f} |')"
