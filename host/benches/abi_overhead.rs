@@ -27,7 +27,7 @@ use std::{path::PathBuf, time::Duration};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use echo::Echo;
-use quiet_host::{context::HostContext, loader};
+use quiet_host::{context::HostContext, loader, statements::Statements};
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity};
 use rusqlite::Connection;
 
@@ -62,7 +62,8 @@ fn envelope_through_handler(c: &mut Criterion) {
     let conn = Connection::open_in_memory().expect("in-memory database");
     conn.execute_batch("BEGIN").expect("BEGIN");
     let identity = Identity::default();
-    let mut host = HostContext::new(&conn, &plugin.name, &identity);
+    let statements = Statements::new(&conn);
+    let mut host = HostContext::new(&statements, &plugin.name, &identity);
     let env = ping();
 
     // Both paths must do the same work before their times are compared.

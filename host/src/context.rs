@@ -23,7 +23,10 @@ use rusqlite::{
     Connection, ToSql,
 };
 
-use crate::db;
+use crate::{
+    db,
+    statements::{Held, Statements},
+};
 
 /// Statement kinds a plugin may not run: they would end, fork or escape the
 /// transaction the host opened for the call.
@@ -91,18 +94,48 @@ fn plugin_authorizer(ctx: AuthContext<'_>) -> Authorization {
     }
 }
 
+/// Refuses plugin SQL whose first word would end or fork the host's
+/// transaction, or that rolls it back from inside a statement; the clear
+/// messages for common mistakes, in front of the authorizer.
+fn judge(sql: &str) -> Result<(), String> {
+    let first = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("");
+    if FORBIDDEN.iter().any(|k| k.eq_ignore_ascii_case(first)) {
+        return Err(format!(
+            "{} statements are not allowed: the host owns the transaction",
+            first.to_ascii_uppercase()
+        ));
+    }
+    // `INSERT OR ROLLBACK …` and triggers with `RAISE(ROLLBACK, …)` end
+    // the transaction from inside a statement; the authorizer cannot see
+    // them.
+    let rollback = sql
+        .as_bytes()
+        .windows(8)
+        .any(|w| w.eq_ignore_ascii_case(b"ROLLBACK"));
+    if rollback {
+        return Err("ROLLBACK is not allowed in any form: the host owns the transaction".into());
+    }
+    Ok(())
+}
+
 /// What a handler call may use of the host.
-pub struct HostContext<'a> {
-    conn: &'a Connection,
+pub struct HostContext<'a, 'c> {
+    statements: &'a Statements<'c>,
     plugin: &'a str,
     identity: &'a Identity,
 }
 
-impl<'a> HostContext<'a> {
-    /// A context over `conn`, which must be inside a transaction.
-    pub fn new(conn: &'a Connection, plugin: &'a str, identity: &'a Identity) -> Self {
+impl<'a, 'c> HostContext<'a, 'c> {
+    /// A context over the connection of `statements`, which must be inside a
+    /// transaction. Plugin statements are judged and prepared once per
+    /// `statements`, so a pipeline run shares one among its calls.
+    pub fn new(statements: &'a Statements<'c>, plugin: &'a str, identity: &'a Identity) -> Self {
         Self {
-            conn,
+            statements,
             plugin,
             identity,
         }
@@ -113,40 +146,20 @@ impl<'a> HostContext<'a> {
         HostServices_TO::from_ptr(self, TD_Opaque)
     }
 
-    fn prepare(&self, sql: &str) -> Result<rusqlite::CachedStatement<'a>, String> {
-        let first = sql
-            .trim_start()
-            .split(|c: char| !c.is_ascii_alphabetic())
-            .next()
-            .unwrap_or("");
-        if FORBIDDEN.iter().any(|k| k.eq_ignore_ascii_case(first)) {
-            return Err(format!(
-                "{} statements are not allowed: the host owns the transaction",
-                first.to_ascii_uppercase()
-            ));
-        }
-        // `INSERT OR ROLLBACK …` and triggers with `RAISE(ROLLBACK, …)` end
-        // the transaction from inside a statement; the authorizer cannot see
-        // them.
-        let rollback = sql
-            .as_bytes()
-            .windows(8)
-            .any(|w| w.eq_ignore_ascii_case(b"ROLLBACK"));
-        if rollback {
-            return Err(
-                "ROLLBACK is not allowed in any form: the host owns the transaction".into(),
-            );
-        }
-        // The first-word check above gives the common mistakes a clear
-        // message; SQLite's authorizer is the real guard (comments, odd
-        // spacing). It only judges while a plugin's statement compiles, so
-        // the host's own statements are unaffected. A cached statement that
-        // SQLite re-prepares later (after a schema change) is the same text,
-        // already judged.
-        COMPILING_PLUGIN_SQL.set(true);
-        let stmt = self.conn.prepare_cached(sql);
-        COMPILING_PLUGIN_SQL.set(false);
-        stmt.map_err(|e| e.to_string())
+    fn prepare(&self, sql: &str) -> Result<Held<'a, 'c>, String> {
+        self.statements.get(sql, |conn, sql| {
+            judge(sql)?;
+            // The first-word check in `judge` gives the common mistakes a
+            // clear message; SQLite's authorizer is the real guard
+            // (comments, odd spacing). It only judges while a plugin's
+            // statement compiles, so the host's own statements are
+            // unaffected. A cached statement that SQLite re-prepares later
+            // (after a schema change) is the same text, already judged.
+            COMPILING_PLUGIN_SQL.set(true);
+            let stmt = conn.prepare_cached(sql);
+            COMPILING_PLUGIN_SQL.set(false);
+            stmt.map_err(|e| e.to_string())
+        })
     }
 
     fn query_rows(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {
@@ -187,7 +200,7 @@ fn abi_result<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
     }
 }
 
-impl HostServices for HostContext<'_> {
+impl HostServices for HostContext<'_, '_> {
     fn query(&mut self, sql: RStr<'_>, params: RSlice<'_, Value>) -> RResult<Rows, RString> {
         abi_result(|| self.query_rows(sql.as_str(), params.as_slice()))
     }
@@ -271,7 +284,8 @@ mod tests {
         conn.execute_batch("CREATE TABLE t(a INTEGER, b TEXT, c BLOB); BEGIN")
             .unwrap();
         let id = Identity::default();
-        let mut host = HostContext::new(&conn, "test", &id);
+        let statements = Statements::new(&conn);
+        let mut host = HostContext::new(&statements, "test", &id);
         let mut ctx = Context::new(host.as_abi());
         ctx.execute(
             "INSERT INTO t VALUES (?, ?, ?)",

@@ -16,7 +16,9 @@ use std::sync::{
 use quiet_plugin_api::{field, Envelope, Value};
 use rusqlite::Connection;
 
-use crate::{codec, counters::Counters, db, event_crypto, networks::NetworkKeys};
+use crate::{
+    codec, counters::Counters, db, event_crypto, networks::NetworkKeys, statements::Statements,
+};
 
 /// An event decrypted and checked by [`EventStore::open`], not yet stored.
 /// Its network id and bytes stay in its envelope until they are stored.
@@ -51,11 +53,11 @@ impl EventStore {
     /// on, or `None` when it was a duplicate or refused (and counted).
     pub fn store(
         &self,
-        conn: &Connection,
+        statements: &Statements<'_>,
         envelope: Envelope,
     ) -> rusqlite::Result<Option<Envelope>> {
         let opened = self.open(&envelope);
-        self.store_opened(conn, envelope, opened)
+        self.store_opened(statements, envelope, opened)
     }
 
     /// The part of storing that needs no database: decrypting, decoding and
@@ -132,7 +134,7 @@ impl EventStore {
     /// see [`store`](Self::store).
     pub fn store_opened(
         &self,
-        conn: &Connection,
+        statements: &Statements<'_>,
         mut envelope: Envelope,
         opened: Result<Opened, &'static str>,
     ) -> rusqlite::Result<Option<Envelope>> {
@@ -147,10 +149,11 @@ impl EventStore {
         ) else {
             return Ok(self.refuse("drop_malformed_store_event"));
         };
-        let inserted = conn
-            .prepare_cached(
+        let inserted = statements
+            .get(
                 "INSERT OR IGNORE INTO events(event_id, network_id, created_ms, event_type, event, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                Connection::prepare_cached,
             )?
             .execute(rusqlite::params![
                 &opened.id[..],

@@ -98,7 +98,7 @@ impl LoadedHandler {
     pub fn process(
         &self,
         envelope: &Envelope,
-        ctx: &mut HostContext<'_>,
+        ctx: &mut HostContext<'_, '_>,
     ) -> Result<RVec<Envelope>, CallError> {
         watchdog::timed(&self.site, CallKind::Process, || {
             self.abi.process(envelope, ctx.as_abi())
@@ -110,7 +110,7 @@ impl LoadedHandler {
     /// The handler's `run_job`, inside the caller's transaction.
     pub fn run_job(
         &self,
-        ctx: &mut HostContext<'_>,
+        ctx: &mut HostContext<'_, '_>,
         params: &Value,
     ) -> Result<RVec<Envelope>, CallError> {
         watchdog::timed(&self.site, CallKind::RunJob, || {

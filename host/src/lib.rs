@@ -38,6 +38,7 @@ pub mod registry;
 pub mod reload;
 pub mod scheduler;
 pub mod sim;
+pub mod statements;
 pub mod status;
 pub mod testing;
 pub mod transit;

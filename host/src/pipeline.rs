@@ -41,6 +41,7 @@ use crate::{
     handler::CallError,
     json::envelope_to_json,
     registry::Registry,
+    statements::Statements,
     watchdog,
 };
 
@@ -169,6 +170,8 @@ pub struct Services {
 /// One pipeline run over a borrowed connection and registry generation.
 pub struct Pipeline<'a> {
     conn: &'a Connection,
+    /// Shared by the run's handler calls and its event store.
+    statements: Statements<'a>,
     registry: &'a Registry,
     services: &'a Services,
     hop_limit: u32,
@@ -198,6 +201,7 @@ impl<'a> Pipeline<'a> {
     pub fn new(conn: &'a Connection, registry: &'a Registry, services: &'a Services) -> Self {
         Self {
             conn,
+            statements: Statements::new(conn),
             registry,
             services,
             hop_limit: DEFAULT_HOP_LIMIT,
@@ -310,7 +314,7 @@ impl<'a> Pipeline<'a> {
                     &envelope,
                 );
             };
-            envelope = match store.store(self.conn, envelope)? {
+            envelope = match store.store(&self.statements, envelope)? {
                 Some(decrypted) => decrypted,
                 // A duplicate or a refused event, counted by the store.
                 None => return Ok(()),
@@ -345,8 +349,8 @@ impl<'a> Pipeline<'a> {
                 opened,
             } = item;
             let stored = match opened {
-                Some(opened) => store.store_opened(self.conn, envelope, opened)?,
-                None => store.store(self.conn, envelope)?,
+                Some(opened) => store.store_opened(&self.statements, envelope, opened)?,
+                None => store.store(&self.statements, envelope)?,
             };
             // `None`: a duplicate or a refused event, counted by the store.
             if let Some(envelope) = stored {
@@ -430,7 +434,8 @@ impl<'a> Pipeline<'a> {
                     continue;
                 }
             }
-            let mut ctx = HostContext::new(self.conn, &handler.plugin, &self.services.identity);
+            let mut ctx =
+                HostContext::new(&self.statements, &handler.plugin, &self.services.identity);
             let outcome = match isolation {
                 Isolation::Own => {
                     db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx))

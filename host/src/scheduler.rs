@@ -42,6 +42,7 @@ use crate::{
     network::Received,
     pipeline::{Pipeline, Services, Source},
     registry::{Plugins, Registry},
+    statements::Statements,
     watchdog::{self, EngineWatch},
 };
 
@@ -335,7 +336,8 @@ pub fn execute_job(
         handler: handler.name.clone(),
     };
     services.write_tx(conn, |conn| {
-        let mut ctx = HostContext::new(conn, &handler.plugin, &services.identity);
+        let statements = Statements::new(conn);
+        let mut ctx = HostContext::new(&statements, &handler.plugin, &services.identity);
         let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params));
         let error = match result {
             Ok(envelopes) => {

@@ -1397,7 +1397,7 @@ export_plugin! {
 mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
 
-    use quiet_host::{context::HostContext, testing::TestHost};
+    use quiet_host::{context::HostContext, statements::Statements, testing::TestHost};
     use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
     use std::collections::VecDeque;
@@ -1768,13 +1768,15 @@ mod tests {
         /// tests run sessions back to back, faster than it allows.
         fn run_job(&self, params: &Value) -> Vec<Envelope> {
             self.handler.state().next_start_ms.clear();
-            let mut services = HostContext::new(self.host.db(), "sync", &self.identity);
+            let statements = Statements::new(self.host.db());
+            let mut services = HostContext::new(&statements, "sync", &self.identity);
             let mut ctx = Context::new(services.as_abi());
             self.handler.run_job(&mut ctx, params).unwrap()
         }
 
         fn process(&self, env: &Envelope) -> Vec<Envelope> {
-            let mut services = HostContext::new(self.host.db(), "sync", &self.identity);
+            let statements = Statements::new(self.host.db());
+            let mut services = HostContext::new(&statements, "sync", &self.identity);
             let mut ctx = Context::new(services.as_abi());
             assert!(self.handler.filter(env));
             self.handler.process(env, &mut ctx).unwrap()
@@ -2207,7 +2209,8 @@ mod tests {
         // While that session runs (and before A would admit another), B's
         // job starts none with A.
         b.handler.state().sessions.clear();
-        let mut services = HostContext::new(b.host.db(), "sync", &b.identity);
+        let statements = Statements::new(b.host.db());
+        let mut services = HostContext::new(&statements, "sync", &b.identity);
         let mut ctx = Context::new(services.as_abi());
         let again = b.handler.run_job(&mut ctx, &limits(1000)).unwrap();
         assert!(
