@@ -174,8 +174,16 @@ fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> 
     Ok(conn)
 }
 
-/// WAL pages the engine lets pile up before it checkpoints in its own
-/// commit (1 GiB of 4 KiB pages): a backstop for long bursts of writes.
+/// The page size of a new database, in bytes. A catch-up's receiver ran
+/// 2.9 % fewer instructions and wrote 4.5 % less WAL with 8 KiB than with
+/// SQLite's 4 KiB: a kilobyte event or message row fills a larger page
+/// better, and index pages split half as often. 16 KiB ran more
+/// instructions than 8 KiB. A database keeps the page size it was made
+/// with.
+const PAGE_SIZE: i64 = 8192;
+
+/// WAL bytes the engine lets pile up before it checkpoints in its own
+/// commit: a backstop for long bursts of writes.
 ///
 /// While commits come back to back the WAL cannot restart from its start:
 /// the writer restarts it only when it begins a transaction with every
@@ -185,7 +193,7 @@ fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> 
 /// (its fsync); at 64 MiB that was every ~18k events of a catch-up, 15 % of
 /// its time. A restart asked for by the checkpointer (holding the engine
 /// off meanwhile) stalled it as long. At 1 GiB it is once per ~250k events.
-const ENGINE_CHECKPOINT_PAGES: i64 = 262_144;
+const ENGINE_CHECKPOINT_BYTES: i64 = 1 << 30;
 
 /// The size a restarted WAL file is cut back to, in bytes, so that a burst
 /// does not leave its whole length on disk.
@@ -205,7 +213,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 const BUSY_SKIPS: u32 = 9;
 
 /// The WAL size from which the checkpointer no longer skips looks: nearer
-/// [`ENGINE_CHECKPOINT_PAGES`], it keeps the WAL copied back, so that the
+/// [`ENGINE_CHECKPOINT_BYTES`], it keeps the WAL copied back, so that the
 /// engine's own checkpoint finds little left to copy inside its commit.
 const SKIP_BELOW_WAL_BYTES: u64 = 256 << 20;
 
@@ -218,7 +226,13 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
     let flags = (OpenFlags::default() - OpenFlags::SQLITE_OPEN_NO_MUTEX)
         | OpenFlags::SQLITE_OPEN_FULL_MUTEX;
     let conn = open_with(data_dir, flags)?;
-    conn.pragma_update(None, "wal_autocheckpoint", ENGINE_CHECKPOINT_PAGES)?;
+    // In pages of this database's size, which an older one may not share.
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        ENGINE_CHECKPOINT_BYTES / page_size.max(512),
+    )?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "cache_size", -ENGINE_CACHE_KIB)?;
     Ok(conn)
@@ -232,7 +246,7 @@ pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
 /// changed since its last look, or at least once a second (at every look
 /// once the WAL passes 256 MiB, `SKIP_BELOW_WAL_BYTES`). While commits
 /// come back to back the WAL cannot restart anyway (see
-/// `ENGINE_CHECKPOINT_PAGES`), so copying it back early frees nothing;
+/// `ENGINE_CHECKPOINT_BYTES`), so copying it back early frees nothing;
 /// copied later, a page that many commits rewrote (an index's) is copied
 /// once rather than once per look, and the copying leaves the cores to the
 /// engine and its peers while they work.
@@ -328,6 +342,8 @@ pub fn open_read_only(data_dir: &Path) -> rusqlite::Result<Connection> {
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Before the first write, or it has no effect.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL in WAL mode is durable against process crashes; only a power
     // loss can drop the last commits.
