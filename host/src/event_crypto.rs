@@ -131,7 +131,8 @@ pub fn seal_from(
 ) -> Vec<u8> {
     let nonce = SalsaBox::generate_nonce(&mut HostRng);
     let digest = blake3::hash(payload);
-    let tag = SalsaBox::new(recipient, me.secret_key())
+    let tag = me
+        .pair_box(recipient)
         .encrypt(&nonce, digest.as_bytes().as_slice())
         .expect("boxing 32 bytes cannot fail");
     let mut proof = nonce.to_vec();
@@ -166,7 +167,8 @@ pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<Opened, CryptoError
     }
     let sender = PublicKey::from(sender);
     let (nonce, tag) = proof.split_at(NONCE);
-    let digest = SalsaBox::new(&sender, me.secret_key())
+    let digest = me
+        .pair_box(&sender)
         .decrypt(GenericArray::from_slice(nonce), tag)
         .map_err(|_| CryptoError::BadProof)?;
     if digest != blake3::hash(payload).as_bytes() {
