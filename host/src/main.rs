@@ -13,6 +13,16 @@ use signal_hook::{
     iterator::Signals,
 };
 
+/// The host's allocations (not the plugins' or SQLite's, which keep their
+/// own) go to mimalloc. A receiver allocates and frees its events a
+/// response (a thousand) at a time, and some on another thread than the one
+/// that frees them; glibc's per-thread cache holds seven blocks of a size,
+/// so most of those went to its locked, coalescing paths. A receiver runs
+/// 5 % fewer instructions, and its engine used 7-18 % less CPU in 100k
+/// catch-ups (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `--version`: the host's version and the plugin ABI it loads.
 fn version() -> &'static str {
     let v = format!(
