@@ -4,8 +4,9 @@
 //! - [`scheduler`] finds a due job in [`jobs`] and calls the job's
 //!   [`handler`] inside a transaction ([`db`]);
 //! - [`pipeline`] hands each envelope it returned to the handlers that
-//!   subscribe to it, giving each a [`context`] onto the same transaction,
-//!   and records failures as dead letters;
+//!   subscribe to it, giving each a [`context`] onto the same transaction
+//!   (whose [`statements`] a run prepares once), and records failures as
+//!   dead letters;
 //! - handlers come from plugin libraries that [`loader`] loads and
 //!   [`registry`] indexes, one generation at a time, kept current by
 //!   [`reload`];

@@ -4,7 +4,7 @@
 //! insert and the projection's. rusqlite's `prepare_cached` hashes the SQL
 //! and moves the statement out of its LRU and back (resetting it and
 //! clearing its bindings) on every use: about 3,000 instructions a use,
-//! 5 % of the receiver's work. A run holds the statements it used instead,
+//! 4 % of the receiver's work. A run holds the statements it used instead,
 //! found by comparing their text, and hands them back to rusqlite's cache
 //! when it ends.
 //!
