@@ -39,11 +39,6 @@ impl<'c> Statements<'c> {
         }
     }
 
-    /// The connection the statements belong to.
-    pub fn conn(&self) -> &'c Connection {
-        self.conn
-    }
-
     /// The statement for `sql`: the one this run used before, or else what
     /// `prepare` makes of it (only then is `prepare` called, so checks in it
     /// run once per run and text).
