@@ -4,7 +4,7 @@
 //! the envelope must arrive unchanged; the input is a codec-encoded map.
 #![no_main]
 
-use quiet_host::{codec, testing::TestHost};
+use quiet_host::{encoding::codec, testing::TestHost};
 use quiet_plugin_api::{export_plugin, Context, Envelope, Handler, PluginError, Value};
 
 struct Mirror;

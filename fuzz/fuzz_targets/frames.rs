@@ -5,7 +5,10 @@
 //! `LiveRequests::accept` (its first byte in the tag's place).
 #![no_main]
 
-use quiet_host::{db, event_crypto, transit};
+use quiet_host::{
+    crypto::{event_crypto, transit},
+    storage::db,
+};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((mode, rest)) = data.split_first() else {
@@ -54,7 +57,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Some(env) = opened {
         // Only what decodes, named as about the proven network and from
         // its sealer (or the peer a request of ours was sealed to).
-        let plaintext = quiet_host::codec::decode(rest).expect("opened, so it decoded");
+        let plaintext = quiet_host::encoding::codec::decode(rest).expect("opened, so it decoded");
         assert_eq!(env.plaintext(), Some(&plaintext));
         assert_eq!(env.str("network_id"), Some(quiet_fuzz::NET));
         assert_eq!(env.str("sender_peer_id"), Some(r.peer.peer_id().as_str()));

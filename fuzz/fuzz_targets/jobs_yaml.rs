@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use quiet_host::jobs;
+use quiet_host::engine::jobs;
 use quiet_plugin_api::Value;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 //! bytes; 3: encrypt then decrypt round trip.
 #![no_main]
 
-use quiet_host::event_crypto::{self, CryptoError};
+use quiet_host::crypto::event_crypto::{self, CryptoError};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((mode, rest)) = data.split_first() else {

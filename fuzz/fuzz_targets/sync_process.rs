@@ -8,7 +8,7 @@
 //! that the checks below rule out.
 #![no_main]
 
-use quiet_host::{codec, testing::TestHost};
+use quiet_host::{encoding::codec, testing::TestHost};
 use quiet_plugin_api::{Envelope, Value};
 
 const NET: &str = "0123456789abcdef0123456789abcdef";
@@ -40,7 +40,10 @@ fn request() -> Value {
         ("type", Value::from("sync_request")),
         ("request_id", Value::from([0x11u8; 16])),
         ("transit_secret", Value::from([7u8; 32])),
-        ("timestamp_ms", Value::from(quiet_host::db::now_ms())),
+        (
+            "timestamp_ms",
+            Value::from(quiet_host::storage::db::now_ms()),
+        ),
         ("reply_ip", Value::from("10.0.0.9")),
         ("reply_port", Value::from(7009)),
         ("session_id", Value::from([0x22u8; 16])),

@@ -8,13 +8,10 @@ use std::{
 };
 
 use quiet_host::{
-    codec,
-    counters::Counters,
-    event_crypto::NetworkKey,
-    identity::HostIdentity,
+    crypto::{event_crypto::NetworkKey, identity::HostIdentity, transit::LiveRequests},
+    encoding::codec,
     network::{Inbound, Wire},
-    networks::NetworkKeys,
-    transit::LiveRequests,
+    storage::{counters::Counters, networks::NetworkKeys},
 };
 use quiet_plugin_api::{Envelope, Value};
 

@@ -4,7 +4,7 @@
 //! - `direct_rust_call`: `Echo` linked in as an rlib and called as a plain
 //!   Rust function;
 //! - `through_abi`: the same code built as a cdylib, loaded with
-//!   [`quiet_host::loader::load`] and called through `LoadedHandler`, the
+//!   [`quiet_host::plugins::loader::load`] and called through `LoadedHandler`, the
 //!   path the pipeline takes (abi_stable trait object, `catch_unwind` guard,
 //!   `RResult`/`RVec` conversions, deallocation through the plugin's vtable).
 //!
@@ -27,7 +27,10 @@ use std::{path::PathBuf, time::Duration};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use echo::Echo;
-use quiet_host::{context::HostContext, loader, statements::Statements};
+use quiet_host::{
+    plugins::{context::HostContext, loader},
+    storage::statements::Statements,
+};
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity};
 use rusqlite::Connection;
 

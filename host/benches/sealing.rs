@@ -19,10 +19,12 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use crypto_box::SecretKey;
 use quiet_host::{
-    codec,
-    entropy::HostRng,
-    event_crypto::{self, NetworkKey},
-    transit,
+    crypto::{
+        entropy::HostRng,
+        event_crypto::{self, NetworkKey},
+        transit,
+    },
+    encoding::codec,
 };
 use quiet_plugin_api::Value;
 

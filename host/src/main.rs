@@ -7,7 +7,11 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use quiet_host::{commands, host, loader, status, watchdog};
+use quiet_host::{
+    cli::{commands, host, status},
+    engine::watchdog,
+    plugins::loader,
+};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -239,7 +243,7 @@ fn demo(plugins_from: Option<PathBuf>, keep: bool, timeout: u64) -> Result<(), S
             .and_then(|e| e.parent().map(Path::to_path_buf))
             .ok_or("cannot find this executable's folder; pass --plugins-from")?,
     };
-    quiet_host::demo::run(&quiet_host::demo::DemoOptions {
+    quiet_host::cli::demo::run(&quiet_host::cli::demo::DemoOptions {
         plugins_from,
         keep,
         timeout: std::time::Duration::from_secs(timeout),

@@ -23,7 +23,7 @@
 //!
 //! **Determinism.** One seed drives two streams: the simulator's own
 //! (latency, loss, duplication, reordering), and the host's entropy
-//! ([`crate::entropy`]: identities, network ids and event nonces, hence
+//! ([`crate::crypto::entropy`]: identities, network ids and event nonces, hence
 //! event ids, which decide how reconciliation splits ranges and so how many
 //! frames a sync takes). Hosts and deliveries are visited in a fixed order
 //! (host index; arrival time, then send order), on one thread. What stays
@@ -60,19 +60,23 @@ use arc_swap::ArcSwap;
 use rusqlite::Connection;
 
 use crate::{
-    commands,
-    counters::Counters,
-    db, entropy,
-    event_store::EventStore,
-    identity::HostIdentity,
-    jobs::JobsConfig,
-    network::{Inbound, NetworkOutbox, Received, Transport, Wire},
-    networks::{Invite, NetworkKeys},
-    pipeline::Services,
-    registry::Plugins,
-    reload::{ReloadPaths, Reloader},
-    scheduler::Scheduler,
-    transit::LiveRequests,
+    cli::commands,
+    crypto::{entropy, identity::HostIdentity, transit::LiveRequests},
+    engine::{
+        inbox::Received,
+        jobs::JobsConfig,
+        pipeline::Services,
+        reload::{ReloadPaths, Reloader},
+        scheduler::Scheduler,
+    },
+    network::{Inbound, NetworkOutbox, Transport, Wire},
+    plugins::registry::Plugins,
+    storage::{
+        counters::Counters,
+        db,
+        event_store::EventStore,
+        networks::{Invite, NetworkKeys},
+    },
 };
 
 /// The environment variable that replays a seed.

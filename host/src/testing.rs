@@ -32,12 +32,13 @@ use quiet_plugin_api::{Envelope, Identity, PluginModRef, Value};
 use rusqlite::Connection;
 
 use crate::{
-    db,
-    jobs::JobSpec,
-    loader,
-    pipeline::{Outbox, Pipeline, Report, Services, Source},
-    registry::Registry,
-    scheduler,
+    engine::{
+        jobs::JobSpec,
+        pipeline::{Outbox, Pipeline, Report, Services, Source},
+        scheduler,
+    },
+    plugins::{loader, registry::Registry},
+    storage::db,
 };
 
 /// One plugin on an in-memory host. See the [module docs](self).

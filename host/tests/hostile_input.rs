@@ -11,16 +11,16 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc};
 
 use quiet_host::{
-    codec,
-    counters::Counters,
-    db,
-    event_crypto::{self, CryptoError, NetworkKey},
-    identity::HostIdentity,
-    jobs,
+    crypto::{
+        event_crypto::{self, CryptoError, NetworkKey},
+        identity::HostIdentity,
+        transit::{self, LiveRequests, TransitError},
+    },
+    encoding::codec,
+    engine::jobs,
     network::{Inbound, Wire},
-    networks::NetworkKeys,
+    storage::{counters::Counters, db, networks::NetworkKeys},
     testing::TestHost,
-    transit::{self, LiveRequests, TransitError},
 };
 use quiet_plugin_api::{export_plugin, Context, Envelope, Handler, PluginError, Value};
 use quiet_test_support::hostile::{check, envelope, key, proptest::prelude::*, value as any_value};

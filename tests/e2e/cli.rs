@@ -161,7 +161,7 @@ fn the_demo_runs_three_hosts_to_the_end_and_leaves_nothing_running() {
     for host in ["A", "B", "C"] {
         let data = Path::new(kept).join(host).join("data");
         assert_eq!(
-            quiet_host::host::running_pid(&data),
+            quiet_host::cli::host::running_pid(&data),
             None,
             "host {host} still running"
         );

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use quiet_host::{db::now_ms, sim::SplitMix64};
+use quiet_host::{sim::SplitMix64, storage::db::now_ms};
 use quiet_test_support::{wait_for, HostDirs, HostProcess};
 
 use crate::{

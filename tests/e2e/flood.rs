@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quiet_host::{event_crypto, transit};
+use quiet_host::crypto::{event_crypto, transit};
 use quiet_test_support::wait_for;
 
 use crate::sync::{cli, create_network, events, sync_host};

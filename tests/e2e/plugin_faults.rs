@@ -102,7 +102,7 @@ fn ticker_and_faulty(jobs: &str) -> (HostDirs, HostProcess) {
 fn send(data: &Path, net: &str, n: usize, prefix: &str) {
     let texts: Vec<String> = (0..n).map(|i| format!("{prefix} {i}")).collect();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    quiet_host::commands::message_send_many(data, net, &texts).unwrap();
+    quiet_host::cli::commands::message_send_many(data, net, &texts).unwrap();
 }
 
 /// Waits until `data` holds `n` events of `net`.

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quiet_host::db::now_ms;
+use quiet_host::storage::db::now_ms;
 use quiet_test_support::{wait_for, HostProcess};
 
 use crate::{bin, job, query_i64};

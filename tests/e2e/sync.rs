@@ -70,7 +70,7 @@ pub(crate) fn message_ids(data: &Path, network: &str) -> Vec<String> {
 
 pub(crate) fn create_network(data: &Path) -> (String, String) {
     let invite = cli(data, &["network", "create"]);
-    let network = quiet_host::networks::Invite::decode(&invite)
+    let network = quiet_host::storage::networks::Invite::decode(&invite)
         .unwrap()
         .network_id;
     (invite, network)
@@ -94,7 +94,7 @@ pub(crate) fn fill(
 ) -> Vec<String> {
     let texts: Vec<String> = (0..n).map(text).collect();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let ids = quiet_host::commands::message_send_many(data, network, &texts).unwrap();
+    let ids = quiet_host::cli::commands::message_send_many(data, network, &texts).unwrap();
     wait_for(Duration::from_secs(60), || {
         (events(data, network) == n as i64).then_some(())
     })
@@ -310,7 +310,7 @@ fn send_raw(addr: &str, frame: &[u8]) {
 
 #[test]
 fn bad_packets_are_dropped_counted_and_change_nothing() {
-    use quiet_host::{event_crypto, identity::HostIdentity, transit};
+    use quiet_host::crypto::{event_crypto, identity::HostIdentity, transit};
     use quiet_plugin_api::Value;
 
     let (a_dirs, a) = sync_host();
@@ -356,7 +356,10 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         ("type", Value::from("sync_request")),
         ("request_id", Value::from([0u8; 16])),
         ("transit_secret", Value::from([5u8; 32])),
-        ("timestamp_ms", Value::from(quiet_host::db::now_ms())),
+        (
+            "timestamp_ms",
+            Value::from(quiet_host::storage::db::now_ms()),
+        ),
         ("reply_ip", Value::from("127.0.0.1")),
         ("reply_port", Value::from(9)),
         ("session_id", Value::from([0xabu8; 16])),
@@ -365,7 +368,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     let frame = transit::wrap_request(&event_crypto::seal_from(
         &eve,
         &a_key,
-        &quiet_host::codec::encode(&request),
+        &quiet_host::encoding::codec::encode(&request),
         None,
     ));
     send_raw(&addr, &frame);
@@ -380,7 +383,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         &transit::wrap_request(&event_crypto::seal_from(
             &eve,
             &a_key,
-            &quiet_host::codec::encode(&no_network),
+            &quiet_host::encoding::codec::encode(&no_network),
             None,
         )),
     );
@@ -407,7 +410,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         transit::wrap_request(&event_crypto::seal_from(
             &mallory,
             &a_key,
-            &quiet_host::codec::encode(v),
+            &quiet_host::encoding::codec::encode(v),
             Some((net.as_str(), &key)),
         ))
     };
@@ -473,7 +476,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
 /// ours.
 #[test]
 fn sealed_boxes_interoperate_with_libsodium() {
-    use quiet_host::{event_crypto, identity::HostIdentity};
+    use quiet_host::crypto::{event_crypto, identity::HostIdentity};
     let has_nacl = Command::new("python3")
         .args(["-c", "import nacl"])
         .status()

@@ -118,7 +118,7 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::{db, testing::TestHost};
+    use quiet_host::{storage::db, testing::TestHost};
     use quiet_plugin_api::{envelope, Envelope, Value};
 
     fn message(id: u8, plaintext: Value) -> Envelope {

@@ -92,7 +92,7 @@ mod tests {
 
     fn host_with_dead_letters(ages_ms: &[i64]) -> TestHost {
         let host = TestHost::new(super::plugin_module()).unwrap();
-        let now = quiet_host::db::now_ms();
+        let now = quiet_host::storage::db::now_ms();
         for age in ages_ms {
             host.db()
                 .execute(

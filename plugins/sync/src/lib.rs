@@ -1397,7 +1397,9 @@ export_plugin! {
 mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
 
-    use quiet_host::{context::HostContext, statements::Statements, testing::TestHost};
+    use quiet_host::{
+        plugins::context::HostContext, storage::statements::Statements, testing::TestHost,
+    };
     use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
     use std::collections::VecDeque;
@@ -1486,7 +1488,7 @@ mod tests {
     /// Now, and later with each call, as a requester's timestamps are.
     fn timestamp() -> i64 {
         static CALLS: AtomicI64 = AtomicI64::new(0);
-        quiet_host::db::now_ms() + CALLS.fetch_add(1, Ordering::Relaxed)
+        quiet_host::storage::db::now_ms() + CALLS.fetch_add(1, Ordering::Relaxed)
     }
 
     /// `env` with its plaintext's `key` set to `value`.
@@ -1687,7 +1689,7 @@ mod tests {
             host.db()
                 .execute(
                     "UPDATE sync_sessions SET next_start_ms = ?1 WHERE peer_id = ?2",
-                    (quiet_host::db::now_ms() + ms, PEER_A),
+                    (quiet_host::storage::db::now_ms() + ms, PEER_A),
                 )
                 .unwrap()
         };
@@ -1703,7 +1705,7 @@ mod tests {
         assert!(
             host.count(&format!(
                 "SELECT next_start_ms FROM sync_sessions WHERE peer_id = '{PEER_A}'"
-            )) >= quiet_host::db::now_ms() + 3_400
+            )) >= quiet_host::storage::db::now_ms() + 3_400
         );
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
@@ -1983,8 +1985,8 @@ mod tests {
         });
         let with_b = |a: &Peer| a.handler.state().sessions.keys().any(|k| k.0 == PEER_B);
         assert!(with_b(&a), "the session is still waiting");
-        let start = quiet_host::db::now_ms();
-        let at = |ms: i64| quiet_host::db::set_thread_clock(Some(start + ms));
+        let start = quiet_host::storage::db::now_ms();
+        let at = |ms: i64| quiet_host::storage::db::set_thread_clock(Some(start + ms));
         // A tick before the silence has lasted RETRY_AFTER_MS sends nothing.
         at(super::RETRY_AFTER_MS - 1_000);
         let early: Vec<_> = a.run_job(&limits(100));
@@ -2007,7 +2009,7 @@ mod tests {
             "{later:?}"
         );
         let second = exchange(&a, &b, again, 100, |_| false);
-        quiet_host::db::set_thread_clock(None);
+        quiet_host::storage::db::set_thread_clock(None);
 
         let stored = each_once([first.stored, second.stored].concat());
         assert_eq!(stored.len(), 2_500);
@@ -2243,7 +2245,7 @@ mod tests {
             )
         };
         // Beyond the transit TTL (30 s unless the job says otherwise), either way.
-        let now = quiet_host::db::now_ms();
+        let now = quiet_host::storage::db::now_ms();
         let session = new_id();
         host.deliver(vec![
             at(session, 0, now - 31_000),
@@ -2455,7 +2457,7 @@ mod tests {
             host.db()
                 .execute(
                     "UPDATE sync_sessions SET next_start_ms = ?1",
-                    [quiet_host::db::now_ms() + ms],
+                    [quiet_host::storage::db::now_ms() + ms],
                 )
                 .unwrap()
         };
@@ -2468,12 +2470,14 @@ mod tests {
         assert_eq!(counter(&host, "sync_rate_limited"), 1);
         // ...but an hour ahead means our clock stepped back an hour.
         due_in(&host, 3_600_000);
-        let before = quiet_host::db::now_ms();
+        let before = quiet_host::storage::db::now_ms();
         host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         let next_start_ms = host.count("SELECT next_start_ms FROM sync_sessions");
-        assert!((before + 3_000..=quiet_host::db::now_ms() + 3_000).contains(&next_start_ms));
+        assert!(
+            (before + 3_000..=quiet_host::storage::db::now_ms() + 3_000).contains(&next_start_ms)
+        );
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
 }

@@ -136,7 +136,10 @@ fn request_template(negentropy: Value, need: Value) -> Value {
         ("type", Value::from("sync_request")),
         ("request_id", Value::from([0x11u8; 16])),
         ("transit_secret", Value::from([7u8; 32])),
-        ("timestamp_ms", Value::from(quiet_host::db::now_ms())),
+        (
+            "timestamp_ms",
+            Value::from(quiet_host::storage::db::now_ms()),
+        ),
         ("reply_ip", Value::from("10.0.0.9")),
         ("reply_port", Value::from(7009)),
         ("session_id", Value::from([0x22u8; 16])),

@@ -7,7 +7,7 @@
 //! `panicked:`.
 //!
 //! Every call is timed against the engine's call budget (see
-//! [`crate::watchdog`]): a call the watchdog gave up on comes back as
+//! [`crate::plugins::call_budget`]): a call the watchdog gave up on comes back as
 //! [`CallError::Sql`], so that the caller abandons its unit of work without
 //! writing anything more.
 
@@ -15,24 +15,10 @@ use std::{path::PathBuf, sync::Arc};
 
 use quiet_plugin_api::{abi_stable::std_types::RVec, Envelope, HandlerBox, Value, ANY_EVENT_TYPE};
 
-use crate::{
+use crate::plugins::{
+    call_budget::{self, CallKind, CallSite},
     context::HostContext,
-    watchdog::{self, CallKind},
 };
-
-/// Which handler of which library build a call goes to: what the watchdog
-/// names, and disables, when a call overruns its budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallSite {
-    /// The plugin's name.
-    pub plugin: Arc<str>,
-    /// The handler's name.
-    pub handler: String,
-    /// The file in the plugin folder the build came from.
-    pub file: PathBuf,
-    /// BLAKE3 of that build, in hex.
-    pub hash: String,
-}
 
 /// A handler from a loaded plugin generation.
 pub struct LoadedHandler {
@@ -89,7 +75,7 @@ impl LoadedHandler {
 
     /// The handler's `filter`.
     pub fn filter(&self, envelope: &Envelope) -> Result<bool, CallError> {
-        watchdog::timed(&self.site, CallKind::Filter, || self.abi.filter(envelope))?
+        call_budget::timed(&self.site, CallKind::Filter, || self.abi.filter(envelope))?
             .into_result()
             .map_err(|e| CallError::Handler(e.into()))
     }
@@ -100,7 +86,7 @@ impl LoadedHandler {
         envelope: &Envelope,
         ctx: &mut HostContext<'_, '_>,
     ) -> Result<RVec<Envelope>, CallError> {
-        watchdog::timed(&self.site, CallKind::Process, || {
+        call_budget::timed(&self.site, CallKind::Process, || {
             self.abi.process(envelope, ctx.as_abi())
         })?
         .into_result()
@@ -113,7 +99,7 @@ impl LoadedHandler {
         ctx: &mut HostContext<'_, '_>,
         params: &Value,
     ) -> Result<RVec<Envelope>, CallError> {
-        watchdog::timed(&self.site, CallKind::RunJob, || {
+        call_budget::timed(&self.site, CallKind::RunJob, || {
             self.abi.run_job(ctx.as_abi(), params)
         })?
         .into_result()

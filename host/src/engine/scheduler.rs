@@ -16,14 +16,14 @@
 //! This thread is the host's **engine**: it also runs the frames from the
 //! network and the CLI's submissions. If a plugin call on it overruns the
 //! call budget, the watchdog abandons it and starts a fresh one on the same
-//! signal queue (see [`crate::watchdog`]); an abandoned engine whose call
+//! signal queue (see [`crate::engine::watchdog`]); an abandoned engine whose call
 //! comes back stops before its next unit of work.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        mpsc::{Receiver, RecvTimeoutError, TryRecvError},
-        Arc, Mutex, PoisonError,
+        mpsc::{RecvTimeoutError, TryRecvError},
+        Arc, PoisonError,
     },
     time::Duration,
 };
@@ -33,17 +33,20 @@ use quiet_plugin_api::{field, Envelope};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::{
-    codec,
-    context::HostContext,
-    counters::Counters,
-    db,
-    handler::{CallError, LoadedHandler},
-    jobs::{JobSpec, JobsConfig},
-    network::Received,
-    pipeline::{Pipeline, Services, Source},
-    registry::{Plugins, Registry},
-    statements::Statements,
-    watchdog::{self, EngineWatch},
+    encoding::codec,
+    engine::{
+        inbox::{Received, Signal, Signals},
+        jobs::{JobSpec, JobsConfig},
+        pipeline::{Pipeline, Services, Source},
+        watch::EngineWatch,
+    },
+    plugins::{
+        call_budget,
+        context::HostContext,
+        handler::{CallError, LoadedHandler},
+        registry::{Plugins, Registry},
+    },
+    storage::{counters::Counters, db, statements::Statements},
 };
 
 /// The longest the scheduler sleeps before looking again: the latency of a
@@ -66,21 +69,6 @@ const FRAME_BATCH_BYTES: usize = 1 << 20;
 /// Frames the engine takes off its queue ahead of handling them, so that it
 /// sees the requests among them; see [`take_batch`].
 const BACKLOG: usize = 2 * FRAME_BATCH;
-
-/// Messages to the engine thread.
-#[derive(Debug)]
-pub enum Signal {
-    /// The configuration or the plugins changed: look again now.
-    Wake,
-    /// An authenticated envelope from the network.
-    Received(Received),
-    /// Finish the work in hand and stop.
-    Shutdown,
-}
-
-/// The engine's signal queue. Shared, so that a fresh engine can take over
-/// the queue of an abandoned one; only the running engine receives.
-pub type Signals = Arc<Mutex<Receiver<Signal>>>;
 
 /// Whether a job last run at `last_run_ms` is due at `now`.
 pub fn is_due(last_run_ms: Option<i64>, frequency_ms: u64, now: i64) -> bool {
@@ -146,7 +134,7 @@ impl Scheduler {
     /// Runs due jobs until told to stop, or until the watchdog abandons
     /// this engine.
     pub fn run(mut self) {
-        watchdog::install(self.watch.clone());
+        call_budget::install(self.watch.calls());
         loop {
             let sleep = match self.tick() {
                 Ok(sleep) => sleep,
@@ -208,7 +196,7 @@ impl Scheduler {
         let mut sleep = MAX_SLEEP;
         for job in config.enabled() {
             if self.watch.abandoned() {
-                return Err(watchdog::abandoned_error());
+                return Err(call_budget::abandoned_error());
             }
             let now = db::now_ms();
             let last = last_run(&self.conn, &job.name)?;
@@ -230,7 +218,7 @@ impl Scheduler {
             let wait = Duration::from_millis((next_due - db::now_ms()).max(0) as u64);
             sleep = sleep.min(wait);
         }
-        watchdog::check_not_abandoned()?;
+        call_budget::check_not_abandoned()?;
         if self.drain_submissions(&registry)? == SUBMISSION_BATCH {
             // More are queued: come straight back.
             sleep = Duration::ZERO;
@@ -429,7 +417,7 @@ mod tests {
     use quiet_plugin_api::{field, Envelope};
 
     use super::{is_due, take_batch};
-    use crate::network::Received;
+    use crate::engine::inbox::Received;
 
     #[test]
     fn requests_and_responses_take_turns_each_in_arrival_order() {

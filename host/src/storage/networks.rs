@@ -19,7 +19,11 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use quiet_plugin_api::Value;
 use rusqlite::Connection;
 
-use crate::{codec, db, event_crypto::NetworkKey, identity};
+use crate::{
+    crypto::{event_crypto::NetworkKey, identity},
+    encoding::codec,
+    storage::db,
+};
 
 const INVITE_PREFIX: &str = "quiet1:";
 
@@ -75,7 +79,8 @@ impl Invite {
             .and_then(Value::as_bytes)
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| bad("the key is missing"))?;
-        crate::event_crypto::peer_key(&peer_id).map_err(|_| bad("the peer id is malformed"))?;
+        crate::crypto::event_crypto::peer_key(&peer_id)
+            .map_err(|_| bad("the peer id is malformed"))?;
         if !valid_network_id(&network_id) {
             return Err(bad("the network id is malformed"));
         }
@@ -223,7 +228,7 @@ pub fn is_member(conn: &Connection, network_id: &str) -> rusqlite::Result<bool> 
 
 fn getrandom(buf: &mut [u8]) {
     use crypto_box::aead::rand_core::RngCore;
-    crate::entropy::HostRng.fill_bytes(buf);
+    crate::crypto::entropy::HostRng.fill_bytes(buf);
 }
 
 #[cfg(test)]

@@ -162,7 +162,7 @@ fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> 
     // Gathered WAL writes (see `wal_writes`); the platform's VFS if that
     // cannot be registered.
     let path = data_dir.join(DB_FILE);
-    let conn = match crate::wal_writes::register() {
+    let conn = match crate::storage::wal_writes::register() {
         Ok(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
         Err(rc) => {
             tracing::warn!("writing the WAL page by page: its VFS failed to register ({rc})");
@@ -220,7 +220,7 @@ const SKIP_BELOW_WAL_BYTES: u64 = 256 << 20;
 /// [`open`], for the engine thread: it leaves checkpoints to
 /// [`spawn_checkpointer`], and is in SQLite's serialized mode, so that the
 /// watchdog may roll back its transaction from another thread while a
-/// plugin call is stuck on it (see [`crate::watchdog`]). The mutex this
+/// plugin call is stuck on it (see [`crate::engine::watchdog`]). The mutex this
 /// costs per SQLite call is uncontended.
 pub fn open_engine(data_dir: &Path) -> rusqlite::Result<Connection> {
     let flags = (OpenFlags::default() - OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -349,7 +349,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // loss can drop the last commits.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
-    crate::context::install_authorizer(conn);
+    crate::storage::plugin_sql::install_authorizer(conn);
     Ok(())
 }
 
@@ -485,7 +485,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = open_engine(dir.path()).unwrap();
         let cli = open(dir.path()).unwrap();
-        let expected = crate::wal_writes::VFS_NAME.to_str().unwrap();
+        let expected = crate::storage::wal_writes::VFS_NAME.to_str().unwrap();
         assert_eq!(vfs_name(&engine), expected);
         assert_eq!(vfs_name(&cli), expected);
     }
@@ -511,7 +511,7 @@ mod tests {
         let id: Vec<u8> = conn
             .query_row("SELECT event_id FROM events", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(id, crate::event_crypto::event_id(&event));
+        assert_eq!(id, crate::crypto::event_crypto::event_id(&event));
         assert_eq!(id[8..], old_id[..24]);
     }
 

@@ -12,11 +12,14 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::{
-    codec, db,
-    event_store::EventStore,
-    handler::CallError,
-    identity::HostIdentity,
-    networks::{self, Invite, NetworkKeys},
+    crypto::identity::HostIdentity,
+    encoding::codec,
+    plugins::handler::CallError,
+    storage::{
+        db,
+        event_store::EventStore,
+        networks::{self, Invite, NetworkKeys},
+    },
 };
 
 fn open(data_dir: &Path) -> Result<Connection, String> {
@@ -170,7 +173,7 @@ pub fn message_send_many(
                 .new_local_event(network_id, &plaintext)
                 .map_err(CallError::Handler)?;
             let event = envelope.bytes("event_ciphertext").expect("just built");
-            ids.push(hex::encode(crate::event_crypto::event_id(event)));
+            ids.push(hex::encode(crate::crypto::event_crypto::event_id(event)));
             insert.execute(rusqlite::params![
                 codec::encode_envelope(&envelope),
                 db::now_ms()

@@ -81,7 +81,7 @@ impl HostIdentity {
                 Ok(Self::from_secret(SecretKey::from(key)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let secret = SecretKey::generate(&mut crate::entropy::HostRng);
+                let secret = SecretKey::generate(&mut crate::crypto::entropy::HostRng);
                 write_private(&path, &secret.to_bytes()).map_err(io_err)?;
                 Ok(Self::from_secret(secret))
             }
@@ -236,9 +236,11 @@ mod tests {
     #[test]
     fn a_kept_pair_box_is_the_pairs_and_the_set_stays_bounded() {
         use crypto_box::aead::{Aead, AeadCore};
-        let a = HostIdentity::from_secret(SecretKey::generate(&mut crate::entropy::HostRng));
-        let b = HostIdentity::from_secret(SecretKey::generate(&mut crate::entropy::HostRng));
-        let nonce = SalsaBox::generate_nonce(&mut crate::entropy::HostRng);
+        let a =
+            HostIdentity::from_secret(SecretKey::generate(&mut crate::crypto::entropy::HostRng));
+        let b =
+            HostIdentity::from_secret(SecretKey::generate(&mut crate::crypto::entropy::HostRng));
+        let nonce = SalsaBox::generate_nonce(&mut crate::crypto::entropy::HostRng);
         for _ in 0..2 {
             // Made, then kept: both open what the other side's box sealed.
             let sealed = a.pair_box(b.public_key()).encrypt(&nonce, &b"hi"[..]);
@@ -249,7 +251,7 @@ mod tests {
         }
         assert_eq!(a.pair_boxes.lock().unwrap().len(), 1);
         for _ in 0..PAIR_BOXES + 10 {
-            let stranger = SecretKey::generate(&mut crate::entropy::HostRng).public_key();
+            let stranger = SecretKey::generate(&mut crate::crypto::entropy::HostRng).public_key();
             a.pair_box(&stranger);
         }
         assert!(a.pair_boxes.lock().unwrap().len() <= PAIR_BOXES);

@@ -17,12 +17,9 @@ use quiet_plugin_api::{abi_stable::std_types::RString, field, Envelope, Value};
 use rusqlite::Connection;
 
 use crate::{
-    codec,
-    counters::Counters,
-    db,
-    event_crypto::{self, NetworkKey},
-    networks::NetworkKeys,
-    statements::Statements,
+    crypto::event_crypto::{self, NetworkKey},
+    encoding::codec,
+    storage::{counters::Counters, db, networks::NetworkKeys, statements::Statements},
 };
 
 /// An event decrypted and checked by [`EventStore::open`], not yet stored.

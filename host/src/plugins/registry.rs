@@ -18,9 +18,8 @@ use std::{
 use arc_swap::ArcSwap;
 
 use crate::{
-    db,
-    handler::{CallSite, LoadedHandler},
-    loader::LoadedPlugin,
+    plugins::{call_budget::CallSite, handler::LoadedHandler, loader::LoadedPlugin},
+    storage::db,
 };
 
 /// One generation of loaded plugins.

@@ -33,7 +33,6 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
-        atomic::{AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
         Arc, Mutex,
     },
@@ -44,23 +43,23 @@ use std::{
 use quiet_plugin_api::{field, Envelope, Value};
 
 use crate::{
-    codec,
-    counters::Counters,
-    db, event_crypto,
-    identity::HostIdentity,
-    networks::NetworkKeys,
-    pipeline::Outbox,
-    scheduler::Signal,
-    transit::{self, LiveRequests},
+    crypto::{
+        event_crypto,
+        identity::HostIdentity,
+        transit::{self, LiveRequests},
+    },
+    encoding::codec,
+    engine::{
+        inbox::{QueueBudget, Received, Signal},
+        pipeline::Outbox,
+    },
+    storage::{counters::Counters, db, networks::NetworkKeys},
 };
 
 /// The largest frame accepted or sent.
 pub const MAX_FRAME: usize = 8 << 20;
 /// The largest request frame accepted.
 pub const MAX_REQUEST_FRAME: usize = 1 << 20;
-/// The most bytes of frames that may wait for the engine at once; past it,
-/// frames are dropped (and counted) at the socket.
-const MAX_QUEUED_BYTES: usize = 128 << 20;
 /// Concurrent inbound connections. When all are taken, a new one closes
 /// the oldest that has not authenticated; see [`Connections`].
 const MAX_CONNECTIONS: usize = 256;
@@ -73,60 +72,6 @@ const UNTRUSTED_OPENS_PER_SEC: f64 = 2_000.0;
 const UNTRUSTED_OPENS_BURST: f64 = 256.0;
 /// Default life of a transit secret.
 pub const DEFAULT_TRANSIT_TTL_MS: i64 = 30_000;
-
-/// An authenticated envelope from the network, on its way to the engine.
-#[derive(Debug)]
-pub struct Received {
-    /// The envelope [`Inbound::open`] made of the frame.
-    pub envelope: Envelope,
-    /// Its frame's share of the bytes that may wait for the engine, given
-    /// back when the engine is done with it.
-    _reserved: Reserved,
-}
-
-impl Received {
-    /// An envelope outside the queue budget (for tests and simulators).
-    pub fn new(envelope: Envelope) -> Self {
-        Self {
-            envelope,
-            _reserved: Reserved(None),
-        }
-    }
-
-    /// The size of the frame it came in.
-    pub fn frame_len(&self) -> usize {
-        self._reserved.0.as_ref().map_or(0, |(_, n)| *n)
-    }
-
-    /// The envelope, and the budget share to hold while working on it.
-    pub fn into_parts(self) -> (Envelope, Reserved) {
-        (self.envelope, self._reserved)
-    }
-}
-
-/// Bytes taken from the budget of frames waiting for the engine, given
-/// back when dropped.
-#[derive(Debug)]
-pub struct Reserved(Option<(Arc<AtomicUsize>, usize)>);
-
-impl Reserved {
-    fn take(budget: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
-        let before = budget.fetch_add(n, Ordering::SeqCst);
-        if before + n > MAX_QUEUED_BYTES {
-            budget.fetch_sub(n, Ordering::SeqCst);
-            return None;
-        }
-        Some(Reserved(Some((budget.clone(), n))))
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        if let Some((budget, n)) = self.0.take() {
-            budget.fetch_sub(n, Ordering::SeqCst);
-        }
-    }
-}
 
 /// The bound on what garbage can cost: opening a frame (a sealed-box open
 /// and a sender proof, ~100 µs) is the one expensive thing a stranger can
@@ -239,7 +184,7 @@ pub fn listen(
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
     let connections = Arc::new(Connections::default());
-    let budget = Arc::new(AtomicUsize::new(0));
+    let budget = QueueBudget::default();
     let untrusted = Arc::new(OpenBudget::new());
     thread::Builder::new()
         .name("listener".into())
@@ -276,7 +221,7 @@ fn read_frames(
     mut stream: TcpStream,
     inbound: &Inbound,
     engine: &SyncSender<Signal>,
-    budget: &Arc<AtomicUsize>,
+    budget: &QueueBudget,
     untrusted: &OpenBudget,
     trust: impl Fn(),
 ) {
@@ -309,7 +254,7 @@ fn read_frames(
         if !trusted {
             untrusted.take();
         }
-        let Some(reserved) = Reserved::take(budget, len) else {
+        let Some(reserved) = budget.reserve(len) else {
             counters.bump("drop_overloaded");
             return;
         };
@@ -329,10 +274,7 @@ fn read_frames(
         let Some(envelope) = opened else {
             continue;
         };
-        match engine.try_send(Signal::Received(Received {
-            envelope,
-            _reserved: reserved,
-        })) {
+        match engine.try_send(Signal::Received(Received::queued(envelope, reserved))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => counters.bump("drop_overloaded"),
             Err(TrySendError::Disconnected(_)) => return,

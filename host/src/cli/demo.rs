@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{commands, status};
+use crate::cli::{commands, status};
 
 /// The plugins the demo installs on every host.
 const PLUGINS: &[&str] = &["sync", "messages", "retention"];
@@ -143,7 +143,7 @@ fn demo(
 
     say("A creates a network; B joins with A's invite; C joins with B's invite");
     let invite = commands::network_create(&a.data, None)?;
-    let network = crate::networks::Invite::decode(&invite)?.network_id;
+    let network = crate::storage::networks::Invite::decode(&invite)?.network_id;
     commands::network_join(&b.data, &invite)?;
     commands::network_join(&c.data, &commands::network_invite(&b.data, &network, None)?)?;
 

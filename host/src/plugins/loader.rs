@@ -25,7 +25,7 @@ use quiet_plugin_api::{
     PluginModRef, ABI_VERSION,
 };
 
-use crate::handler::LoadedHandler;
+use crate::plugins::handler::LoadedHandler;
 
 /// A plugin library that loaded and passed its checks.
 pub struct LoadedPlugin {

@@ -5,7 +5,7 @@
 //!   frames from peers and CLI submissions, and the pipeline behind them;
 //! - the **watchdog** gives up on an engine stuck in a plugin call past the
 //!   call budget, disables that plugin and starts a fresh engine (see
-//!   [`crate::watchdog`]);
+//!   [`crate::engine::watchdog`]);
 //! - the **watcher** waits on file-system events for the plugin folder and
 //!   the folder of `jobs.yaml`, and polls once a second as a backstop; it
 //!   runs the [`Reloader`], which has its own connection;
@@ -33,19 +33,18 @@ use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 
 use crate::{
-    counters::Counters,
-    db,
-    event_store::EventStore,
-    identity::HostIdentity,
-    jobs::JobsConfig,
+    crypto::{identity::HostIdentity, transit::LiveRequests},
+    engine::{
+        inbox::Signal,
+        jobs::JobsConfig,
+        pipeline::{NoTransport, Outbox, Services},
+        reload::{ReloadPaths, Reloader},
+        scheduler::Scheduler,
+        watchdog::{self, Engine},
+    },
     network::{self, Inbound, NetworkOutbox, Wire},
-    networks::NetworkKeys,
-    pipeline::{NoTransport, Outbox, Services},
-    registry::Plugins,
-    reload::{ReloadPaths, Reloader},
-    scheduler::{Scheduler, Signal},
-    transit::LiveRequests,
-    watchdog::{self, Engine},
+    plugins::registry::Plugins,
+    storage::{counters::Counters, db, event_store::EventStore, networks::NetworkKeys},
 };
 
 /// Signals (mostly network frames) the engine may have queued.
@@ -93,7 +92,7 @@ pub enum StartError {
     },
     /// The identity key is unusable.
     #[error(transparent)]
-    Identity(#[from] crate::identity::IdentityError),
+    Identity(#[from] crate::crypto::identity::IdentityError),
     /// The database could not be opened.
     #[error("database {path}: {source}")]
     Database {
@@ -112,7 +111,7 @@ pub enum StartError {
     },
     /// `jobs.yaml` is invalid at start-up.
     #[error("{0}")]
-    Config(#[from] crate::jobs::ConfigError),
+    Config(#[from] crate::engine::jobs::ConfigError),
     /// The listen address is unusable.
     #[error("cannot listen on {address}: {message}")]
     Listen {

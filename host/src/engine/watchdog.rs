@@ -8,17 +8,17 @@
 //! on it:
 //!
 //! 1. every call (`filter`, `process`, `run_job`) is marked on its engine's
-//!    [`EngineWatch`] while it runs;
+//!    [`CallWatch`](crate::plugins::call_budget::CallWatch) while it runs (see [`crate::plugins::call_budget`]);
 //! 2. the watchdog looks a few times per budget; when one call has run
 //!    longer than the budget, it marks the engine **abandoned** and, under
 //!    the same lock, releases the database: it interrupts the statement in
 //!    progress (a plugin may be stuck inside SQLite), makes the engine's
 //!    connection `query_only`, then rolls its transaction back. The
 //!    connection is opened in SQLite's serialized mode
-//!    ([`crate::db::open_engine`]), so these statements from another thread
+//!    ([`crate::storage::db::open_engine`]), so these statements from another thread
 //!    are safe; the stuck thread is in plugin code, not inside SQLite;
 //! 3. it disables the plugin build (file and hash, see
-//!    [`crate::registry::Plugins::disable`]): a new build of the file loads
+//!    [`crate::plugins::registry::Plugins::disable`]): a new build of the file loads
 //!    again; a restart of the host gives the same build another chance;
 //! 4. it starts a fresh engine thread on a new connection, with the same
 //!    plugins (minus that one), configuration and channel.
@@ -27,30 +27,24 @@
 //! unit, and its CPU if it spins, until the process exits. If its call ever
 //! returns, it can do no harm: its connection refuses writes, its
 //! transaction is gone (so its `COMMIT` fails and nothing it queued for the
-//! network is sent), the call returns [`CallError::Sql`] so its unit stops
+//! network is sent), the call returns [`CallError::Sql`](crate::plugins::handler::CallError::Sql) so its unit stops
 //! at once, and the engine loop checks [`EngineWatch::abandoned`] before any
 //! new unit and exits. The work of the aborted unit is lost as a rolled-back
 //! transaction loses it: a job runs again next period, frames from peers are
 //! asked for again by sync, CLI submissions stay queued in the database.
 
 use std::{
-    cell::RefCell,
-    fmt,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use rusqlite::{ffi, Connection, InterruptHandle};
-
 use crate::{
-    handler::{CallError, CallSite},
-    network::Reserved,
-    registry::Plugins,
-    scheduler::Scheduler,
+    engine::{scheduler::Scheduler, watch::EngineWatch},
+    plugins::registry::Plugins,
 };
 
 /// How long one plugin call may run before its plugin is disabled, unless
@@ -59,246 +53,8 @@ use crate::{
 /// (a big reconciliation on a loaded machine) costs far more than waiting.
 pub const DEFAULT_CALL_BUDGET: Duration = Duration::from_secs(10);
 
-/// How long the watchdog keeps trying to roll back a stuck engine's
-/// transaction (an interrupted statement must unwind first).
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Which entry point of a handler a call goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallKind {
-    /// `filter`.
-    Filter,
-    /// `process`.
-    Process,
-    /// `run_job`.
-    RunJob,
-}
-
-impl fmt::Display for CallKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CallKind::Filter => "filter",
-            CallKind::Process => "process",
-            CallKind::RunJob => "run_job",
-        })
-    }
-}
-
-struct Call {
-    site: Arc<CallSite>,
-    kind: CallKind,
-    started: Instant,
-}
-
-#[derive(Default)]
-struct State {
-    call: Option<Call>,
-    abandoned: bool,
-}
-
-/// The raw handle of an engine connection, for the watchdog's rescue.
-struct RawDb(*mut ffi::sqlite3);
-
-// SAFETY: the handle is only used while the engine thread is inside a plugin
-// call (see `EngineWatch::abandon_if_overrun`), on a connection opened in
-// serialized mode, where SQLite itself serialises calls from any thread.
-unsafe impl Send for RawDb {}
-unsafe impl Sync for RawDb {}
-
-/// One engine thread as the watchdog sees it: the call in progress, whether
-/// it was abandoned, and what the watchdog needs to release its database.
-pub struct EngineWatch {
-    state: Mutex<State>,
-    db: RawDb,
-    interrupt: InterruptHandle,
-    /// Queue-budget shares of the frames in hand, given back by the
-    /// watchdog if it abandons the engine.
-    held: Mutex<Vec<Reserved>>,
-}
-
-/// What the watchdog found and did about one overrun.
-#[derive(Debug)]
-pub struct Overrun {
-    /// The call that overran.
-    pub site: Arc<CallSite>,
-    /// Its entry point.
-    pub kind: CallKind,
-    /// How long it had been running.
-    pub elapsed: Duration,
-    /// Why the database could not be released, if it could not.
-    pub release_error: Option<String>,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl EngineWatch {
-    /// A watch over the engine that owns `conn`, which must stay alive for
-    /// as long as the engine can make plugin calls; open it with
-    /// [`crate::db::open_engine`].
-    pub fn new(conn: &Connection) -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::default(),
-            // SAFETY: only the pointer is copied here; see `RawDb`.
-            db: RawDb(unsafe { conn.handle() }),
-            interrupt: conn.get_interrupt_handle(),
-            held: Mutex::default(),
-        })
-    }
-
-    /// Whether the watchdog gave up on this engine; it must not start any
-    /// more work.
-    pub fn abandoned(&self) -> bool {
-        lock(&self.state).abandoned
-    }
-
-    /// Keeps the queue-budget shares of the frames in hand until
-    /// [`EngineWatch::release`].
-    pub fn hold(&self, reserved: Vec<Reserved>) {
-        *lock(&self.held) = reserved;
-    }
-
-    /// Gives the held queue-budget shares back.
-    pub fn release(&self) {
-        lock(&self.held).clear();
-    }
-
-    /// The call in progress, if it has run longer than `budget`.
-    fn overrun(state: &State, budget: Duration) -> Option<&Call> {
-        state
-            .call
-            .as_ref()
-            .filter(|c| !state.abandoned && c.started.elapsed() > budget)
-    }
-
-    /// If the call in progress has run longer than `budget`: abandons the
-    /// engine and releases its database, all under the state lock, so that
-    /// the engine cannot leave the call (and go on to drop its connection)
-    /// until the rescue is over.
-    pub fn abandon_if_overrun(&self, budget: Duration) -> Option<Overrun> {
-        let mut state = lock(&self.state);
-        let call = Self::overrun(&state, budget)?;
-        let (site, kind, elapsed) = (call.site.clone(), call.kind, call.started.elapsed());
-        state.abandoned = true;
-        let release_error = self.release_database().err();
-        drop(state);
-        self.release();
-        Some(Overrun {
-            site,
-            kind,
-            elapsed,
-            release_error,
-        })
-    }
-
-    /// Stops the engine connection from ever writing again and rolls its
-    /// transaction back, from the watchdog's thread. Called with the state
-    /// lock held and a call in progress.
-    fn release_database(&self) -> Result<(), String> {
-        // SAFETY: the handle is alive: the engine is inside a plugin call
-        // (checked under the state lock, which the engine needs to leave
-        // the call), so the connection it borrowed is still open.
-        if unsafe { ffi::sqlite3_db_mutex(self.db.0) }.is_null() {
-            return Err("the engine connection is not in serialized mode".into());
-        }
-        // A plugin stuck inside a statement holds the connection's mutex:
-        // end that statement first.
-        self.interrupt.interrupt();
-        // SAFETY: as above; SQLite's serialized mode makes calls from this
-        // thread safe while the engine thread holds the same connection.
-        // `from_handle` does not take ownership: dropping it closes nothing.
-        // (The connection's last error message is shared: the stuck thread
-        // may read ours in place of its own, which costs only a log line.)
-        let conn = unsafe { Connection::from_handle(self.db.0) }.map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + RELEASE_TIMEOUT;
-        loop {
-            // query_only first: between the two, a plugin resuming in
-            // autocommit mode could otherwise write.
-            let done = conn.execute_batch("PRAGMA query_only = 1").and_then(|()| {
-                match conn.is_autocommit() {
-                    true => Ok(()),
-                    false => conn.execute_batch("ROLLBACK"),
-                }
-            });
-            match done {
-                Ok(()) => return Ok(()),
-                // An interrupted statement that has not unwound yet makes
-                // our statements fail as interrupted too.
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    fn enter(&self, site: &Arc<CallSite>, kind: CallKind) {
-        lock(&self.state).call = Some(Call {
-            site: site.clone(),
-            kind,
-            started: Instant::now(),
-        });
-    }
-
-    fn leave(&self) {
-        lock(&self.state).call = None;
-    }
-}
-
-thread_local! {
-    /// The watch of the engine running on this thread, if it is one.
-    static ENGINE: RefCell<Option<Arc<EngineWatch>>> = const { RefCell::new(None) };
-}
-
-/// Makes `watch` the watch of this thread's plugin calls.
-pub(crate) fn install(watch: Arc<EngineWatch>) {
-    ENGINE.set(Some(watch));
-}
-
-/// The error of any database step an abandoned engine still attempts.
-pub fn abandoned_error() -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        ffi::Error::new(ffi::SQLITE_ABORT),
-        Some("this engine thread was abandoned: a plugin call overran its budget".into()),
-    )
-}
-
-/// Fails if this thread's engine was abandoned: checked before each unit
-/// of work, so that an abandoned engine whose call came back starts none.
-pub(crate) fn check_not_abandoned() -> rusqlite::Result<()> {
-    match ENGINE.with_borrow(|w| w.as_ref().is_some_and(|w| w.abandoned())) {
-        true => Err(abandoned_error()),
-        false => Ok(()),
-    }
-}
-
-/// Runs the plugin call `f` to `site`, timed by this thread's engine watch
-/// (untimed on a thread that is not an engine, such as a test host's).
-/// Fails if the watchdog gave up on the call meanwhile.
-pub(crate) fn timed<T>(
-    site: &Arc<CallSite>,
-    kind: CallKind,
-    f: impl FnOnce() -> T,
-) -> Result<T, CallError> {
-    let Some(watch) = ENGINE.with_borrow(Clone::clone) else {
-        return Ok(f());
-    };
-    struct Leave<'a>(&'a EngineWatch);
-    impl Drop for Leave<'_> {
-        // Also on unwinding: the engine must not drop its connection while
-        // the watchdog may be using it.
-        fn drop(&mut self) {
-            self.0.leave();
-        }
-    }
-    watch.enter(site, kind);
-    let leave = Leave(&watch);
-    let out = f();
-    drop(leave);
-    // The call is over: from here on `abandoned` cannot change.
-    match watch.abandoned() {
-        true => Err(CallError::Sql(abandoned_error())),
-        false => Ok(out),
-    }
 }
 
 /// The engine thread, and how to start a fresh one.
@@ -437,6 +193,7 @@ mod tests {
     use std::{
         path::Path,
         sync::mpsc::{self, SyncSender},
+        time::Instant,
     };
 
     use arc_swap::ArcSwap;
@@ -446,14 +203,13 @@ mod tests {
 
     use super::*;
     use crate::{
-        counters::Counters,
-        db,
-        handler::LoadedHandler,
-        jobs::{JobSpec, JobsConfig},
-        loader::LoadedPlugin,
-        pipeline::{NoTransport, Services},
-        registry::Registry,
-        scheduler::Signal,
+        engine::{
+            inbox::Signal,
+            jobs::{JobSpec, JobsConfig},
+            pipeline::{NoTransport, Services},
+        },
+        plugins::{handler::LoadedHandler, loader::LoadedPlugin, registry::Registry},
+        storage::{counters::Counters, db},
     };
 
     /// How a stuck handler is stuck.

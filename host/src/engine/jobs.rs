@@ -772,6 +772,6 @@ jobs:
         let want = serde_json::json!({
             "b": {"$bytes": "00ab10"}, "l": [1, 0.5, null, false], "m": {"t": "x"}, "nan": null
         });
-        assert_eq!(crate::json::value_to_json(&v), want);
+        assert_eq!(crate::encoding::json::value_to_json(&v), want);
     }
 }

@@ -29,7 +29,10 @@ use crypto_box::{
 use crypto_secretbox::{KeyInit, XChaCha20Poly1305, XSalsa20Poly1305};
 use quiet_plugin_api::Value;
 
-use crate::{codec, entropy::HostRng, identity::HostIdentity};
+use crate::{
+    crypto::{entropy::HostRng, identity::HostIdentity},
+    encoding::codec,
+};
 
 const NONCE: usize = 24;
 

@@ -179,7 +179,7 @@ pub fn wrap_response_with(
     body_len: usize,
     put_body: impl FnOnce(&mut Vec<u8>),
 ) -> Vec<u8> {
-    let nonce = XChaCha20Poly1305::generate_nonce(&mut crate::entropy::HostRng);
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut crate::crypto::entropy::HostRng);
     let mut frame = Vec::with_capacity(BODY_AT + body_len);
     frame.push(RESPONSE);
     frame.extend_from_slice(&request_id);

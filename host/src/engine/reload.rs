@@ -31,13 +31,17 @@ use arc_swap::ArcSwap;
 use rusqlite::Connection;
 
 use crate::{
-    db,
-    handler::CallError,
-    jobs::{self, JobsConfig},
-    json::value_to_json,
-    loader::{self, hash_bytes, LoadedPlugin},
-    registry::{Disabled, Plugins, Registry},
-    scheduler::Signal,
+    encoding::json::value_to_json,
+    engine::{
+        inbox::Signal,
+        jobs::{self, JobsConfig},
+    },
+    plugins::{
+        handler::CallError,
+        loader::{self, hash_bytes, LoadedPlugin},
+        registry::{Disabled, Plugins, Registry},
+    },
+    storage::db,
 };
 
 /// What a file looked like when we last read it.

@@ -35,14 +35,13 @@ use quiet_plugin_api::{field, Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
-    context::HostContext,
-    db,
-    event_store::{EventStore, Opened, STORE_EVENT},
-    handler::CallError,
-    json::envelope_to_json,
-    registry::Registry,
-    statements::Statements,
-    watchdog,
+    encoding::json::envelope_to_json,
+    plugins::{call_budget, context::HostContext, handler::CallError, registry::Registry},
+    storage::{
+        db,
+        event_store::{EventStore, Opened, STORE_EVENT},
+        statements::Statements,
+    },
 };
 
 /// How many times envelopes may beget envelopes before the chain is cut.
@@ -186,7 +185,7 @@ impl Services {
         conn: &Connection,
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
-        watchdog::check_not_abandoned()?;
+        call_budget::check_not_abandoned()?;
         let result = db::with_write_tx(conn, f);
         match result {
             Ok(_) => self.outbox.flush(),
@@ -547,7 +546,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::loader;
+    use crate::plugins::loader;
 
     /// Notes each `note`'s `n`, refusing (after a write that must be rolled
     /// back) those in `refused`; each note it keeps begets a `noted`.
@@ -632,7 +631,7 @@ mod tests {
                 peer_id: "test-peer".into(),
                 public_key: vec![0u8; 32].into(),
             },
-            outbox: Box::new(crate::pipeline::NoTransport),
+            outbox: Box::new(crate::engine::pipeline::NoTransport),
             store: Some(store),
         };
         let source = Source {

@@ -10,7 +10,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::{db, host::running_pid};
+use crate::{cli::host::running_pid, storage::db};
 
 /// The JSON schema version of [`Status`].
 pub const SCHEMA: u32 = 1;

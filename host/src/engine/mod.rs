@@ -1,0 +1,24 @@
+//! The engine: the thread that owns the database's write side and runs all
+//! plugin work, one unit (a job run or a batch of frames) per transaction.
+//!
+//! - [`inbox`] is what reaches the engine: signals and authenticated
+//!   frames, each holding its share of the queue budget;
+//! - [`jobs`] reads `jobs.yaml`, and [`scheduler`] runs due jobs and
+//!   received frames through the [`pipeline`], which hands each envelope to
+//!   the handlers that subscribe to it and sends what leaves through an
+//!   [`pipeline::Outbox`];
+//! - [`reload`] watches the plugin folder and `jobs.yaml`, and [`watchdog`]
+//!   replaces an engine thread stuck in a plugin call, through the
+//!   engine's [`watch`].
+//!
+//! It may use [`crate::plugins`] and the layers below. It defines the ports
+//! the network plugs into ([`inbox`], [`pipeline::Outbox`]) and names no
+//! transport: [`crate::network`] and the simulator sit above it.
+
+pub mod inbox;
+pub mod jobs;
+pub mod pipeline;
+pub mod reload;
+pub mod scheduler;
+pub mod watch;
+pub mod watchdog;

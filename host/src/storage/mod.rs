@@ -1,0 +1,20 @@
+//! Storage: the SQLite database and everything that is kept in it or beside
+//! it in the data folder.
+//!
+//! - [`db`] opens connections, owns the host's schema and the clock, and
+//!   checkpoints the WAL, which [`wal_writes`] writes in large pieces;
+//! - [`statements`] holds a run's prepared statements, and [`plugin_sql`]
+//!   guards the statements plugins send;
+//! - [`event_store`] stores encrypted events once, [`networks`] keeps
+//!   membership and network keys, [`counters`] what was dropped and sent.
+//!
+//! It may use [`crate::encoding`] and [`crate::crypto`]; it knows nothing of
+//! plugins, the engine or the network, which all write through it.
+
+pub mod counters;
+pub mod db;
+pub mod event_store;
+pub mod networks;
+pub mod plugin_sql;
+pub mod statements;
+pub mod wal_writes;
