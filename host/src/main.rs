@@ -89,7 +89,7 @@ enum Command {
     },
     /// Show plugins, jobs and dead letters of a host (running or not).
     Status {
-        /// Print JSON (stable schema, see the README).
+        /// Print JSON (stable schema, see docs/status.md).
         #[arg(long)]
         json: bool,
         /// How many recent dead letters to show.

@@ -4,7 +4,7 @@
 //!
 //! Every test prints its seed and the command that replays it; set
 //! `QUIET_SIM_SEED` to try another schedule. Each prints the virtual time
-//! it took (`sim: …` lines; BENCHMARKS.md, "Network simulator").
+//! it took (`sim: …` lines; BENCHMARKS.md, "Simulator").
 
 mod convergence;
 mod edge_cases;
