@@ -10,7 +10,7 @@ use std::{
 use quiet_host::{
     crypto::{event_crypto::NetworkKey, identity::HostIdentity, transit::LiveRequests},
     encoding::codec,
-    network::{Inbound, Wire},
+    network::{inbound::Inbound, wire::Wire},
     storage::{counters::Counters, networks::NetworkKeys},
 };
 use quiet_plugin_api::{Envelope, Value};

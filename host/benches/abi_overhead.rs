@@ -4,9 +4,10 @@
 //! - `direct_rust_call`: `Echo` linked in as an rlib and called as a plain
 //!   Rust function;
 //! - `through_abi`: the same code built as a cdylib, loaded with
-//!   [`quiet_host::plugins::loader::load`] and called through `LoadedHandler`, the
-//!   path the pipeline takes (abi_stable trait object, `catch_unwind` guard,
-//!   `RResult`/`RVec` conversions, deallocation through the plugin's vtable).
+//!   [`quiet_host::plugins::loader::load`] and called through `LoadedHandler`,
+//!   the path the pipeline takes (abi_stable trait object, `catch_unwind`
+//!   guard, `RResult`/`RVec` conversions, deallocation through the plugin's
+//!   vtable).
 //!
 //! Each iteration is one envelope: `filter`, then `process`, then dropping
 //! the produced envelope. Both paths clone the 1 KiB payload into a fresh

@@ -69,7 +69,11 @@ use crate::{
         reload::{ReloadPaths, Reloader},
         scheduler::Scheduler,
     },
-    network::{Inbound, NetworkOutbox, Transport, Wire},
+    network::{
+        inbound::Inbound,
+        outbound::{NetworkOutbox, Transport},
+        wire::Wire,
+    },
     plugins::registry::Plugins,
     storage::{
         counters::Counters,
@@ -421,10 +425,7 @@ impl Sim {
         let nic = Nic::default();
         let services = Services {
             identity: identity.public(),
-            outbox: Box::new(NetworkOutbox::with_transport(
-                wire.clone(),
-                Box::new(nic.clone()),
-            )),
+            outbox: Box::new(NetworkOutbox::new(wire.clone(), Box::new(nic.clone()))),
             store: Some(EventStore::new(keys, counters.clone())),
         };
         let scheduler = Scheduler::new(

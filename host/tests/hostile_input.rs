@@ -18,7 +18,7 @@ use quiet_host::{
     },
     encoding::codec,
     engine::jobs,
-    network::{Inbound, Wire},
+    network::{inbound::Inbound, wire::Wire},
     storage::{counters::Counters, db, networks::NetworkKeys},
     testing::TestHost,
 };

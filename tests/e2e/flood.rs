@@ -1,10 +1,10 @@
 //! Floods: a stranger sends garbage and junk sealed to the host as fast as
 //! it can, over many connections, while an honest peer keeps syncing.
 //!
-//! The bound under test (see `network::OpenBudget`): frames of connections
-//! that have not authenticated share a budget of 2,000 opens a second, so
-//! the flood costs the host a bounded share of CPU, its queued bytes stay
-//! under the 128 MiB budget, and connections that authenticate are never
+//! The bound under test (see `network::listener::OpenBudget`): frames of
+//! connections that have not authenticated share a budget of 2,000 opens a
+//! second, so the flood costs the host a bounded share of CPU, its queued bytes
+//! stay under the 128 MiB budget, and connections that authenticate are never
 //! held up.
 
 use std::{

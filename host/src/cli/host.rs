@@ -42,7 +42,7 @@ use crate::{
         scheduler::Scheduler,
         watchdog::{self, Engine},
     },
-    network::{self, Inbound, NetworkOutbox, Wire},
+    network::{inbound::Inbound, listener, outbound::NetworkOutbox, tcp::Tcp, wire::Wire},
     plugins::registry::Plugins,
     storage::{counters::Counters, db, event_store::EventStore, networks::NetworkKeys},
 };
@@ -217,7 +217,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     };
     let listen_addr = match &opts.listen {
         Some(address) => Some(
-            network::listen(address, Inbound::new(wire.clone()), to_scheduler.clone()).map_err(
+            listener::listen(address, Inbound::new(wire.clone()), to_scheduler.clone()).map_err(
                 |e| StartError::Listen {
                     address: address.clone(),
                     message: match e.kind() {
@@ -248,7 +248,10 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         let wire = listen_addr.map(|_| wire.clone());
         move || {
             let outbox: Box<dyn Outbox + Send> = match &wire {
-                Some(wire) => Box::new(NetworkOutbox::new(wire.clone())),
+                Some(wire) => Box::new(NetworkOutbox::new(
+                    wire.clone(),
+                    Box::new(Tcp::new(wire.counters.clone())),
+                )),
                 None => Box::new(NoTransport),
             };
             let services = Services {

@@ -14,9 +14,9 @@
 //! take effect at the next tick.
 //!
 //! This thread is the host's **engine**: it also runs the frames from the
-//! network and the CLI's submissions. If a plugin call on it overruns the
-//! call budget, the watchdog abandons it and starts a fresh one on the same
-//! signal queue (see [`crate::engine::watchdog`]); an abandoned engine whose call
+//! network and the CLI's submissions. If a plugin call on it overruns the call
+//! budget, the watchdog abandons it and starts a fresh one on the same signal
+//! queue (see [`crate::engine::watchdog`]); an abandoned engine whose call
 //! comes back stops before its next unit of work.
 
 use std::{

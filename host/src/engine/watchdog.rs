@@ -8,30 +8,32 @@
 //! on it:
 //!
 //! 1. every call (`filter`, `process`, `run_job`) is marked on its engine's
-//!    [`CallWatch`](crate::plugins::call_budget::CallWatch) while it runs (see [`crate::plugins::call_budget`]);
-//! 2. the watchdog looks a few times per budget; when one call has run
-//!    longer than the budget, it marks the engine **abandoned** and, under
-//!    the same lock, releases the database: it interrupts the statement in
-//!    progress (a plugin may be stuck inside SQLite), makes the engine's
-//!    connection `query_only`, then rolls its transaction back. The
-//!    connection is opened in SQLite's serialized mode
-//!    ([`crate::storage::db::open_engine`]), so these statements from another thread
-//!    are safe; the stuck thread is in plugin code, not inside SQLite;
+//!    [`CallWatch`](crate::plugins::call_budget::CallWatch) while it runs (see
+//!    [`crate::plugins::call_budget`]);
+//! 2. the watchdog looks a few times per budget; when one call has run longer
+//!    than the budget, it marks the engine **abandoned** and, under the same
+//!    lock, releases the database: it interrupts the statement in progress (a
+//!    plugin may be stuck inside SQLite), makes the engine's connection
+//!    `query_only`, then rolls its transaction back. The connection is opened
+//!    in SQLite's serialized mode ([`crate::storage::db::open_engine`]), so
+//!    these statements from another thread are safe; the stuck thread is in
+//!    plugin code, not inside SQLite;
 //! 3. it disables the plugin build (file and hash, see
-//!    [`crate::plugins::registry::Plugins::disable`]): a new build of the file loads
-//!    again; a restart of the host gives the same build another chance;
+//!    [`crate::plugins::registry::Plugins::disable`]): a new build of the file
+//!    loads again; a restart of the host gives the same build another chance;
 //! 4. it starts a fresh engine thread on a new connection, with the same
 //!    plugins (minus that one), configuration and channel.
 //!
-//! The stuck thread is leaked: it keeps its stack, the envelopes of its
-//! unit, and its CPU if it spins, until the process exits. If its call ever
-//! returns, it can do no harm: its connection refuses writes, its
-//! transaction is gone (so its `COMMIT` fails and nothing it queued for the
-//! network is sent), the call returns [`CallError::Sql`](crate::plugins::handler::CallError::Sql) so its unit stops
-//! at once, and the engine loop checks [`EngineWatch::abandoned`] before any
-//! new unit and exits. The work of the aborted unit is lost as a rolled-back
-//! transaction loses it: a job runs again next period, frames from peers are
-//! asked for again by sync, CLI submissions stay queued in the database.
+//! The stuck thread is leaked: it keeps its stack, the envelopes of its unit,
+//! and its CPU if it spins, until the process exits. If its call ever returns,
+//! it can do no harm: its connection refuses writes, its transaction is gone
+//! (so its `COMMIT` fails and nothing it queued for the network is sent), the
+//! call returns [`CallError::Sql`](crate::plugins::handler::CallError::Sql) so
+//! its unit stops at once, and the engine loop checks
+//! [`EngineWatch::abandoned`] before any new unit and exits. The work of the
+//! aborted unit is lost as a rolled-back transaction loses it: a job runs again
+//! next period, frames from peers are asked for again by sync, CLI submissions
+//! stay queued in the database.
 
 use std::{
     sync::{

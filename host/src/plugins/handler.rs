@@ -7,8 +7,8 @@
 //! `panicked:`.
 //!
 //! Every call is timed against the engine's call budget (see
-//! [`crate::plugins::call_budget`]): a call the watchdog gave up on comes back as
-//! [`CallError::Sql`], so that the caller abandons its unit of work without
+//! [`crate::plugins::call_budget`]): a call the watchdog gave up on comes back
+//! as [`CallError::Sql`], so that the caller abandons its unit of work without
 //! writing anything more.
 
 use std::{path::PathBuf, sync::Arc};

@@ -45,10 +45,11 @@ thread_local! {
     static COMPILING_PLUGIN_SQL: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Installs the guard on plugin SQL; [`crate::storage::db`] does it on every connection it
-/// opens. It is installed once for good: setting an authorizer expires
-/// every prepared statement of the connection, and doing that around each
-/// plugin call cost a re-prepare of each statement used (12 % of a catch-up).
+/// Installs the guard on plugin SQL; [`crate::storage::db`] does it on every
+/// connection it opens. It is installed once for good: setting an authorizer
+/// expires every prepared statement of the connection, and doing that around
+/// each plugin call cost a re-prepare of each statement used (12 % of a
+/// catch-up).
 pub fn install_authorizer(conn: &Connection) {
     conn.authorizer(Some(|ctx: AuthContext<'_>| {
         if COMPILING_PLUGIN_SQL.get() {

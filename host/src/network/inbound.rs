@@ -1,0 +1,149 @@
+//! Frames in: the receiving half of the crypto, frame → authenticated
+//! envelope. Transit crypto unwraps a response with the transit secret of a
+//! live request of ours; event crypto opens a request's sealed box with our
+//! key and verifies the sender; either way the membership proof must hold
+//! for a network we are in, before the payload is decoded.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use quiet_plugin_api::{field, Envelope, Value};
+
+use crate::{
+    crypto::{event_crypto, transit},
+    encoding::codec,
+    network::wire::Wire,
+    storage::{counters::Counters, db},
+};
+
+/// The receiving half of the crypto: frame → authenticated envelope.
+pub struct Inbound {
+    wire: Wire,
+    /// Addresses already warned about for speaking another wire version.
+    warned: Mutex<HashSet<std::net::IpAddr>>,
+}
+
+/// Addresses [`Inbound`] remembers having warned about: past that it stops
+/// warning, so that a flood of forged tags cannot grow memory.
+const MAX_WARNED: usize = 1024;
+
+impl Inbound {
+    /// Opens frames sealed to us, accepting responses to our live requests
+    /// and messages about networks we are in.
+    pub fn new(wire: Wire) -> Self {
+        Self {
+            wire,
+            warned: Mutex::default(),
+        }
+    }
+
+    /// Where this side's drops are counted.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.wire.counters
+    }
+
+    /// Whether a frame with `tag` comes from a host of another wire
+    /// version; if so, it is counted, and warned about once per address.
+    pub fn other_version(&self, from: SocketAddr, tag: u8) -> bool {
+        let Some(theirs) = transit::wire_version(tag).filter(|&v| v != transit::WIRE_VERSION)
+        else {
+            return false;
+        };
+        self.wire.counters.bump("drop_wire_version");
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.len() < MAX_WARNED && warned.insert(from.ip()) {
+            let age = match theirs < transit::WIRE_VERSION {
+                true => "an older",
+                false => "a newer",
+            };
+            tracing::warn!(
+                %from,
+                "{age} quiet-host sends frames of wire protocol version {theirs}, and this one \
+                 speaks version {}: they cannot sync until both run the same version \
+                 (its frames are dropped, counted as drop_wire_version)",
+                transit::WIRE_VERSION
+            );
+        }
+        true
+    }
+
+    /// The envelope in a frame that came `from` a socket address, or `None`
+    /// (counted) if it does not authenticate or decode.
+    pub fn open(&self, from: SocketAddr, frame: Vec<u8>) -> Option<Envelope> {
+        if self.other_version(from, frame.first().copied().unwrap_or(0)) {
+            return None;
+        }
+        match self.try_open(frame) {
+            Ok(envelope) => Some(envelope),
+            Err(counter) => {
+                tracing::debug!(%from, "dropped frame: {counter}");
+                self.wire.counters.bump(counter);
+                None
+            }
+        }
+    }
+
+    fn try_open(&self, frame: Vec<u8>) -> Result<Envelope, &'static str> {
+        // What `payload` borrows from: a request's opened box, or a
+        // response's frame, decrypted in place.
+        let (unsealed, accepted);
+        // Who sent it, about which network, its membership proof and the
+        // payload; and the request it answers, for a response.
+        let (sender, network_id, proof, payload, in_response_to) = match frame.first() {
+            Some(&transit::REQUEST) => {
+                let opened = event_crypto::open_from(&self.wire.identity, &frame[1..]).map_err(
+                    |e| match e {
+                        event_crypto::CryptoError::BadSeal => "drop_bad_seal",
+                        event_crypto::CryptoError::BadProof => "drop_bad_sender_proof",
+                        _ => "drop_malformed_payload",
+                    },
+                )?;
+                let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
+                unsealed = opened.payload;
+                (opened.sender, network_id, proof, &unsealed[..], None)
+            }
+            Some(&transit::RESPONSE) => {
+                // Only the peer we sealed the request to holds its transit
+                // secret: the request names the sender and the network.
+                accepted = self
+                    .wire
+                    .live
+                    .accept(frame, db::now_ms())
+                    .map_err(|e| e.counter())?;
+                let (proof, payload) = event_crypto::split_member_proof(accepted.body())
+                    .ok_or("drop_malformed_payload")?;
+                (
+                    accepted.peer_id.clone(),
+                    accepted.network_id.clone(),
+                    *proof,
+                    payload,
+                    Some(hex::encode(accepted.request_id)),
+                )
+            }
+            _ => return Err("drop_malformed_frame"),
+        };
+        // Every message is about a network: only members of it are heard,
+        // and only when we are one. Checked before the payload is decoded.
+        let key = self.wire.keys.get(&network_id).ok_or("drop_not_a_member")?;
+        if proof != event_crypto::member_proof(&key, payload) {
+            return Err("drop_not_a_member");
+        }
+        let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
+        let event_type = plaintext
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or("drop_malformed_payload")?
+            .to_owned();
+        let mut envelope = Envelope::of_type(&event_type)
+            .with("sender_peer_id", sender)
+            .with(field::NETWORK_ID, network_id)
+            .with(field::EVENT_PLAINTEXT, plaintext);
+        if let Some(id) = in_response_to {
+            envelope.set(field::IN_RESPONSE_TO, id);
+        }
+        Ok(envelope)
+    }
+}
