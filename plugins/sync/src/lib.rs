@@ -1397,8 +1397,7 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::{context::HostContext, statements::Statements, testing::TestHost};
-    use quiet_plugin_api::{envelope, Context, Envelope, Handler, Value};
+    use quiet_plugin_api::{envelope, Envelope, Handler, Value};
 
     use std::collections::VecDeque;
 
@@ -1563,7 +1562,7 @@ mod tests {
             host.db()
                 .execute(
                     "UPDATE sync_sessions SET next_start_ms = ?1 WHERE peer_id = ?2",
-                    (quiet_host::storage::db::now_ms() + ms, PEER_A),
+                    (now_ms() + ms, PEER_A),
                 )
                 .unwrap()
         };
@@ -1579,7 +1578,7 @@ mod tests {
         assert!(
             host.count(&format!(
                 "SELECT next_start_ms FROM sync_sessions WHERE peer_id = '{PEER_A}'"
-            )) >= quiet_host::storage::db::now_ms() + 3_400
+            )) >= now_ms() + 3_400
         );
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
@@ -1692,8 +1691,8 @@ mod tests {
         });
         let with_b = |a: &Peer| a.handler.state().sessions.keys().any(|k| k.0 == PEER_B);
         assert!(with_b(&a), "the session is still waiting");
-        let start = quiet_host::storage::db::now_ms();
-        let at = |ms: i64| quiet_host::storage::db::set_thread_clock(Some(start + ms));
+        let start = now_ms();
+        let at = |ms: i64| set_thread_clock(Some(start + ms));
         // A tick before the silence has lasted RETRY_AFTER_MS sends nothing.
         at(super::RETRY_AFTER_MS - 1_000);
         let early: Vec<_> = a.run_job(&limits(100));
@@ -1716,7 +1715,7 @@ mod tests {
             "{later:?}"
         );
         let second = exchange(&a, &b, again, 100, |_| false);
-        quiet_host::storage::db::set_thread_clock(None);
+        set_thread_clock(None);
 
         let stored = each_once([first.stored, second.stored].concat());
         assert_eq!(stored.len(), 2_500);
@@ -1918,10 +1917,7 @@ mod tests {
         // While that session runs (and before A would admit another), B's
         // job starts none with A.
         b.handler.state().sessions.clear();
-        let statements = Statements::new(b.host.db());
-        let mut services = HostContext::new(&statements, "sync", &b.identity);
-        let mut ctx = Context::new(services.as_abi());
-        let again = b.handler.run_job(&mut ctx, &limits(1000)).unwrap();
+        let again = b.with_ctx(|ctx| b.handler.run_job(ctx, &limits(1000)).unwrap());
         assert!(
             again.iter().all(|r| r.str("seal_to") != Some(PEER_A)),
             "{again:?}"
@@ -1952,7 +1948,7 @@ mod tests {
             )
         };
         // Beyond the transit TTL (30 s unless the job says otherwise), either way.
-        let now = quiet_host::storage::db::now_ms();
+        let now = now_ms();
         let session = new_id();
         host.deliver(vec![
             at(session, 0, now - 31_000),
@@ -2164,7 +2160,7 @@ mod tests {
             host.db()
                 .execute(
                     "UPDATE sync_sessions SET next_start_ms = ?1",
-                    [quiet_host::storage::db::now_ms() + ms],
+                    [now_ms() + ms],
                 )
                 .unwrap()
         };
@@ -2177,14 +2173,12 @@ mod tests {
         assert_eq!(counter(&host, "sync_rate_limited"), 1);
         // ...but an hour ahead means our clock stepped back an hour.
         due_in(&host, 3_600_000);
-        let before = quiet_host::storage::db::now_ms();
+        let before = now_ms();
         host.deliver(vec![request_from(PEER_A, new_id(), 0, vec![])])
             .unwrap();
         assert_eq!(host.take_sent().len(), 1);
         let next_start_ms = host.count("SELECT next_start_ms FROM sync_sessions");
-        assert!(
-            (before + 3_000..=quiet_host::storage::db::now_ms() + 3_000).contains(&next_start_ms)
-        );
+        assert!((before + 3_000..=now_ms() + 3_000).contains(&next_start_ms));
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
     }
 }

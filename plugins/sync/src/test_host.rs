@@ -8,7 +8,11 @@ use std::{
     sync::atomic::{AtomicI64, Ordering},
 };
 
-use quiet_host::{context::HostContext, statements::Statements, testing::TestHost};
+use quiet_host::{context::HostContext, statements::Statements};
+pub(crate) use quiet_host::{
+    db::{now_ms, set_thread_clock},
+    testing::TestHost,
+};
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
 use crate::{random_bytes, SyncHandler, FRAME_SIZE_LIMIT, WINDOW};
@@ -101,7 +105,7 @@ pub(crate) fn new_id() -> [u8; 16] {
 /// Now, and later with each call, as a requester's timestamps are.
 pub(crate) fn timestamp() -> i64 {
     static CALLS: AtomicI64 = AtomicI64::new(0);
-    quiet_host::db::now_ms() + CALLS.fetch_add(1, Ordering::Relaxed)
+    now_ms() + CALLS.fetch_add(1, Ordering::Relaxed)
 }
 
 /// `env` with its plaintext's `key` set to `value`.
@@ -168,18 +172,23 @@ impl Peer {
     /// tests run sessions back to back, faster than it allows.
     pub(crate) fn run_job(&self, params: &Value) -> Vec<Envelope> {
         self.handler.state().next_start_ms.clear();
-        let statements = Statements::new(self.host.db());
-        let mut services = HostContext::new(&statements, "sync", &self.identity);
-        let mut ctx = Context::new(services.as_abi());
-        self.handler.run_job(&mut ctx, params).unwrap()
+        self.with_ctx(|ctx| self.handler.run_job(ctx, params).unwrap())
     }
 
     pub(crate) fn process(&self, env: &Envelope) -> Vec<Envelope> {
+        self.with_ctx(|ctx| {
+            assert!(self.handler.filter(env));
+            self.handler.process(env, ctx).unwrap()
+        })
+    }
+
+    /// Calls `f` with a context on this peer's host, as the host calls
+    /// the handler.
+    pub(crate) fn with_ctx<T>(&self, f: impl FnOnce(&mut Context<'_>) -> T) -> T {
         let statements = Statements::new(self.host.db());
         let mut services = HostContext::new(&statements, "sync", &self.identity);
         let mut ctx = Context::new(services.as_abi());
-        assert!(self.handler.filter(env));
-        self.handler.process(env, &mut ctx).unwrap()
+        f(&mut ctx)
     }
 }
 
