@@ -72,17 +72,18 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
     sync::{Mutex, MutexGuard},
 };
 
 mod event_set;
+mod peers;
 #[cfg(test)]
 mod test_host;
 mod wire;
 
 use crate::{
     event_set::{EventSet, SUMMARY_LEN},
+    peers::{learn_peers, listen_addr, MAX_PEERS},
     wire::{message, random_bytes, Request, Response},
 };
 use negentropy::{Id, Negentropy};
@@ -120,8 +121,6 @@ const ID_CHUNK: usize = 500;
 /// Event bytes per response; the rest is deferred to the next round. Keeps
 /// a response under the host's 8 MiB frame limit whatever the event sizes.
 const MAX_RESPONSE_EVENT_BYTES: usize = 6 << 20;
-/// Peers listed in, and learned from, one response.
-const MAX_PEERS: usize = 256;
 /// Ids one session may queue (3.2 MB): bounds what a hostile responder can
 /// make us hold. Ids beyond are dropped; the next session reconciles again.
 const MAX_NEEDS: usize = 100_000;
@@ -1121,31 +1120,6 @@ fn fetch_events(
     Ok((events, deferred))
 }
 
-/// Adds the peers a response names to `addresses`, without touching known
-/// ones (their addresses come from themselves) or adding this host. Entries
-/// that are not a well-formed peer id, IP and port are skipped.
-fn learn_peers(
-    ctx: &mut Context<'_>,
-    network_id: &str,
-    peers: &[Value],
-    ours: &str,
-) -> Result<(), PluginError> {
-    for p in peers.iter().take(MAX_PEERS) {
-        let peer_id = p.get("peer_id").and_then(Value::as_str).unwrap_or("");
-        let ip = p.get("ip").and_then(Value::as_str).unwrap_or("");
-        let port = p.get("port").and_then(Value::as_int).unwrap_or(0);
-        if !is_peer_id(peer_id) || peer_id == ours || !is_ip(ip) || !is_port(port) {
-            continue;
-        }
-        ctx.execute(
-            "INSERT OR IGNORE INTO addresses (peer_id, network_id, ip, port, is_active) \
-             VALUES (?1, ?2, ?3, ?4, 1)",
-            params![peer_id, network_id, ip, port],
-        )?;
-    }
-    Ok(())
-}
-
 /// Our events of `network_id`, brought up to date in `sets`.
 fn event_set<'s>(
     sets: &'s mut HashMap<String, EventSet>,
@@ -1167,19 +1141,6 @@ fn known_set<'s>(
         return Ok(&sets[network_id]);
     }
     event_set(sets, ctx, network_id)
-}
-
-/// This host's reply address, from `host_state.listen_addr` ("ip:port").
-fn listen_addr(ctx: &mut Context<'_>) -> Result<Option<(String, i64)>, PluginError> {
-    let rows = ctx.query(
-        "SELECT value FROM host_state WHERE key = 'listen_addr'",
-        params![],
-    )?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.str(0))
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(ip, port)| Some((ip.to_owned(), port.parse().ok()?))))
 }
 
 fn is_member(ctx: &mut Context<'_>, network_id: &str) -> Result<bool, PluginError> {
@@ -1207,26 +1168,6 @@ fn counter(ctx: &mut Context<'_>, name: &str) -> Result<(), PluginError> {
 
 fn key(peer_id: &str, network_id: &str) -> Key {
     (peer_id.to_owned(), network_id.to_owned())
-}
-
-/// 64 lowercase hex digits, as the host writes a peer id (its public key):
-/// anything else is no peer we could seal to.
-fn is_peer_id(s: &str) -> bool {
-    is_hex(s, 64)
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// An IP address, as the host requires of `dest_ip`: anything else would
-/// fail every request to that peer.
-fn is_ip(s: &str) -> bool {
-    s.parse::<IpAddr>().is_ok()
-}
-
-fn is_port(port: i64) -> bool {
-    (1..=65535).contains(&port)
 }
 
 export_plugin! {
@@ -1855,87 +1796,6 @@ mod tests {
             request_id = next.plaintext().unwrap().get("request_id").cloned();
         }
         assert_eq!(sent, [t0, t0 + 1, t0 + 2, t0 + 3]);
-    }
-
-    #[test]
-    fn requests_with_a_malformed_peer_id_or_reply_address_are_rejected() {
-        let mut host = host("127.0.0.1:7002");
-        let with =
-            |key, value: &str| with_field(request_from(PEER_A, new_id(), 0, vec![]), key, value);
-        let from = |peer_id: &str| request_from(peer_id, new_id(), 0, vec![]);
-        let port = |port: i64| {
-            with_field(
-                request_from(PEER_A, new_id(), 0, vec![]),
-                "reply_port",
-                port,
-            )
-        };
-        host.deliver(vec![
-            from(&PEER_A.to_uppercase()),
-            from(&PEER_A[..63]),
-            from(&format!("{}g", &PEER_A[..63])),
-            with("reply_ip", "peer.example"),
-            with("reply_ip", "10.0.0.256"),
-            with("reply_ip", "10.0.0.9:7009"),
-            port(0),
-            port(65_536),
-        ])
-        .unwrap();
-        assert!(host.take_sent().is_empty());
-        assert_eq!(counter(&host, "sync_rejected_request"), 8);
-        assert_eq!(host.count("SELECT COUNT(*) FROM addresses"), 0);
-        // An IPv6 address is as good.
-        host.deliver(vec![with("reply_ip", "::1")]).unwrap();
-        assert_eq!(host.take_sent()[0].str("dest_ip"), Some("::1"));
-    }
-
-    #[test]
-    fn only_well_formed_peers_other_than_us_are_learned() {
-        let (a, b) = two_peers();
-        let request = a.run_job(&limits(1000)).pop().unwrap();
-        let response = b.process(&arrived(&request, PEER_A)).remove(0);
-        let peer = |id: &str, ip: &str, port: i64| {
-            Value::map([
-                ("peer_id", Value::from(id)),
-                ("ip", ip.into()),
-                ("port", port.into()),
-            ])
-        };
-        let peers = vec![
-            peer(PEER_C, "10.0.0.3", 7003),
-            peer(PEER_X, "::1", 7004),
-            peer(&PEER_Z.to_uppercase(), "10.0.0.5", 7005),
-            peer(&PEER_Z[..62], "10.0.0.5", 7005),
-            peer(PEER_Z, "peer.example", 7005),
-            peer(PEER_Z, "", 7005),
-            peer(PEER_Z, "10.0.0.5", 0),
-            peer(PEER_Z, "10.0.0.5", 65_536),
-            peer(PEER_A, "10.0.0.1", 7001), // us
-        ];
-        a.process(&arrived(&with_field(response, "peers", peers), PEER_B));
-        let learned: String = a
-            .host
-            .db()
-            .query_row(
-                "SELECT group_concat(peer_id || ' ' || ip || ' ' || port, ', ') \
-                 FROM (SELECT * FROM addresses ORDER BY peer_id)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(
-            learned,
-            format!("{PEER_B} 127.0.0.1 7002, {PEER_C} 10.0.0.3 7003, {PEER_X} ::1 7004")
-        );
-        // Nor does a request from us, to us, add us.
-        assert!(a.process(&arrived(&request, PEER_A)).is_empty());
-        assert_eq!(counter(&a.host, "sync_rejected_request"), 1);
-        assert_eq!(
-            a.host.count(&format!(
-                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_A}'"
-            )),
-            0
-        );
     }
 
     #[test]

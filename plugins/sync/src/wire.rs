@@ -7,7 +7,10 @@
 use negentropy::Id;
 use quiet_plugin_api::{field, Envelope, Value};
 
-use crate::{event_set::SUMMARY_LEN, is_ip, is_peer_id, is_port};
+use crate::{
+    event_set::SUMMARY_LEN,
+    peers::{is_ip, is_peer_id, is_port},
+};
 
 /// A verified incoming `sync_request`: what the host vouches for (the
 /// sender, by its seal, and the network, by its membership proof) and the
