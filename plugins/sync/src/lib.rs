@@ -83,7 +83,7 @@ mod wire;
 
 use crate::{
     event_set::{EventSet, SUMMARY_LEN},
-    peers::{learn_peers, listen_addr, MAX_PEERS},
+    peers::{learn_peers, listen_addr},
     wire::{message, random_bytes, Request, Response},
 };
 use negentropy::{Id, Negentropy};
@@ -427,13 +427,7 @@ impl SyncHandler {
         }
         self.state()
             .heard_from(ctx, &key(req.peer_id, req.network_id));
-        ctx.execute(
-            "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
-             VALUES (?1, ?2, ?3, ?4, 1, ?5) \
-             ON CONFLICT (peer_id, network_id) DO UPDATE SET \
-             ip = excluded.ip, port = excluded.port, is_active = 1, last_seen_ms = excluded.last_seen_ms",
-            params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
-        )?;
+        peers::remember_requester(ctx, &req, now)?;
         // A round 0 gets our summary back: if it matches, the requester is
         // done; if not, it opens reconciliation in its next round. When its
         // summary shows that it surely holds ids we lack (`we_lack_some`),
@@ -482,16 +476,7 @@ impl SyncHandler {
         let (need, over) = req.need.split_at(req.need.len().min(limits.max_events));
         let (events, mut deferred) = fetch_events(ctx, req.network_id, need, limits.max_events)?;
         deferred.extend(over.iter().map(|id| Value::from(**id)));
-        let peers = ctx.query(
-            "SELECT peer_id, ip, port FROM addresses \
-             WHERE network_id = ?1 AND is_active = 1 AND peer_id != ?2 \
-             ORDER BY last_seen_ms DESC LIMIT ?3",
-            params![req.network_id, req.peer_id, MAX_PEERS],
-        )?;
-        let peers: Vec<Value> = peers
-            .iter()
-            .map(|p| Value::map([("peer_id", p.get(0)), ("ip", p.get(1)), ("port", p.get(2))]))
-            .collect();
+        let peers = peers::listed_for(ctx, &req)?;
         let plaintext = message([
             ("type", Value::from("sync_response")),
             ("session_id", req.session_id.into()),

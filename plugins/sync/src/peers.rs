@@ -8,8 +8,45 @@ use std::net::IpAddr;
 
 use quiet_plugin_api::{params, Context, PluginError, Value};
 
+use crate::wire::Request;
+
 /// Peers listed in, and learned from, one response.
-pub(crate) const MAX_PEERS: usize = 256;
+const MAX_PEERS: usize = 256;
+
+/// Keeps the reply address of a request we answer, as the requester's own
+/// word for where it is.
+pub(crate) fn remember_requester(
+    ctx: &mut Context<'_>,
+    req: &Request<'_>,
+    now: i64,
+) -> Result<(), PluginError> {
+    ctx.execute(
+        "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
+         VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+         ON CONFLICT (peer_id, network_id) DO UPDATE SET \
+         ip = excluded.ip, port = excluded.port, is_active = 1, last_seen_ms = excluded.last_seen_ms",
+        params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
+    )?;
+    Ok(())
+}
+
+/// The peers a response to `req` lists: the network's other active
+/// addresses, the latest seen first, as [`learn_peers`] reads them.
+pub(crate) fn listed_for(
+    ctx: &mut Context<'_>,
+    req: &Request<'_>,
+) -> Result<Vec<Value>, PluginError> {
+    let peers = ctx.query(
+        "SELECT peer_id, ip, port FROM addresses \
+         WHERE network_id = ?1 AND is_active = 1 AND peer_id != ?2 \
+         ORDER BY last_seen_ms DESC LIMIT ?3",
+        params![req.network_id, req.peer_id, MAX_PEERS],
+    )?;
+    Ok(peers
+        .iter()
+        .map(|p| Value::map([("peer_id", p.get(0)), ("ip", p.get(1)), ("port", p.get(2))]))
+        .collect())
+}
 
 /// Adds the peers a response names to `addresses`, without touching known
 /// ones (their addresses come from themselves) or adding this host. Entries
