@@ -76,6 +76,7 @@ use std::{
 };
 
 mod event_set;
+mod limits;
 mod peers;
 #[cfg(test)]
 mod test_host;
@@ -83,6 +84,7 @@ mod wire;
 
 use crate::{
     event_set::{EventSet, SUMMARY_LEN},
+    limits::{Limits, FRAME_SIZE_LIMIT},
     peers::{learn_peers, listen_addr},
     wire::{message, random_bytes, Request, Response},
 };
@@ -91,12 +93,6 @@ use quiet_plugin_api::{
     envelope, export_plugin, field, params, Context, Envelope, Handler, PluginError, Value,
 };
 
-/// Events (and need ids) per response, unless the job says otherwise.
-const DEFAULT_MAX_EVENTS_PER_RESPONSE: i64 = 1000;
-/// How long a request's transit secret lives, unless the job says otherwise.
-const DEFAULT_TRANSIT_SECRET_TTL_MS: i64 = 30_000;
-/// Rounds one session may take, unless the job says otherwise.
-const DEFAULT_MAX_ROUNDS_PER_SESSION: i64 = 512;
 /// The least time between new sessions of one peer and network.
 const MIN_SESSION_INTERVAL_MS: i64 = 3_000;
 /// How early a new session may come without being refused; see [`admit`].
@@ -109,13 +105,6 @@ const ROUND_0_TIMEOUT_MS: i64 = 5_000;
 /// Requests of one session in flight at once: fetching needed ids is
 /// latency-bound, so several batches travel while one is being stored.
 const WINDOW: usize = 4;
-/// Negentropy's frame size limit: bounds each reconciliation message. When
-/// one side lacks much, each reply lists up to this many bytes of ids (32
-/// each), so it sets how fast the ids to fetch are found: 60 KB (1,800 ids)
-/// per round trip kept a catch-up waiting on reconciliation rather than on
-/// fetching. 500 KB is 15,000 ids, and with the events of a response still
-/// well inside the host's 8 MiB frame.
-const FRAME_SIZE_LIMIT: u64 = 500_000;
 /// Ids per `IN (...)` query, well below SQLite's parameter limit.
 const ID_CHUNK: usize = 500;
 /// Event bytes per response; the rest is deferred to the next round. Keeps
@@ -138,42 +127,6 @@ const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
 #[derive(Default)]
 pub struct SyncHandler {
     state: Mutex<State>,
-}
-
-/// The job's limits. The host passes params to `run_job` only, so the
-/// responder uses those of the latest run (the defaults before the first).
-#[derive(Clone, Copy, Debug)]
-struct Limits {
-    max_events: usize,
-    ttl_ms: i64,
-    max_rounds: i64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_events: DEFAULT_MAX_EVENTS_PER_RESPONSE as usize,
-            ttl_ms: DEFAULT_TRANSIT_SECRET_TTL_MS,
-            max_rounds: DEFAULT_MAX_ROUNDS_PER_SESSION,
-        }
-    }
-}
-
-impl Limits {
-    fn from_params(params: &Value) -> Result<Self, PluginError> {
-        let positive = |name, default| match params.int_or(name, default)? {
-            n if n > 0 => Ok(n),
-            n => Err(PluginError::msg(format!(
-                "param '{name}' must be positive, got {n}"
-            ))),
-        };
-        Ok(Self {
-            max_events: positive("max_events_per_response", DEFAULT_MAX_EVENTS_PER_RESPONSE)?
-                as usize,
-            ttl_ms: positive("transit_secret_ttl_ms", DEFAULT_TRANSIT_SECRET_TTL_MS)?,
-            max_rounds: positive("max_rounds_per_session", DEFAULT_MAX_ROUNDS_PER_SESSION)?,
-        })
-    }
 }
 
 /// Sessions are keyed by `(peer_id, network_id)`.
