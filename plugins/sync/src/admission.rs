@@ -6,12 +6,33 @@
 
 use quiet_plugin_api::{params, Context, PluginError};
 
-use crate::wire::Request;
+use crate::{limits::Limits, wire::Request};
 
 /// The least time between new sessions of one peer and network.
 pub(crate) const MIN_SESSION_INTERVAL_MS: i64 = 3_000;
 /// How early a new session may come without being refused; see [`admit`].
 const SESSION_START_TOLERANCE_MS: i64 = 1_000;
+
+/// Why the responder does not answer `req`: the counter it is dropped
+/// under, or `None` if it is answered. Each check runs only once the ones
+/// before it pass, so a stale request or one for another network leaves no
+/// trace in `sync_sessions`.
+pub(crate) fn refusal(
+    ctx: &mut Context<'_>,
+    req: &Request<'_>,
+    limits: Limits,
+    now: i64,
+) -> Result<Option<&'static str>, PluginError> {
+    // A request older than its transit secret lives is stale or replayed;
+    // one as far ahead could be kept back to be replayed later.
+    if now.abs_diff(req.timestamp_ms) > limits.ttl_ms.unsigned_abs() {
+        return Ok(Some("sync_rejected_request"));
+    }
+    if !is_member(ctx, req.network_id)? {
+        return Ok(Some("sync_rejected_request"));
+    }
+    Ok(admit(ctx, req, limits.max_rounds, now)?.err())
+}
 
 /// The responder's replay protection and rate limits, kept per peer and
 /// network in `sync_sessions`. Returns the counter a refused request is
@@ -34,7 +55,7 @@ const SESSION_START_TOLERANCE_MS: i64 = 1_000;
 /// one" rule would refuse an honest requester whose job ticks every 3 s
 /// whenever one request is delayed a little more than the previous one; the
 /// schedule still refuses an immediate second session and any faster rate.
-pub(crate) fn admit(
+fn admit(
     ctx: &mut Context<'_>,
     req: &Request<'_>,
     max_rounds: i64,
@@ -96,7 +117,7 @@ pub(crate) fn admit(
     Ok(Ok(()))
 }
 
-pub(crate) fn is_member(ctx: &mut Context<'_>, network_id: &str) -> Result<bool, PluginError> {
+fn is_member(ctx: &mut Context<'_>, network_id: &str) -> Result<bool, PluginError> {
     let rows = ctx.query(
         "SELECT 1 FROM networks WHERE network_id = ?1",
         params![network_id],

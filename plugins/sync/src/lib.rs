@@ -84,7 +84,7 @@ mod test_host;
 mod wire;
 
 use crate::{
-    admission::{admit, is_member, MIN_SESSION_INTERVAL_MS},
+    admission::MIN_SESSION_INTERVAL_MS,
     event_set::{EventSet, SUMMARY_LEN},
     limits::{Limits, FRAME_SIZE_LIMIT},
     peers::{learn_peers, listen_addr},
@@ -365,15 +365,7 @@ impl SyncHandler {
         let Some(req) = request else {
             return dropped(ctx, "sync_rejected_request");
         };
-        // A request older than its transit secret lives is stale or replayed;
-        // one as far ahead could be kept back to be replayed later.
-        if now.abs_diff(req.timestamp_ms) > limits.ttl_ms.unsigned_abs() {
-            return dropped(ctx, "sync_rejected_request");
-        }
-        if !is_member(ctx, req.network_id)? {
-            return dropped(ctx, "sync_rejected_request");
-        }
-        if let Err(reason) = admit(ctx, &req, limits.max_rounds, now)? {
+        if let Some(reason) = admission::refusal(ctx, &req, limits, now)? {
             return dropped(ctx, reason);
         }
         self.state()
