@@ -10,11 +10,11 @@ use negentropy::{Id, Negentropy};
 use quiet_plugin_api::{envelope, Context, Envelope, PluginError, Value};
 
 use crate::{
-    admission, dropped, event_set,
+    admission, dropped,
     event_set::SUMMARY_LEN,
-    key,
     limits::FRAME_SIZE_LIMIT,
     peers::{self, listen_addr},
+    session::{event_set, key},
     wire::{message, Request},
     SyncHandler,
 };

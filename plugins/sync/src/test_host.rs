@@ -15,7 +15,7 @@ pub(crate) use quiet_host::{
 };
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
 
-use crate::{limits::FRAME_SIZE_LIMIT, wire::random_bytes, SyncHandler, WINDOW};
+use crate::{limits::FRAME_SIZE_LIMIT, session::WINDOW, wire::random_bytes, SyncHandler};
 
 pub(crate) const NET: &str = "net-1";
 /// Peer ids, as the host writes them: 64 hex digits.

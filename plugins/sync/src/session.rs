@@ -1,0 +1,955 @@
+//! The requester's sessions, one per peer and network. A session lives in
+//! memory across its rounds because reconciliation takes several: it holds
+//! the ids negentropy found we lack until they are fetched, a window of
+//! requests in flight so that fetching is not a round trip per batch, and
+//! what it takes to notice a lost response and ask again.
+
+use std::collections::{HashMap, VecDeque};
+
+use negentropy::{Id, Negentropy};
+use quiet_plugin_api::{envelope, field, params, Context, Envelope, PluginError, Value};
+
+use crate::{
+    admission::MIN_SESSION_INTERVAL_MS,
+    counter, dropped,
+    event_set::{EventSet, SUMMARY_LEN},
+    limits::{Limits, FRAME_SIZE_LIMIT},
+    peers::learn_peers,
+    wire::{message, random_bytes, Response},
+    SyncHandler,
+};
+
+/// How long a round 0 waits for its answer before the session is given up
+/// (the next tick starts another). A responder answers round 0 at once,
+/// or not at all when its rate limit refuses it (after our restart, say):
+/// waiting out the transit secret's whole life then cost 30 s.
+const ROUND_0_TIMEOUT_MS: i64 = 5_000;
+/// Requests of one session in flight at once: fetching needed ids is
+/// latency-bound, so several batches travel while one is being stored.
+pub(crate) const WINDOW: usize = 4;
+/// Ids one session may queue (3.2 MB): bounds what a hostile responder can
+/// make us hold. Ids beyond are dropped; the next session reconciles again.
+const MAX_NEEDS: usize = 100_000;
+/// How long a session that has been answered before may hear nothing at
+/// all before its requests in flight count as lost and are sent again,
+/// once: a lost last response is followed by no other that would show it
+/// (see [`State::answered`]), and waiting for the session to expire cost
+/// the transit TTL (30 s). A responder answers a round in milliseconds.
+const RETRY_AFTER_MS: i64 = 5_000;
+/// The longest wait between sessions with a peer that does not answer;
+/// see [`Unreachable`].
+pub(crate) const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
+
+/// Sessions are keyed by `(peer_id, network_id)`.
+pub(crate) type Key = (String, String);
+
+/// The handler's memory: the requester's sessions, and what both sides
+/// share (the job's limits, our sets of ids). Memory only: a restart or a
+/// reload costs the sessions running, and the next tick starts new ones.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) limits: Limits,
+    /// Our events per network, kept up to date between rounds and sessions.
+    pub(crate) sets: HashMap<String, EventSet>,
+    pub(crate) sessions: HashMap<Key, Session>,
+    /// The requests in flight: request id → session.
+    requests: HashMap<String, Key>,
+    /// Peers whose last sessions got no answer at all, and when to try
+    /// each again.
+    unreachable: HashMap<Key, Unreachable>,
+    /// When each peer's responder admits our next new session: the same
+    /// virtual schedule as its `admit` keeps, so that a session we start
+    /// early (answering a peer whose set differs) never makes it refuse the
+    /// next one of our job.
+    pub(crate) next_start_ms: HashMap<Key, i64>,
+}
+
+/// A peer that has not answered our last `failures` sessions (their round
+/// 0 expired unanswered: it is down, or gone, or cut off). Addresses are
+/// never forgotten (peers gossip them, and a peer may come back), so
+/// without a back-off every host would open a session with every dead peer
+/// every few seconds, for ever. After the second failure in a row the wait
+/// doubles, from 6 s up to [`MAX_RETRY_INTERVAL_MS`]. Any answer from the
+/// peer, or any request of its own, clears it.
+struct Unreachable {
+    failures: u32,
+    retry_ms: i64,
+}
+
+impl Unreachable {
+    /// The wait after `failures` unanswered sessions in a row.
+    fn backoff_ms(failures: u32) -> i64 {
+        match failures {
+            0 | 1 => 0,
+            n => MIN_SESSION_INTERVAL_MS
+                .saturating_mul(1 << (n - 1).min(20))
+                .min(MAX_RETRY_INTERVAL_MS),
+        }
+    }
+}
+
+/// A request of a session that has not been answered yet.
+struct InFlight {
+    request_id: String,
+    /// The ids it asked for, asked again if its response is lost.
+    need: Vec<Id>,
+}
+
+/// One requester-side session with a peer, in one network.
+pub(crate) struct Session {
+    peer_id: String,
+    network_id: String,
+    dest_ip: String,
+    dest_port: i64,
+    reply_ip: String,
+    reply_port: i64,
+    session_id: [u8; 16],
+    /// The round the next request will carry.
+    round: i64,
+    /// Requests sent and not yet answered, oldest first, at most
+    /// [`WINDOW`]; see [`State::answered`].
+    in_flight: VecDeque<InFlight>,
+    /// The request in flight that carries our latest negentropy message.
+    reconciling_request: Option<String>,
+    /// Whether reconciliation is under way; then the request in flight
+    /// carries our latest negentropy message. The negentropy client is made
+    /// afresh for each reply, over our set as last brought up to date (a
+    /// negentropy initiator keeps no state between rounds besides being
+    /// one), so that no session pins an old version of the set: while
+    /// events arrive, a pinned version made every update copy the whole set
+    /// (40 MB at a million events) and kept both.
+    reconciling: bool,
+    /// Our next negentropy message, held back while the queue of needed
+    /// ids holds a window's worth or more: reconciliation can find ids far
+    /// faster than they are fetched, and they would pile up past
+    /// [`MAX_NEEDS`] (and be dropped) in a large catch-up.
+    parked: Option<Vec<u8>>,
+    /// Reconciliation found ids only we have, and the next request is to
+    /// say so (`behind`), so that the peer pulls them.
+    tell_behind: bool,
+    /// The peer has been told.
+    told_behind: bool,
+    /// The summary of our set that round 0 carried.
+    summary: [u8; SUMMARY_LEN],
+    /// Ids we need and have not asked for yet, at most [`MAX_NEEDS`].
+    pub(crate) needs: VecDeque<Id>,
+    /// Whether ids were dropped for [`MAX_NEEDS`]: then the session is not
+    /// complete, whatever the queue says.
+    dropped_needs: bool,
+    /// The `timestamp_ms` of the latest request: each next one is later,
+    /// since the responder refuses any other as a replay.
+    sent_ms: i64,
+    /// When the request in flight counts as lost.
+    expires_ms: i64,
+    /// Whether any response of this session arrived.
+    heard: bool,
+    /// When the latest response arrived (or the session started).
+    last_heard_ms: i64,
+    /// Whether the requests in flight were sent again for silence, since
+    /// the latest response; see [`RETRY_AFTER_MS`].
+    retried: bool,
+}
+
+impl Session {
+    /// Puts the ids of requests whose responses were lost back at the
+    /// head of the queue, and ends reconciliation if its request was
+    /// among them (its reply cannot come): the session then fetches what
+    /// it found so far and does not count as complete, so that the next
+    /// one reconciles again.
+    fn ask_again(&mut self, lost: Vec<InFlight>) {
+        for request in lost.into_iter().rev() {
+            if self.reconciling_request.as_ref() == Some(&request.request_id) {
+                self.reconciling_request = None;
+                self.reconciling = false;
+                self.parked = None;
+                self.dropped_needs = true;
+            }
+            for id in request.need.into_iter().rev() {
+                if self.needs.len() >= MAX_NEEDS {
+                    self.dropped_needs = true;
+                    break;
+                }
+                self.needs.push_front(id);
+            }
+        }
+    }
+
+    /// Queues `ids`, up to [`MAX_NEEDS`].
+    fn queue(&mut self, ids: impl IntoIterator<Item = Id>) {
+        let mut ids = ids.into_iter();
+        let room = MAX_NEEDS.saturating_sub(self.needs.len());
+        self.needs.extend(ids.by_ref().take(room));
+        self.dropped_needs |= ids.next().is_some();
+    }
+}
+
+impl SyncHandler {
+    /// Requester: takes in one response and sends the session's next round,
+    /// or completes the session.
+    pub(crate) fn continue_session(
+        &self,
+        env: &Envelope,
+        ctx: &mut Context<'_>,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let now = ctx.now_ms();
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let answered = env
+            .str(field::IN_RESPONSE_TO)
+            .and_then(|id| state.answered(id, now));
+        let Some((k, lost)) = answered else {
+            return dropped(ctx, "sync_unknown_response");
+        };
+        state.heard_from(ctx, &k);
+        state.lost(ctx, &k, lost)?;
+        let session = state.sessions.get_mut(&k).expect("answered() checked it");
+        let response = Response::parse(env).filter(|r| {
+            r.peer_id == session.peer_id
+                && r.network_id == session.network_id
+                && r.session_id == session.session_id
+        });
+        // The host accepts one response per request, so a bad one ends the
+        // session; the next tick starts a new one.
+        let Some(resp) = response else {
+            state.sessions.remove(&k);
+            return dropped(ctx, "sync_rejected_response");
+        };
+        let ours = ctx.identity().peer_id.to_string();
+        let mut out: Vec<Envelope> = resp
+            .events
+            .iter()
+            .map(|event| {
+                envelope! {
+                    "event_type" => "store_event",
+                    "network_id" => session.network_id.as_str(),
+                    "event_ciphertext" => *event,
+                }
+            })
+            .collect();
+        learn_peers(ctx, &session.network_id, resp.peers, &ours)?;
+        session.queue(resp.deferred);
+
+        // Only the answer to our reconciliation request carries its reply
+        // (the others only fetch ids). A responder that does not answer our
+        // negentropy message ends the reconciliation; the needs already
+        // found are still fetched.
+        let mut next = None;
+        let answers_reconciliation = session.reconciling_request.is_some()
+            && session.reconciling_request.as_deref() == env.str(field::IN_RESPONSE_TO);
+        let reconciling = if answers_reconciliation {
+            session.reconciling_request = None;
+            std::mem::take(&mut session.reconciling)
+        } else {
+            false
+        };
+        if answers_reconciliation && !reconciling {
+            // The answer to round 0: a summary like ours means the sets are
+            // the same; otherwise reconciliation opens now.
+            if resp.summary == Some(session.summary) {
+                counter(ctx, "sync_sets_equal")?;
+            } else {
+                counter(ctx, "sync_sets_differ")?;
+                let storage = event_set(&mut state.sets, ctx, &k.1)?.storage();
+                next = Some(Negentropy::owned(storage, FRAME_SIZE_LIMIT)?.initiate()?);
+                session.reconciling = true;
+            }
+        } else if reconciling && !resp.negentropy.is_empty() {
+            // Our set as last brought up to date (by round 0 of our
+            // sessions and of the peers' ones we answer), not refreshed for
+            // each reply: a refresh re-sorts the whole set, and a reply
+            // comes every few dozen milliseconds in a catch-up. It may
+            // have grown since our last message (with events of this very
+            // session), which only makes ranges we have since filled in
+            // compare equal; the reconciler used to keep the set of its
+            // first message, which is older still.
+            let storage = known_set(&mut state.sets, ctx, &k.1)?.storage();
+            let mut reconciler = Negentropy::owned(storage, FRAME_SIZE_LIMIT)?;
+            reconciler.set_initiator();
+            // The ids only we have are the other side's to pull; listed,
+            // they were 32 bytes each (32 MB when it holds none of a
+            // million).
+            reconciler.skip_have_ids();
+            let (mut have, mut need) = (Vec::new(), Vec::new());
+            match reconciler.reconcile_with_ids(resp.negentropy, &mut have, &mut need) {
+                Ok(msg) => {
+                    // negentropy lists needed ids out of a HashSet, in an
+                    // order that changes from process to process; sorted,
+                    // the batches fetched (and so a simulated run) are the
+                    // same every time.
+                    need.sort_unstable();
+                    session.queue(need);
+                    if reconciler.skipped_have_ids() > 0 && !session.told_behind {
+                        session.tell_behind = true;
+                    }
+                    session.reconciling = msg.is_some();
+                    next = msg;
+                }
+                Err(e) => {
+                    ctx.debug(&format!(
+                        "bad negentropy reply from {}: {e}",
+                        session.peer_id
+                    ));
+                    state.sessions.remove(&k);
+                    counter(ctx, "sync_rejected_response")?;
+                    return Ok(out);
+                }
+            }
+        }
+
+        // `reconciling` stays set while a message is parked.
+        if next.is_some() {
+            session.parked = next;
+        }
+        out.extend(state.advance(ctx, &k, now)?);
+        Ok(out)
+    }
+}
+
+impl State {
+    /// Starts a session with `peer_id` in `network_id`, reached at `dest`,
+    /// and returns its round 0: only our set's summary, so that peers in
+    /// sync are done after it and only peers that differ reconcile; or,
+    /// when the peer has just told us we are `behind`, reconciliation's
+    /// first message at once (the summaries are known to differ, and the
+    /// round trip saved is one through both engines' queues). `None` if one
+    /// is running or the peer would not admit a new one yet.
+    pub(crate) fn start_session(
+        &mut self,
+        ctx: &mut Context<'_>,
+        peer_id: &str,
+        network_id: &str,
+        (dest_ip, dest_port): (&str, i64),
+        (reply_ip, reply_port): (&str, i64),
+        behind: bool,
+    ) -> Result<Option<Envelope>, PluginError> {
+        let now = ctx.now_ms();
+        let k = key(peer_id, network_id);
+        let due = self.next_start_ms.get(&k).copied().unwrap_or(i64::MIN);
+        // A schedule far ahead means our clock stepped back: start afresh.
+        let due = if due > now.saturating_add(MIN_SESSION_INTERVAL_MS) {
+            i64::MIN
+        } else {
+            due
+        };
+        // A retry far ahead means our clock stepped back, as above.
+        let retry = match self.unreachable.get(&k) {
+            Some(u) if u.retry_ms <= now.saturating_add(MAX_RETRY_INTERVAL_MS) => u.retry_ms,
+            _ => i64::MIN,
+        };
+        if self.sessions.contains_key(&k) || now < due || now < retry {
+            return Ok(None);
+        }
+        self.next_start_ms.insert(
+            k.clone(),
+            due.max(now).saturating_add(MIN_SESSION_INTERVAL_MS),
+        );
+        let set = event_set(&mut self.sets, ctx, network_id)?;
+        let summary = set.summary();
+        let opening = match behind {
+            true => {
+                let first = Negentropy::owned(set.storage(), FRAME_SIZE_LIMIT)?.initiate()?;
+                counter(ctx, "sync_sets_differ")?;
+                Opening::Negentropy(first)
+            }
+            false => Opening::Summary(summary),
+        };
+        let session = Session {
+            peer_id: peer_id.to_owned(),
+            network_id: network_id.to_owned(),
+            dest_ip: dest_ip.to_owned(),
+            dest_port,
+            reply_ip: reply_ip.to_owned(),
+            reply_port,
+            session_id: random_bytes(),
+            round: 0,
+            in_flight: VecDeque::new(),
+            reconciling_request: None,
+            reconciling: behind,
+            parked: None,
+            tell_behind: false,
+            told_behind: false,
+            summary,
+            needs: VecDeque::new(),
+            dropped_needs: false,
+            sent_ms: 0,
+            expires_ms: 0,
+            heard: false,
+            last_heard_ms: now,
+            retried: false,
+        };
+        self.sessions.insert(k.clone(), session);
+        Ok(Some(self.send(&k, opening, now)))
+    }
+
+    /// Builds the request for `session`'s current round (with `opening`
+    /// and the next batch of needed ids) and keeps the session until its
+    /// response arrives or the request expires.
+    fn send(&mut self, k: &Key, opening: Opening, now: i64) -> Envelope {
+        let session = self.sessions.get_mut(k).expect("a session to send for");
+        let reconciles = !matches!(opening, Opening::Nothing);
+        let negentropy_message = matches!(opening, Opening::Negentropy(_));
+        let patience = match session.round {
+            0 => ROUND_0_TIMEOUT_MS.min(self.limits.ttl_ms),
+            _ => self.limits.ttl_ms,
+        };
+        let (negentropy, summary) = match opening {
+            Opening::Nothing => (Value::Null, Value::Null),
+            Opening::Summary(s) => (Value::Null, Value::from(&s[..])),
+            Opening::Negentropy(m) => (Value::from(m), Value::Null),
+        };
+        let batch = session.needs.len().min(self.limits.max_events);
+        let ids: Vec<Id> = session.needs.drain(..batch).collect();
+        let need: Vec<Value> = ids.iter().map(|id| Value::from(**id)).collect();
+        let request_id = random_bytes::<16>();
+        // Rounds within one millisecond (or after our clock stepped back)
+        // still carry increasing timestamps.
+        session.sent_ms = now.max(session.sent_ms.saturating_add(1));
+        session.expires_ms = now.saturating_add(patience);
+        let plaintext = message([
+            ("type", Value::from("sync_request")),
+            ("request_id", request_id.into()),
+            ("transit_secret", random_bytes::<32>().into()),
+            ("timestamp_ms", session.sent_ms.into()),
+            ("reply_ip", session.reply_ip.as_str().into()),
+            ("reply_port", session.reply_port.into()),
+            ("session_id", session.session_id.into()),
+            ("round", session.round.into()),
+            ("summary", summary),
+            // Our reconciler skips the ids only we have, so the answer to an
+            // id list of ours need only list the ids we lack.
+            ("missing_ids", negentropy_message.then_some(true).into()),
+            ("negentropy", negentropy),
+            ("need", need.into()),
+            ("behind", session.tell_behind.then_some(true).into()),
+        ]);
+        session.told_behind |= session.tell_behind;
+        session.tell_behind = false;
+        let env = envelope! {
+            "event_type" => "sync_request",
+            "is_outgoing" => true,
+            "seal_to" => session.peer_id.as_str(),
+            "dest_ip" => session.dest_ip.as_str(),
+            "dest_port" => session.dest_port,
+            "network_id" => session.network_id.as_str(),
+            "transit_ttl_ms" => self.limits.ttl_ms,
+            "event_plaintext" => plaintext,
+        };
+        session.round += 1;
+        let request_id = hex::encode(request_id);
+        if reconciles {
+            session.reconciling_request = Some(request_id.clone());
+        }
+        session.in_flight.push_back(InFlight {
+            request_id: request_id.clone(),
+            need: ids,
+        });
+        self.requests.insert(request_id, k.clone());
+        env
+    }
+
+    /// The session that `request_id` belongs to, with that request no
+    /// longer in flight, and the requests sent before it that are still
+    /// unanswered; `None` if there is none or it has expired.
+    ///
+    /// A responder answers a session's requests in order, and its answers
+    /// leave in order on one connection, so those earlier responses were
+    /// lost (a connection that dropped, say): the caller asks again for
+    /// what they carried rather than wait out the session. Should one still
+    /// arrive (it came on another connection), it is dropped as unknown and
+    /// its events come again: bytes wasted, nothing lost.
+    fn answered(&mut self, request_id: &str, now: i64) -> Option<(Key, Vec<InFlight>)> {
+        let k = self.requests.remove(request_id)?;
+        let session = self.sessions.get_mut(&k)?;
+        if now > session.expires_ms {
+            self.sessions.remove(&k);
+            return None;
+        }
+        let at = session
+            .in_flight
+            .iter()
+            .position(|r| r.request_id == request_id)?;
+        let lost: Vec<InFlight> = session.in_flight.drain(..=at).take(at).collect();
+        session.heard = true;
+        session.last_heard_ms = now;
+        session.retried = false;
+        Some((k, lost))
+    }
+
+    /// After a response (or a retry): completes `k`'s session if nothing
+    /// is left, or sends its next requests, keeping up to [`WINDOW`] in
+    /// flight.
+    fn advance(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        now: i64,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let session = self.sessions.get_mut(k).expect("a session to advance");
+        let done = !session.reconciling && session.needs.is_empty();
+        if done && session.in_flight.is_empty() && !session.tell_behind {
+            let session = self.sessions.remove(k).expect("still there");
+            // Ids dropped for MAX_NEEDS are still missing: the session is not
+            // complete, and the next one reconciles again.
+            if !session.dropped_needs {
+                ctx.execute(
+                    "UPDATE addresses SET last_sync_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+                    params![session.peer_id.as_str(), session.network_id.as_str(), now],
+                )?;
+            }
+            return Ok(Vec::new());
+        }
+        // The next reconciliation message goes at once (with needed ids)
+        // unless a window's worth of ids is still queued; meanwhile, and
+        // once reconciliation is over, more requests for needed ids keep up
+        // to WINDOW in flight, so that fetching does not wait a round trip
+        // per batch. They leave in order on one connection, which the
+        // responder's check that rounds move forward relies on.
+        let window_ids = WINDOW * self.limits.max_events;
+        let mut out = Vec::new();
+        loop {
+            let session = self.sessions.get_mut(k).expect("still there");
+            let release = session.needs.len() < window_ids && session.in_flight.len() < WINDOW;
+            let message = match release {
+                true => session.parked.take(),
+                false => None,
+            };
+            // Telling the peer it is behind is worth a request of its own
+            // once nothing else is left to send.
+            let more = message.is_some()
+                || (!session.needs.is_empty() && session.in_flight.len() < WINDOW)
+                || (session.tell_behind && session.in_flight.is_empty());
+            if !more {
+                break;
+            }
+            if session.round >= self.limits.max_rounds {
+                ctx.warn(&format!(
+                    "sync session with {} in {} ended after {} rounds with {} ids still needed",
+                    session.peer_id,
+                    session.network_id,
+                    self.limits.max_rounds,
+                    session.needs.len()
+                ));
+                if session.in_flight.is_empty() {
+                    self.sessions.remove(k);
+                }
+                break;
+            }
+            let opening = message.map_or(Opening::Nothing, Opening::Negentropy);
+            out.push(self.send(k, opening, now));
+        }
+        Ok(out)
+    }
+
+    /// Sends again what `k`'s requests in flight asked for, counted as
+    /// lost: the session has been answered before and has now heard
+    /// nothing for [`RETRY_AFTER_MS`]. Once per silence.
+    pub(crate) fn retry(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        now: i64,
+    ) -> Result<Vec<Envelope>, PluginError> {
+        let session = self.sessions.get_mut(k).expect("a session to retry");
+        session.retried = true;
+        let lost: Vec<InFlight> = session.in_flight.drain(..).collect();
+        self.lost(ctx, k, lost)?;
+        self.advance(ctx, k, now)
+    }
+
+    /// Forgets `k`'s requests in `lost` (a late answer to one is then
+    /// unknown), counts them, and queues what they asked for again.
+    fn lost(
+        &mut self,
+        ctx: &mut Context<'_>,
+        k: &Key,
+        lost: Vec<InFlight>,
+    ) -> Result<(), PluginError> {
+        for request in &lost {
+            self.requests.remove(&request.request_id);
+            counter(ctx, "sync_lost_response")?;
+        }
+        if let Some(session) = self.sessions.get_mut(k) {
+            session.ask_again(lost);
+        }
+        Ok(())
+    }
+
+    /// The sessions that have been answered before and have heard
+    /// nothing since for [`RETRY_AFTER_MS`], not yet retried; sorted, so
+    /// that their requests leave in the same order every run (a simulation
+    /// replays exactly).
+    pub(crate) fn stalled(&self, now: i64) -> Vec<Key> {
+        let mut stalled: Vec<Key> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.heard
+                    && !s.retried
+                    && !s.in_flight.is_empty()
+                    && now.saturating_sub(s.last_heard_ms) >= RETRY_AFTER_MS
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        stalled.sort();
+        stalled
+    }
+
+    /// The peer of `k` answered, or asked: it is reachable again.
+    pub(crate) fn heard_from(&mut self, ctx: &Context<'_>, k: &Key) {
+        if self.unreachable.remove(k).is_some_and(|u| u.failures >= 2) {
+            ctx.info(&format!(
+                "peer {} answers again in network {}: back to the job's schedule",
+                k.0, k.1
+            ));
+        }
+    }
+
+    /// Forgets sessions whose request in flight has expired (lost on the
+    /// way, or dropped by the responder): the peer gets a new session, and
+    /// one that answered nothing at all counts as unreachable (see
+    /// [`Unreachable`]). Returns the peers that just became unreachable.
+    pub(crate) fn forget_expired(&mut self, now: i64) -> Vec<Key> {
+        let mut newly = Vec::new();
+        for (k, s) in &self.sessions {
+            if now <= s.expires_ms || s.heard {
+                continue;
+            }
+            let u = self.unreachable.entry(k.clone()).or_insert(Unreachable {
+                failures: 0,
+                retry_ms: 0,
+            });
+            u.failures = u.failures.saturating_add(1);
+            u.retry_ms = now.saturating_add(Unreachable::backoff_ms(u.failures));
+            if u.failures == 2 {
+                newly.push(k.clone());
+            }
+        }
+        self.sessions.retain(|_, s| now <= s.expires_ms);
+        let sessions = &self.sessions;
+        self.requests.retain(|_, k| sessions.contains_key(k));
+        // A schedule already due says nothing more than none at all.
+        self.next_start_ms.retain(|_, due| *due > now);
+        newly
+    }
+}
+
+/// What a request carries to move reconciliation on, besides needed ids.
+enum Opening {
+    /// Nothing: the request only fetches ids.
+    Nothing,
+    /// Round 0: the summary of our set.
+    Summary([u8; SUMMARY_LEN]),
+    /// A negentropy message.
+    Negentropy(Vec<u8>),
+}
+
+/// Our events of `network_id`, brought up to date in `sets`.
+pub(crate) fn event_set<'s>(
+    sets: &'s mut HashMap<String, EventSet>,
+    ctx: &mut Context<'_>,
+    network_id: &str,
+) -> Result<&'s EventSet, PluginError> {
+    let set = EventSet::current(sets.remove(network_id), ctx, network_id)?;
+    Ok(sets.entry(network_id.to_owned()).or_insert(set))
+}
+
+/// Our events of `network_id` as last brought up to date, loaded if they
+/// never were.
+fn known_set<'s>(
+    sets: &'s mut HashMap<String, EventSet>,
+    ctx: &mut Context<'_>,
+    network_id: &str,
+) -> Result<&'s EventSet, PluginError> {
+    if sets.contains_key(network_id) {
+        return Ok(&sets[network_id]);
+    }
+    event_set(sets, ctx, network_id)
+}
+
+pub(crate) fn key(peer_id: &str, network_id: &str) -> Key {
+    (peer_id.to_owned(), network_id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use quiet_plugin_api::{envelope, Value};
+
+    use super::WINDOW;
+    use crate::{limits::FRAME_SIZE_LIMIT, test_host::*};
+
+    #[test]
+    fn a_response_to_no_request_of_ours_is_dropped_and_counted() {
+        let mut host = host("127.0.0.1:7001");
+        host.deliver(vec![envelope! {
+            "event_type" => "sync_response",
+            "is_outgoing" => false,
+            "in_response_to" => hex::encode(new_id()),
+            "sender_peer_id" => PEER_B,
+            "network_id" => NET,
+            "event_plaintext" => Value::map([
+                ("type", Value::from("sync_response")),
+                ("session_id", new_id().into()),
+                ("events", vec![Value::from(b"evil".to_vec())].into()),
+            ]),
+        }])
+        .unwrap();
+        assert!(host.take_sent().is_empty());
+        assert_eq!(counter(&host, "sync_unknown_response"), 1);
+        assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
+    }
+
+    #[test]
+    fn a_session_pulls_every_missing_event_in_bounded_rounds() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        let outcome = session(&a, &b, 1000);
+        let stored = each_once(outcome.stored);
+        let mut expected = event_bytes(1, 0..2_500);
+        expected.sort();
+        assert_eq!(stored, expected);
+        assert!(outcome.rounds >= 3, "1000 events per round");
+        // A holds nothing B lacks, so B opens no session of its own.
+        assert_eq!(outcome.reverse, 0);
+
+        // The session is complete: recorded, and forgotten, so the next tick
+        // starts a new one; and A learned about peer-c from B.
+        assert!(synced_with_b(&a));
+        assert_eq!(
+            a.host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_C}' AND port = 7003"
+            )),
+            1
+        );
+        let next: Vec<_> = a
+            .run_job(&limits(1000))
+            .iter()
+            .map(|r| r.str("seal_to").unwrap().to_owned())
+            .collect();
+        assert_eq!(next, [PEER_B, PEER_C]);
+    }
+
+    #[test]
+    fn a_lost_response_is_asked_for_again_when_a_later_one_arrives() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        // The first response that only carries events is lost on the way;
+        // the three requests sent after it are answered.
+        let lost = std::cell::Cell::new(None);
+        let outcome = session_losing(&a, &b, 100, |req| {
+            let fetch_only =
+                plaintext(req, "negentropy").is_null() && !list(req, "need").is_empty();
+            if lost.get().is_none() && fetch_only {
+                lost.set(plaintext(req, "round").as_int());
+            }
+            lost.get() == plaintext(req, "round").as_int()
+        });
+        assert!(lost.get().is_some());
+        assert_eq!(counter(&a.host, "sync_lost_response"), 1);
+        let stored = each_once(outcome.stored);
+        let mut expected = event_bytes(1, 0..2_500);
+        expected.sort();
+        assert_eq!(
+            stored.len(),
+            expected.len(),
+            "the lost response's events came again"
+        );
+        assert!(stored == expected);
+        // Complete, without waiting for the session to expire.
+        assert!(a.handler.state().sessions.is_empty());
+        assert!(synced_with_b(&a));
+    }
+
+    #[test]
+    fn a_session_silent_after_answers_sends_its_requests_again_once() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        // Every response from round 8 on is lost, the last ones among them:
+        // no later answer shows the loss, and the session falls silent.
+        let first = session_losing(&a, &b, 100, |req| {
+            plaintext(req, "round").as_int().is_some_and(|r| r >= 8)
+        });
+        let with_b = |a: &Peer| a.handler.state().sessions.keys().any(|k| k.0 == PEER_B);
+        assert!(with_b(&a), "the session is still waiting");
+        let start = now_ms();
+        let at = |ms: i64| set_thread_clock(Some(start + ms));
+        // A tick before the silence has lasted RETRY_AFTER_MS sends nothing.
+        at(super::RETRY_AFTER_MS - 1_000);
+        let early: Vec<_> = a.run_job(&limits(100));
+        assert!(
+            early.iter().all(|r| r.str("seal_to") != Some(PEER_B)),
+            "{early:?}"
+        );
+        // One after it asks again for everything in flight.
+        at(super::RETRY_AFTER_MS + 1_000);
+        let mut again = a.run_job(&limits(100));
+        again.retain(|r| r.str("seal_to") == Some(PEER_B));
+        assert!(!again.is_empty());
+        let lost = counter(&a.host, "sync_lost_response");
+        assert!((1..=WINDOW as i64).contains(&lost), "{lost} counted lost");
+        // Once per silence: still nothing heard, nothing sent again.
+        at(3 * super::RETRY_AFTER_MS);
+        let later = a.run_job(&limits(100));
+        assert!(
+            later.iter().all(|r| r.str("seal_to") != Some(PEER_B)),
+            "{later:?}"
+        );
+        let second = exchange(&a, &b, again, 100, |_| false);
+        set_thread_clock(None);
+
+        let stored = each_once([first.stored, second.stored].concat());
+        assert_eq!(stored.len(), 2_500);
+        assert!(!with_b(&a), "complete");
+    }
+
+    #[test]
+    fn a_session_pulls_only_the_difference_and_ends_at_once_when_in_sync() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..2_500);
+        add_events(&a.host, 1, 500..1_500); // a thousand of B's
+        add_events(&a.host, 2, 0..300); // and some only A has
+        let outcome = session(&a, &b, 1000);
+        // What only A has, B pulls in a session of its own, opened at once.
+        assert_eq!(outcome.reverse, 1);
+        let mut stored = outcome.stored;
+        stored.sort();
+        let mut expected = event_bytes(1, 0..500);
+        expected.extend(event_bytes(1, 1_500..2_500));
+        expected.sort();
+        assert_eq!(stored, expected);
+
+        // Once A has stored them, the next session finds nothing to pull
+        // (what only A has is B's to pull)...
+        add_events(&a.host, 1, 0..500);
+        add_events(&a.host, 1, 1_500..2_500);
+        let later = |b: &Peer| {
+            b.host
+                .db()
+                .execute("DELETE FROM sync_sessions", [])
+                .unwrap()
+        };
+        later(&b);
+        assert!(session(&a, &b, 1000).stored.is_empty());
+        // ...and with equal sets a session is one round trip.
+        add_events(&b.host, 2, 0..300);
+        later(&b);
+        let again = session(&a, &b, 1000);
+        assert!(again.stored.is_empty());
+        assert_eq!(again.rounds, 1);
+    }
+
+    #[test]
+    fn ten_thousand_events_arrive_through_a_limit_of_a_thousand() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..10_000);
+        let outcome = session(&a, &b, 1000);
+        assert_eq!(outcome.stored.len(), 10_000);
+        eprintln!("10,000 events in {} rounds", outcome.rounds);
+    }
+
+    #[test]
+    fn reconciliation_finds_ids_no_faster_than_they_are_fetched() {
+        // More ids than one reconciliation reply lists: the next message is
+        // held back while a window's worth is queued, then sent.
+        let (a, b) = two_peers();
+        let n = 2 * FRAME_SIZE_LIMIT as u32 / 32 + 1_000;
+        add_events(&b.host, 1, 0..n);
+        let outcome = session(&a, &b, 1000);
+        assert_eq!(each_once(outcome.stored).len(), n as usize);
+        assert!(synced_with_b(&a), "the session completed");
+    }
+
+    #[test]
+    fn a_late_response_is_dropped_and_counted() {
+        let (a, b) = two_peers();
+        let params = Value::map([("transit_secret_ttl_ms", 1)]);
+        let request = a.run_job(&params).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
+        assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn a_response_from_another_peer_ends_the_session() {
+        let (a, b) = two_peers();
+        add_events(&b.host, 1, 0..10);
+        let request = a.run_job(&limits(1000)).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
+        assert!(a.process(&arrived(&response, PEER_X)).is_empty());
+        assert_eq!(counter(&a.host, "sync_rejected_response"), 1);
+        // The request was used up; a replay is unknown.
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
+        assert_eq!(counter(&a.host, "sync_unknown_response"), 1);
+    }
+
+    #[test]
+    fn a_sessions_requests_carry_increasing_timestamps() {
+        let (a, _b) = two_peers();
+        let first = a.run_job(&limits(1000)).pop().unwrap();
+        let t0 = plaintext(&first, "timestamp_ms").as_int().unwrap();
+        let mut request_id = first.plaintext().unwrap().get("request_id").cloned();
+        let mut sent = vec![t0];
+        let mut state = a.handler.state();
+        // Two more rounds within the same millisecond, then one after our
+        // clock stepped back.
+        for now in [t0, t0, t0 - 5_000] {
+            let id = hex::encode(request_id.as_ref().and_then(Value::as_bytes).unwrap());
+            let (k, _) = state.answered(&id, now).unwrap();
+            let next = state.send(&k, super::Opening::Nothing, now);
+            sent.push(plaintext(&next, "timestamp_ms").as_int().unwrap());
+            request_id = next.plaintext().unwrap().get("request_id").cloned();
+        }
+        assert_eq!(sent, [t0, t0 + 1, t0 + 2, t0 + 3]);
+    }
+
+    #[test]
+    fn a_responder_cannot_queue_more_than_max_needs() {
+        let (a, b) = two_peers();
+        let params = limits(super::MAX_NEEDS as i64);
+        b.run_job(&params);
+        let request = a.run_job(&params).pop().unwrap();
+        let response = b.process(&arrived(&request, PEER_A)).remove(0);
+        // B ends the reconciliation and claims to defer more than the cap.
+        let flood: Vec<Value> = (0..super::MAX_NEEDS as u32 + 5)
+            .map(|i| event_id(7, i).into())
+            .collect();
+        let response = with_field(response, "deferred", flood);
+        let response = with_field(response, "negentropy", Value::Null);
+        let next = a.process(&arrived(&response, PEER_B)).pop().unwrap();
+        let need = plaintext(&next, "need").as_list().unwrap();
+        assert_eq!(need.len(), super::MAX_NEEDS);
+        assert_eq!(
+            need.last(),
+            Some(&event_id(7, super::MAX_NEEDS as u32 - 1).into())
+        );
+        assert!(a
+            .handler
+            .state()
+            .sessions
+            .values()
+            .all(|s| s.needs.is_empty()));
+
+        // B has none of them: the queue empties, but the dropped ids were
+        // never asked for, so the session is not recorded as complete.
+        let response = b.process(&arrived(&next, PEER_A)).pop().unwrap();
+        assert!(a.process(&arrived(&response, PEER_B)).is_empty());
+        assert_eq!(
+            a.host.count(&format!(
+                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_B}' AND last_sync_ms IS NULL"
+            )),
+            1
+        );
+        assert!(a.handler.state().sessions.is_empty());
+    }
+
+    #[test]
+    fn the_wait_for_an_unreachable_peer_doubles_up_to_five_minutes() {
+        let waits: Vec<i64> = (0..12)
+            .map(|n| super::Unreachable::backoff_ms(n) / 1000)
+            .collect();
+        // One unanswered session is forgiven: a live responder may refuse a
+        // round 0 silently (its rate limit, after our restart).
+        assert_eq!(waits, [0, 0, 6, 12, 24, 48, 96, 192, 300, 300, 300, 300]);
+        assert_eq!(super::Unreachable::backoff_ms(u32::MAX), 300_000);
+    }
+}
