@@ -38,6 +38,10 @@ const MAX_NEEDS: usize = 100_000;
 /// Sessions are keyed by `(peer_id, network_id)`.
 pub(crate) type Key = (String, String);
 
+pub(crate) fn key(peer_id: &str, network_id: &str) -> Key {
+    (peer_id.to_owned(), network_id.to_owned())
+}
+
 /// The handler's memory: the requester's sessions, and what both sides
 /// share (the job's limits, our sets of ids). Memory only: a restart or a
 /// reload costs the sessions running, and the next tick starts new ones.
@@ -117,7 +121,7 @@ pub(crate) struct Session {
     /// When the latest response arrived (or the session started).
     last_heard_ms: i64,
     /// Whether the requests in flight were sent again for silence, since
-    /// the latest response; see [`RETRY_AFTER_MS`].
+    /// the latest response; see [`RETRY_AFTER_MS`](retry::RETRY_AFTER_MS).
     retried: bool,
 }
 
@@ -357,10 +361,6 @@ pub(crate) fn event_set<'s>(
 ) -> Result<&'s EventSet, PluginError> {
     let set = EventSet::current(sets.remove(network_id), ctx, network_id)?;
     Ok(sets.entry(network_id.to_owned()).or_insert(set))
-}
-
-pub(crate) fn key(peer_id: &str, network_id: &str) -> Key {
-    (peer_id.to_owned(), network_id.to_owned())
 }
 
 #[cfg(test)]

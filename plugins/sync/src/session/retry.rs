@@ -1,8 +1,9 @@
 //! What a session does when answers do not come. A response can be lost
 //! on the way (a connection that drops), a session can fall silent, and a
-//! peer can be gone for good: the first two are asked again at once rather
-//! than waited out for the transit TTL, and a dead peer is tried less and
-//! less often, since its address is never forgotten.
+//! peer can be gone for good. A lost response is asked for again as soon
+//! as a later one shows it, and a silent session's after a few seconds,
+//! rather than either waiting out the transit TTL; a dead peer is tried
+//! less and less often, since its address is never forgotten.
 
 use quiet_plugin_api::{Context, Envelope, PluginError};
 
@@ -14,7 +15,7 @@ use crate::{admission::MIN_SESSION_INTERVAL_MS, counter};
 /// once: a lost last response is followed by no other that would show it
 /// (see [`State::answered`]), and waiting for the session to expire cost
 /// the transit TTL (30 s). A responder answers a round in milliseconds.
-const RETRY_AFTER_MS: i64 = 5_000;
+pub(super) const RETRY_AFTER_MS: i64 = 5_000;
 /// The longest wait between sessions with a peer that does not answer;
 /// see [`Unreachable`].
 pub(crate) const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
@@ -192,8 +193,7 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::super::WINDOW;
-    use crate::test_host::*;
+    use crate::{session::WINDOW, test_host::*};
 
     #[test]
     fn a_lost_response_is_asked_for_again_when_a_later_one_arrives() {
