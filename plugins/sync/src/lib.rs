@@ -69,6 +69,12 @@
 //! `sync_rate_limited`, `sync_unknown_response`, `sync_rejected_response`;
 //! so are sessions whose round 0 found the sets equal (`sync_sets_equal`)
 //! or different (`sync_sets_differ`).
+//!
+//! The files follow the same split: `session` is the requester (its
+//! `response` takes in answers, its `retry` copes with missing ones),
+//! `responder` answers what `admission` lets through, `peers` keeps the
+//! addresses both sides learn, `wire` reads and writes the messages, and
+//! `limits` and `event_set` are what both sides share.
 
 use std::sync::{Mutex, MutexGuard};
 
