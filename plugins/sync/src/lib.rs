@@ -130,7 +130,8 @@ impl Handler for SyncHandler {
     }
 
     /// Starts a session with each active address that has none running,
-    /// and sends again what sessions that fell silent asked for. Params: `max_events_per_response`, `transit_secret_ttl_ms`,
+    /// and sends again what sessions that fell silent asked for. Params:
+    /// `max_events_per_response`, `transit_secret_ttl_ms`,
     /// `max_rounds_per_session`, and optionally `network_id` (else every
     /// network in `networks`).
     fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {

@@ -8,9 +8,9 @@ use std::{
     sync::atomic::{AtomicI64, Ordering},
 };
 
-use quiet_host::{context::HostContext, statements::Statements};
+use quiet_host::{plugins::context::HostContext, storage::statements::Statements};
 pub(crate) use quiet_host::{
-    db::{now_ms, set_thread_clock},
+    storage::db::{now_ms, set_thread_clock},
     testing::TestHost,
 };
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
