@@ -145,8 +145,12 @@ enum NetworkCommand {
     },
     /// Join a network with an invite from `network create` or `network invite`.
     Join {
-        /// The invite line.
-        invite: String,
+        /// The invite line, or `-` to read it from standard input (so that
+        /// it appears in neither `ps` nor the shell's history).
+        invite: Option<String>,
+        /// Read the invite from this file instead.
+        #[arg(long, conflicts_with = "invite")]
+        file: Option<PathBuf>,
     },
     /// List this host's networks.
     List {
@@ -162,8 +166,12 @@ enum MessageCommand {
     Send {
         /// The network id.
         network: String,
-        /// The text.
-        text: String,
+        /// The text, or `-` to read it from standard input.
+        text: Option<String>,
+        /// Read the text from this file instead (one trailing line break
+        /// is dropped, as from standard input).
+        #[arg(long, conflicts_with = "text")]
+        file: Option<PathBuf>,
         /// Send this many messages ("TEXT #1", "TEXT #2", …) in one
         /// transaction, for load tests; prints the first and last id.
         #[arg(long, default_value_t = 1)]
@@ -261,7 +269,10 @@ fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
                 commands::network_invite(data, &network, address.as_deref())?
             )
         }
-        NetworkCommand::Join { invite } => println!("{}", commands::network_join(data, &invite)?),
+        NetworkCommand::Join { invite, file } => {
+            let invite = commands::read_input(invite.as_deref(), file.as_deref(), "the invite")?;
+            println!("{}", commands::network_join(data, &invite)?)
+        }
         NetworkCommand::List { json } => {
             let list = commands::network_list(data)?;
             if json {
@@ -284,20 +295,19 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
         MessageCommand::Send {
             network,
             text,
-            count: 1,
-        } => {
-            println!("{}", commands::message_send(data, &network, &text)?);
-        }
-        MessageCommand::Send {
-            network,
-            text,
+            file,
             count,
         } => {
-            let texts: Vec<String> = (1..=count).map(|i| format!("{text} #{i}")).collect();
-            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let ids = commands::message_send_many(data, &network, &texts)?;
-            if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
-                println!("{first}\n{last}");
+            let text = commands::read_input(text.as_deref(), file.as_deref(), "the message text")?;
+            if count == 1 {
+                println!("{}", commands::message_send(data, &network, &text)?);
+            } else {
+                let texts: Vec<String> = (1..=count).map(|i| format!("{text} #{i}")).collect();
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let ids = commands::message_send_many(data, &network, &texts)?;
+                if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+                    println!("{first}\n{last}");
+                }
             }
         }
         MessageCommand::List { network, json } => {

@@ -3,14 +3,19 @@
 
 use std::{
     fs,
+    io::Write,
     net::TcpListener,
     path::Path,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
-use quiet_test_support::{plugin, HostDirs};
+use quiet_test_support::{plugin, wait_for, HostDirs};
 
-use crate::{bin, one_line_error};
+use crate::{
+    bin, one_line_error, query_i64,
+    sync::{cli, create_network, sync_host},
+};
 
 fn quiet(args: &[&str], data: &Path) -> Output {
     Command::new(bin())
@@ -25,12 +30,12 @@ fn quiet(args: &[&str], data: &Path) -> Output {
 fn a_bad_invite_is_named_and_nothing_is_joined() {
     let dir = tempfile::tempdir().unwrap();
     let out = quiet(
-        &["network", "join", "quiet1:not-really-an-invite"],
+        &["network", "join", "quiet2:not-really-an-invite"],
         dir.path(),
     );
     one_line_error(&out, &["not a valid invite", "copy the whole line"]);
     let out = quiet(&["network", "join", "hello"], dir.path());
-    one_line_error(&out, &["does not start with quiet1:"]);
+    one_line_error(&out, &["does not start with quiet2:"]);
     let list = quiet(&["network", "list", "--json"], dir.path());
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
 }
@@ -183,4 +188,161 @@ fn logs_can_be_json_lines() {
         .as_str()
         .is_some_and(|p| p.len() == 64));
     host.stop();
+}
+
+/// Runs a CLI command on a data folder with `stdin` as its standard input.
+fn quiet_with_stdin(args: &[&str], data: &Path, stdin: &str) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A network made in a folder whose host has never run: the invite names
+/// a made-up address.
+fn offline_network(data: &Path) -> (String, String) {
+    let invite = cli(data, &["network", "create", "--address", "127.0.0.1:7001"]);
+    let network = quiet_host::storage::networks::Invite::decode(&invite)
+        .unwrap()
+        .network_id;
+    (invite, network)
+}
+
+#[test]
+fn a_message_over_the_event_limit_is_refused_when_sent_and_nothing_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, net) = offline_network(dir.path());
+    let text = fs::File::create(dir.path().join("long.txt"))
+        .and_then(|mut f| f.write_all("x".repeat(70_000).as_bytes()))
+        .map(|()| dir.path().join("long.txt"))
+        .unwrap();
+    let out = quiet(
+        &["message", "send", &net, "--file", text.to_str().unwrap()],
+        dir.path(),
+    );
+    one_line_error(
+        &out,
+        &["over the limit of 65536 bytes", "shorten it by at least"],
+    );
+    assert!(out.stdout.is_empty(), "an id was printed for it");
+    assert_eq!(
+        query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
+        Some(0)
+    );
+    // One that fits is taken, and gets its id.
+    let ok = quiet(&["message", "send", &net, &"x".repeat(60_000)], dir.path());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
+        Some(1)
+    );
+}
+
+#[test]
+fn message_texts_and_invites_can_come_from_standard_input_or_a_file() {
+    let (a_dirs, a) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    let out = quiet_with_stdin(
+        &["message", "send", &net, "-"],
+        &a_dirs.data,
+        "from stdin, with a line break\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = a_dirs.data.join("text.txt");
+    fs::write(&file, "from a file\nof two lines\n").unwrap();
+    let out = quiet(
+        &["message", "send", &net, "--file", file.to_str().unwrap()],
+        &a_dirs.data,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let texts = wait_for(Duration::from_secs(20), || {
+        let list = cli(&a_dirs.data, &["message", "list", &net, "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let texts: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_owned())
+            .collect();
+        (texts.len() == 2).then_some(texts)
+    })
+    .unwrap_or_else(|| panic!("not projected; log:\n{}", a.log().join("\n")));
+    assert!(
+        texts.contains(&"from stdin, with a line break".to_string()),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&"from a file\nof two lines".to_string()),
+        "{texts:?}"
+    );
+
+    // Invites too: the secret never has to be an argument.
+    let b = tempfile::tempdir().unwrap();
+    let out = quiet_with_stdin(&["network", "join", "-"], b.path(), &format!("{invite}\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = tempfile::tempdir().unwrap();
+    let invite_file = c.path().join("invite");
+    fs::write(&invite_file, &invite).unwrap();
+    let out = quiet(
+        &["network", "join", "--file", invite_file.to_str().unwrap()],
+        &c.path().join("data"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for data in [b.path().to_path_buf(), c.path().join("data")] {
+        assert!(cli(&data, &["network", "list"]).starts_with(&net));
+    }
+    // Neither an argument nor a file: say how to give one.
+    let out = quiet(&["message", "send", &net], &a_dirs.data);
+    one_line_error(&out, &["give the message text", "--file"]);
+}
+
+#[test]
+fn network_join_names_an_invite_with_one_character_changed_as_damaged() {
+    let a = tempfile::tempdir().unwrap();
+    let (invite, _) = offline_network(a.path());
+    let b = tempfile::tempdir().unwrap();
+    // The middle of the line, where a slip of the hand would land.
+    let at = invite.len() / 2;
+    let swapped = if invite.as_bytes()[at] == b'A' {
+        "B"
+    } else {
+        "A"
+    };
+    let damaged = format!("{}{swapped}{}", &invite[..at], &invite[at + 1..]);
+    let out = quiet(&["network", "join", &damaged], b.path());
+    one_line_error(&out, &["not a valid invite", "damaged"]);
+    let list = quiet(&["network", "list", "--json"], b.path());
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
 }

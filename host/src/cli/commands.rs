@@ -5,7 +5,7 @@
 //! `submissions` for the host, which picks it up within a fraction of a
 //! second (or at its next start).
 
-use std::{path::Path, sync::Arc};
+use std::{io::Read, path::Path, sync::Arc};
 
 use quiet_plugin_api::Value;
 use rusqlite::Connection;
@@ -21,6 +21,59 @@ use crate::{
         networks::{self, Invite, NetworkKeys},
     },
 };
+
+/// The most bytes read for one text from a file or standard input: more
+/// than any event holds, so that an over-long message meets the event
+/// limit's own error, while a wrong file (an image, a log) is refused
+/// before it fills memory.
+const MAX_INPUT_BYTES: u64 = 1 << 20;
+
+/// A text the command line names: given as the argument, read from
+/// standard input when the argument is `-`, or read from `file`. Texts read
+/// lose one trailing line break, as `echo` and editors add one. Secrets
+/// such as invites, and long texts, need not appear in `ps` or the shell's
+/// history this way.
+pub fn read_input(arg: Option<&str>, file: Option<&Path>, what: &str) -> Result<String, String> {
+    let (source, reader): (String, Box<dyn Read>) = match (arg, file) {
+        (Some(_), Some(_)) => {
+            return Err(format!("give {what} once: as an argument or with --file"))
+        }
+        (Some("-"), None) => ("standard input".into(), Box::new(std::io::stdin())),
+        (Some(text), None) => return Ok(text.to_owned()),
+        (None, Some(path)) => (
+            path.display().to_string(),
+            Box::new(
+                std::fs::File::open(path)
+                    .map_err(|e| format!("{what}: {}: {e}", path.display()))?,
+            ),
+        ),
+        (None, None) => {
+            return Err(format!(
+                "give {what} as an argument, `-` to read it from standard input, or --file PATH"
+            ))
+        }
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{what}: reading {source}: {e}"))?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(format!(
+            "{what} from {source} is over {} MiB",
+            MAX_INPUT_BYTES >> 20
+        ));
+    }
+    let mut text =
+        String::from_utf8(bytes).map_err(|_| format!("{what} from {source} is not UTF-8 text"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
 
 fn open(data_dir: &Path) -> Result<Connection, String> {
     std::fs::create_dir_all(data_dir)

@@ -210,13 +210,24 @@ impl EventStore {
     }
 
     /// Encrypts a new local event of `network_id`, created now, and wraps it
-    /// in a `store_event` envelope.
+    /// in a `store_event` envelope; refuses one larger than
+    /// [`MAX_EVENT_BYTES`], which no host would store.
     pub fn new_local_event(&self, network_id: &str, plaintext: &Value) -> Result<Envelope, String> {
         let key = self
             .keys
             .get(network_id)
             .ok_or_else(|| format!("not a member of network {network_id}"))?;
         let event = event_crypto::encrypt_event(&key, db::now_ms(), &codec::encode(plaintext));
+        // Refused here, where it is made, rather than dropped by every
+        // store that would receive it, this one included.
+        if event.len() > MAX_EVENT_BYTES {
+            return Err(format!(
+                "the event would be {} bytes, over the limit of {MAX_EVENT_BYTES} bytes an event \
+                 may take: shorten it by at least {} bytes",
+                event.len(),
+                event.len() - MAX_EVENT_BYTES
+            ));
+        }
         Ok(Envelope::of_type(STORE_EVENT)
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_CIPHERTEXT, event))
@@ -274,5 +285,35 @@ mod tests {
         assert_eq!(together[100], Err("drop_event_for_unknown_network"));
         assert_eq!(together[150], Err("drop_oversized_event"));
         assert_eq!(together.iter().filter(|r| r.is_ok()).count(), 197);
+    }
+
+    #[test]
+    fn a_local_event_the_stores_would_drop_is_refused_where_it_is_made() {
+        let net = "ab".repeat(16);
+        let (_dir, store) = EventStore::with_one_network(&net);
+        let text = |n: usize| {
+            Value::map([
+                ("type", Value::from("message")),
+                ("text", Value::from("x".repeat(n).as_str())),
+            ])
+        };
+        let err = store
+            .new_local_event(&net, &text(MAX_EVENT_BYTES))
+            .unwrap_err();
+        assert!(err.contains("over the limit of 65536 bytes"), "{err}");
+        let over: usize = err
+            .split("at least ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        // Exactly that much shorter, it is made and stored.
+        let fits = store
+            .new_local_event(&net, &text(MAX_EVENT_BYTES - over))
+            .unwrap();
+        assert!(store.open(&fits).is_ok());
+        assert!(store
+            .new_local_event(&net, &text(MAX_EVENT_BYTES - over + 1))
+            .is_err());
     }
 }

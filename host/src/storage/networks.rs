@@ -25,7 +25,24 @@ use crate::{
     storage::db,
 };
 
-const INVITE_PREFIX: &str = "quiet1:";
+/// Invites begin with this, then URL-safe base64 of the fields and a
+/// checksum of them.
+const INVITE_PREFIX: &str = "quiet2:";
+/// The prefix of invites from before the checksum, which cannot tell a
+/// damaged invite from a good one.
+const OLD_INVITE_PREFIX: &str = "quiet1:";
+/// Bytes of BLAKE3 over the fields that end an invite: a copy that lost or
+/// changed a character fails it (a damaged invite decodes as a network that
+/// never syncs, or a peer that is not there).
+const INVITE_CHECK: usize = 8;
+
+fn invite_check(fields: &[u8]) -> [u8; INVITE_CHECK] {
+    let mut h = blake3::Hasher::new_derive_key("quiet-host 2026 invite checksum");
+    h.update(fields);
+    let mut out = [0u8; INVITE_CHECK];
+    h.finalize_xof().fill(&mut out);
+    out
+}
 
 /// A decoded invite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +66,9 @@ impl Invite {
             ("p", Value::from(self.peer_id.as_str())),
             ("a", Value::from(self.address.as_str())),
         ]);
-        format!(
-            "{INVITE_PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(codec::encode(&v))
-        )
+        let mut bytes = codec::encode(&v);
+        bytes.extend(invite_check(&bytes));
+        format!("{INVITE_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
     }
 
     /// Parses the one-line form; the error says what is wrong with it.
@@ -60,14 +76,26 @@ impl Invite {
         let bad = |why: &str| {
             format!("not a valid invite: {why} (copy the whole line `network create` printed)")
         };
+        let text = text.trim();
+        if text.starts_with(OLD_INVITE_PREFIX) {
+            return Err(format!(
+                "not a valid invite: it was made by an older quiet-host, whose invites \
+                 ({OLD_INVITE_PREFIX}) carry no checksum; ask for a new one"
+            ));
+        }
         let body = text
-            .trim()
             .strip_prefix(INVITE_PREFIX)
-            .ok_or_else(|| bad("it does not start with quiet1:"))?;
-        let bytes = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| bad("it is damaged or cut short"))?;
-        let v = codec::decode(&bytes).map_err(|_| bad("it is damaged or cut short"))?;
+            .ok_or_else(|| bad(&format!("it does not start with {INVITE_PREFIX}")))?;
+        let damaged = || bad("it is damaged or cut short (its checksum does not match)");
+        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| damaged())?;
+        let (fields, check) = bytes
+            .split_at_checked(bytes.len().wrapping_sub(INVITE_CHECK))
+            .ok_or_else(damaged)?;
+        // Not a secret: a plain comparison tells nothing worth hiding.
+        if check != invite_check(fields) {
+            return Err(damaged());
+        }
+        let v = codec::decode(fields).map_err(|_| damaged())?;
         let text_field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         let (Some(network_id), Some(peer_id), Some(address)) =
             (text_field("n"), text_field("p"), text_field("a"))
@@ -244,14 +272,42 @@ mod tests {
             address: "127.0.0.1:7001".into(),
         };
         let line = invite.encode();
-        assert!(line.starts_with("quiet1:") && !line.contains(char::is_whitespace));
+        assert!(line.starts_with("quiet2:") && !line.contains(char::is_whitespace));
         assert_eq!(Invite::decode(&format!("  {line}\n")).unwrap(), invite);
         assert!(Invite::decode("hello")
             .unwrap_err()
-            .contains("does not start with quiet1:"));
+            .contains("does not start with quiet2:"));
         let cut = &line[..line.len() - 5];
         assert!(Invite::decode(cut)
             .unwrap_err()
             .contains("damaged or cut short"));
+        assert!(Invite::decode(&line.replacen("quiet2:", "quiet1:", 1))
+            .unwrap_err()
+            .contains("made by an older quiet-host"));
+    }
+
+    #[test]
+    fn an_invite_with_any_one_character_changed_is_refused_as_damaged() {
+        let line = Invite {
+            network_id: "0123456789abcdef0123456789abcdef".into(),
+            key: [5; 32],
+            peer_id: "ab".repeat(32),
+            address: "127.0.0.1:7001".into(),
+        }
+        .encode();
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let body = INVITE_PREFIX.len();
+        let mut tried = 0;
+        for at in body..line.len() {
+            for &c in alphabet.iter().filter(|&&c| c != line.as_bytes()[at]) {
+                let mut damaged = line.clone().into_bytes();
+                damaged[at] = c;
+                let damaged = String::from_utf8(damaged).unwrap();
+                let err = Invite::decode(&damaged).unwrap_err();
+                assert!(err.contains("damaged"), "{damaged}: {err}");
+                tried += 1;
+            }
+        }
+        assert_eq!(tried, (line.len() - body) * 63);
     }
 }
