@@ -38,8 +38,7 @@ pub fn receiver() -> &'static Receiver {
         std::fs::create_dir(&peer_dir).unwrap();
         let peer = HostIdentity::load_or_create(&peer_dir).unwrap();
         let key = NetworkKey([1; 32]);
-        std::fs::create_dir(dir.join("keys")).unwrap();
-        std::fs::write(dir.join("keys").join(format!("{NET}.key")), key.0).unwrap();
+        NetworkKeys::new(&dir).store(NET, &key).unwrap();
         let live = Arc::<LiveRequests>::default();
         let inbound = Inbound::new(Wire {
             identity: identity.clone(),

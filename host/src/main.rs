@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use quiet_host::{
-    cli::{commands, host, status},
+    cli::{commands, host, status, terminal},
     engine::watchdog,
     plugins::loader,
 };
@@ -319,7 +319,13 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
                 );
             } else {
                 for m in &list {
-                    println!("{}  {}  {}", m.created_ms, &m.author[..12], m.text);
+                    // Author and text are a peer's to choose.
+                    println!(
+                        "{}  {}  {}",
+                        m.created_ms,
+                        terminal::short(&m.author, 12),
+                        terminal::printable(&m.text)
+                    );
                 }
             }
         }
@@ -361,9 +367,13 @@ fn run(
 }
 
 fn check(file: &Path) -> Result<(), String> {
-    let cache = tempfile_dir()?;
-    let result = loader::load(file, &cache, 1);
-    let _ = std::fs::remove_dir_all(&cache);
+    // A fresh folder of random name, 0700: one whose name others could
+    // guess, they could make first, and plant a library in.
+    let cache = tempfile::Builder::new()
+        .prefix("quiet-host-check-")
+        .tempdir()
+        .map_err(|e| format!("a temporary folder: {e}"))?;
+    let result = loader::load(file, cache.path(), 1);
     let plugin = result.map_err(|e| e.to_string())?;
     println!(
         "{}: ok: plugin '{}' {} (plugin ABI {}), {} migration(s), handlers:",
@@ -382,12 +392,6 @@ fn check(file: &Path) -> Result<(), String> {
         println!("  {:<20} {types}", h.name);
     }
     Ok(())
-}
-
-fn tempfile_dir() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("quiet-host-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(dir)
 }
 
 fn init_logging(format: LogFormat) {

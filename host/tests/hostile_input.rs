@@ -266,15 +266,15 @@ impl Receiver {
         let dir = tempfile::tempdir().unwrap();
         let identity = Arc::new(HostIdentity::load_or_create(dir.path()).unwrap());
         let (key, key_b) = (NetworkKey([1; 32]), NetworkKey([2; 32]));
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let keys = NetworkKeys::new(dir.path());
         for (net, k) in [(NET, &key), (NET_B, &key_b)] {
-            std::fs::write(dir.path().join("keys").join(format!("{net}.key")), k.0).unwrap();
+            keys.store(net, k).unwrap();
         }
         let (live, counters) = (Arc::<LiveRequests>::default(), Arc::<Counters>::default());
         let inbound = Inbound::new(Wire {
             identity: identity.clone(),
             live: live.clone(),
-            keys: Arc::new(NetworkKeys::new(dir.path())),
+            keys: Arc::new(keys),
             counters: counters.clone(),
         });
         Self {

@@ -346,3 +346,215 @@ fn network_join_names_an_invite_with_one_character_changed_as_damaged() {
     let list = quiet(&["network", "list", "--json"], b.path());
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn the_data_folder_is_private_and_a_missing_or_exposed_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    // A host that has stored a message: its folder, database and WAL, the
+    // files that hold decrypted text, are its owner's alone.
+    let (dirs, host) = sync_host();
+    let (_, net) = create_network(&dirs.data);
+    cli(&dirs.data, &["message", "send", &net, "hello"]);
+    wait_for(Duration::from_secs(20), || {
+        (query_i64(&dirs.data, "SELECT COUNT(*) FROM messages") == Some(1)).then_some(())
+    })
+    .expect("the message was not stored");
+    assert_eq!(mode(&dirs.data), 0o700);
+    for file in ["quiet.db", "quiet.db-wal", "quiet.db-shm", "identity.key"] {
+        assert_eq!(mode(&dirs.data.join(file)), 0o600, "{file}");
+    }
+    host.stop();
+
+    // A folder made by an older build, open to all, is closed on next use.
+    fs::set_permissions(&dirs.data, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        dirs.data.join("quiet.db"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    cli(&dirs.data, &["message", "send", &net, "again"]);
+    assert_eq!(mode(&dirs.data), 0o700);
+    assert_eq!(mode(&dirs.data.join("quiet.db")), 0o600);
+
+    // A network key others can read is refused, by the host and the CLI.
+    let key = dirs.data.join(format!("keys/{net}.key"));
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let run = dirs.run_command(&bin()).output().unwrap();
+    one_line_error(
+        &run,
+        &[&format!("{net}.key"), "readable by others", "chmod 600"],
+    );
+    let send = quiet(&["message", "send", &net, "exposed"], &dirs.data);
+    one_line_error(&send, &["readable by others"]);
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A folder that holds networks but lost its identity is not given a new
+    // one: that would be another peer, a stranger to the network.
+    let before = fs::read(dirs.data.join("identity.key")).unwrap();
+    fs::remove_file(dirs.data.join("identity.key")).unwrap();
+    let run = dirs.run_command(&bin()).output().unwrap();
+    one_line_error(&run, &["identity.key is missing", "restore the key"]);
+    let send = quiet(&["message", "send", &net, "stranger"], &dirs.data);
+    one_line_error(&send, &["identity.key is missing"]);
+    assert!(!dirs.data.join("identity.key").exists());
+    fs::write(dirs.data.join("identity.key"), before).unwrap();
+}
+
+#[test]
+fn commands_that_only_read_never_create_a_data_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for args in [
+        &["status"][..],
+        &["network", "list"],
+        &["message", "list", "0123456789abcdef0123456789abcdef"],
+    ] {
+        let out = quiet(args, &missing);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+    // An empty folder stays empty: no database appears in it.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let list = quiet(&["network", "list", "--json"], &empty);
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+    let out = quiet(
+        &["message", "list", "0123456789abcdef0123456789abcdef"],
+        &empty,
+    );
+    one_line_error(&out, &["no quiet-host database here"]);
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
+}
+
+/// Queues, as a member gone bad would through the host's own library, a
+/// `message` event whose author and text it chose.
+fn queue_crafted_message(data: &Path, network: &str, author: &str, text: &str) {
+    use quiet_host::{
+        encoding::codec,
+        storage::{event_store::EventStore, networks::NetworkKeys},
+    };
+    use quiet_plugin_api::Value;
+    let store = EventStore::new(
+        std::sync::Arc::new(NetworkKeys::new(data)),
+        Default::default(),
+    );
+    let plaintext = Value::map([
+        ("type", Value::from("message")),
+        ("text", Value::from(text)),
+        ("author", Value::from(author)),
+        ("created_ms", Value::from(quiet_host::storage::db::now_ms())),
+    ]);
+    let envelope = store.new_local_event(network, &plaintext).unwrap();
+    quiet_host::storage::db::open(data)
+        .unwrap()
+        .execute(
+            "INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, 0)",
+            [codec::encode_envelope(&envelope)],
+        )
+        .unwrap();
+}
+
+#[test]
+fn fields_a_peer_chose_never_crash_or_rewrite_the_terminal() {
+    let (dirs, host) = sync_host();
+    let (_, net) = create_network(&dirs.data);
+    // A one-letter author (`message list` cut every author to 12 bytes and
+    // panicked), and a text that would clear the line and forge another.
+    let forged = "hi\r\x1b[2Kquiet-host running (pid 1)\nDEAD LETTERS (0 total)\u{202e}";
+    queue_crafted_message(&dirs.data, &net, "x", forged);
+    queue_crafted_message(&dirs.data, &net, "ééé", "fine");
+    wait_for(Duration::from_secs(20), || {
+        (query_i64(&dirs.data, "SELECT COUNT(*) FROM messages") == Some(2)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not projected; log:\n{}", host.log().join("\n")));
+    let list = quiet(&["message", "list", &net], &dirs.data);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8(list.stdout).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(!text.contains(['\x1b', '\r', '\u{202e}']), "{text:?}");
+    assert!(
+        text.contains("\\u{1b}[2Kquiet-host running (pid 1)\\nDEAD LETTERS"),
+        "{text}"
+    );
+    assert!(text.contains("  x  ") && text.contains("  ééé  "), "{text}");
+    // The JSON form keeps the text as it was written.
+    let json = quiet(&["message", "list", &net, "--json"], &dirs.data);
+    assert!(String::from_utf8_lossy(&json.stdout).contains("\\u001b[2K"));
+
+    // A dead letter's reason comes from a handler's error, which may quote
+    // what a peer sent: status prints it on its one line.
+    quiet_host::storage::db::open(&dirs.data)
+        .unwrap()
+        .execute(
+            "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) \
+             VALUES (0, 'p', 'h', ?1, '{}')",
+            ["bad\n  #1 forged line\x1b[1A"],
+        )
+        .unwrap();
+    let status = quiet(&["status"], &dirs.data);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(!status.contains('\x1b'), "{status:?}");
+    assert!(
+        status.contains("bad\\n  #1 forged line\\u{1b}[1A"),
+        "{status}"
+    );
+}
+
+#[test]
+fn status_lists_traffic_apart_from_drops_and_a_stopped_hosts_jobs_run_at_start() {
+    let (a_dirs, a) = sync_host();
+    let (b_dirs, b) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    cli(&b_dirs.data, &["network", "join", &invite]);
+    cli(&a_dirs.data, &["message", "send", &net, "hello"]);
+    wait_for(Duration::from_secs(30), || {
+        (query_i64(&b_dirs.data, "SELECT COUNT(*) FROM messages") == Some(1)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no sync; log of b:\n{}", b.log().join("\n")));
+    wait_for(Duration::from_secs(10), || {
+        (query_i64(
+            &a_dirs.data,
+            "SELECT value FROM counters WHERE name = 'net_bytes_sent'",
+        )
+        .is_some())
+        .then_some(())
+    })
+    .expect("no traffic counted");
+    let status = String::from_utf8(quiet(&["status"], &a_dirs.data).stdout).unwrap();
+    let section = |title: &str| -> String {
+        status
+            .split(&format!("\n{title}\n"))
+            .nth(1)
+            .map(|rest| rest.split("\n\n").next().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    assert!(section("TRAFFIC").contains("net_bytes_sent"), "{status}");
+    assert!(!section("DROPPED").contains("net_"), "{status}");
+    assert!(section("JOBS").contains("sync_with_peers"), "{status}");
+    a.stop();
+    b.stop();
+    let stopped = String::from_utf8(quiet(&["status"], &a_dirs.data).stdout).unwrap();
+    let job = stopped
+        .lines()
+        .find(|l| l.trim_start().starts_with("sync_with_peers"))
+        .unwrap_or_else(|| panic!("{stopped}"));
+    assert!(job.trim_end().ends_with("at start"), "{job}");
+}

@@ -12,7 +12,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::{
-    crypto::identity::HostIdentity,
+    crypto::identity::{HostIdentity, IdentityError},
     encoding::codec,
     plugins::handler::CallError,
     storage::{
@@ -75,14 +75,43 @@ pub fn read_input(arg: Option<&str>, file: Option<&Path>, what: &str) -> Result<
     Ok(text)
 }
 
+/// Opens the data folder for a command that writes, creating it (private)
+/// if needed; refuses one whose network keys others can read.
 fn open(data_dir: &Path) -> Result<Connection, String> {
-    std::fs::create_dir_all(data_dir)
+    db::create_private_dir(data_dir)
         .map_err(|e| format!("data folder {}: {e}", data_dir.display()))?;
+    NetworkKeys::new(data_dir).check_private()?;
     db::open(data_dir).map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))
 }
 
+/// Opens the database for a command that only reads: it creates nothing,
+/// and `None` is a folder no host has used yet.
+fn open_to_read(data_dir: &Path) -> Result<Option<Connection>, String> {
+    if !data_dir.is_dir() {
+        return Err(format!(
+            "data folder {} does not exist (pass --data, or set QUIET_DATA)",
+            data_dir.display()
+        ));
+    }
+    if !data_dir.join(db::DB_FILE).exists() {
+        return Ok(None);
+    }
+    db::open_read_only(data_dir)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", data_dir.join(db::DB_FILE).display()))
+}
+
+/// This data folder's identity: made on first use, but never in a folder
+/// that already holds networks, where a new one would be a stranger.
+pub fn identity_of(data_dir: &Path) -> Result<HostIdentity, IdentityError> {
+    match NetworkKeys::new(data_dir).any() {
+        true => HostIdentity::load(data_dir),
+        false => HostIdentity::load_or_create(data_dir),
+    }
+}
+
 fn identity(data_dir: &Path) -> Result<HostIdentity, String> {
-    HostIdentity::load_or_create(data_dir).map_err(|e| e.to_string())
+    identity_of(data_dir).map_err(|e| e.to_string())
 }
 
 fn require_member(conn: &Connection, network_id: &str) -> Result<(), String> {
@@ -173,7 +202,9 @@ pub struct NetworkSummary {
 
 /// `network list`.
 pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
-    let conn = open(data_dir)?;
+    let Some(conn) = open_to_read(data_dir)? else {
+        return Ok(Vec::new());
+    };
     conn.prepare(
         "SELECT n.network_id,
                 (SELECT COUNT(*) FROM addresses a WHERE a.network_id = n.network_id),
@@ -252,7 +283,12 @@ pub struct Message {
 
 /// `message list`: the projected messages of a network, oldest first.
 pub fn message_list(data_dir: &Path, network_id: &str) -> Result<Vec<Message>, String> {
-    let conn = db::open_read_only(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let Some(conn) = open_to_read(data_dir)? else {
+        return Err(format!(
+            "{}: no quiet-host database here, so no networks and no messages",
+            data_dir.display()
+        ));
+    };
     require_member(&conn, network_id)?;
     let mut stmt = conn
         .prepare(

@@ -22,7 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::cli::{commands, status};
+use crate::{
+    cli::{commands, status},
+    storage::counters::{self, CounterKind},
+};
 
 /// The plugins the demo installs on every host.
 const PLUGINS: &[&str] = &["sync", "messages", "retention"];
@@ -381,10 +384,15 @@ fn summary(hosts: &[Host], network: &str, total: usize, elapsed: Duration) -> Re
             .iter()
             .find(|j| j.name == "sync_with_peers")
             .map_or(0, |j| j.run_count);
-        // Receiving an event from two peers is normal; everything else
-        // counted was dropped on purpose.
+        // Receiving an event from two peers is normal, and so is traffic;
+        // only what was refused or lost counts as dropped.
         let duplicates = s.counters.get("duplicate_events").copied().unwrap_or(0);
-        let dropped = s.counters.values().sum::<i64>() - duplicates;
+        let dropped: i64 = s
+            .counters
+            .iter()
+            .filter(|(name, _)| counters::kind(name) == CounterKind::Dropped)
+            .map(|(_, n)| n)
+            .sum();
         println!(
             "  {:<4}  {:<16}  {:>8}  {:>6}  {:>10}  {:>9}  {:>10}  {:>7}  {:>12}",
             h.name,

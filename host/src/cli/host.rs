@@ -33,7 +33,8 @@ use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 
 use crate::{
-    crypto::{identity::HostIdentity, transit::LiveRequests},
+    cli::commands,
+    crypto::transit::LiveRequests,
     engine::{
         inbox::Signal,
         jobs::JobsConfig,
@@ -90,6 +91,9 @@ pub enum StartError {
         /// " (pid N)" when known.
         holder: String,
     },
+    /// A network key is unusable.
+    #[error("{0}")]
+    Keys(String),
     /// The identity key is unusable.
     #[error(transparent)]
     Identity(#[from] crate::crypto::identity::IdentityError),
@@ -171,12 +175,16 @@ impl RunningHost {
 /// Starts a host: lock, identity, database, plugins, jobs, threads.
 pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     let data = &opts.data_dir;
-    fs::create_dir_all(data).map_err(|e| StartError::DataDir {
+    let data_dir_err = |message: String| StartError::DataDir {
         path: data.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    db::create_private_dir(data).map_err(|e| data_dir_err(e.to_string()))?;
     let lock = lock_data_dir(data)?;
-    let identity = Arc::new(HostIdentity::load_or_create(data)?);
+    NetworkKeys::new(data)
+        .check_private()
+        .map_err(StartError::Keys)?;
+    let identity = Arc::new(commands::identity_of(data)?);
     let db_err = |source| StartError::Database {
         path: data.join(db::DB_FILE),
         source,

@@ -10,7 +10,16 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::{cli::host::running_pid, storage::db};
+use crate::{
+    cli::{
+        host::running_pid,
+        terminal::{printable, short},
+    },
+    storage::{
+        counters::{self, CounterKind},
+        db,
+    },
+};
 
 /// The JSON schema version of [`Status`].
 pub const SCHEMA: u32 = 1;
@@ -304,7 +313,7 @@ pub fn render(s: &Status) -> String {
         "jobs.yaml  {}",
         s.config_error
             .as_deref()
-            .map_or("ok".to_string(), |e| format!("REFUSED: {e}"))
+            .map_or("ok".to_string(), |e| format!("REFUSED: {}", printable(e)))
     );
 
     let _ = writeln!(out, "\nPLUGINS (generation {})", s.generation);
@@ -316,21 +325,24 @@ pub fn render(s: &Status) -> String {
             .file_name()
             .map_or(p.file.clone(), |f| f.to_string_lossy().into());
         let serving = match (&p.name, p.generation, &p.disabled) {
-            (Some(name), _, Some(_)) => format!("{name} disabled"),
-            (Some(name), Some(g), None) => {
-                format!("{name} {} gen {g}", p.version.as_deref().unwrap_or("?"))
-            }
+            (Some(name), _, Some(_)) => format!("{} disabled", printable(name)),
+            (Some(name), Some(g), None) => format!(
+                "{} {} gen {g}",
+                printable(name),
+                printable(p.version.as_deref().unwrap_or("?"))
+            ),
             _ => "not loaded".into(),
         };
-        let _ = writeln!(out, "  {file:<28} {serving}");
+        let _ = writeln!(out, "  {:<28} {serving}", printable(&file));
         if let Some(e) = &p.error {
-            let _ = writeln!(out, "  {:<28} REFUSED: {e}", "");
+            let _ = writeln!(out, "  {:<28} REFUSED: {}", "", printable(e));
         }
         if let Some(why) = &p.disabled {
             let _ = writeln!(
                 out,
-                "  {:<28} DISABLED: {why}; install another build to load it again",
-                ""
+                "  {:<28} DISABLED: {}; install another build to load it again",
+                "",
+                printable(why)
             );
         }
     }
@@ -348,21 +360,24 @@ pub fn render(s: &Status) -> String {
     for j in &s.jobs {
         let next = match (j.enabled, j.next_due_ms) {
             (false, _) => "disabled".into(),
+            // A stopped host runs nothing: its jobs run when it starts.
+            (true, _) if s.running_pid.is_none() => "at start".into(),
+            (true, Some(t)) if t <= now => "due now".into(),
             (true, Some(t)) => relative(t, now),
             (true, None) => "-".into(),
         };
         let _ = writeln!(
             out,
             "  {:<22} {:<14} {:>8} {:>6} {:>12} {:>12}",
-            j.name,
-            j.handler,
+            printable(&j.name),
+            printable(&j.handler),
             format!("{}ms", j.frequency_ms),
             j.run_count,
             j.last_run_ms.map_or("never".into(), |t| relative(t, now)),
             next
         );
         if let Some(e) = &j.last_error {
-            let _ = writeln!(out, "  {:<22} ERROR: {e}", "");
+            let _ = writeln!(out, "  {:<22} ERROR: {}", "", printable(e));
         }
     }
 
@@ -374,7 +389,7 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(
             out,
             "  {}  {} events  {} peers",
-            n.network_id,
+            printable(&n.network_id),
             n.events,
             n.peers.len()
         );
@@ -382,16 +397,26 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(
                 out,
                 "    {}  {:<21} last sync {}",
-                &p.peer_id[..p.peer_id.len().min(16)],
-                p.address,
+                short(&p.peer_id, 16),
+                printable(&p.address),
                 p.last_sync_ms.map_or("never".into(), |t| relative(t, now))
             );
         }
     }
-    if !s.counters.is_empty() {
-        let _ = writeln!(out, "\nDROPPED");
-        for (name, n) in &s.counters {
-            let _ = writeln!(out, "  {name:<40} {n}");
+    for (title, of_kind) in [
+        ("TRAFFIC", CounterKind::Traffic),
+        ("DROPPED", CounterKind::Dropped),
+        ("COUNTERS", CounterKind::Other),
+    ] {
+        let mut rows = s
+            .counters
+            .iter()
+            .filter(|(name, _)| counters::kind(name) == of_kind);
+        if let Some(first) = rows.next() {
+            let _ = writeln!(out, "\n{title}");
+            for (name, n) in std::iter::once(first).chain(rows) {
+                let _ = writeln!(out, "  {:<40} {n}", printable(name));
+            }
         }
     }
 
@@ -411,9 +436,9 @@ pub fn render(s: &Status) -> String {
             "  #{:<5} {:>10}  {}/{}: {}",
             d.id,
             relative(d.at_ms, now),
-            d.plugin.as_deref().unwrap_or("host"),
-            d.handler,
-            d.reason
+            printable(d.plugin.as_deref().unwrap_or("host")),
+            printable(&d.handler),
+            printable(&d.reason)
         );
     }
     out

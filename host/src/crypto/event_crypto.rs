@@ -91,8 +91,20 @@ pub struct Opened {
 
 /// The membership proof of `payload` for `network`.
 pub fn member_proof(network: &NetworkKey, payload: &[u8]) -> [u8; 32] {
+    *proof_hash(network, payload).as_bytes()
+}
+
+fn proof_hash(network: &NetworkKey, payload: &[u8]) -> blake3::Hash {
     let key = blake3::derive_key("quiet-host 2026 network membership proof", &network.0);
-    *blake3::keyed_hash(&key, payload).as_bytes()
+    blake3::keyed_hash(&key, payload)
+}
+
+/// Whether `proof` is the membership proof of `payload` under `network`,
+/// compared in constant time: a comparison that stopped at the first wrong
+/// byte would let a stranger find a valid proof a byte at a time.
+pub fn is_member_proof(network: &NetworkKey, payload: &[u8], proof: &[u8; 32]) -> bool {
+    // `blake3::Hash`'s equality is constant-time.
+    proof_hash(network, payload) == *proof
 }
 
 /// `member_proof ‖ payload`: a payload with our proof of membership, for a
@@ -174,7 +186,9 @@ pub fn open_from(me: &HostIdentity, sealed: &[u8]) -> Result<Opened, CryptoError
         .pair_box(&sender)
         .decrypt(GenericArray::from_slice(nonce), tag)
         .map_err(|_| CryptoError::BadProof)?;
-    if digest != blake3::hash(payload).as_bytes() {
+    // Authenticated by the box already; compared in constant time all the
+    // same (`blake3::Hash`'s equality).
+    if blake3::hash(payload) != digest[..] {
         return Err(CryptoError::BadProof);
     }
     let network = match (inner.get("n"), inner.get("m")) {
@@ -320,6 +334,10 @@ mod tests {
         let (id, proof) = opened.network.unwrap();
         assert_eq!((id.as_str(), proof), ("net", member_proof(&key, b"hello")));
         assert_ne!(proof, member_proof(&NetworkKey::generate(), b"hello"));
+        assert!(is_member_proof(&key, b"hello", &proof));
+        let mut wrong = proof;
+        wrong[31] ^= 1;
+        assert!(!is_member_proof(&key, b"hello", &wrong));
         assert_eq!(open_from(&c, &sealed), Err(CryptoError::BadSeal));
 
         // C seals a payload claiming to be A: the proof cannot verify.

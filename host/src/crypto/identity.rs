@@ -45,6 +45,16 @@ pub enum IdentityError {
         /// Its mode bits.
         mode: u32,
     },
+    /// The key file is gone from a folder that was already in use (it holds
+    /// networks): a new identity would be another peer, unknown to them.
+    #[error(
+        "{path} is missing, and this data folder holds networks: restore the key from a backup; \
+         a new one would make this host a stranger to its peers"
+    )]
+    Missing {
+        /// The key file.
+        path: PathBuf,
+    },
 }
 
 /// The most peers whose [`HostIdentity::pair_box`] is kept. Sender keys
@@ -62,6 +72,15 @@ pub struct HostIdentity {
 impl HostIdentity {
     /// Loads the identity from `data_dir`, creating one if there is none.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
+        Self::load_with(data_dir, true)
+    }
+
+    /// The identity of `data_dir`, which must already have one.
+    pub fn load(data_dir: &Path) -> Result<Self, IdentityError> {
+        Self::load_with(data_dir, false)
+    }
+
+    fn load_with(data_dir: &Path, create: bool) -> Result<Self, IdentityError> {
         let path = data_dir.join(KEY_FILE);
         let io_err = |source| IdentityError::Io {
             path: path.clone(),
@@ -79,6 +98,9 @@ impl HostIdentity {
                             len: bytes.len(),
                         })?;
                 Ok(Self::from_secret(SecretKey::from(key)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+                Err(IdentityError::Missing { path })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let secret = SecretKey::generate(&mut crate::crypto::entropy::HostRng);
@@ -179,29 +201,33 @@ fn create_private(path: &Path) -> io::Result<fs::File> {
         .open(path)
 }
 
+/// The mode bits of the file at `path` if others than its owner may read or
+/// write it, for files that hold secrets.
 #[cfg(unix)]
-fn check_permissions(path: &Path) -> Result<(), IdentityError> {
+pub fn exposed_mode(path: &Path) -> io::Result<Option<u32>> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(path)
-        .map_err(|source| IdentityError::Io {
-            path: path.to_owned(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(IdentityError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
+    let mode = fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & 0o077 != 0).then_some(mode))
 }
 
+/// Never, where files have no Unix modes.
 #[cfg(not(unix))]
-fn check_permissions(_: &Path) -> Result<(), IdentityError> {
-    Ok(())
+pub fn exposed_mode(_: &Path) -> io::Result<Option<u32>> {
+    Ok(None)
+}
+
+fn check_permissions(path: &Path) -> Result<(), IdentityError> {
+    match exposed_mode(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(mode)) => Err(IdentityError::Permissions {
+            path: path.to_owned(),
+            mode,
+        }),
+        Err(source) => Err(IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ impl Inbound {
         // Every message is about a network: only members of it are heard,
         // and only when we are one. Checked before the payload is decoded.
         let key = self.wire.keys.get(&network_id).ok_or("drop_not_a_member")?;
-        if proof != event_crypto::member_proof(&key, payload) {
+        if !event_crypto::is_member_proof(&key, payload, &proof) {
             return Err("drop_not_a_member");
         }
         let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;

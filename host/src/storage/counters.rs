@@ -56,3 +56,53 @@ pub fn add(conn: &Connection, name: &str, n: i64) -> rusqlite::Result<()> {
     .execute(rusqlite::params![name, n])?;
     Ok(())
 }
+
+/// What a counter counts, told by its name, so that readers (`status`, the
+/// demo) do not list traffic as losses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Bytes and frames on the wire: `net_…`.
+    Traffic,
+    /// Something refused or lost on purpose: `drop_…`, and names that say
+    /// `rejected`, `replayed`, `rate_limited`, `unknown` or `failed` (the
+    /// sync plugin's `sync_rejected_request`, the network's `send_failed`).
+    Dropped,
+    /// Anything else: duplicates stored once, sessions that found the sets
+    /// equal, and plugins' own counts.
+    Other,
+}
+
+/// The kind of counter `name`; see [`CounterKind`].
+pub fn kind(name: &str) -> CounterKind {
+    const DROPPED: &[&str] = &["rejected", "replayed", "rate_limited", "unknown", "failed"];
+    if name.starts_with("net_") {
+        CounterKind::Traffic
+    } else if name.starts_with("drop_") || DROPPED.iter().any(|w| name.contains(w)) {
+        CounterKind::Dropped
+    } else {
+        CounterKind::Other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_is_not_counted_as_dropped() {
+        for (name, want) in [
+            ("net_bytes_sent", CounterKind::Traffic),
+            ("net_frames_received", CounterKind::Traffic),
+            ("drop_bad_seal", CounterKind::Dropped),
+            ("send_failed", CounterKind::Dropped),
+            ("sync_rejected_request", CounterKind::Dropped),
+            ("sync_replayed_request", CounterKind::Dropped),
+            ("sync_rate_limited", CounterKind::Dropped),
+            ("sync_unknown_response", CounterKind::Dropped),
+            ("duplicate_events", CounterKind::Other),
+            ("sync_sets_equal", CounterKind::Other),
+        ] {
+            assert_eq!(kind(name), want, "{name}");
+        }
+    }
+}

@@ -152,8 +152,39 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Creates `dir` (and its parents) if needed, and makes it private (0700):
+/// a data folder holds decrypted messages and dead letters, and secret keys.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes the database file and its WAL and shared-memory files, where they
+/// exist, readable by their owner only. SQLite gives the WAL and shm files
+/// it creates the database file's mode, so a new WAL stays private too.
+fn make_private(db_file: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = db_file.as_os_str().to_owned();
+            name.push(suffix);
+            match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens (creating if needed) the database in `data_dir` and brings the
-/// host's schema up to date.
+/// host's schema up to date; the files are made private (0600).
 pub fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
     open_with(data_dir, OpenFlags::default())
 }
@@ -163,12 +194,20 @@ fn open_with(data_dir: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> 
     // cannot be registered.
     let path = data_dir.join(DB_FILE);
     let conn = match crate::storage::wal_writes::register() {
-        Ok(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        Ok(vfs) => Connection::open_with_flags_and_vfs(&path, flags, vfs)?,
         Err(rc) => {
             tracing::warn!("writing the WAL page by page: its VFS failed to register ({rc})");
-            Connection::open_with_flags(path, flags)?
+            Connection::open_with_flags(&path, flags)?
         }
     };
+    // Before the WAL exists (configure makes it), so that it is made
+    // with the database's private mode.
+    make_private(&path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot make {} private: {e}", path.display())),
+        )
+    })?;
     configure(&conn)?;
     migrate(&conn)?;
     Ok(conn)

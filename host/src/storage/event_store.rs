@@ -240,16 +240,10 @@ impl EventStore {
 impl EventStore {
     pub(crate) fn with_one_network(network_id: &str) -> (tempfile::TempDir, EventStore) {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
-        std::fs::write(
-            dir.path().join(format!("keys/{network_id}.key")),
-            event_crypto::NetworkKey::generate().0,
-        )
-        .unwrap();
-        let store = EventStore::new(
-            Arc::new(NetworkKeys::new(dir.path())),
-            Arc::new(Counters::default()),
-        );
+        let keys = NetworkKeys::new(dir.path());
+        keys.store(network_id, &event_crypto::NetworkKey::generate())
+            .unwrap();
+        let store = EventStore::new(Arc::new(keys), Arc::new(Counters::default()));
         (dir, store)
     }
 }

@@ -161,28 +161,55 @@ impl NetworkKeys {
         if let Some(k) = cache.get(network_id) {
             return Some(k.clone());
         }
-        let bytes = fs::read(self.dir.join(format!("{network_id}.key"))).ok()?;
+        let path = self.dir.join(format!("{network_id}.key"));
+        // A key others can read is not used (see `check_private`).
+        if !matches!(identity::exposed_mode(&path), Ok(None)) {
+            return None;
+        }
+        let bytes = fs::read(path).ok()?;
         let key = NetworkKey(bytes.try_into().ok()?);
         cache.insert(network_id.to_owned(), key.clone());
         Some(key)
     }
 
-    fn store(&self, network_id: &str, key: &NetworkKey) -> Result<(), String> {
-        create_private_dir(&self.dir)?;
+    /// Whether this data folder holds any network key: it has been in use.
+    pub fn any(&self) -> bool {
+        fs::read_dir(&self.dir).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// Fails, naming the first, if a key file can be read by others than
+    /// its owner: such a key is not used, as a readable `identity.key` is
+    /// not, since anyone who can read it can read and write the network.
+    pub fn check_private(&self) -> Result<(), String> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|e| e != "key") {
+                continue;
+            }
+            match identity::exposed_mode(&path) {
+                Ok(None) => {}
+                Ok(Some(mode)) => {
+                    return Err(format!(
+                        "{}: network key is readable by others (mode {mode:o}); run `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    ))
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `key` as the key of `network_id`, in a file only its owner can
+    /// read (the folder is made if needed).
+    pub fn store(&self, network_id: &str, key: &NetworkKey) -> Result<(), String> {
+        db::create_private_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let path = self.dir.join(format!("{network_id}.key"));
         identity::write_private(&path, &key.0).map_err(|e| format!("{}: {e}", path.display()))
     }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    Ok(())
 }
 
 /// Creates a network; returns its invite.

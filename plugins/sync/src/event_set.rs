@@ -7,10 +7,11 @@
 //! events), and even a round between identical sets cost a fingerprint over
 //! every id. Instead the set keeps
 //! - a **summary**: the count and the 256-bit sum of all ids, updated as
-//!   events are added. Two peers whose summaries match hold the same set
-//!   (ids end in 192 bits of a BLAKE3 hash: a different set with the same
-//!   sum and count would need a chosen collision), so a session between
-//!   peers in sync is one small round and no reconciliation at all;
+//!   events are added. Two peers whose summaries match hold the same set,
+//!   unless a member built them to collide (a sum is open to generalised
+//!   birthday searches, far cheaper than a hash collision: see
+//!   docs/sync.md), so a session between peers in sync is one small round
+//!   and no reconciliation at all;
 //! - the negentropy storage, shared (not copied) by every reconciliation
 //!   round that runs against it. No session keeps it between rounds: one
 //!   that did made every update while it lasted copy the whole set (see
