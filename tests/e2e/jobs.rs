@@ -111,3 +111,36 @@ fn edits_to_jobs_yaml_apply_without_restart_and_bad_edits_are_refused() {
     }
     host.stop();
 }
+
+#[test]
+fn a_hostile_jobs_yaml_delays_neither_the_next_good_edit_nor_shutdown() {
+    let (dirs, host) =
+        crate::ticker_host("jobs:\n  - name: a\n    handler: ticker\n    frequency_ms: 200\n");
+    within(&host, "job a runs", |s| runs(s, "a") >= 1);
+    // 200 KB of nested brackets: libyaml took a minute of CPU to refuse
+    // them, and the host could not shut down meanwhile.
+    let hostile = format!("jobs: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let refused = |s: &serde_json::Value| {
+        s["config_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("jobs.yaml:1:71: collections nest more than 64 levels"))
+    };
+    write_by_rename(&dirs.jobs, &hostile);
+    within(
+        &host,
+        "the hostile edit is refused, with its position",
+        refused,
+    );
+    write_by_rename(
+        &dirs.jobs,
+        "jobs:\n  - name: b\n    handler: ticker\n    frequency_ms: 100\n",
+    );
+    within(&host, "the next good edit applies", |s| {
+        s["config_error"].is_null() && runs(s, "b") >= 1
+    });
+    write_by_rename(&dirs.jobs, &hostile);
+    within(&host, "refused again", refused);
+    let stopping = Instant::now();
+    host.stop();
+    eprintln!("hostile jobs.yaml: shutdown took {:?}", stopping.elapsed());
+}

@@ -24,6 +24,12 @@ pub const MIN_FREQUENCY_MS: u64 = 100;
 const MAX_FREQUENCY_MS: u64 = 31_536_000_000;
 /// The longest accepted job name, in characters.
 const MAX_NAME_LEN: usize = 64;
+/// The largest `jobs.yaml` read, in bytes: hundreds of jobs fit many times.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// How deeply flow collections (`[…]`, `{…}`) may nest. libyaml's cost
+/// grows with the square of the depth: a line of 100,000 brackets (200 KB)
+/// took 61 s of CPU to refuse, and held up shutdown and the next edit.
+pub const MAX_FLOW_DEPTH: usize = 64;
 
 /// A valid `jobs.yaml`: the jobs in file order, names unique.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,7 +89,13 @@ fn location(line: &Option<usize>, column: &Option<usize>) -> String {
 }
 
 /// Reads and parses the file at `path`; returns the config and the raw text.
+/// A file over [`MAX_FILE_BYTES`] is refused unread.
 pub fn load(path: &Path) -> Result<(JobsConfig, String), ConfigError> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.len() > MAX_FILE_BYTES as u64 {
+            return Err(too_large(meta.len(), path));
+        }
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         let msg = e.to_string();
         // "No such file or directory (os error 2)" -> drop the errno.
@@ -101,6 +113,34 @@ pub fn load(path: &Path) -> Result<(JobsConfig, String), ConfigError> {
 /// Parses and validates the text of a `jobs.yaml`; `path` is only used in
 /// error messages. An empty or comment-only text is a valid empty config.
 pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(too_large(text.len() as u64, path));
+    }
+    // Bounded before the parser sees it, so that no text costs more than a
+    // moment to refuse.
+    let shape = Shape::of(text);
+    if let Some((line, column)) = shape.too_deep {
+        return Err(ConfigError {
+            path: path.into(),
+            line: Some(line),
+            column: Some(column),
+            message: format!("collections nest more than {MAX_FLOW_DEPTH} levels deep"),
+        });
+    }
+    parse_bounded(text, path).map_err(|mut err| {
+        // An alias bomb is refused without a position: point at the first
+        // alias, where the expansion starts.
+        if err.line.is_none() && err.message.contains("limit exceeded") {
+            if let Some((line, column)) = shape.first_alias {
+                (err.line, err.column) = (Some(line), Some(column));
+                err.message += ": aliases expand too far";
+            }
+        }
+        err
+    })
+}
+
+fn parse_bounded(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
     // serde_yaml reports a syntax error only when deserialization reaches it,
     // so a type error earlier in the file would hide it: check syntax first.
     serde_yaml::from_str::<de::IgnoredAny>(text).map_err(|e| config_error(&e, path))?;
@@ -123,6 +163,104 @@ pub fn parse(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
         None => out.message += &format!(" (first at jobs[{first}])"),
     }
     Err(out)
+}
+
+fn too_large(len: u64, path: &Path) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        line: None,
+        column: None,
+        message: format!(
+            "{len} bytes, over the {} KiB a jobs.yaml may have",
+            MAX_FILE_BYTES >> 10
+        ),
+    }
+}
+
+/// What a look at the text, before parsing, finds: where flow collections
+/// first nest too deeply, and where the first alias is (1-based line and
+/// column).
+///
+/// It must never see less nesting than libyaml would, or a crafted text
+/// gets through; seeing more only refuses a strange file with a clear
+/// error. So an opening bracket counts everywhere, even in a quoted scalar
+/// or a comment, and a closing one only outside both; and a quote counts as
+/// opening a quoted scalar wherever one could start, a superset of where
+/// libyaml starts one.
+#[derive(Debug, Default, PartialEq)]
+struct Shape {
+    too_deep: Option<(usize, usize)>,
+    first_alias: Option<(usize, usize)>,
+}
+
+impl Shape {
+    fn of(text: &str) -> Self {
+        #[derive(PartialEq)]
+        enum In {
+            Plain,
+            Single,
+            Double,
+            Comment,
+        }
+        let mut shape = Shape::default();
+        let (mut line, mut column) = (1, 0);
+        let (mut depth, mut state, mut escaped) = (0usize, In::Plain, false);
+        // The last character seen outside scalars and comments that was
+        // not blank, or '\n' at a line's start.
+        let mut before = '\n';
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            column += 1;
+            if c == '\n' {
+                (line, column) = (line + 1, 0);
+            }
+            if matches!(c, '[' | '{') {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH && shape.too_deep.is_none() {
+                    shape.too_deep = Some((line, column));
+                }
+            }
+            let was_escaped = std::mem::take(&mut escaped);
+            match state {
+                _ if was_escaped => {}
+                In::Comment if c == '\n' => state = In::Plain,
+                // The next character is escaped (and still counted above).
+                In::Double if c == '\\' => escaped = true,
+                In::Double if c == '"' && !escaped => state = In::Plain,
+                In::Single if c == '\'' && chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    column += 1;
+                }
+                In::Single if c == '\'' => state = In::Plain,
+                In::Comment | In::Double | In::Single => {}
+                In::Plain => {
+                    let may_start = matches!(
+                        before,
+                        '\n' | ' ' | ':' | '-' | '?' | '[' | '{' | ',' | '!' | '&' | '|' | '>'
+                    );
+                    match c {
+                        '#' if matches!(before, '\n' | ' ') => state = In::Comment,
+                        '\'' if may_start => state = In::Single,
+                        '"' if may_start => state = In::Double,
+                        ']' | '}' => depth = depth.saturating_sub(1),
+                        '*' if may_start && shape.first_alias.is_none() => {
+                            shape.first_alias = Some((line, column));
+                        }
+                        _ => {}
+                    }
+                    before = match c {
+                        ' ' | '\t' | '\r' => ' ',
+                        c => c,
+                    };
+                    continue;
+                }
+            }
+            if state == In::Plain {
+                before = c;
+            }
+        }
+        shape
+    }
 }
 
 fn config_error(err: &serde_yaml::Error, path: &Path) -> ConfigError {
@@ -732,6 +870,59 @@ jobs:
             message: "a\nb".into(),
         };
         assert_eq!(e.to_string(), "/etc/jobs.yaml: a b");
+    }
+
+    #[test]
+    fn a_hostile_jobs_yaml_is_refused_before_parsing_with_its_position() {
+        let path = Path::new("jobs.yaml");
+        // 100,000 brackets took libyaml 61 s to refuse.
+        let deep = format!("jobs: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse(&deep, path).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(1), Some(7 + MAX_FLOW_DEPTH)));
+        assert!(err.message.contains("nest more than 64 levels"), "{err}");
+        // Nesting cannot hide behind a quote that libyaml reads as part of
+        // a plain scalar, nor behind closing brackets inside strings, nor
+        // in a comment.
+        for hidden in [
+            format!("a: it 's\njobs: {}\n", "[".repeat(70)),
+            format!("jobs: {}\n", "[ \"]\" ".repeat(70)),
+            format!("# {}\njobs: []\n", "[".repeat(70)),
+            format!("jobs: \"\\\"{}\"\n", "[".repeat(70)),
+        ] {
+            let err = parse(&hidden, path).unwrap_err();
+            assert!(err.message.contains("nest more than"), "{hidden:?}: {err}");
+        }
+        // What real files hold is not refused: brackets, quotes, comments.
+        let fine = "# jobs [of this host]\njobs:\n  - name: \"a\"\n    handler: 'tick'\n    \
+                    frequency_ms: 100\n    params: {tags: [x, [y, z]], note: \"]]]]\", q: 'it''s'}\n";
+        let jobs = parse(fine, path).unwrap().jobs;
+        assert_eq!(
+            jobs[0].params.get("q").and_then(Value::as_str),
+            Some("it's")
+        );
+
+        let mut bomb = String::from(
+            "jobs:\n  - name: x\n    handler: h\n    frequency_ms: 100\n    params:\n      \
+             a0: &a0 [x, x, x, x, x, x, x, x, x]\n",
+        );
+        for i in 1..9 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            bomb += &format!("      a{i}: &a{i} [{refs}]\n");
+        }
+        let err = parse(&bomb, path).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(7), Some(16)), "{err}");
+        assert!(err.message.contains("aliases expand too far"), "{err}");
+
+        let huge = format!("jobs: []\n{}", "#".repeat(MAX_FILE_BYTES));
+        let err = parse(&huge, path).unwrap_err();
+        assert!(err.message.contains("over the 1024 KiB"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jobs.yaml");
+        std::fs::write(&file, &huge).unwrap();
+        assert!(load(&file)
+            .unwrap_err()
+            .message
+            .contains("over the 1024 KiB"));
     }
 
     #[test]
