@@ -445,6 +445,93 @@ fn a_request_claiming_another_peers_id_is_dropped_or_names_its_real_sender() {
 }
 
 #[test]
+fn a_replayed_request_is_dropped_and_a_stale_one_buys_no_trust() {
+    let rx = Receiver::new();
+    let (_d, member) = identity();
+    let sealed = |sent_ms: i64| {
+        let plaintext = Value::map([
+            ("type", Value::from("sync_request")),
+            ("timestamp_ms", Value::from(sent_ms)),
+        ]);
+        transit::wrap_request(&event_crypto::seal_from(
+            &member,
+            rx.identity.public_key(),
+            &encoded(&plaintext),
+            Some((NET, &rx.key)),
+        ))
+    };
+    // A fresh request is opened, and makes its connection trusted.
+    let fresh = sealed(db::now_ms());
+    let env = rx.open(&fresh).unwrap();
+    assert!(rx.inbound.grants_trust(&env));
+    // The same bytes again, as captured and replayed: dropped.
+    rx.refuses(&fresh, "drop_replayed_frame");
+    // A request captured long ago (past the window replays are remembered
+    // in) still authenticates, and reaches the plugins, which refuse it by
+    // its timestamp; it never makes the connection trusted.
+    let stale = rx.open(&sealed(db::now_ms() - 10 * 60_000)).unwrap();
+    assert!(!rx.inbound.grants_trust(&stale));
+    let undated = transit::wrap_request(&event_crypto::seal_from(
+        &member,
+        rx.identity.public_key(),
+        &encoded(&request(NET, &member.peer_id())),
+        Some((NET, &rx.key)),
+    ));
+    assert!(!rx.inbound.grants_trust(&rx.open(&undated).unwrap()));
+    // A stranger (no network key) cannot fill the memory of requests seen:
+    // its frames are refused as non-members' before they are remembered.
+    let (_d3, stranger) = identity();
+    let theirs = transit::wrap_request(&event_crypto::seal_from(
+        &stranger,
+        rx.identity.public_key(),
+        &encoded(&request(NET, &stranger.peer_id())),
+        Some((NET, &NetworkKey([9; 32]))),
+    ));
+    rx.refuses(&theirs, "drop_not_a_member");
+    rx.refuses(&theirs, "drop_not_a_member");
+}
+
+#[test]
+fn a_members_request_of_an_oversized_or_unprintable_type_is_dropped() {
+    let rx = Receiver::new();
+    let (_d, member) = identity();
+    let long = "t".repeat(1 << 20);
+    for bad in [long.as_str(), "a\nquiet-host running", "", "sync\u{1b}[2K"] {
+        let plaintext = Value::map([("type", Value::from(bad))]);
+        let frame = transit::wrap_request(&event_crypto::seal_from(
+            &member,
+            rx.identity.public_key(),
+            &encoded(&plaintext),
+            Some((NET, &rx.key)),
+        ));
+        rx.refuses(&frame, "drop_malformed_payload");
+    }
+}
+
+#[test]
+fn a_response_is_worth_reading_only_if_it_names_a_live_request() {
+    let rx = Receiver::new();
+    let id = [7u8; 16];
+    let mut head = vec![transit::RESPONSE];
+    head.extend(id);
+    assert!(!rx.inbound.answers_live_request(&head));
+    rx.live.register(
+        id,
+        transit::Live {
+            secret: [1; 32],
+            peer_id: "ab".repeat(32),
+            network_id: NET.into(),
+        },
+        db::now_ms(),
+        30_000,
+    );
+    assert!(rx.inbound.answers_live_request(&head));
+    head[5] ^= 1;
+    assert!(!rx.inbound.answers_live_request(&head));
+    assert!(!rx.inbound.answers_live_request(&head[..10]));
+}
+
+#[test]
 fn messages_for_another_network_are_never_accepted() {
     let rx = Receiver::new();
     let (_d, peer) = identity();

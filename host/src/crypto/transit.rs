@@ -39,6 +39,10 @@ pub fn wire_version(tag: u8) -> Option<u8> {
     matches!(tag & 0x0f, 1 | 2).then_some(tag >> 4)
 }
 
+/// The bytes of a request id, which a response's frame starts with (after
+/// its tag).
+pub const REQUEST_ID_LEN: usize = 16;
+
 const NONCE: usize = 24;
 const TAG: usize = 16;
 /// Where a response's ciphertext starts: after the frame's tag, the request
@@ -115,6 +119,16 @@ impl LiveRequests {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.retain(|_, (_, expires)| *expires > now);
         live.insert(request_id, (request, now + ttl_ms));
+    }
+
+    /// Whether `request_id` names a request that may still be answered at
+    /// `now`: a cheap look, before a response's body is even read.
+    pub fn is_live(&self, request_id: &[u8], now: i64) -> bool {
+        let Ok(id) = <[u8; 16]>::try_from(request_id) else {
+            return false;
+        };
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.get(&id).is_some_and(|(_, expires)| *expires > now)
     }
 
     /// How many requests are live.

@@ -499,6 +499,9 @@ pub fn record_dead_letter(
     reason: &str,
     envelope: &Envelope,
 ) -> rusqlite::Result<()> {
+    // A reason can quote what a peer sent (an event type, a handler's
+    // error about a field): cut like the envelope.
+    let reason = cut(reason.to_owned(), MAX_REASON_BYTES);
     conn.execute(
         "INSERT INTO dead_letters(at_ms, plugin, handler, reason, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
         rusqlite::params![db::now_ms(), source.plugin, source.handler, reason, dead_letter_text(envelope)],
@@ -509,6 +512,23 @@ pub fn record_dead_letter(
 /// The most of an envelope a dead letter keeps, so that large or hostile
 /// envelopes cannot fill the disk through the dead-letter table.
 const MAX_DEAD_LETTER_BYTES: usize = 16 * 1024;
+/// The most of a reason a dead letter keeps.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how
+/// long it was.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let total = text.len();
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push_str(&format!("… (cut: {total} bytes in all)"));
+    }
+    text
+}
 
 /// An envelope as people read it in `dead_letters`: JSON, without transit
 /// secrets, cut to [`MAX_DEAD_LETTER_BYTES`].
@@ -523,17 +543,7 @@ fn dead_letter_text(envelope: &Envelope) -> String {
             plaintext.remove("transit_secret");
         }
     }
-    let mut text = json.to_string();
-    if text.len() > MAX_DEAD_LETTER_BYTES {
-        let total = text.len();
-        let mut cut = MAX_DEAD_LETTER_BYTES;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str(&format!("… (cut: {total} bytes in all)"));
-    }
-    text
+    cut(json.to_string(), MAX_DEAD_LETTER_BYTES)
 }
 
 #[cfg(test)]
@@ -668,6 +678,30 @@ mod tests {
             [0, 1, 2]
         );
         assert_eq!(column(&conn, "SELECT n FROM noted ORDER BY n"), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_dead_letters_reason_and_envelope_are_cut_to_their_bounds() {
+        let conn = db::open_in_memory().unwrap();
+        let source = Source {
+            plugin: Some("p".into()),
+            handler: "h".into(),
+        };
+        let huge = "é".repeat(1 << 20);
+        let envelope = Envelope::of_type("x").with("blob", huge.as_str());
+        record_dead_letter(&conn, &source, &format!("bad field '{huge}'"), &envelope).unwrap();
+        let (reason, text): (String, String) = conn
+            .query_row("SELECT reason, envelope FROM dead_letters", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert!(reason.len() < MAX_REASON_BYTES + 64, "{}", reason.len());
+        assert!(
+            reason.ends_with("(cut: 2097164 bytes in all)"),
+            "{}",
+            &reason[1000..]
+        );
+        assert!(text.len() < MAX_DEAD_LETTER_BYTES + 64, "{}", text.len());
     }
 
     #[test]

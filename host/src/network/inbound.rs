@@ -5,7 +5,7 @@
 //! for a network we are in, before the payload is decoded.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -15,8 +15,8 @@ use quiet_plugin_api::{field, Envelope, Value};
 use crate::{
     crypto::{event_crypto, transit},
     encoding::codec,
-    network::wire::Wire,
-    storage::{counters::Counters, db},
+    network::wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
+    storage::{counters::Counters, db, event_store::valid_event_type},
 };
 
 /// The receiving half of the crypto: frame → authenticated envelope.
@@ -24,7 +24,20 @@ pub struct Inbound {
     wire: Wire,
     /// Addresses already warned about for speaking another wire version.
     warned: Mutex<HashSet<std::net::IpAddr>>,
+    /// Requests opened lately, by the hash of their sealed box, until
+    /// they expire: the same box again is a replay (an honest host seals
+    /// every request afresh, with a new ephemeral key).
+    seen: Mutex<HashMap<[u8; 32], i64>>,
 }
+
+/// How long a request is remembered against replays, and how far its
+/// `timestamp_ms` may be from our clock for it to make its connection
+/// trusted: the transit TTL, as a request is answered within it.
+const FRESH_MS: i64 = DEFAULT_TRANSIT_TTL_MS;
+/// The most requests remembered against replays. Only authenticated ones
+/// are, so only members can fill it; past it, the oldest are forgotten
+/// early, and the sync plugin's own replay check still holds.
+const MAX_SEEN: usize = 1 << 16;
 
 /// Addresses [`Inbound`] remembers having warned about: past that it stops
 /// warning, so that a flood of forged tags cannot grow memory.
@@ -37,12 +50,63 @@ impl Inbound {
         Self {
             wire,
             warned: Mutex::default(),
+            seen: Mutex::default(),
         }
     }
 
     /// Where this side's drops are counted.
     pub fn counters(&self) -> &Arc<Counters> {
         &self.wire.counters
+    }
+
+    /// Whether the start of a response frame (its tag and request id)
+    /// names a live request of ours: only then is its body worth reading.
+    pub fn answers_live_request(&self, head: &[u8]) -> bool {
+        head.get(1..1 + transit::REQUEST_ID_LEN)
+            .is_some_and(|id| self.wire.live.is_live(id, db::now_ms()))
+    }
+
+    /// Whether an envelope that [`Inbound::open`] made makes its
+    /// connection trusted: a response always does (transit accepts one per
+    /// live request), a request only if it is fresh, its `timestamp_ms`
+    /// within the transit TTL of our clock. A captured request replayed
+    /// later still authenticates, and reaches the plugins (which refuse
+    /// it), but must not buy its connection trust.
+    pub fn grants_trust(&self, envelope: &Envelope) -> bool {
+        if envelope.get(field::IN_RESPONSE_TO).is_some() {
+            return true;
+        }
+        let sent = envelope
+            .plaintext()
+            .and_then(|p| p.get("timestamp_ms"))
+            .and_then(Value::as_int);
+        sent.is_some_and(|t| (t - db::now_ms()).abs() <= FRESH_MS)
+    }
+
+    /// Remembers the sealed box of a member's request; false if it was seen
+    /// already, within [`FRESH_MS`].
+    fn first_sight(&self, sealed: &[u8]) -> bool {
+        let now = db::now_ms();
+        let hash = *blake3::hash(sealed).as_bytes();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.get(&hash).is_some_and(|&until| until > now) {
+            return false;
+        }
+        if seen.len() >= MAX_SEEN {
+            seen.retain(|_, until| *until > now);
+        }
+        if seen.len() >= MAX_SEEN {
+            // Still full of live entries: forget the one closest to expiry.
+            if let Some(oldest) = seen
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(h, _)| *h)
+            {
+                seen.remove(&oldest);
+            }
+        }
+        seen.insert(hash, now + FRESH_MS);
+        true
     }
 
     /// Whether a frame with `tag` comes from a host of another wire
@@ -90,6 +154,8 @@ impl Inbound {
         // What `payload` borrows from: a request's opened box, or a
         // response's frame, decrypted in place.
         let (unsealed, accepted);
+        // A request's sealed box, to tell a replay.
+        let mut sealed = None;
         // Who sent it, about which network, its membership proof and the
         // payload; and the request it answers, for a response.
         let (sender, network_id, proof, payload, in_response_to) = match frame.first() {
@@ -102,6 +168,7 @@ impl Inbound {
                     },
                 )?;
                 let (network_id, proof) = opened.network.ok_or("drop_not_a_member")?;
+                sealed = Some(&frame[1..]);
                 unsealed = opened.payload;
                 (opened.sender, network_id, proof, &unsealed[..], None)
             }
@@ -131,10 +198,15 @@ impl Inbound {
         if !event_crypto::is_member_proof(&key, payload, &proof) {
             return Err("drop_not_a_member");
         }
+        // Remembered only once a member's: strangers cannot fill the memory.
+        if sealed.is_some_and(|box_| !self.first_sight(box_)) {
+            return Err("drop_replayed_frame");
+        }
         let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
+            .filter(|t| valid_event_type(t))
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)

@@ -1,10 +1,19 @@
 //! Sockets in: the listener, a reader thread per connection, and the bounds
-//! on what a connection may cost before it has authenticated (a slot among
-//! `MAX_CONNECTIONS`, a token of the budget of opens for strangers).
+//! on what a connection may cost before it has authenticated.
 //!
-//! A reader reads length-prefixed frames, books each frame's share of the
-//! engine's queue budget, opens it with [`Inbound::open`] and queues what
-//! authenticates for the engine without blocking.
+//! A reader reads length-prefixed frames, opens each with
+//! [`Inbound::open`], books an authenticated frame's share of the engine's
+//! queue budget and queues it for the engine without blocking.
+//!
+//! Nothing shared is committed to a connection a stranger may hold beyond a
+//! small fixed bound: until one of its frames authenticates (freshly: see
+//! [`Inbound::grants_trust`]), a connection holds one of
+//! `MAX_UNTRUSTED` slots, may announce a request of at most
+//! `UNTRUSTED_REQUEST_FRAME` bytes, must deliver a whole frame within a
+//! deadline, and pays for each open by its size from the budget of opens
+//! for strangers. A response may be larger only once its first 16 bytes
+//! name a live request of ours, which no stranger can guess. The queue
+//! budget is booked only for frames that authenticated.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -31,22 +40,40 @@ use crate::{
 /// Concurrent inbound connections. When all are taken, a new one closes
 /// the oldest that has not authenticated; see [`Connections`].
 const MAX_CONNECTIONS: usize = 256;
-/// An inbound connection idle this long is closed.
+/// Of those, how many may be untrusted at once; a new one past it closes
+/// the oldest untrusted. Each is a reader thread: strangers get a quarter.
+const MAX_UNTRUSTED: usize = 64;
+/// A trusted connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(120);
-/// Frames per second, across all connections, that the host opens for
+/// An untrusted connection idle this long is closed.
+const UNTRUSTED_IDLE: Duration = Duration::from_secs(10);
+/// The largest request an untrusted connection may announce. A new peer's
+/// first request (round 0: a summary) is a few hundred bytes; the large
+/// ones come once its connection is trusted. So strangers hold at most
+/// `MAX_UNTRUSTED` times this in frames being read.
+const UNTRUSTED_REQUEST_FRAME: usize = 64 << 10;
+/// How long a frame may take to arrive once its header has, at least;
+/// larger frames get a second more per 64 KiB (8 MiB: 2 min 18 s).
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+/// KiB per second, across all connections, that the host opens for
 /// connections it does not trust; see [`OpenBudget`].
-const UNTRUSTED_OPENS_PER_SEC: f64 = 2_000.0;
-/// How many of them may come at once.
-const UNTRUSTED_OPENS_BURST: f64 = 256.0;
+const UNTRUSTED_OPEN_KIB_PER_SEC: f64 = 2_000.0;
+/// How many KiB of them may come at once.
+const UNTRUSTED_OPEN_KIB_BURST: f64 = 256.0;
+/// A reader's stack: it opens frames (crypto, and a decoder bounded to 16
+/// levels of nesting), far less than the default 2 MiB.
+const READER_STACK: usize = 256 << 10;
 /// The bound on what garbage can cost: opening a frame (a sealed-box open
 /// and a sender proof, ~100 µs) is the one expensive thing a stranger can
 /// make the host do. A connection is trusted once a frame of it has
 /// authenticated, and until one fails; frames of untrusted connections
 /// (new ones, and ones that just sent garbage) take a token from this
-/// budget, shared by all connections, before they are read. So a flood
-/// costs at most [`UNTRUSTED_OPENS_PER_SEC`] opens a second (about 20 % of
-/// one core) however many connections it uses, TCP back-pressure slows the
-/// flooder, and peers whose connections authenticate are never held up.
+/// budget, shared by all connections, before they are read, one per KiB
+/// (opening a 1 MiB sealed frame costs about a thousand times a 1 KB one).
+/// So a flood costs at most [`UNTRUSTED_OPEN_KIB_PER_SEC`] KiB of opens a
+/// second (about 20 % of one core for 1 KB frames) however many
+/// connections it uses, TCP back-pressure slows the flooder, and peers
+/// whose connections authenticate are never held up.
 ///
 /// Each taker is given the next free slot and sleeps once until it (a
 /// virtual schedule, as GCRA): readers waiting on a drained budget cost
@@ -58,18 +85,20 @@ impl OpenBudget {
         Self(Mutex::new(Instant::now()))
     }
 
-    /// Waits for a token.
-    fn take(&self) {
-        let interval = Duration::from_secs_f64(1.0 / UNTRUSTED_OPENS_PER_SEC);
+    /// Waits for the tokens of opening a frame of `len` bytes: one per KiB,
+    /// at least one.
+    fn take(&self, len: usize) {
+        let interval = Duration::from_secs_f64(1.0 / UNTRUSTED_OPEN_KIB_PER_SEC);
+        let tokens = (len / 1024).max(1) as u32;
         let slot = {
             let mut next = self.0.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             // A budget left unused allows a burst, no more.
             let earliest = now
-                .checked_sub(interval.mul_f64(UNTRUSTED_OPENS_BURST))
+                .checked_sub(interval.mul_f64(UNTRUSTED_OPEN_KIB_BURST))
                 .unwrap_or(now);
             let slot = (*next).max(earliest);
-            *next = slot + interval;
+            *next = slot + interval * tokens;
             slot
         };
         if let Some(wait) = slot.checked_duration_since(Instant::now()) {
@@ -104,7 +133,7 @@ impl Connections {
     fn admit(&self, stream: &TcpStream, counters: &Counters) -> Option<u64> {
         let handle = stream.try_clone().ok()?;
         let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if state.open >= MAX_CONNECTIONS {
+        if state.open >= MAX_CONNECTIONS || state.untrusted.len() >= MAX_UNTRUSTED {
             let (oldest_id, oldest) = state.untrusted.pop_front()?;
             // Its reader fails its next read and ends.
             let _ = oldest.shutdown(Shutdown::Both);
@@ -166,7 +195,10 @@ pub fn listen(
                     budget.clone(),
                     untrusted.clone(),
                 );
-                let spawned = thread::Builder::new().name("reader".into()).spawn({
+                let reader = thread::Builder::new()
+                    .name("reader".into())
+                    .stack_size(READER_STACK);
+                let spawned = reader.spawn({
                     let connections = connections.clone();
                     move || {
                         let trust = || connections.trust(id);
@@ -182,6 +214,32 @@ pub fn listen(
     Ok(local)
 }
 
+/// Fills `buf` from `stream` before `deadline`, however the peer spreads
+/// its bytes: a per-read timeout alone lets a byte every few minutes hold
+/// a connection, and the frame it announced, for ever.
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(io::ErrorKind::TimedOut)?;
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How long a frame of `len` bytes may take to arrive after its header.
+fn frame_deadline(len: usize) -> Duration {
+    FRAME_DEADLINE + Duration::from_secs((len >> 16) as u64)
+}
+
 fn read_frames(
     mut stream: TcpStream,
     inbound: &Inbound,
@@ -192,11 +250,11 @@ fn read_frames(
 ) {
     let counters = inbound.counters();
     let Ok(from) = stream.peer_addr() else { return };
-    let _ = stream.set_read_timeout(Some(IDLE));
     let mut trusted = false;
     loop {
+        let idle = if trusted { IDLE } else { UNTRUSTED_IDLE };
         let mut head = [0u8; 5];
-        if stream.read_exact(&mut head).is_err() {
+        if read_by(&mut stream, &mut head, Instant::now() + idle).is_err() {
             return;
         }
         let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
@@ -205,38 +263,60 @@ fn read_frames(
         if inbound.other_version(from, head[4]) {
             return;
         }
-        // Requests are small (ids and a reconciliation message); only a
-        // response to one of our live requests may be large.
-        let limit = if head[4] == transit::RESPONSE {
-            MAX_FRAME
-        } else {
-            MAX_REQUEST_FRAME
+        let deadline = Instant::now() + frame_deadline(len);
+        let response = head[4] == transit::RESPONSE;
+        // Requests are small (ids and a reconciliation message), and
+        // smaller still from a stranger; only a response to one of our live
+        // requests may be large.
+        let limit = match (response, trusted) {
+            (true, _) => MAX_FRAME,
+            (false, true) => MAX_REQUEST_FRAME,
+            (false, false) => UNTRUSTED_REQUEST_FRAME,
         };
         if len == 0 || len > limit {
             counters.bump("drop_oversized_frame");
             return;
         }
-        if !trusted {
-            untrusted.take();
-        }
-        let Some(reserved) = budget.reserve(len) else {
-            counters.bump("drop_overloaded");
-            return;
-        };
-        let mut bytes = vec![0u8; len];
+        let mut bytes = vec![0u8; 1 + transit::REQUEST_ID_LEN.min(len - 1)];
         bytes[0] = head[4];
-        if stream.read_exact(&mut bytes[1..]).is_err() {
+        if read_by(&mut stream, &mut bytes[1..], deadline).is_err() {
+            counters.bump("drop_truncated_frame");
+            return;
+        }
+        // A stranger's large response is refused before its body is read:
+        // only a live request of ours makes one worth reading.
+        if response
+            && !trusted
+            && len > UNTRUSTED_REQUEST_FRAME
+            && !inbound.answers_live_request(&bytes)
+        {
+            counters.bump("drop_unknown_response");
+            return;
+        }
+        if !trusted {
+            untrusted.take(len);
+        }
+        let head_len = bytes.len();
+        bytes.resize(len, 0);
+        if read_by(&mut stream, &mut bytes[head_len..], deadline).is_err() {
             counters.bump("drop_truncated_frame");
             return;
         }
         counters.bump("net_frames_received");
         counters.add("net_bytes_received", 4 + len as i64);
         let opened = inbound.open(from, bytes);
-        if opened.is_some() && !trusted {
+        let fresh = opened.as_ref().is_some_and(|e| inbound.grants_trust(e));
+        if fresh && !trusted {
             trust();
         }
-        trusted = opened.is_some();
+        trusted = fresh;
         let Some(envelope) = opened else {
+            continue;
+        };
+        // Booked once authenticated: a stranger's announced lengths book
+        // nothing.
+        let Some(reserved) = budget.reserve(len) else {
+            counters.bump("drop_overloaded");
             continue;
         };
         match engine.try_send(Signal::Received(Received::queued(envelope, reserved))) {

@@ -54,6 +54,19 @@ pub const STORE_EVENT: &str = "store_event";
 /// The largest event accepted, in bytes.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
+/// The longest event type accepted, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 64;
+
+/// Whether `t` may name an event type: 1 to [`MAX_EVENT_TYPE_LEN`] of
+/// `A-Z a-z 0-9 _ . : -`. A type comes from whoever wrote the plaintext,
+/// and ends up in dead letters, logs and `status`: a megabyte of it, or
+/// one with line breaks, must not.
+pub fn valid_event_type(t: &str) -> bool {
+    (1..=MAX_EVENT_TYPE_LEN).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
 /// Stores events; see the [module docs](self).
 #[derive(Clone)]
 pub struct EventStore {
@@ -103,6 +116,7 @@ impl EventStore {
         let event_type = plaintext
             .get("type")
             .and_then(Value::as_str)
+            .filter(|t| valid_event_type(t))
             .ok_or("drop_malformed_event")?
             .into();
         Ok(Opened {
