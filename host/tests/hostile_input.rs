@@ -509,6 +509,40 @@ fn a_members_request_of_an_oversized_or_unprintable_type_is_dropped() {
 }
 
 #[test]
+fn a_member_sending_requests_past_its_rate_is_dropped_and_others_are_not() {
+    let rx = Receiver::new();
+    let (_d, flooder) = identity();
+    let (_d2, honest) = identity();
+    let frame = |who: &HostIdentity, i: i64| {
+        let plaintext = Value::map([("type", Value::from("sync_request")), ("n", Value::from(i))]);
+        transit::wrap_request(&event_crypto::seal_from(
+            who,
+            rx.identity.public_key(),
+            &encoded(&plaintext),
+            Some((NET, &rx.key)),
+        ))
+    };
+    // The host's clock stands still on this thread, as a simulator's does.
+    let start = db::now_ms();
+    db::set_thread_clock(Some(start));
+    let frames: Vec<Vec<u8>> = (0..600).map(|i| frame(&flooder, i)).collect();
+    let opened = frames.iter().filter(|f| rx.open(f).is_some()).count();
+    assert_eq!(opened, 400, "its burst");
+    assert_eq!(rx.drops().get("drop_sender_over_rate").copied(), Some(200));
+    assert!(
+        rx.open(&frame(&honest, 0)).is_some(),
+        "another member was held up"
+    );
+    // A second later, a second's worth (200) more.
+    db::set_thread_clock(Some(start + 1000));
+    let more = (600..1000)
+        .filter(|&i| rx.open(&frame(&flooder, i)).is_some())
+        .count();
+    db::set_thread_clock(None);
+    assert_eq!(more, 200);
+}
+
+#[test]
 fn a_response_is_worth_reading_only_if_it_names_a_live_request() {
     let rx = Receiver::new();
     let id = [7u8; 16];

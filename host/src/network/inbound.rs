@@ -15,7 +15,10 @@ use quiet_plugin_api::{field, Envelope, Value};
 use crate::{
     crypto::{event_crypto, transit},
     encoding::codec,
-    network::wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
+    network::{
+        sender_rates::SenderRates,
+        wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
+    },
     storage::{counters::Counters, db, event_store::valid_event_type},
 };
 
@@ -28,6 +31,8 @@ pub struct Inbound {
     /// they expire: the same box again is a replay (an honest host seals
     /// every request afresh, with a new ephemeral key).
     seen: Mutex<HashMap<[u8; 32], i64>>,
+    /// Each member's request rate.
+    senders: SenderRates,
 }
 
 /// How long a request is remembered against replays, and how far its
@@ -51,6 +56,7 @@ impl Inbound {
             wire,
             warned: Mutex::default(),
             seen: Mutex::default(),
+            senders: SenderRates::default(),
         }
     }
 
@@ -151,6 +157,7 @@ impl Inbound {
     }
 
     fn try_open(&self, frame: Vec<u8>) -> Result<Envelope, &'static str> {
+        let frame_len = frame.len();
         // What `payload` borrows from: a request's opened box, or a
         // response's frame, decrypted in place.
         let (unsealed, accepted);
@@ -201,6 +208,9 @@ impl Inbound {
         // Remembered only once a member's: strangers cannot fill the memory.
         if sealed.is_some_and(|box_| !self.first_sight(box_)) {
             return Err("drop_replayed_frame");
+        }
+        if sealed.is_some() && !self.senders.admit(&sender, frame_len) {
+            return Err("drop_sender_over_rate");
         }
         let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
         let event_type = plaintext

@@ -35,7 +35,8 @@
 //! [`inbound`] (frame → authenticated envelope), then the engine's inbox;
 //! and on the way out [`outbound`] (envelope → sealed frame, sent once its
 //! transaction commits) and [`tcp`] (a sender thread per destination).
-//! [`wire`] holds what both directions share.
+//! [`wire`] holds what both directions share, and [`sender_rates`] what one
+//! sender may cost.
 //!
 //! The layer above the engine: it may use every layer below and plugs into
 //! the engine's ports (its inbox, and [`crate::engine::pipeline::Outbox`]).
@@ -43,5 +44,6 @@
 pub mod inbound;
 pub mod listener;
 pub mod outbound;
+pub mod sender_rates;
 pub mod tcp;
 pub mod wire;
