@@ -76,7 +76,10 @@
 //! addresses both sides learn, `wire` reads and writes the messages, and
 //! `limits` and `event_set` are what both sides share.
 
-use std::sync::{Mutex, MutexGuard};
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard},
+};
 
 mod admission;
 mod event_set;
@@ -90,9 +93,13 @@ mod wire;
 
 use crate::{
     limits::Limits,
-    peers::listen_addr,
-    session::{State, MAX_RETRY_INTERVAL_MS},
+    peers::{listen_addr, Addr, MAX_FAILURES, MAX_RETRY_INTERVAL_MS},
+    session::{State, Target},
 };
+
+/// How often the job forgets what has failed for long (`peers::prune`):
+/// the limit is a week, so once a minute is plenty.
+const PRUNE_EVERY_MS: i64 = 60_000;
 use quiet_plugin_api::{export_plugin, params, Context, Envelope, Handler, PluginError, Value};
 
 /// The `sync` handler; see the [module docs](self).
@@ -141,36 +148,81 @@ impl Handler for SyncHandler {
         let ours = ctx.identity().peer_id.to_string();
         let mut state = self.state();
         state.limits = limits;
-        for (peer_id, network_id) in state.forget_expired(now) {
-            ctx.info(&format!(
-                "peer {peer_id} has not answered two sync sessions in a row in network {network_id}: \
-                 trying it less often (up to every {} s) until it answers or syncs with us",
-                MAX_RETRY_INTERVAL_MS / 1000
-            ));
+        state.forget_expired(ctx, now)?;
+        if now >= state.next_prune_ms || state.next_prune_ms > now + PRUNE_EVERY_MS {
+            peers::prune(ctx, now)?;
+            state.next_prune_ms = now.saturating_add(PRUNE_EVERY_MS);
         }
         let Some((reply_ip, reply_port)) = listen_addr(ctx)? else {
             ctx.debug("not listening: no reply address, so no sync requests");
             return Ok(Vec::new());
         };
+        // Active addresses, and those marked inactive by failing (still
+        // tried, at the longest back-off, until pruned), whose back-off is
+        // over; a back-off far ahead means our clock stepped back.
         let targets = ctx.query(
             "SELECT a.peer_id, a.network_id, a.ip, a.port FROM addresses a \
              JOIN networks n ON n.network_id = a.network_id \
-             WHERE a.is_active = 1 AND a.peer_id != ?1 AND (?2 = '' OR a.network_id = ?2) \
+             LEFT JOIN sync_backoff b ON b.peer_id = a.peer_id AND b.network_id = a.network_id \
+             AND b.ip = a.ip AND b.port = a.port \
+             WHERE (a.is_active = 1 OR b.failures >= ?3) AND a.peer_id != ?1 \
+             AND (?2 = '' OR a.network_id = ?2) \
+             AND (b.next_try_ms IS NULL OR b.next_try_ms <= ?4 OR b.next_try_ms > ?4 + ?5) \
              ORDER BY a.network_id, a.peer_id",
-            params![ours.as_str(), only_network],
+            params![
+                ours.as_str(),
+                only_network,
+                MAX_FAILURES,
+                now,
+                MAX_RETRY_INTERVAL_MS
+            ],
         )?;
         let mut out = Vec::new();
         for k in state.stalled(now) {
             out.extend(state.retry(ctx, &k, now)?);
         }
+        let reply = (reply_ip.as_str(), reply_port);
         for t in targets.iter() {
             let (Some(peer_id), Some(network_id), Some(ip), Some(port)) =
                 (t.str(0), t.str(1), t.str(2), t.int(3))
             else {
                 continue;
             };
-            let reply = (reply_ip.as_str(), reply_port);
-            out.extend(state.start_session(ctx, peer_id, network_id, (ip, port), reply, false)?);
+            let to = Addr {
+                peer_id,
+                network_id,
+                ip,
+                port,
+            };
+            let target = Target {
+                to,
+                reply,
+                candidate: false,
+            };
+            out.extend(state.start_session(ctx, target, false)?);
+        }
+        // Then a few candidates (see `peers::candidates`): a session that
+        // one of them answers makes its address ours.
+        let mut trying: HashMap<String, usize> = HashMap::new();
+        for (k, _) in state.sessions.iter().filter(|(_, s)| s.candidate) {
+            *trying.entry(k.1.clone()).or_default() += 1;
+        }
+        let sessions = &state.sessions;
+        let busy = |peer: &str, net: &str| sessions.contains_key(&session::key(peer, net));
+        let candidates = peers::candidates_to_try(ctx, &ours, only_network, &trying, busy, now)?;
+        for (peer_id, network_id, ip, port) in &candidates {
+            let to = Addr {
+                peer_id,
+                network_id,
+                ip,
+                port: *port,
+            };
+            let target = Target {
+                to,
+                reply,
+                candidate: true,
+            };
+            out.extend(state.start_session(ctx, target, false)?);
         }
         Ok(out)
     }
@@ -207,6 +259,29 @@ export_plugin! {
          )",
         // Replay protection: the `timestamp_ms` of the last request accepted.
         "ALTER TABLE sync_sessions ADD COLUMN last_request_ms INTEGER",
+        // Peers that responses name, until one answers from that address
+        // (see `peers::candidates`).
+        "CREATE TABLE IF NOT EXISTS sync_candidates (
+            peer_id TEXT NOT NULL,
+            network_id TEXT NOT NULL,
+            ip TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            learned_from TEXT NOT NULL,
+            learned_ms INTEGER NOT NULL,
+            PRIMARY KEY (peer_id, network_id, ip, port)
+         )",
+        // Back-off of addresses and candidates that do not answer, kept
+        // across restarts and reloads (see `peers::backoff`).
+        "CREATE TABLE IF NOT EXISTS sync_backoff (
+            peer_id TEXT NOT NULL,
+            network_id TEXT NOT NULL,
+            ip TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            failures INTEGER NOT NULL,
+            next_try_ms INTEGER NOT NULL,
+            failing_since_ms INTEGER NOT NULL,
+            PRIMARY KEY (peer_id, network_id, ip, port)
+         )",
     ],
     handlers: [SyncHandler::default()],
 }

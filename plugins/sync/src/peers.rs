@@ -1,37 +1,121 @@
 //! Peers: where this host listens, and which addresses of others it keeps
-//! and gives out. Addresses come from peers (a requester's reply address,
-//! the lists in responses) and are never forgotten, so each is checked to
-//! be one the host can seal to and dial before it is kept: a malformed one
-//! would fail every request to that peer.
+//! and gives out. An address is kept in `addresses` only on its peer's
+//! own authenticated word: a response from it to a request we sent there
+//! (a round trip, which only the holder of the peer's key can complete:
+//! see [`promote`]), or the reply address of a request it sent us (see
+//! [`remember_requester`]). Peers that responses name are only
+//! candidates (`candidates`) until they answer; addresses that stop
+//! answering are backed off, marked inactive and in the end forgotten
+//! (`backoff`). Each address is checked to be one the host can seal to
+//! and dial before it is kept: a malformed one would fail every request.
+
+mod backoff;
+pub(crate) mod candidates;
 
 use std::net::IpAddr;
 
 use quiet_plugin_api::{params, Context, PluginError, Value};
 
+pub(crate) use backoff::{failed, prune, Addr, MAX_FAILURES, MAX_RETRY_INTERVAL_MS};
+pub(crate) use candidates::{learn as learn_candidates, to_try as candidates_to_try};
+
 use crate::wire::Request;
 
-/// Peers listed in, and learned from, one response.
+/// Peers listed in one response, and read from one.
 const MAX_PEERS: usize = 256;
+/// Addresses kept per network. One per peer: `addresses` is keyed by peer
+/// and network.
+pub(crate) const MAX_ADDRESSES: i64 = 256;
 
 /// Keeps the reply address of a request we answer, as the requester's own
-/// word for where it is.
+/// word for where it is, and clears its back-off: it is alive (and an
+/// inactive address is active again). An address that has completed a
+/// session from us (`last_sync_ms`) and is not failing is kept rather
+/// than replaced by a word that nothing has tested: the reply address is
+/// still answered, and if a session we open to it completes (the peer
+/// asks us to, see `responder`), [`promote`] takes it.
 pub(crate) fn remember_requester(
     ctx: &mut Context<'_>,
     req: &Request<'_>,
     now: i64,
 ) -> Result<(), PluginError> {
+    let known = ctx.query(
+        "SELECT a.ip, a.port, a.last_sync_ms IS NOT NULL AND b.failures IS NULL FROM addresses a \
+         LEFT JOIN sync_backoff b ON b.peer_id = a.peer_id AND b.network_id = a.network_id \
+         AND b.ip = a.ip AND b.port = a.port WHERE a.peer_id = ?1 AND a.network_id = ?2",
+        params![req.peer_id, req.network_id],
+    )?;
+    let known = known.first();
+    let same =
+        known.is_some_and(|r| r.str(0) == Some(req.reply_ip) && r.int(1) == Some(req.reply_port));
+    let proven = known.is_some_and(|r| r.int(2) == Some(1));
+    backoff::cleared(ctx, req.peer_id, req.network_id, None)?;
+    if proven && !same {
+        ctx.execute(
+            "UPDATE addresses SET is_active = 1, last_seen_ms = ?3 WHERE peer_id = ?1 AND network_id = ?2",
+            params![req.peer_id, req.network_id, now],
+        )?;
+        return Ok(());
+    }
+    let addr = Addr {
+        peer_id: req.peer_id,
+        network_id: req.network_id,
+        ip: req.reply_ip,
+        port: req.reply_port,
+    };
+    keep(ctx, addr, now, known.is_none())
+}
+
+/// Keeps `addr`, whose peer has just answered a session from us there: a
+/// round trip, so the address is its own (a request was sealed to its key,
+/// and only the holder of that key could answer under the request's
+/// transit secret). Replaces the peer's address, and its candidates are
+/// no longer needed.
+pub(crate) fn promote(ctx: &mut Context<'_>, addr: Addr<'_>, now: i64) -> Result<(), PluginError> {
+    ctx.execute(
+        "DELETE FROM sync_candidates WHERE peer_id = ?1 AND network_id = ?2",
+        params![addr.peer_id, addr.network_id],
+    )?;
+    backoff::cleared(
+        ctx,
+        addr.peer_id,
+        addr.network_id,
+        Some((addr.ip, addr.port)),
+    )?;
+    let known = ctx.query(
+        "SELECT 1 FROM addresses WHERE peer_id = ?1 AND network_id = ?2",
+        params![addr.peer_id, addr.network_id],
+    )?;
+    keep(ctx, addr, now, known.is_empty())
+}
+
+/// Records `addr` as its peer's active address, seen `now`. A session
+/// completed at another address says nothing of this one, so a change of
+/// address clears `last_sync_ms`. A `new` peer may take the network over
+/// [`MAX_ADDRESSES`]: then the inactive go first, then the least lately
+/// seen.
+fn keep(ctx: &mut Context<'_>, addr: Addr<'_>, now: i64, new: bool) -> Result<(), PluginError> {
     ctx.execute(
         "INSERT INTO addresses (peer_id, network_id, ip, port, is_active, last_seen_ms) \
          VALUES (?1, ?2, ?3, ?4, 1, ?5) \
          ON CONFLICT (peer_id, network_id) DO UPDATE SET \
+         last_sync_ms = CASE WHEN ip = excluded.ip AND port = excluded.port THEN last_sync_ms END, \
          ip = excluded.ip, port = excluded.port, is_active = 1, last_seen_ms = excluded.last_seen_ms",
-        params![req.peer_id, req.network_id, req.reply_ip, req.reply_port, now],
+        params![addr.peer_id, addr.network_id, addr.ip, addr.port, now],
     )?;
+    if new {
+        ctx.execute(
+            "DELETE FROM addresses WHERE rowid IN (SELECT rowid FROM addresses \
+             WHERE network_id = ?1 ORDER BY is_active DESC, COALESCE(last_seen_ms, 0) DESC \
+             LIMIT -1 OFFSET ?2)",
+            params![addr.network_id, MAX_ADDRESSES],
+        )?;
+    }
     Ok(())
 }
 
 /// The peers a response to `req` lists: the network's other active
-/// addresses, the latest seen first, as [`learn_peers`] reads them.
+/// addresses, the latest seen first, as [`learn_candidates`] reads them.
 pub(crate) fn listed_for(
     ctx: &mut Context<'_>,
     req: &Request<'_>,
@@ -46,31 +130,6 @@ pub(crate) fn listed_for(
         .iter()
         .map(|p| Value::map([("peer_id", p.get(0)), ("ip", p.get(1)), ("port", p.get(2))]))
         .collect())
-}
-
-/// Adds the peers a response names to `addresses`, without touching known
-/// ones (their addresses come from themselves) or adding this host. Entries
-/// that are not a well-formed peer id, IP and port are skipped.
-pub(crate) fn learn_peers(
-    ctx: &mut Context<'_>,
-    network_id: &str,
-    peers: &[Value],
-    ours: &str,
-) -> Result<(), PluginError> {
-    for p in peers.iter().take(MAX_PEERS) {
-        let peer_id = p.get("peer_id").and_then(Value::as_str).unwrap_or("");
-        let ip = p.get("ip").and_then(Value::as_str).unwrap_or("");
-        let port = p.get("port").and_then(Value::as_int).unwrap_or(0);
-        if !is_peer_id(peer_id) || peer_id == ours || !is_ip(ip) || !is_port(port) {
-            continue;
-        }
-        ctx.execute(
-            "INSERT OR IGNORE INTO addresses (peer_id, network_id, ip, port, is_active) \
-             VALUES (?1, ?2, ?3, ?4, 1)",
-            params![peer_id, network_id, ip, port],
-        )?;
-    }
-    Ok(())
 }
 
 /// This host's reply address, from `host_state.listen_addr` ("ip:port").
@@ -108,8 +167,6 @@ pub(crate) fn is_port(port: i64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use quiet_plugin_api::Value;
-
     use crate::test_host::*;
 
     #[test]
@@ -149,13 +206,7 @@ mod tests {
         let (a, b) = two_peers();
         let request = a.run_job(&limits(1000)).pop().unwrap();
         let response = b.process(&arrived(&request, PEER_A)).remove(0);
-        let peer = |id: &str, ip: &str, port: i64| {
-            Value::map([
-                ("peer_id", Value::from(id)),
-                ("ip", ip.into()),
-                ("port", port.into()),
-            ])
-        };
+        let peer = named;
         let peers = vec![
             peer(PEER_C, "10.0.0.3", 7003),
             peer(PEER_X, "::1", 7004),
@@ -168,19 +219,14 @@ mod tests {
             peer(PEER_A, "10.0.0.1", 7001), // us
         ];
         a.process(&arrived(&with_field(response, "peers", peers), PEER_B));
-        let learned: String = a
-            .host
-            .db()
-            .query_row(
-                "SELECT group_concat(peer_id || ' ' || ip || ' ' || port, ', ') \
-                 FROM (SELECT * FROM addresses ORDER BY peer_id)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        // Learned as candidates: only B, which answered, is an address.
         assert_eq!(
-            learned,
-            format!("{PEER_B} 127.0.0.1 7002, {PEER_C} 10.0.0.3 7003, {PEER_X} ::1 7004")
+            listed(&a.host, "addresses"),
+            format!("{PEER_B} 127.0.0.1 7002")
+        );
+        assert_eq!(
+            listed(&a.host, "sync_candidates"),
+            format!("{PEER_C} 10.0.0.3 7003, {PEER_X} ::1 7004")
         );
         // Nor does a request from us, to us, add us.
         assert!(a.process(&arrived(&request, PEER_A)).is_empty());
@@ -191,5 +237,38 @@ mod tests {
             )),
             0
         );
+    }
+
+    #[test]
+    fn a_requesters_word_does_not_replace_an_address_that_works() {
+        let (a, b) = two_peers();
+        session(&a, &b, 1000);
+        assert!(synced_with_b(&a));
+        let b_asks = |a: &Peer| {
+            a.host
+                .db()
+                .execute("DELETE FROM sync_sessions", [])
+                .unwrap();
+            a.process(&request_from(PEER_B, new_id(), 0, vec![]));
+            listed(&a.host, "addresses")
+        };
+        // B's request says it is at 10.0.0.9:7009, but a session with it at
+        // 127.0.0.1:7002 has completed and nothing has failed there since.
+        assert_eq!(b_asks(&a), format!("{PEER_B} 127.0.0.1 7002"));
+        // Once that address fails, the peer's own word is better.
+        a.with_ctx(|ctx| {
+            let addr = super::Addr {
+                peer_id: PEER_B,
+                network_id: NET,
+                ip: "127.0.0.1",
+                port: 7002,
+            };
+            super::failed(ctx, addr, now_ms()).unwrap()
+        });
+        assert_eq!(b_asks(&a), format!("{PEER_B} 10.0.0.9 7009"));
+        let unsynced = format!(
+            "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_B}' AND last_sync_ms IS NULL"
+        );
+        assert_eq!(a.host.count(&unsynced), 1, "no session completed there yet");
     }
 }

@@ -13,8 +13,8 @@ use crate::{
     admission, dropped,
     event_set::SUMMARY_LEN,
     limits::FRAME_SIZE_LIMIT,
-    peers::{self, listen_addr},
-    session::{event_set, key},
+    peers::{self, listen_addr, Addr},
+    session::{event_set, Target},
     wire::{message, Request},
     SyncHandler,
 };
@@ -42,8 +42,6 @@ impl SyncHandler {
         if let Some(reason) = admission::refusal(ctx, &req, limits, now)? {
             return dropped(ctx, reason);
         }
-        self.state()
-            .heard_from(ctx, &key(req.peer_id, req.network_id));
         peers::remember_requester(ctx, &req, now)?;
         // A round 0 gets our summary back: if it matches, the requester is
         // done; if not, it opens reconciliation in its next round. When its
@@ -63,15 +61,17 @@ impl SyncHandler {
         let lacking = req.summary.zip(our_summary);
         if req.behind || lacking.is_some_and(|(theirs, ours)| we_lack_some(&theirs, &ours)) {
             if let Some((ip, port)) = listen_addr(ctx)? {
-                let dest = (req.reply_ip, req.reply_port);
-                out.extend(self.state().start_session(
-                    ctx,
-                    req.peer_id,
-                    req.network_id,
-                    dest,
-                    (&ip, port),
-                    true,
-                )?);
+                let target = Target {
+                    to: Addr {
+                        peer_id: req.peer_id,
+                        network_id: req.network_id,
+                        ip: req.reply_ip,
+                        port: req.reply_port,
+                    },
+                    reply: (&ip, port),
+                    candidate: false,
+                };
+                out.extend(self.state().start_session(ctx, target, true)?);
             }
         }
         let summary = our_summary.map_or(Value::Null, |s| Value::from(&s[..]));

@@ -7,8 +7,6 @@
 mod response;
 mod retry;
 
-pub(crate) use retry::MAX_RETRY_INTERVAL_MS;
-
 use std::collections::{HashMap, VecDeque};
 
 use negentropy::{Id, Negentropy};
@@ -19,9 +17,9 @@ use crate::{
     counter,
     event_set::{EventSet, SUMMARY_LEN},
     limits::{Limits, FRAME_SIZE_LIMIT},
+    peers::Addr,
     wire::{message, random_bytes},
 };
-use retry::Unreachable;
 
 /// How long a round 0 waits for its answer before the session is given up
 /// (the next tick starts another). A responder answers round 0 at once,
@@ -53,9 +51,9 @@ pub(crate) struct State {
     pub(crate) sessions: HashMap<Key, Session>,
     /// The requests in flight: request id → session.
     requests: HashMap<String, Key>,
-    /// Peers whose last sessions got no answer at all, and when to try
-    /// each again.
-    unreachable: HashMap<Key, Unreachable>,
+    /// When the job next forgets what has failed for long (see
+    /// `peers::prune`): once a minute is plenty for a week's limit.
+    pub(crate) next_prune_ms: i64,
     /// When each peer's responder admits our next new session: the same
     /// virtual schedule as its `admit` keeps, so that a session we start
     /// early (answering a peer whose set differs) never makes it refuse the
@@ -78,6 +76,12 @@ pub(crate) struct Session {
     dest_port: i64,
     reply_ip: String,
     reply_port: i64,
+    /// Whether the peer is only a candidate at this address (see
+    /// `peers::candidates`): the job tries a few at a time.
+    pub(crate) candidate: bool,
+    /// Whether an answer from the peer has recorded its address (see
+    /// `peers::promote`): once per session.
+    promoted: bool,
     session_id: [u8; 16],
     /// The round the next request will carry.
     round: i64,
@@ -135,9 +139,16 @@ impl Session {
     }
 }
 
+/// Whom a session is with: the peer, network and address it is sent to,
+/// the reply address it asks for, and whether the peer is a candidate.
+pub(crate) struct Target<'a> {
+    pub(crate) to: Addr<'a>,
+    pub(crate) reply: (&'a str, i64),
+    pub(crate) candidate: bool,
+}
+
 impl State {
-    /// Starts a session with `peer_id` in `network_id`, reached at `dest`,
-    /// and returns its round 0: only our set's summary, so that peers in
+    /// Starts a session with `target`, and returns its round 0: only our set's summary, so that peers in
     /// sync are done after it and only peers that differ reconcile; or,
     /// when the peer has just told us we are `behind`, reconciliation's
     /// first message at once (the summaries are known to differ, and the
@@ -146,13 +157,16 @@ impl State {
     pub(crate) fn start_session(
         &mut self,
         ctx: &mut Context<'_>,
-        peer_id: &str,
-        network_id: &str,
-        (dest_ip, dest_port): (&str, i64),
-        (reply_ip, reply_port): (&str, i64),
+        target: Target<'_>,
         behind: bool,
     ) -> Result<Option<Envelope>, PluginError> {
         let now = ctx.now_ms();
+        let Target {
+            to,
+            reply,
+            candidate,
+        } = target;
+        let (peer_id, network_id) = (to.peer_id, to.network_id);
         let k = key(peer_id, network_id);
         let due = self.next_start_ms.get(&k).copied().unwrap_or(i64::MIN);
         // A schedule far ahead means our clock stepped back: start afresh.
@@ -161,12 +175,9 @@ impl State {
         } else {
             due
         };
-        // A retry far ahead means our clock stepped back, as above.
-        let retry = match self.unreachable.get(&k) {
-            Some(u) if u.retry_ms <= now.saturating_add(MAX_RETRY_INTERVAL_MS) => u.retry_ms,
-            _ => i64::MIN,
-        };
-        if self.sessions.contains_key(&k) || now < due || now < retry {
+        // The job leaves out addresses in back-off (see `peers::backoff`),
+        // and a peer that asks us is not in back-off.
+        if self.sessions.contains_key(&k) || now < due {
             return Ok(None);
         }
         self.next_start_ms.insert(
@@ -186,10 +197,12 @@ impl State {
         let session = Session {
             peer_id: peer_id.to_owned(),
             network_id: network_id.to_owned(),
-            dest_ip: dest_ip.to_owned(),
-            dest_port,
-            reply_ip: reply_ip.to_owned(),
-            reply_port,
+            dest_ip: to.ip.to_owned(),
+            dest_port: to.port,
+            reply_ip: reply.0.to_owned(),
+            reply_port: reply.1,
+            candidate,
+            promoted: false,
             session_id: random_bytes(),
             round: 0,
             in_flight: VecDeque::new(),
@@ -383,13 +396,12 @@ mod tests {
         assert_eq!(outcome.reverse, 0);
 
         // The session is complete: recorded, and forgotten, so the next tick
-        // starts a new one; and A learned about peer-c from B.
+        // starts a new one; and A learned about peer-c from B, as a
+        // candidate to try.
         assert!(synced_with_b(&a));
         assert_eq!(
-            a.host.count(&format!(
-                "SELECT COUNT(*) FROM addresses WHERE peer_id = '{PEER_C}' AND port = 7003"
-            )),
-            1
+            listed(&a.host, "sync_candidates"),
+            format!("{PEER_C} 127.0.0.1 7003")
         );
         let next: Vec<_> = a
             .run_job(&limits(1000))

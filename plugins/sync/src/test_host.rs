@@ -319,3 +319,58 @@ pub(crate) fn synced_with_b(a: &Peer) -> bool {
         "SELECT last_sync_ms FROM addresses WHERE peer_id = '{PEER_B}'"
     )) > 0
 }
+
+/// The rows of `table` (addresses or candidates), "peer ip port" in
+/// peer order, joined by ", ".
+pub(crate) fn listed(host: &TestHost, table: &str) -> String {
+    host.db()
+        .query_row(
+            &format!(
+                "SELECT COALESCE(group_concat(peer_id || ' ' || ip || ' ' || port, ', '), '') \
+                 FROM (SELECT * FROM {table} ORDER BY peer_id, ip, port)"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// A peer as a response lists it.
+pub(crate) fn named(peer_id: &str, ip: &str, port: i64) -> Value {
+    Value::map([
+        ("peer_id", Value::from(peer_id)),
+        ("ip", ip.into()),
+        ("port", port.into()),
+    ])
+}
+
+/// A well-formed peer id that no host has.
+pub(crate) fn made_up_peer(i: u32) -> String {
+    format!("{i:064x}")
+}
+
+/// A minimal answer to `request` that names `peers`, as the requester's
+/// host hands it over: from the peer the request was sealed to (the only
+/// one that could answer it).
+pub(crate) fn answer(request: &Envelope, peers: Vec<Value>) -> Envelope {
+    let request_id = plaintext(request, "request_id").as_bytes().unwrap();
+    envelope! {
+        "event_type" => "sync_response",
+        "is_outgoing" => false,
+        "in_response_to" => hex::encode(request_id),
+        "sender_peer_id" => request.str("seal_to").unwrap(),
+        "network_id" => request.str("network_id").unwrap(),
+        "event_plaintext" => Value::map([
+            ("type", Value::from("sync_response")),
+            ("session_id", plaintext(request, "session_id").clone()),
+            ("peers", peers.into()),
+        ]),
+    }
+}
+
+/// The requests of `sent` sealed to `peer`.
+pub(crate) fn to<'a>(sent: &'a [Envelope], peer: &str) -> Vec<&'a Envelope> {
+    sent.iter()
+        .filter(|r| r.str("seal_to") == Some(peer))
+        .collect()
+}

@@ -281,14 +281,25 @@ fn hostile_responses_store_nothing_unless_they_are_the_sessions() {
                 );
                 prop_assert!(host.take_sent().is_empty());
             }
-            // Only well-formed peers other than us are ever learned.
+            // Only well-formed peers other than us are ever learned, and
+            // only as candidates: a response adds no address but its
+            // sender's, and at most 16 candidates.
+            for table in ["addresses", "sync_candidates"] {
+                prop_assert_eq!(
+                    host.count(&format!(
+                        "SELECT COUNT(*) FROM {table} WHERE length(peer_id) != 64 \
+                         OR peer_id GLOB '*[^0-9a-f]*' OR port NOT BETWEEN 1 AND 65535"
+                    )),
+                    0
+                );
+            }
             prop_assert_eq!(
-                host.count(
-                    "SELECT COUNT(*) FROM addresses WHERE length(peer_id) != 64 \
-                     OR peer_id GLOB '*[^0-9a-f]*' OR port NOT BETWEEN 1 AND 65535"
-                ),
+                host.count(&format!(
+                    "SELECT COUNT(*) FROM addresses WHERE peer_id != '{PEER_B}'"
+                )),
                 0
             );
+            prop_assert!(host.count("SELECT COUNT(*) FROM sync_candidates") <= 16);
             for next in host.take_sent() {
                 let need = next
                     .plaintext()

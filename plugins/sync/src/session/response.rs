@@ -1,5 +1,6 @@
-//! Taking in a response: its events go to the host's store, the peers it
-//! names to `addresses`, its reply moves reconciliation on, and the
+//! Taking in a response: its events go to the host's store, the address
+//! it answered from to `addresses` (a round trip: see `peers::promote`),
+//! the peers it names to the candidates, its reply moves reconciliation on, and the
 //! session's next round leaves at once rather than at the next tick. A
 //! response is trusted only as far as it matches the session it answers;
 //! a malformed one ends the session, since the host accepts one response
@@ -12,8 +13,12 @@ use quiet_plugin_api::{envelope, field, Context, Envelope, PluginError};
 
 use super::event_set;
 use crate::{
-    counter, dropped, event_set::EventSet, limits::FRAME_SIZE_LIMIT, peers::learn_peers,
-    wire::Response, SyncHandler,
+    counter, dropped,
+    event_set::EventSet,
+    limits::FRAME_SIZE_LIMIT,
+    peers::{learn_candidates, promote, Addr},
+    wire::Response,
+    SyncHandler,
 };
 
 impl SyncHandler {
@@ -33,7 +38,6 @@ impl SyncHandler {
         let Some((k, lost)) = answered else {
             return dropped(ctx, "sync_unknown_response");
         };
-        state.heard_from(ctx, &k);
         state.lost(ctx, &k, lost)?;
         let session = state.sessions.get_mut(&k).expect("answered() checked it");
         let response = Response::parse(env).filter(|r| {
@@ -59,7 +63,24 @@ impl SyncHandler {
                 }
             })
             .collect();
-        learn_peers(ctx, &session.network_id, resp.peers, &ours)?;
+        if !session.promoted {
+            session.promoted = true;
+            let addr = Addr {
+                peer_id: &session.peer_id,
+                network_id: &session.network_id,
+                ip: &session.dest_ip,
+                port: session.dest_port,
+            };
+            promote(ctx, addr, now)?;
+        }
+        learn_candidates(
+            ctx,
+            &session.network_id,
+            resp.peers,
+            &ours,
+            &session.peer_id,
+            now,
+        )?;
         session.queue(resp.deferred);
 
         // Only the answer to our reconciliation request carries its reply

@@ -2,13 +2,16 @@
 //! on the way (a connection that drops), a session can fall silent, and a
 //! peer can be gone for good. A lost response is asked for again as soon
 //! as a later one shows it, and a silent session's after a few seconds,
-//! rather than either waiting out the transit TTL; a dead peer is tried
-//! less and less often, since its address is never forgotten.
+//! rather than either waiting out the transit TTL; an address that answers
+//! nothing is backed off, in the database (see `peers::backoff`).
 
 use quiet_plugin_api::{Context, Envelope, PluginError};
 
 use super::{InFlight, Key, Session, State, MAX_NEEDS};
-use crate::{admission::MIN_SESSION_INTERVAL_MS, counter};
+use crate::{
+    counter,
+    peers::{self, Addr, MAX_FAILURES, MAX_RETRY_INTERVAL_MS},
+};
 
 /// How long a session that has been answered before may hear nothing at
 /// all before its requests in flight count as lost and are sent again,
@@ -16,33 +19,6 @@ use crate::{admission::MIN_SESSION_INTERVAL_MS, counter};
 /// (see [`State::answered`]), and waiting for the session to expire cost
 /// the transit TTL (30 s). A responder answers a round in milliseconds.
 pub(super) const RETRY_AFTER_MS: i64 = 5_000;
-/// The longest wait between sessions with a peer that does not answer;
-/// see [`Unreachable`].
-pub(crate) const MAX_RETRY_INTERVAL_MS: i64 = 300_000;
-
-/// A peer that has not answered our last `failures` sessions (their round
-/// 0 expired unanswered: it is down, or gone, or cut off). Addresses are
-/// never forgotten (peers gossip them, and a peer may come back), so
-/// without a back-off every host would open a session with every dead peer
-/// every few seconds, for ever. After the second failure in a row the wait
-/// doubles, from 6 s up to [`MAX_RETRY_INTERVAL_MS`]. Any answer from the
-/// peer, or any request of its own, clears it.
-pub(super) struct Unreachable {
-    failures: u32,
-    pub(super) retry_ms: i64,
-}
-
-impl Unreachable {
-    /// The wait after `failures` unanswered sessions in a row.
-    fn backoff_ms(failures: u32) -> i64 {
-        match failures {
-            0 | 1 => 0,
-            n => MIN_SESSION_INTERVAL_MS
-                .saturating_mul(1 << (n - 1).min(20))
-                .min(MAX_RETRY_INTERVAL_MS),
-        }
-    }
-}
 
 impl Session {
     /// Puts the ids of requests whose responses were lost back at the
@@ -152,34 +128,45 @@ impl State {
         stalled
     }
 
-    /// The peer of `k` answered, or asked: it is reachable again.
-    pub(crate) fn heard_from(&mut self, ctx: &Context<'_>, k: &Key) {
-        if self.unreachable.remove(k).is_some_and(|u| u.failures >= 2) {
-            ctx.info(&format!(
-                "peer {} answers again in network {}: back to the job's schedule",
-                k.0, k.1
-            ));
-        }
-    }
-
     /// Forgets sessions whose request in flight has expired (lost on the
     /// way, or dropped by the responder): the peer gets a new session, and
-    /// one that answered nothing at all counts as unreachable (see
-    /// [`Unreachable`]). Returns the peers that just became unreachable.
-    pub(crate) fn forget_expired(&mut self, now: i64) -> Vec<Key> {
-        let mut newly = Vec::new();
-        for (k, s) in &self.sessions {
-            if now <= s.expires_ms || s.heard {
-                continue;
-            }
-            let u = self.unreachable.entry(k.clone()).or_insert(Unreachable {
-                failures: 0,
-                retry_ms: 0,
-            });
-            u.failures = u.failures.saturating_add(1);
-            u.retry_ms = now.saturating_add(Unreachable::backoff_ms(u.failures));
-            if u.failures == 2 {
-                newly.push(k.clone());
+    /// the address of one that answered nothing at all counts one more
+    /// failure (see `peers::backoff`), logged when it starts to be tried
+    /// less often and when it is marked inactive.
+    pub(crate) fn forget_expired(
+        &mut self,
+        ctx: &mut Context<'_>,
+        now: i64,
+    ) -> Result<(), PluginError> {
+        let mut expired: Vec<&Session> = self
+            .sessions
+            .values()
+            .filter(|s| now > s.expires_ms && !s.heard)
+            .collect();
+        // In the same order every run (a simulation replays exactly).
+        expired.sort_by(|a, b| (&a.peer_id, &a.network_id).cmp(&(&b.peer_id, &b.network_id)));
+        for s in expired {
+            let addr = Addr {
+                peer_id: &s.peer_id,
+                network_id: &s.network_id,
+                ip: &s.dest_ip,
+                port: s.dest_port,
+            };
+            let at = format!("{}:{}", s.dest_ip, s.dest_port);
+            match peers::failed(ctx, addr, now)? {
+                2 => ctx.info(&format!(
+                    "peer {} at {at} has not answered two sync sessions in a row in network {}: \
+                     trying it less often (up to every {} s) until it answers or syncs with us",
+                    s.peer_id,
+                    s.network_id,
+                    MAX_RETRY_INTERVAL_MS / 1000
+                )),
+                MAX_FAILURES => ctx.info(&format!(
+                    "peer {} at {at} has not answered {MAX_FAILURES} sync sessions in a row in \
+                     network {}: marked inactive (no longer given to others)",
+                    s.peer_id, s.network_id
+                )),
+                _ => {}
             }
         }
         self.sessions.retain(|_, s| now <= s.expires_ms);
@@ -187,7 +174,7 @@ impl State {
         self.requests.retain(|_, k| sessions.contains_key(k));
         // A schedule already due says nothing more than none at all.
         self.next_start_ms.retain(|_, due| *due > now);
-        newly
+        Ok(())
     }
 }
 
@@ -266,16 +253,5 @@ mod tests {
         let stored = each_once([first.stored, second.stored].concat());
         assert_eq!(stored.len(), 2_500);
         assert!(!with_b(&a), "complete");
-    }
-
-    #[test]
-    fn the_wait_for_an_unreachable_peer_doubles_up_to_five_minutes() {
-        let waits: Vec<i64> = (0..12)
-            .map(|n| super::Unreachable::backoff_ms(n) / 1000)
-            .collect();
-        // One unanswered session is forgiven: a live responder may refuse a
-        // round 0 silently (its rate limit, after our restart).
-        assert_eq!(waits, [0, 0, 6, 12, 24, 48, 96, 192, 300, 300, 300, 300]);
-        assert_eq!(super::Unreachable::backoff_ms(u32::MAX), 300_000);
     }
 }
