@@ -17,14 +17,17 @@
 //!
 //! - **Requester.** The `sync_with_peers` job ([`SyncHandler::run_job`])
 //!   starts a session with every active address of every network we belong
-//!   to, unless one is still running: it sends round 0 with the summary of
+//!   to, unless one is still running or the address is backed off, and
+//!   with a few candidates (peers that responses named): it sends round 0 with the summary of
 //!   our set (count and sum of ids, kept up to date in memory, see
 //!   `event_set`). If the responder's summary is the same, the sets are the
 //!   same and the session ends there: an idle round costs two small frames
 //!   and no pass over the ids. Otherwise round 1 opens reconciliation with
 //!   negentropy's first message. Each response ([`SyncHandler::process`]) is turned
-//!   into `store_event` envelopes for the host's event store, the peers it
-//!   names are remembered, and the session goes on at once with the next
+//!   into `store_event` envelopes for the host's event store, the first
+//!   one of a session records the address it answered from (a round trip:
+//!   only the holder of the peer's key can answer), the peers it names are
+//!   kept as candidates, never as addresses, and the session goes on at once with the next
 //!   round: the next negentropy message plus up to `max_events_per_response`
 //!   of the ids still needed. Up to `WINDOW` (4) requests of a session travel
 //!   at once (only one of them carries a negentropy message, held back
@@ -42,8 +45,10 @@
 //!   comes while a later one of the session does was lost on the way: its
 //!   ids are asked for again at once (see `State::answered`); a session
 //!   that falls silent after answers sends its requests in flight again,
-//!   once (see `RETRY_AFTER_MS`). A peer that
-//!   answers nothing is tried less and less often (see `Unreachable`).
+//!   once (see `RETRY_AFTER_MS`). An address that
+//!   answers nothing is tried less and less often, then marked inactive
+//!   and at last forgotten, on a back-off kept in the database so that a
+//!   restart or a reload does not reset it (see `peers::backoff`).
 //! - **Responder.** A request is answered only if it is not from us, we are
 //!   a member of its network, it is fresh (its `timestamp_ms` within the
 //!   transit TTL of our clock, and later than that of the last request we
@@ -62,7 +67,9 @@
 //! from `events` after a restart or reload). The requester's sessions (negentropy client state and the queue of
 //! needed ids, capped so that a hostile responder cannot fill it) live in
 //! memory only: after a restart or a plugin reload the next tick simply
-//! starts new sessions.
+//! starts new sessions. What must outlast them is in plugin tables:
+//! `sync_sessions` (the responder's limits), `sync_candidates` and
+//! `sync_backoff`.
 //!
 //! Dropped requests and responses are counted in `counters` (shown by
 //! `quiet-host status`): `sync_rejected_request`, `sync_replayed_request`,
@@ -73,7 +80,8 @@
 //! The files follow the same split: `session` is the requester (its
 //! `response` takes in answers, its `retry` copes with missing ones),
 //! `responder` answers what `admission` lets through, `peers` keeps the
-//! addresses both sides learn, `wire` reads and writes the messages, and
+//! addresses both sides learn (its `candidates` the peers only named, its
+//! `backoff` those that fail), `wire` reads and writes the messages, and
 //! `limits` and `event_set` are what both sides share.
 
 use std::{
