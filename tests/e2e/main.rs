@@ -14,6 +14,7 @@ mod plugin_faults;
 mod reload;
 mod restart;
 mod sync;
+mod sync_poisoning;
 
 use std::path::{Path, PathBuf};
 

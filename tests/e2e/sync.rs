@@ -302,7 +302,7 @@ fn a_host_restarted_mid_sync_resumes_and_converges() {
 }
 
 /// Sends one raw frame (length prefix and bytes) to `addr`.
-fn send_raw(addr: &str, frame: &[u8]) {
+pub(crate) fn send_raw(addr: &str, frame: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(&(frame.len() as u32).to_be_bytes()).unwrap();
     s.write_all(frame).unwrap();
