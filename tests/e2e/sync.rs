@@ -301,6 +301,25 @@ fn a_host_restarted_mid_sync_resumes_and_converges() {
     b.stop();
 }
 
+/// A hand-made round 0 sync request, now, asking for answers at
+/// 127.0.0.1:`reply_port`.
+pub(crate) fn round_0_request(reply_port: u16) -> quiet_plugin_api::Value {
+    use quiet_plugin_api::Value;
+    Value::map([
+        ("type", Value::from("sync_request")),
+        ("request_id", Value::from([0u8; 16])),
+        ("transit_secret", Value::from([5u8; 32])),
+        (
+            "timestamp_ms",
+            Value::from(quiet_host::storage::db::now_ms()),
+        ),
+        ("reply_ip", Value::from("127.0.0.1")),
+        ("reply_port", Value::from(i64::from(reply_port))),
+        ("session_id", Value::from([0xabu8; 16])),
+        ("round", Value::from(0)),
+    ])
+}
+
 /// Sends one raw frame (length prefix and bytes) to `addr`.
 pub(crate) fn send_raw(addr: &str, frame: &[u8]) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -352,19 +371,7 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     // (the second a replay).
     let eve_dir = tempfile::tempdir().unwrap();
     let eve = HostIdentity::load_or_create(eve_dir.path()).unwrap();
-    let request = Value::map([
-        ("type", Value::from("sync_request")),
-        ("request_id", Value::from([0u8; 16])),
-        ("transit_secret", Value::from([5u8; 32])),
-        (
-            "timestamp_ms",
-            Value::from(quiet_host::storage::db::now_ms()),
-        ),
-        ("reply_ip", Value::from("127.0.0.1")),
-        ("reply_port", Value::from(9)),
-        ("session_id", Value::from([0xabu8; 16])),
-        ("round", Value::from(0)),
-    ]);
+    let request = round_0_request(9);
     let frame = transit::wrap_request(&event_crypto::seal_from(
         &eve,
         &a_key,

@@ -22,7 +22,7 @@ use quiet_test_support::wait_for;
 
 use crate::{
     query_i64,
-    sync::{create_network, send_raw, sync_host},
+    sync::{create_network, round_0_request, send_raw, sync_host},
 };
 
 /// Answers each sync request that arrives on `conn`, from V to Mallory,
@@ -102,19 +102,7 @@ fn a_member_crafted_sync_response_naming_300_made_up_peers_adds_no_address() {
         });
     }
     // She asks V once, so that V keeps her address and syncs with her.
-    let hello = Value::map([
-        ("type", Value::from("sync_request")),
-        ("request_id", Value::from([1u8; 16])),
-        ("transit_secret", Value::from([5u8; 32])),
-        (
-            "timestamp_ms",
-            Value::from(quiet_host::storage::db::now_ms()),
-        ),
-        ("reply_ip", Value::from("127.0.0.1")),
-        ("reply_port", Value::from(i64::from(port))),
-        ("session_id", Value::from([0xabu8; 16])),
-        ("round", Value::from(0)),
-    ]);
+    let hello = round_0_request(port);
     let sealed = event_crypto::seal_from(
         &mallory,
         &v_key,
