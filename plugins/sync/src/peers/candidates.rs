@@ -69,24 +69,30 @@ pub(crate) fn learn(
             continue;
         }
         added += 1;
-        drop_oldest(ctx, network_id, "peer_id", peer_id, MAX_PER_PEER)?;
+        drop_oldest(ctx, network_id, Some(("peer_id", peer_id)), MAX_PER_PEER)?;
     }
     if added > 0 {
-        drop_oldest(ctx, network_id, "learned_from", source, MAX_PER_SOURCE)?;
-        drop_oldest(ctx, network_id, "''", "", MAX_PER_NETWORK)?;
+        drop_oldest(
+            ctx,
+            network_id,
+            Some(("learned_from", source)),
+            MAX_PER_SOURCE,
+        )?;
+        drop_oldest(ctx, network_id, None, MAX_PER_NETWORK)?;
     }
     Ok(())
 }
 
-/// Drops the oldest candidates of `network_id` whose `column` is `value`
-/// beyond the first `keep`.
+/// Drops the oldest candidates of `network_id` (those whose `column` is
+/// `value`, given `Some((column, value))`) beyond the newest `keep`.
 fn drop_oldest(
     ctx: &mut Context<'_>,
     network_id: &str,
-    column: &str,
-    value: &str,
+    only: Option<(&str, &str)>,
     keep: i64,
 ) -> Result<(), PluginError> {
+    // `'' = ''` when all of the network's count.
+    let (column, value) = only.unwrap_or(("''", ""));
     ctx.execute(
         &format!(
             "DELETE FROM sync_candidates WHERE rowid IN (SELECT rowid FROM sync_candidates \
