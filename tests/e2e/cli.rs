@@ -14,7 +14,7 @@ use quiet_test_support::{plugin, wait_for, HostDirs};
 
 use crate::{
     bin, one_line_error, query_i64,
-    sync::{cli, create_network, sync_host},
+    sync::{cli, create_network, sync_host, synced_pair},
 };
 
 fn quiet(args: &[&str], data: &Path) -> Output {
@@ -520,15 +520,7 @@ fn fields_a_peer_chose_never_crash_or_rewrite_the_terminal() {
 
 #[test]
 fn status_lists_traffic_apart_from_drops_and_a_stopped_hosts_jobs_run_at_start() {
-    let (a_dirs, a) = sync_host();
-    let (b_dirs, b) = sync_host();
-    let (invite, net) = create_network(&a_dirs.data);
-    cli(&b_dirs.data, &["network", "join", &invite]);
-    cli(&a_dirs.data, &["message", "send", &net, "hello"]);
-    wait_for(Duration::from_secs(30), || {
-        (query_i64(&b_dirs.data, "SELECT COUNT(*) FROM messages") == Some(1)).then_some(())
-    })
-    .unwrap_or_else(|| panic!("no sync; log of b:\n{}", b.log().join("\n")));
+    let (a_dirs, a, _b_dirs, b, _) = synced_pair();
     wait_for(Duration::from_secs(10), || {
         (query_i64(
             &a_dirs.data,

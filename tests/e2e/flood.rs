@@ -21,7 +21,7 @@ use std::{
 use quiet_host::crypto::{event_crypto, transit};
 use quiet_test_support::wait_for;
 
-use crate::sync::{cli, create_network, events, sync_host};
+use crate::sync::{cli, create_network, events, sync_host, synced_pair};
 
 /// Flooding connections, each its own thread.
 const FLOODERS: usize = 8;
@@ -212,15 +212,7 @@ fn announce(addr: &str, tag: u8, len: usize, first: &[u8]) -> Option<TcpStream> 
 
 #[test]
 fn strangers_that_announce_large_frames_and_stall_hold_nothing_an_honest_peer_needs() {
-    let (a_dirs, a) = sync_host();
-    let (b_dirs, b) = sync_host();
-    let (invite, net) = create_network(&a_dirs.data);
-    cli(&b_dirs.data, &["network", "join", &invite]);
-    cli(&b_dirs.data, &["message", "send", &net, "before"]);
-    wait_for(Duration::from_secs(30), || {
-        (events(&a_dirs.data, &net) == 1).then_some(())
-    })
-    .expect("A never synced with B");
+    let (a_dirs, a, b_dirs, b, net) = synced_pair();
     let addr = a.status()["listen_addr"].as_str().unwrap().to_owned();
     let rss_before = a.rss_kib();
 

@@ -41,6 +41,21 @@ pub(crate) fn sync_host() -> (HostDirs, HostProcess) {
     (dirs, host)
 }
 
+/// Two listening hosts in one network, B joined through A's invite, once
+/// A's first message has reached B: both have connected and authenticated.
+pub(crate) fn synced_pair() -> (HostDirs, HostProcess, HostDirs, HostProcess, String) {
+    let (a_dirs, a) = sync_host();
+    let (b_dirs, b) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    cli(&b_dirs.data, &["network", "join", &invite]);
+    cli(&a_dirs.data, &["message", "send", &net, "first"]);
+    wait_for(Duration::from_secs(30), || {
+        (events(&b_dirs.data, &net) == 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("B never synced with A; log of B:\n{}", b.log().join("\n")));
+    (a_dirs, a, b_dirs, b, net)
+}
+
 /// Runs a CLI command on a data folder; returns its stdout, trimmed.
 pub(crate) fn cli(data: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())

@@ -19,7 +19,7 @@ use crate::{
         sender_rates::SenderRates,
         wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
     },
-    storage::{counters::Counters, db, event_store::valid_event_type},
+    storage::{counters::Counters, db, event_store::event_type_of},
 };
 
 /// The receiving half of the crypto: frame → authenticated envelope.
@@ -213,10 +213,7 @@ impl Inbound {
             return Err("drop_sender_over_rate");
         }
         let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
-        let event_type = plaintext
-            .get("type")
-            .and_then(Value::as_str)
-            .filter(|t| valid_event_type(t))
+        let event_type = event_type_of(&plaintext)
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)

@@ -290,14 +290,18 @@ fn getrandom(buf: &mut [u8]) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn invites_round_trip_and_damage_is_named() {
-        let invite = Invite {
+    fn invite() -> Invite {
+        Invite {
             network_id: "0123456789abcdef0123456789abcdef".into(),
             key: [5; 32],
             peer_id: "ab".repeat(32),
             address: "127.0.0.1:7001".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn invites_round_trip_and_damage_is_named() {
+        let invite = invite();
         let line = invite.encode();
         assert!(line.starts_with("quiet2:") && !line.contains(char::is_whitespace));
         assert_eq!(Invite::decode(&format!("  {line}\n")).unwrap(), invite);
@@ -315,13 +319,7 @@ mod tests {
 
     #[test]
     fn an_invite_with_any_one_character_changed_is_refused_as_damaged() {
-        let line = Invite {
-            network_id: "0123456789abcdef0123456789abcdef".into(),
-            key: [5; 32],
-            peer_id: "ab".repeat(32),
-            address: "127.0.0.1:7001".into(),
-        }
-        .encode();
+        let line = invite().encode();
         let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let body = INVITE_PREFIX.len();
         let mut tried = 0;
