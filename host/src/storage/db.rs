@@ -411,10 +411,15 @@ pub fn with_write_tx<T, E: From<rusqlite::Error>>(
 ) -> Result<T, E> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     match f(conn) {
-        Ok(v) => {
-            conn.execute_batch("COMMIT")?;
-            Ok(v)
-        }
+        Ok(v) => match conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(v),
+            // A commit that fails for a full disk or an I/O error may leave
+            // the transaction open, and every later BEGIN would fail.
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e.into())
+            }
+        },
         Err(e) => {
             // The rollback can only fail if the transaction is already gone.
             let _ = conn.execute_batch("ROLLBACK");
