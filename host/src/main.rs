@@ -348,6 +348,10 @@ fn run(
             dir
         }
     };
+    // A file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) then fails
+    // the write, which the engine reports as it reports a full disk, instead
+    // of killing the host in the middle of a commit.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let running = host::start(&host::HostOptions {

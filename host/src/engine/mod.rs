@@ -7,6 +7,8 @@
 //!   received frames through the [`pipeline`], which hands each envelope to
 //!   the handlers that subscribe to it and sends what leaves through an
 //!   [`pipeline::Outbox`];
+//! - [`health`] is whether the engine can commit, which `status` shows
+//!   even when the database cannot be written;
 //! - [`reload`] watches the plugin folder and `jobs.yaml`, and [`watchdog`]
 //!   replaces an engine thread stuck in a plugin call, through the
 //!   engine's [`watch`].
@@ -15,6 +17,7 @@
 //! the network plugs into ([`inbox`], [`pipeline::Outbox`]) and names no
 //! transport: [`crate::network`] and the simulator sit above it.
 
+pub mod health;
 pub mod inbox;
 pub mod jobs;
 pub mod pipeline;

@@ -18,6 +18,9 @@
 //! budget, the watchdog abandons it and starts a fresh one on the same signal
 //! queue (see [`crate::engine::watchdog`]); an abandoned engine whose call
 //! comes back stops before its next unit of work.
+//!
+//! When the database cannot commit (a full disk, a read-only file), the
+//! engine runs nothing until it can again; see [`crate::engine::health`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -35,6 +38,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{
     encoding::codec,
     engine::{
+        health::{self, Health},
         inbox::{Received, Signal, Signals},
         jobs::{JobSpec, JobsConfig},
         pipeline::{Pipeline, Services, Source},
@@ -99,6 +103,8 @@ pub struct Scheduler {
     /// Jobs that could not run: the reason last logged, and the plugin
     /// generation it was logged under (a new generation logs again).
     blocked: HashMap<String, (String, u64)>,
+    /// Whether the database commits; see [`crate::engine::health`].
+    health: Health,
 }
 
 impl Scheduler {
@@ -114,6 +120,7 @@ impl Scheduler {
     ) -> Self {
         Self {
             watch: EngineWatch::new(&conn),
+            health: Health::new(&conn),
             conn,
             plugins,
             config,
@@ -136,13 +143,20 @@ impl Scheduler {
     pub fn run(mut self) {
         call_budget::install(self.watch.calls());
         loop {
-            let sleep = match self.tick() {
-                Ok(sleep) => sleep,
-                Err(_) if self.watch.abandoned() => break,
-                Err(e) => {
-                    tracing::error!("scheduler: database error: {e}");
-                    MAX_SLEEP
-                }
+            let sleep = match self.health.cannot_commit() {
+                // Until a probe commits, every unit would be rolled back.
+                true => match health::probe(&self.conn) {
+                    Ok(()) => {
+                        self.health.recovered();
+                        Duration::ZERO
+                    }
+                    Err(e) => self.health.failed(&e),
+                },
+                false => match self.tick() {
+                    Ok(sleep) => sleep,
+                    Err(_) if self.watch.abandoned() => break,
+                    Err(e) => self.database_error(&e, "running jobs"),
+                },
             };
             // Checked before taking anything off the queue: what this
             // engine takes, its replacement will never see.
@@ -173,9 +187,18 @@ impl Scheduler {
                 }
             }
             drop(rx);
-            let frames = take_batch(&mut self.backlog, &mut self.served_requests);
-            if let Err(e) = self.receive(frames) {
-                tracing::error!("engine: database error while receiving: {e}");
+            if self.health.cannot_commit() {
+                // Handled, they would be rolled back: peers ask again.
+                let dropped = self.backlog.drain(..).count();
+                self.counters.add(
+                    "drop_cannot_commit",
+                    i64::try_from(dropped).unwrap_or(i64::MAX),
+                );
+            } else {
+                let frames = take_batch(&mut self.backlog, &mut self.served_requests);
+                if let Err(e) = self.receive(frames) {
+                    self.database_error(&e, "receiving");
+                }
             }
             if stop {
                 break;
@@ -186,6 +209,18 @@ impl Scheduler {
                 "an abandoned engine thread came back from its plugin call and stopped"
             ),
             false => tracing::debug!("scheduler stopped"),
+        }
+    }
+
+    /// Logs a database error of a unit, once per change of state if it
+    /// means that nothing can commit; returns how long to wait.
+    fn database_error(&mut self, e: &rusqlite::Error, doing: &str) -> Duration {
+        match health::is_commit_failure(e) {
+            true => self.health.failed(e),
+            false => {
+                tracing::error!("engine: database error while {doing}: {e}");
+                MAX_SLEEP
+            }
         }
     }
 
@@ -205,8 +240,11 @@ impl Scheduler {
                     Ok(true) => now + job.frequency_ms as i64,
                     // Blocked until a reload wakes us.
                     Ok(false) => continue,
-                    // A database error (a lock held too long, a full disk)
-                    // costs this job this run, not the jobs after it.
+                    // The jobs after it would fail too: the job stays due,
+                    // and runs once a probe commits.
+                    Err(e) if health::is_commit_failure(&e) => return Err(e),
+                    // Any other database error costs this job this run,
+                    // not the jobs after it.
                     Err(e) => {
                         tracing::error!(job = %job.name, "job not run: database error: {e}");
                         now + MAX_SLEEP.as_millis() as i64
