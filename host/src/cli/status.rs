@@ -15,6 +15,7 @@ use crate::{
         host::running_pid,
         terminal::{printable, short},
     },
+    engine::health::{self, EngineState},
     storage::{
         counters::{self, CounterKind},
         db,
@@ -41,6 +42,10 @@ pub struct Status {
     pub generation: i64,
     /// Why the latest jobs.yaml edit was refused, if it was.
     pub config_error: Option<String>,
+    /// Whether the engine's commits succeed, as it last recorded outside
+    /// the database (which may be full or read-only); `null` if it never
+    /// did. Added within schema 1.
+    pub engine: Option<EngineState>,
     /// Plugin files, loaded or refused.
     pub plugins: Vec<PluginStatus>,
     /// Configured jobs.
@@ -247,6 +252,7 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
             .max()
             .unwrap_or(0),
         config_error: db::host_state(conn, "config_error")?,
+        engine: health::read(data_dir),
         plugins,
         jobs,
         dead_letters: DeadLetters { total, recent },
@@ -302,6 +308,21 @@ pub fn render(s: &Status) -> String {
         None => "not running".into(),
     };
     let _ = writeln!(out, "quiet-host {state}  data {}", s.data_dir);
+    let engine = match &s.engine {
+        Some(e) if e.cannot_commit() => format!(
+            "CANNOT COMMIT since {}: {}{}",
+            relative(e.since_ms, now),
+            printable(e.error.as_deref().unwrap_or("?")),
+            if s.running_pid.is_none() {
+                " (when it stopped)"
+            } else {
+                ""
+            }
+        ),
+        Some(_) => "ok".into(),
+        None => "-".into(),
+    };
+    let _ = writeln!(out, "engine     {engine}");
     let _ = writeln!(out, "peer id    {}", s.peer_id.as_deref().unwrap_or("-"));
     let _ = writeln!(
         out,
