@@ -25,10 +25,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        mpsc::{RecvTimeoutError, TryRecvError},
+        mpsc::{Receiver, RecvTimeoutError, TryRecvError},
         Arc, PoisonError,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -165,6 +165,12 @@ impl Scheduler {
             }
             let signals = self.signals.clone();
             let rx = signals.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.health.cannot_commit() {
+                if self.hold_frames(&rx, sleep) {
+                    break;
+                }
+                continue;
+            }
             // Wait only with nothing in hand.
             if self.backlog.is_empty() {
                 match rx.recv_timeout(sleep) {
@@ -187,18 +193,9 @@ impl Scheduler {
                 }
             }
             drop(rx);
-            if self.health.cannot_commit() {
-                // Handled, they would be rolled back: peers ask again.
-                let dropped = self.backlog.drain(..).count();
-                self.counters.add(
-                    "drop_cannot_commit",
-                    i64::try_from(dropped).unwrap_or(i64::MAX),
-                );
-            } else {
-                let frames = take_batch(&mut self.backlog, &mut self.served_requests);
-                if let Err(e) = self.receive(frames) {
-                    self.database_error(&e, "receiving");
-                }
+            let frames = take_batch(&mut self.backlog, &mut self.served_requests);
+            if let Err(e) = self.receive(frames) {
+                self.database_error(&e, "receiving");
             }
             if stop {
                 break;
@@ -209,6 +206,31 @@ impl Scheduler {
                 "an abandoned engine thread came back from its plugin call and stopped"
             ),
             false => tracing::debug!("scheduler stopped"),
+        }
+    }
+
+    /// While the database cannot commit: waits `wait` for the next probe,
+    /// keeping the newest [`BACKLOG`] frames that arrive, to be handled once
+    /// it can (handled now, they would be rolled back). Answering a peer's
+    /// request late beats dropping it: the peer's session waits for that
+    /// answer and starts no other until it expires. Older frames are
+    /// dropped and counted; their peers ask again. Returns whether to stop.
+    fn hold_frames(&mut self, rx: &Receiver<Signal>, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Signal::Shutdown) | Err(RecvTimeoutError::Disconnected) => return true,
+                Err(RecvTimeoutError::Timeout) => return false,
+                Ok(Signal::Wake) => {}
+                Ok(Signal::Received(frame)) => {
+                    if self.backlog.len() >= BACKLOG {
+                        self.backlog.pop_front();
+                        self.counters.bump("drop_cannot_commit");
+                    }
+                    self.backlog.push_back(frame);
+                }
+            }
         }
     }
 
