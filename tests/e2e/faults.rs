@@ -12,7 +12,10 @@ use std::{
 
 use quiet_test_support::{install, plugin, wait_for, HostDirs, HostProcess};
 
-use crate::{bin, db, job, plugin_file, query_i64};
+use crate::{
+    bin, db, job, plugin_file, query_i64,
+    sync::{cli, create_network, events, sync_host},
+};
 
 const JOBS: &str = "\
 jobs:
@@ -427,4 +430,194 @@ fn bad_jobs_yaml_at_startup_is_refused_with_its_line() {
     let (out, took) = run_with_timeout(dirs.run_command(&bin()), Duration::from_secs(10));
     let line = crate::one_line_error(&out, &["jobs.yaml:4:", "frequency_ms"]);
     eprintln!("bad jobs.yaml refused in {took:?}: {line}");
+}
+
+/// Limits the size of the files the process `pid` writes to `bytes`, or
+/// lifts the limit (`None`). Past it, writes fail (`EFBIG`), as they would
+/// on a full disk: the host ignores `SIGXFSZ`. It takes no privilege beyond
+/// owning the process, unlike a small file system to fill.
+fn limit_file_size(pid: u32, bytes: Option<u64>) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let pid = pid as libc::pid_t;
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Room for the engine's state file, not for a page of the WAL or the
+/// database (8 KiB pages).
+const NO_ROOM: Option<u64> = Some(4096);
+
+const TICK_JOB: &str = "jobs:\n  - name: tick\n    handler: ticker\n    frequency_ms: 100\n";
+
+fn engine_state(s: &serde_json::Value) -> &str {
+    s["engine"]["state"].as_str().unwrap_or("")
+}
+
+fn lines_with(host: &HostProcess, needle: &str) -> Vec<String> {
+    host.log()
+        .into_iter()
+        .filter(|l| l.contains(needle))
+        .collect()
+}
+
+/// Asserts the ticks are 1..=n, no gaps, no duplicates: no run was lost
+/// or done twice.
+fn assert_ticks_whole(data: &Path) {
+    let (count, min, max): (i64, i64, i64) = db(data)
+        .query_row("SELECT COUNT(*), MIN(seq), MAX(seq) FROM ticks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((min, max), (1, count), "ticks have gaps or duplicates");
+}
+
+#[test]
+fn a_host_that_cannot_commit_says_so_in_status_and_logs_it_once() {
+    let (dirs, host) = crate::ticker_host(TICK_JOB);
+    let before = ticks_grow(&host, &dirs.data, 0, "before the fault");
+    assert_eq!(engine_state(&host.status()), "ok", "{:#}", host.status());
+
+    limit_file_size(host.pid(), NO_ROOM);
+    let s = eventually(
+        &host,
+        "status says it cannot commit",
+        Duration::from_secs(5),
+        |s| engine_state(s) == "cannot_commit",
+    );
+    let error = s["engine"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(!error.is_empty(), "{s:#}");
+    assert!(s["engine"]["since_ms"].as_i64().is_some(), "{s:#}");
+    let text = Command::new(bin())
+        .args(["status", "--data"])
+        .arg(&dirs.data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("engine     CANNOT COMMIT since ") && l.ends_with(&error)),
+        "{text}"
+    );
+
+    // Three seconds of the fault: 15 lines at one per 200 ms, as before.
+    std::thread::sleep(Duration::from_secs(3));
+    let stuck = ticks(&dirs.data);
+    assert!(stuck <= before + 5, "ticks went on: {before} -> {stuck}");
+    let said = lines_with(&host, "cannot commit");
+    assert_eq!(said.len(), 1, "log:\n{}", host.log().join("\n"));
+    assert!(
+        said[0].contains("ERROR") && said[0].contains(&error),
+        "{said:?}"
+    );
+    assert!(
+        lines_with(&host, "database error").is_empty(),
+        "log:\n{}",
+        host.log().join("\n")
+    );
+
+    limit_file_size(host.pid(), None);
+    eventually(&host, "status says ok again", Duration::from_secs(5), |s| {
+        engine_state(s) == "ok" && s["engine"]["error"].is_null()
+    });
+    ticks_grow(&host, &dirs.data, stuck, "after the fault");
+    let resumed = lines_with(&host, "commits succeed again");
+    assert_eq!(resumed.len(), 1, "log:\n{}", host.log().join("\n"));
+    assert!(resumed[0].contains("INFO"), "{resumed:?}");
+    assert_eq!(lines_with(&host, "cannot commit").len(), 1);
+    host.stop();
+    assert_ticks_whole(&dirs.data);
+}
+
+#[test]
+fn work_resumes_within_a_sync_interval_of_space_returning() {
+    let (dirs, host) = crate::ticker_host(TICK_JOB);
+    ticks_grow(&host, &dirs.data, 0, "before the fault");
+    limit_file_size(host.pid(), NO_ROOM);
+    eventually(&host, "the fault is seen", Duration::from_secs(5), |s| {
+        engine_state(s) == "cannot_commit"
+    });
+    // Long enough for the probes to back off to their longest wait.
+    std::thread::sleep(Duration::from_secs(5));
+    let stuck = ticks(&dirs.data);
+
+    limit_file_size(host.pid(), None);
+    let space_returned = Instant::now();
+    ticks_grow(&host, &dirs.data, stuck, "after space returned");
+    let took = space_returned.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "work resumed {took:?} after space returned; log:\n{}",
+        host.log().join("\n")
+    );
+    assert_eq!(engine_state(&host.status()), "ok");
+    host.stop();
+    assert_ticks_whole(&dirs.data);
+    eprintln!("work resumed {took:?} after space returned");
+}
+
+#[test]
+fn a_host_that_could_not_commit_syncs_within_a_sync_interval_of_space_returning() {
+    let (a_dirs, a) = sync_host();
+    let (invite, net) = create_network(&a_dirs.data);
+    let (b_dirs, b) = sync_host();
+    cli(&b_dirs.data, &["network", "join", &invite]);
+    // Both ways first, so that each knows where the other is.
+    cli(&a_dirs.data, &["message", "send", &net, "a before"]);
+    cli(&b_dirs.data, &["message", "send", &net, "b before"]);
+    let (a_data, b_data, net) = (&a_dirs.data, &b_dirs.data, net.as_str());
+    let both_hold =
+        |n: i64| move || (events(a_data, net) == n && events(b_data, net) == n).then_some(());
+    wait_for(Duration::from_secs(30), both_hold(2)).expect("A and B did not sync before the fault");
+
+    limit_file_size(b.pid(), NO_ROOM);
+    eventually(&b, "B cannot commit", Duration::from_secs(5), |s| {
+        engine_state(s) == "cannot_commit"
+    });
+    // One for B to pull, and one B's CLI queues (the CLI is not limited)
+    // for B's engine to store once it can.
+    cli(&a_dirs.data, &["message", "send", net, "a during"]);
+    cli(&b_dirs.data, &["message", "send", net, "b during"]);
+    // Long enough for sessions begun before the fault to expire unanswered.
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        events(&b_dirs.data, &net),
+        2,
+        "B stored something it could not"
+    );
+
+    limit_file_size(b.pid(), None);
+    let space_returned = Instant::now();
+    let holds = |data: &Path| {
+        wait_for(Duration::from_secs(30), || {
+            (events(data, net) == 4).then(|| space_returned.elapsed())
+        })
+    };
+    // B's work: it stores its queued message and pulls A's.
+    let b_took = holds(b_data);
+    assert!(
+        b_took.is_some_and(|t| t < Duration::from_secs(3)),
+        "B holds {} of 4 events {b_took:?} after space returned; log:\n{}",
+        events(b_data, net),
+        b.log().join("\n")
+    );
+    // A pulls on its own schedule: a session A began during the fault
+    // waits out its round 0 (5 s) before A begins another.
+    let a_took = holds(a_data);
+    assert!(
+        a_took.is_some_and(|t| t < Duration::from_secs(10)),
+        "A holds {} of 4 events {a_took:?} after space returned on B",
+        events(a_data, net),
+    );
+    eprintln!("after space returned on B: B synced in {b_took:?}, A in {a_took:?}");
+    a.stop();
+    b.stop();
 }
