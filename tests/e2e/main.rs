@@ -41,6 +41,16 @@ pub fn query_i64(data: &Path, sql: &str) -> Option<i64> {
     db(data).query_row(sql, [], |r| r.get(0)).ok()
 }
 
+/// `quiet-host status` (the text form) of a data folder.
+pub fn status_text(data: &Path) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["status", "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The status entry of the job called `name`.
 pub fn job<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     status["jobs"]

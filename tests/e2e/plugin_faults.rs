@@ -7,7 +7,6 @@
 use std::{
     fs,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -15,7 +14,7 @@ use quiet_test_support::{install, plugin, wait_for, write_by_rename, HostDirs, H
 
 use crate::{
     bin,
-    faults::{assert_loaded, dead_letter_with, eventually, run_count, ticks_grow},
+    faults::{assert_loaded, dead_letter_with, eventually, run_count, ticks_grow, ticks_whole},
     job, plugin_file, query_i64,
     sync::{cli, create_network, events, sync_host},
 };
@@ -121,16 +120,6 @@ fn synced(host: &HostProcess, data: &Path, net: &str, n: i64) -> Duration {
     start.elapsed()
 }
 
-/// Asserts the ticks so far are 1..=n: none lost or doubled by the faults.
-fn ticks_whole(data: &Path) {
-    let (n, min, max): (i64, i64, i64) = crate::db(data)
-        .query_row("SELECT COUNT(*), MIN(seq), MAX(seq) FROM ticks", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .unwrap();
-    assert_eq!((min, max), (1, n), "ticks have gaps or duplicates");
-}
-
 #[test]
 fn panics_on_every_call_and_a_call_that_never_returns_leave_the_rest_serving() {
     let (a_dirs, a) = loaded_host(&load_jobs(""));
@@ -200,12 +189,7 @@ fn panics_on_every_call_and_a_call_that_never_returns_leave_the_rest_serving() {
         },
     );
     assert_eq!(run_count(&s, "hang"), 0, "{s:#}");
-    let human = Command::new(bin())
-        .args(["status", "--data"])
-        .arg(&a_dirs.data)
-        .output()
-        .unwrap();
-    let human = String::from_utf8_lossy(&human.stdout);
+    let human = crate::status_text(&a_dirs.data);
     assert!(
         human.contains(&format!("DISABLED: {reason}")),
         "human status:\n{human}"
