@@ -57,8 +57,8 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 64;
 
-/// The event type a plaintext names in its `type`, if it is one; see
-/// [`valid_event_type`].
+/// The event type a plaintext names in its `type`, if it is one: 1 to
+/// [`MAX_EVENT_TYPE_LEN`] of `A-Z a-z 0-9 _ . : -`.
 pub fn event_type_of(plaintext: &Value) -> Option<&str> {
     plaintext
         .get("type")
