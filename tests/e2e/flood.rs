@@ -286,3 +286,85 @@ fn strangers_that_announce_large_frames_and_stall_hold_nothing_an_honest_peer_ne
     a.stop();
     b.stop();
 }
+
+#[test]
+fn a_member_replaying_and_flooding_requests_costs_only_itself() {
+    use quiet_host::{crypto::identity::HostIdentity, encoding::codec};
+    use quiet_plugin_api::Value;
+    let (a_dirs, a, b_dirs, b, net) = synced_pair();
+    let status = a.status();
+    let addr = status["listen_addr"].as_str().unwrap().to_owned();
+    let a_key = event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap();
+    // Mallory holds the network key, as any member does, and builds valid
+    // frames with the host's own library.
+    let key_file = a_dirs.data.join("keys").join(format!("{net}.key"));
+    let key = event_crypto::NetworkKey(std::fs::read(key_file).unwrap().try_into().unwrap());
+    let mallory_dir = tempfile::tempdir().unwrap();
+    let mallory = HostIdentity::load_or_create(mallory_dir.path()).unwrap();
+    let request = |n: i64| {
+        let plaintext = Value::map([
+            ("type", Value::from("sync_request")),
+            ("n", Value::from(n)),
+            (
+                "timestamp_ms",
+                Value::from(quiet_host::storage::db::now_ms()),
+            ),
+        ]);
+        transit::wrap_request(&event_crypto::seal_from(
+            &mallory,
+            &a_key,
+            &codec::encode(&plaintext),
+            Some((net.as_str(), &key)),
+        ))
+    };
+    let cpu_before = cpu_seconds(a.pid());
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut write = |frame: &[u8]| {
+        s.write_all(&(frame.len() as u32).to_be_bytes())
+            .and_then(|()| s.write_all(frame))
+            .unwrap();
+    };
+    // One captured request, replayed 50 times; then 2,000 fresh ones as
+    // fast as one connection takes them.
+    let captured = request(0);
+    for _ in 0..50 {
+        write(&captured);
+    }
+    for n in 1..=2000 {
+        write(&request(n));
+    }
+    cli(
+        &b_dirs.data,
+        &["message", "send", &net, "during the member's flood"],
+    );
+    let sent = Instant::now();
+    let arrived = wait_for(Duration::from_secs(30), || {
+        (events(&a_dirs.data, &net) == 2).then(|| sent.elapsed())
+    })
+    .unwrap_or_else(|| panic!("B's message never reached A; log:\n{}", a.log().join("\n")));
+    let counters = wait_for(Duration::from_secs(10), || {
+        let c = a.status()["counters"].clone();
+        (c["drop_replayed_frame"].as_i64().unwrap_or(0) >= 49).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("replays not counted: {}", a.status()["counters"]));
+    let over_rate = counters["drop_sender_over_rate"].as_i64().unwrap_or(0);
+    let cpu = (cpu_seconds(a.pid()) - cpu_before) / started.elapsed().as_secs_f64();
+    eprintln!(
+        "a member's flood: {} replays dropped, {over_rate} of 2000 requests over its rate; \
+         B's message reached A in {arrived:.1?}; A used {:.0} % of one core, RSS {} MiB",
+        counters["drop_replayed_frame"],
+        cpu * 100.0,
+        a.rss_kib() / 1024
+    );
+    assert_eq!(
+        counters["drop_replayed_frame"].as_i64(),
+        Some(49),
+        "{counters:#}"
+    );
+    // 2,000 less its burst of 400, less what refilled while A opened them.
+    assert!(over_rate >= 500, "{counters:#}");
+    assert!(arrived < Duration::from_secs(9), "took {arrived:?}");
+    a.stop();
+    b.stop();
+}
