@@ -5,7 +5,7 @@
 //! for a network we are in, before the payload is decoded.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -27,10 +27,10 @@ pub struct Inbound {
     wire: Wire,
     /// Addresses already warned about for speaking another wire version.
     warned: Mutex<HashSet<std::net::IpAddr>>,
-    /// Requests opened lately, by the hash of their sealed box, until
-    /// they expire: the same box again is a replay (an honest host seals
-    /// every request afresh, with a new ephemeral key).
-    seen: Mutex<HashMap<[u8; 32], i64>>,
+    /// Requests opened lately, by the hash of their sealed box: the same
+    /// box again is a replay (an honest host seals every request afresh,
+    /// with a new ephemeral key).
+    seen: Mutex<Seen>,
     /// Each member's request rate.
     senders: SenderRates,
 }
@@ -39,10 +39,42 @@ pub struct Inbound {
 /// `timestamp_ms` may be from our clock for it to make its connection
 /// trusted: the transit TTL, as a request is answered within it.
 const FRESH_MS: i64 = DEFAULT_TRANSIT_TTL_MS;
-/// The most requests remembered against replays. Only authenticated ones
-/// are, so only members can fill it; past it, the oldest are forgotten
-/// early, and the sync plugin's own replay check still holds.
-const MAX_SEEN: usize = 1 << 16;
+/// The most requests remembered against replays per [`FRESH_MS`]. Only
+/// members' requests are, so only members can fill it; past it, requests
+/// go unremembered until the next period, and the sync plugin's own replay
+/// check still holds.
+const MAX_SEEN: usize = 1 << 15;
+
+/// The hashes of the requests of this period of [`FRESH_MS`] and of the
+/// one before: each is remembered for one to two periods, and forgetting
+/// is dropping a whole set, so no look costs more than a hash lookup.
+#[derive(Default)]
+struct Seen {
+    since_ms: i64,
+    current: HashSet<[u8; 32]>,
+    previous: HashSet<[u8; 32]>,
+}
+
+impl Seen {
+    /// Remembers `hash` at `now`; false if it was remembered already.
+    fn first_sight(&mut self, hash: [u8; 32], now: i64) -> bool {
+        if now - self.since_ms >= FRESH_MS {
+            self.previous = match now - self.since_ms >= 2 * FRESH_MS {
+                true => HashSet::new(),
+                false => std::mem::take(&mut self.current),
+            };
+            self.current.clear();
+            self.since_ms = now;
+        }
+        if self.current.contains(&hash) || self.previous.contains(&hash) {
+            return false;
+        }
+        if self.current.len() < MAX_SEEN {
+            self.current.insert(hash);
+        }
+        true
+    }
+}
 
 /// Addresses [`Inbound`] remembers having warned about: past that it stops
 /// warning, so that a flood of forged tags cannot grow memory.
@@ -90,29 +122,11 @@ impl Inbound {
     }
 
     /// Remembers the sealed box of a member's request; false if it was seen
-    /// already, within [`FRESH_MS`].
+    /// already, within one to two [`FRESH_MS`].
     fn first_sight(&self, sealed: &[u8]) -> bool {
-        let now = db::now_ms();
         let hash = *blake3::hash(sealed).as_bytes();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.get(&hash).is_some_and(|&until| until > now) {
-            return false;
-        }
-        if seen.len() >= MAX_SEEN {
-            seen.retain(|_, until| *until > now);
-        }
-        if seen.len() >= MAX_SEEN {
-            // Still full of live entries: forget the one closest to expiry.
-            if let Some(oldest) = seen
-                .iter()
-                .min_by_key(|(_, until)| **until)
-                .map(|(h, _)| *h)
-            {
-                seen.remove(&oldest);
-            }
-        }
-        seen.insert(hash, now + FRESH_MS);
-        true
+        seen.first_sight(hash, db::now_ms())
     }
 
     /// Whether a frame with `tag` comes from a host of another wire
@@ -224,5 +238,28 @@ impl Inbound {
             envelope.set(field::IN_RESPONSE_TO, id);
         }
         Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_remembered_for_one_to_two_periods_and_the_memory_is_bounded() {
+        let mut seen = Seen::default();
+        let t = 1_000_000;
+        assert!(seen.first_sight([1; 32], t));
+        assert!(!seen.first_sight([1; 32], t + FRESH_MS - 1));
+        // Into the next period: still remembered, in the previous set.
+        assert!(!seen.first_sight([1; 32], t + FRESH_MS + 1));
+        // Two periods on, forgotten.
+        assert!(seen.first_sight([1; 32], t + 3 * FRESH_MS));
+        for i in 0..MAX_SEEN + 100 {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            seen.first_sight(h, t + 3 * FRESH_MS);
+        }
+        assert_eq!(seen.current.len(), MAX_SEEN);
     }
 }
