@@ -63,6 +63,7 @@ const UNTRUSTED_OPEN_KIB_BURST: f64 = 256.0;
 /// A reader's stack: it opens frames (crypto, and a decoder bounded to 16
 /// levels of nesting), far less than the default 2 MiB.
 const READER_STACK: usize = 256 << 10;
+
 /// The bound on what garbage can cost: opening a frame (a sealed-box open
 /// and a sender proof, ~100 µs) is the one expensive thing a stranger can
 /// make the host do. A connection is trusted once a frame of it has
@@ -250,9 +251,15 @@ fn read_frames(
 ) {
     let counters = inbound.counters();
     let Ok(from) = stream.peer_addr() else { return };
+    // Whether its last frame authenticated: frames after one that did not
+    // pay the budget of opens again.
     let mut trusted = false;
+    // Whether any frame of it authenticated freshly: for good, since an
+    // honest peer's connection may carry a late response now and then, and
+    // its next request must not meet a stranger's size limit.
+    let mut proven = false;
     loop {
-        let idle = if trusted { IDLE } else { UNTRUSTED_IDLE };
+        let idle = if proven { IDLE } else { UNTRUSTED_IDLE };
         let mut head = [0u8; 5];
         if read_by(&mut stream, &mut head, Instant::now() + idle).is_err() {
             return;
@@ -268,7 +275,7 @@ fn read_frames(
         // Requests are small (ids and a reconciliation message), and
         // smaller still from a stranger; only a response to one of our live
         // requests may be large.
-        let limit = match (response, trusted) {
+        let limit = match (response, proven) {
             (true, _) => MAX_FRAME,
             (false, true) => MAX_REQUEST_FRAME,
             (false, false) => UNTRUSTED_REQUEST_FRAME,
@@ -286,7 +293,7 @@ fn read_frames(
         // A stranger's large response is refused before its body is read:
         // only a live request of ours makes one worth reading.
         if response
-            && !trusted
+            && !proven
             && len > UNTRUSTED_REQUEST_FRAME
             && !inbound.answers_live_request(&bytes)
         {
@@ -306,8 +313,9 @@ fn read_frames(
         counters.add("net_bytes_received", 4 + len as i64);
         let opened = inbound.open(from, bytes);
         let fresh = opened.as_ref().is_some_and(|e| inbound.grants_trust(e));
-        if fresh && !trusted {
+        if fresh && !proven {
             trust();
+            proven = true;
         }
         trusted = fresh;
         let Some(envelope) = opened else {
