@@ -175,11 +175,10 @@ impl RunningHost {
 /// Starts a host: lock, identity, database, plugins, jobs, threads.
 pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     let data = &opts.data_dir;
-    let data_dir_err = |message: String| StartError::DataDir {
+    db::create_private_dir(data).map_err(|e| StartError::DataDir {
         path: data.clone(),
-        message,
-    };
-    db::create_private_dir(data).map_err(|e| data_dir_err(e.to_string()))?;
+        message: e.to_string(),
+    })?;
     let lock = lock_data_dir(data)?;
     NetworkKeys::new(data)
         .check_private()
