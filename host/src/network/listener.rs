@@ -60,6 +60,10 @@ const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 const UNTRUSTED_OPEN_KIB_PER_SEC: f64 = 2_000.0;
 /// How many KiB of them may come at once.
 const UNTRUSTED_OPEN_KIB_BURST: f64 = 256.0;
+/// How long a reader waits for room among its sender's frames queued for
+/// the engine (see [`QueueBudget`]) before it drops the frame; meanwhile
+/// its connection is not read.
+const SENDER_BACKLOG_WAIT: Duration = Duration::from_secs(2);
 /// A reader's stack: it opens frames (crypto, and a decoder bounded to 16
 /// levels of nesting), far less than the default 2 MiB.
 const READER_STACK: usize = 256 << 10;
@@ -323,9 +327,13 @@ fn read_frames(
         };
         // Booked once authenticated: a stranger's announced lengths book
         // nothing.
-        let Some(reserved) = budget.reserve(len) else {
-            counters.bump("drop_overloaded");
-            continue;
+        let sender = envelope.str("sender_peer_id").unwrap_or_default();
+        let reserved = match budget.reserve(sender, len, Instant::now() + SENDER_BACKLOG_WAIT) {
+            Ok(reserved) => reserved,
+            Err(refused) => {
+                counters.bump(refused.counter());
+                continue;
+            }
         };
         match engine.try_send(Signal::Received(Received::queued(envelope, reserved))) {
             Ok(()) => {}

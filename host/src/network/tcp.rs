@@ -20,8 +20,11 @@ use crate::{crypto::transit, network::outbound::Transport, storage::counters::Co
 /// through a small bounded queue, so a slow or dead peer delays only itself.
 pub struct Tcp {
     counters: Arc<Counters>,
-    peers: Mutex<HashMap<SocketAddr, SyncSender<Vec<u8>>>>,
+    peers: Mutex<Destinations>,
 }
+
+/// Each destination's queue, and when a frame was last queued for it.
+type Destinations = HashMap<SocketAddr, (SyncSender<Vec<u8>>, Instant)>;
 
 impl Tcp {
     /// A transport counting its drops in `counters`.
@@ -39,9 +42,16 @@ impl Transport for Tcp {
         let mut frame = Some(frame);
         // At most twice: a sender thread that went idle has exited.
         for _ in 0..2 {
-            let queue = peers
-                .entry(addr)
-                .or_insert_with(|| spawn_peer_sender(addr, self.counters.clone()));
+            if !peers.contains_key(&addr) && peers.len() >= MAX_DESTINATIONS {
+                evict_least_recent(&mut peers);
+            }
+            let (queue, used) = peers.entry(addr).or_insert_with(|| {
+                (
+                    spawn_peer_sender(addr, self.counters.clone()),
+                    Instant::now(),
+                )
+            });
+            *used = Instant::now();
             match queue.try_send(frame.take().expect("one frame")) {
                 Ok(()) => return,
                 Err(TrySendError::Full(_)) => {
@@ -57,6 +67,27 @@ impl Transport for Tcp {
     }
 }
 
+/// Destinations with a sender thread at once. Where answers go is the
+/// requester's to say, and a member can make identities without end, each
+/// naming a new address in every session: before, each made a thread that
+/// lived a minute. Past it, the destination that was sent to least lately
+/// loses its thread (once its queue is sent), and gets a new one if it is
+/// sent to again: honest peers are sent to every few seconds, so an
+/// eviction costs one of them a reconnect, never a frame.
+const MAX_DESTINATIONS: usize = 128;
+
+/// Drops the queue of the destination sent to least lately: its sender
+/// thread sends what is queued, then ends.
+fn evict_least_recent(peers: &mut Destinations) {
+    let oldest = peers
+        .iter()
+        .min_by_key(|(_, (_, used))| *used)
+        .map(|(a, _)| *a);
+    if let Some(addr) = oldest {
+        peers.remove(&addr);
+    }
+}
+
 /// Frames one destination may have waiting.
 const PEER_QUEUE: usize = 64;
 /// A destination's sender thread exits after this long without frames
@@ -69,6 +100,8 @@ fn spawn_peer_sender(addr: SocketAddr, counters: Arc<Counters>) -> SyncSender<Ve
     let (tx, rx) = mpsc::sync_channel(PEER_QUEUE);
     let spawned = thread::Builder::new()
         .name(format!("send {addr}"))
+        // It frames and writes, far less than the default 2 MiB.
+        .stack_size(256 << 10)
         .spawn(move || send_frames(addr, rx, &counters));
     if spawned.is_err() {
         tracing::error!(%addr, "cannot start a sender thread");
