@@ -8,37 +8,20 @@
 mod cli;
 mod crash;
 mod faults;
-mod flood;
 mod jobs;
 mod plugin_faults;
 mod reload;
 mod restart;
 mod sync;
-mod sync_poisoning;
 
 use std::path::{Path, PathBuf};
 
+pub use quiet_test_support::peers::{db, query_i64};
 use quiet_test_support::{install, plugin, HostDirs, HostProcess};
-use rusqlite::{Connection, OpenFlags};
 
 /// The `quiet-host` binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_quiet-host"))
-}
-
-/// A read-only connection to a host's database.
-pub fn db(data: &Path) -> Connection {
-    let conn = Connection::open_with_flags(data.join("quiet.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .unwrap();
-    conn
-}
-
-/// One integer from a query, or `None` if the query fails (for example
-/// because a plugin's table does not exist yet).
-pub fn query_i64(data: &Path, sql: &str) -> Option<i64> {
-    db(data).query_row(sql, [], |r| r.get(0)).ok()
 }
 
 /// `quiet-host status` (the text form) of a data folder.

@@ -10,66 +10,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quiet_test_support::{install, plugin, wait_for, HostDirs, HostProcess};
+pub(crate) use quiet_test_support::peers::events;
+use quiet_test_support::{peers, wait_for, HostDirs, HostProcess};
 
 use crate::{bin, query_i64};
 
-/// The shipped job, at the seed's interval.
-const SYNC_JOBS: &str = "jobs:
-  - name: sync_with_peers
-    handler: sync
-    frequency_ms: 3000
-    params:
-      max_events_per_response: 1000
-      transit_secret_ttl_ms: 30000
-";
-
 /// A listening host with the sync and messages plugins.
 pub(crate) fn sync_host() -> (HostDirs, HostProcess) {
-    let dirs = HostDirs::new(SYNC_JOBS);
-    install(
-        &plugin("quiet-sync-plugin", "v1"),
-        &dirs.plugins,
-        "libsync.so",
-    );
-    install(
-        &plugin("quiet-messages-plugin", "v1"),
-        &dirs.plugins,
-        "libmessages.so",
-    );
-    let host = HostProcess::start_listening(&bin(), &dirs);
-    (dirs, host)
+    peers::sync_host(&bin())
 }
 
-/// Two listening hosts in one network, B joined through A's invite, once
-/// A's first message has reached B: both have connected and authenticated.
+/// Two listening hosts in one network, synced once; see
+/// [`peers::synced_pair`].
 pub(crate) fn synced_pair() -> (HostDirs, HostProcess, HostDirs, HostProcess, String) {
-    let (a_dirs, a) = sync_host();
-    let (b_dirs, b) = sync_host();
-    let (invite, net) = create_network(&a_dirs.data);
-    cli(&b_dirs.data, &["network", "join", &invite]);
-    cli(&a_dirs.data, &["message", "send", &net, "first"]);
-    wait_for(Duration::from_secs(30), || {
-        (events(&b_dirs.data, &net) == 1).then_some(())
-    })
-    .unwrap_or_else(|| panic!("B never synced with A; log of B:\n{}", b.log().join("\n")));
-    (a_dirs, a, b_dirs, b, net)
+    peers::synced_pair(&bin())
 }
 
 /// Runs a CLI command on a data folder; returns its stdout, trimmed.
 pub(crate) fn cli(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "quiet-host {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    peers::cli(&bin(), data, args)
 }
 
 /// Event ids of a network's messages, in `message list` order.
@@ -84,19 +43,7 @@ pub(crate) fn message_ids(data: &Path, network: &str) -> Vec<String> {
 }
 
 pub(crate) fn create_network(data: &Path) -> (String, String) {
-    let invite = cli(data, &["network", "create"]);
-    let network = quiet_host::storage::networks::Invite::decode(&invite)
-        .unwrap()
-        .network_id;
-    (invite, network)
-}
-
-pub(crate) fn events(data: &Path, network: &str) -> i64 {
-    query_i64(
-        data,
-        &format!("SELECT COUNT(*) FROM events WHERE network_id = '{network}'"),
-    )
-    .unwrap_or(0)
+    peers::create_network(&bin(), data)
 }
 
 /// Sends `n` messages (`text(i)`) on a running host and waits until it

@@ -9,6 +9,7 @@
 //! top-level artifact when a variant is built.
 
 pub mod hostile;
+pub mod peers;
 
 use std::{
     collections::HashMap,
@@ -260,16 +261,30 @@ impl HostProcess {
         status_json(&self.bin, &self.data)
     }
 
+    /// CPU seconds (user and system) the host has used, from /proc.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name, which may itself hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Runs `ARGS --data` this host's data folder with the host's binary;
+    /// see [`peers::cli`].
+    pub fn cli(&self, args: &[&str]) -> String {
+        peers::cli(&self.bin, &self.data, args)
+    }
+
     /// Resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        proc_status(self.pid(), "VmRSS:")
     }
 
     /// Sends SIGTERM and waits; panics unless the host exits 0 within 10 s.
@@ -314,6 +329,19 @@ impl Drop for HostProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A number from `/proc/PID/status`: the first word after `field`
+/// (`VmRSS:` in KiB, `Threads:`), or 0 if the process is gone.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Runs `bin status --json --data data` and parses it; panics on failure.

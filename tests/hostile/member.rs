@@ -1,0 +1,400 @@
+//! Attacks by a member: Mallory holds the network key, as anyone who ever
+//! joined does, can make as many identities as she likes, and builds valid
+//! frames with the host's own library.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use quiet_host::{
+    crypto::{event_crypto, identity::HostIdentity, transit},
+    encoding::codec,
+    storage::db::now_ms,
+};
+use quiet_plugin_api::Value;
+
+use crate::{under_attack, Bounds, Stop, Target};
+
+/// One of Mallory's identities.
+pub struct Mallory {
+    _dir: tempfile::TempDir,
+    me: HostIdentity,
+}
+
+impl Mallory {
+    /// A fresh identity.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let me = HostIdentity::load_or_create(dir.path()).unwrap();
+        Self { _dir: dir, me }
+    }
+
+    /// A request frame to `target` in its network, from this identity,
+    /// sealed now.
+    pub fn request(&self, target: &Target, plaintext: &Value) -> Vec<u8> {
+        transit::wrap_request(&event_crypto::seal_from(
+            &self.me,
+            &target.key,
+            &codec::encode(plaintext),
+            Some((target.net.as_str(), &target.net_key)),
+        ))
+    }
+}
+
+/// A valid round 0 sync request, now, asking for answers at
+/// 127.0.0.1:`reply_port`, made different from every other by `n`.
+pub fn round_0(reply_port: u16, n: u64) -> Value {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_le_bytes());
+    Value::map([
+        ("type", Value::from("sync_request")),
+        ("request_id", Value::from(id)),
+        ("transit_secret", Value::from([5u8; 32])),
+        ("timestamp_ms", Value::from(now_ms())),
+        ("reply_ip", Value::from("127.0.0.1")),
+        ("reply_port", Value::from(i64::from(reply_port))),
+        ("session_id", Value::from(id)),
+        ("round", Value::from(0)),
+    ])
+}
+
+/// Writes `frame` with its length prefix; false once the host hung up.
+pub fn write_frame(s: &mut TcpStream, frame: &[u8]) -> bool {
+    s.write_all(&(frame.len() as u32).to_be_bytes())
+        .and_then(|()| s.write_all(frame))
+        .is_ok()
+}
+
+/// A port nobody listens on: bound, then closed.
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Mallory joins A's syncing and answers each sync request A sends her
+/// with `answer(request)`: she asks A once, from a port she listens on,
+/// so A keeps her address and syncs with her every interval. Returns how
+/// many requests she answered, once `stop`.
+fn answer_every_request(
+    target: &Target,
+    stop: &Stop,
+    answer: impl Fn(&Value) -> Vec<(&'static str, Value)> + Send + Sync + 'static,
+) -> usize {
+    let mallory = Arc::new(Mallory::new());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let answer = Arc::new(answer);
+    {
+        let (mallory, target, answered) = (mallory.clone(), target.clone(), answered.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (mallory, target, answered, answer) = (
+                    mallory.clone(),
+                    target.clone(),
+                    answered.clone(),
+                    answer.clone(),
+                );
+                thread::spawn(move || {
+                    answer_on(conn, &mallory, &target, &answered, &*answer);
+                });
+            }
+        });
+    }
+    let mut s = TcpStream::connect(&target.addr).unwrap();
+    write_frame(&mut s, &mallory.request(target, &round_0(port, 0)));
+    stop.wait();
+    answered.load(Ordering::Relaxed)
+}
+
+fn answer_on(
+    mut conn: TcpStream,
+    mallory: &Mallory,
+    target: &Target,
+    answered: &AtomicUsize,
+    answer: &dyn Fn(&Value) -> Vec<(&'static str, Value)>,
+) {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut len = [0u8; 4];
+    while conn.read_exact(&mut len).is_ok() {
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        if conn.read_exact(&mut frame).is_err() {
+            return;
+        }
+        // A's answers to Mallory's own request come this way too.
+        if frame.first() != Some(&transit::REQUEST) {
+            continue;
+        }
+        let Ok(opened) = event_crypto::open_from(&mallory.me, &frame[1..]) else {
+            continue;
+        };
+        let request = codec::decode(&opened.payload).unwrap();
+        let field = |k: &str| request.get(k).and_then(Value::as_bytes).unwrap().to_vec();
+        let response = Value::map(
+            [
+                ("type", Value::from("sync_response")),
+                ("session_id", Value::from(field("session_id"))),
+            ]
+            .into_iter()
+            .chain(answer(&request)),
+        );
+        let body = event_crypto::with_member_proof(&target.net_key, &codec::encode(&response));
+        let request_id: [u8; 16] = field("request_id").try_into().unwrap();
+        let secret: [u8; 32] = field("transit_secret").try_into().unwrap();
+        let mut back = TcpStream::connect(&target.addr).unwrap();
+        write_frame(
+            &mut back,
+            &transit::wrap_response(request_id, &secret, &body),
+        );
+        answered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_member_replaying_a_captured_request_and_flooding_fresh_ones_costs_only_itself() {
+    let attacked = under_attack(
+        "a member's replays and request flood",
+        Bounds {
+            // A member's frames are opened before its rate is known to be
+            // passed: one connection costs what the attacker can seal.
+            cpu: 0.75,
+            rss_growth_mib: 32,
+            threads: 64,
+        },
+        |target, stop| {
+            let mallory = Mallory::new();
+            let reply = closed_port();
+            let mut s = TcpStream::connect(&target.addr).unwrap();
+            // One request, then 50 copies of it, as if captured off the wire.
+            let captured = mallory.request(&target, &round_0(reply, 0));
+            for _ in 0..=50 {
+                write_frame(&mut s, &captured);
+            }
+            // Then fresh ones, as fast as one connection takes them.
+            let mut n = 1;
+            while !stop.now() && write_frame(&mut s, &mallory.request(&target, &round_0(reply, n)))
+            {
+                n += 1;
+            }
+        },
+    );
+    assert_eq!(
+        attacked.counter("drop_replayed_frame"),
+        50,
+        "{:#}",
+        attacked.counters
+    );
+    assert!(
+        attacked.counter("drop_sender_over_rate") > 0,
+        "{:#}",
+        attacked.counters
+    );
+}
+
+#[test]
+fn sixty_four_member_identities_flooding_requests_leave_the_honest_peer_served() {
+    const IDENTITIES: usize = 64;
+    const EACH: u64 = 300;
+    let attacked = under_attack(
+        "64 identities flooding requests",
+        Bounds {
+            cpu: 1.6,
+            rss_growth_mib: 64,
+            threads: 160,
+        },
+        |target, stop| {
+            // Sealed before the flood, on as many threads as cores, so that
+            // the attacker's sealing, on this machine, does not starve A.
+            let reply = closed_port();
+            let sealers: Vec<_> = (0..IDENTITIES)
+                .map(|_| {
+                    let target = target.clone();
+                    thread::spawn(move || {
+                        let mallory = Mallory::new();
+                        (0..EACH)
+                            .map(|n| mallory.request(&target, &round_0(reply, n)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let floods: Vec<_> = sealers
+                .into_iter()
+                .map(|s| {
+                    let (frames, target, stop) = (s.join().unwrap(), target.clone(), stop.clone());
+                    thread::spawn(move || {
+                        let Ok(mut s) = TcpStream::connect(&target.addr) else {
+                            return;
+                        };
+                        for frame in &frames {
+                            if stop.now() || !write_frame(&mut s, frame) {
+                                return;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for f in floods {
+                f.join().unwrap();
+            }
+        },
+    );
+    assert!(
+        attacked.counter("sync_rate_limited") > 0,
+        "{:#}",
+        attacked.counters
+    );
+}
+
+#[test]
+fn requests_naming_a_new_reply_address_each_do_not_make_a_thread_each() {
+    const IDENTITIES: usize = 128;
+    let attacked = under_attack(
+        "128 identities naming a new reply address in every request",
+        Bounds {
+            cpu: 0.6,
+            rss_growth_mib: 64,
+            threads: 200,
+        },
+        |target, stop| {
+            let identities: Vec<Mallory> = (0..IDENTITIES).map(|_| Mallory::new()).collect();
+            let mut s = TcpStream::connect(&target.addr).unwrap();
+            // Ports nobody listens on, a new one in each request: before,
+            // each answer made a sender thread that lived a minute.
+            let mut port = 20_000u16;
+            let mut n = 0;
+            while !stop.now() {
+                for mallory in &identities {
+                    port = port.wrapping_add(1).max(20_000);
+                    if !write_frame(&mut s, &mallory.request(&target, &round_0(port, n))) {
+                        return;
+                    }
+                }
+                n += 1;
+                // Each identity may start a session every 3 s.
+                thread::sleep(Duration::from_millis(3_100));
+            }
+        },
+    );
+    assert!(
+        attacked.counter("send_failed") >= IDENTITIES as i64,
+        "{:#}",
+        attacked.counters
+    );
+}
+
+#[test]
+fn a_member_answering_with_300_made_up_peers_adds_no_address() {
+    let attacked = under_attack(
+        "responses naming 300 made-up peers",
+        Bounds {
+            cpu: 0.3,
+            rss_growth_mib: 32,
+            threads: 64,
+        },
+        |target, stop| {
+            let peers: Vec<Value> = (0..300u32)
+                .map(|i| {
+                    Value::map([
+                        ("peer_id", Value::from(format!("{i:064x}"))),
+                        ("ip", Value::from("192.0.2.1")),
+                        ("port", Value::from(1 + i64::from(i))),
+                    ])
+                })
+                .collect();
+            let answered = answer_every_request(&target, &stop, move |_| {
+                vec![("peers", Value::from(peers.clone()))]
+            });
+            assert!(answered >= 1, "A never asked Mallory");
+        },
+    );
+    // A keeps B's address and Mallory's own, none of the 300, and at most
+    // 16 of them as candidates to try.
+    assert_eq!(attacked.a_query("SELECT COUNT(*) FROM addresses"), 2);
+    assert!(attacked.a_query("SELECT COUNT(*) FROM sync_candidates") <= 16);
+}
+
+/// Events Mallory makes up: types a megabyte long would not fit in an
+/// event, so 60,000 bytes; types that break lines or hold escapes; and
+/// messages whose author and text try to rewrite the terminal.
+fn hostile_events(target: &Target) -> Vec<Value> {
+    let event = |plaintext: Value| {
+        Value::from(event_crypto::encrypt_event(
+            &target.net_key,
+            now_ms(),
+            &codec::encode(&plaintext),
+        ))
+    };
+    let message = |author: &str, text: &str| {
+        event(Value::map([
+            ("type", Value::from("message")),
+            ("author", Value::from(author)),
+            ("text", Value::from(text)),
+            ("created_ms", Value::from(now_ms())),
+        ]))
+    };
+    vec![
+        event(Value::map([("type", Value::from("t".repeat(60_000)))])),
+        event(Value::map([("type", Value::from("message\nengine ok"))])),
+        event(Value::map([("type", Value::from("\u{1b}[2Jmessage"))])),
+        message("\u{1b}]0;owned\u{7}", "\r\u{1b}[1Ahello"),
+        message("x", "a short author"),
+    ]
+}
+
+#[test]
+fn events_of_hostile_types_and_authors_are_refused_or_shown_escaped() {
+    let attacked = under_attack(
+        "events of hostile types and authors",
+        Bounds {
+            cpu: 0.3,
+            rss_growth_mib: 32,
+            threads: 64,
+        },
+        |target, stop| {
+            let events = hostile_events(&target);
+            let answered = answer_every_request(&target, &stop, move |_| {
+                vec![("events", Value::from(events.clone()))]
+            });
+            assert!(answered >= 1, "A never asked Mallory");
+        },
+    );
+    // The three of bad types were never stored; the two messages were,
+    // and reached B too (the harness checked A and B agree).
+    assert!(
+        attacked.counter("drop_malformed_event") >= 3,
+        "{:#}",
+        attacked.counters
+    );
+    assert_eq!(
+        attacked.a_query("SELECT COUNT(*) FROM events WHERE length(event_type) > 64"),
+        0
+    );
+    assert_eq!(
+        attacked.a_query("SELECT COUNT(*) FROM dead_letters WHERE length(reason) > 1024"),
+        0
+    );
+    let listed = attacked.a.cli(&["message", "list", &attacked.net]);
+    let status = quiet_test_support::peers::cli(
+        &crate::bin(),
+        &attacked.a_dirs.data,
+        &["status", "--dead-letters", "50"],
+    );
+    for (what, text) in [("message list", &listed), ("status", &status)] {
+        assert!(
+            !text.contains(['\u{1b}', '\u{7}', '\r']),
+            "{what} printed a control character:\n{text:?}"
+        );
+    }
+    assert!(listed.contains("a short author"), "{listed}");
+}
