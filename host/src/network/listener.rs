@@ -64,6 +64,8 @@ const UNTRUSTED_OPEN_KIB_BURST: f64 = 256.0;
 /// the engine (see [`QueueBudget`]) before it drops the frame; meanwhile
 /// its connection is not read.
 const SENDER_BACKLOG_WAIT: Duration = Duration::from_secs(2);
+/// A frame's buffer grows by pieces of this size as its bytes arrive.
+const READ_CHUNK: usize = 64 << 10;
 /// A reader's stack: it opens frames (crypto, and a decoder bounded to 16
 /// levels of nesting), far less than the default 2 MiB.
 const READER_STACK: usize = 256 << 10;
@@ -245,6 +247,43 @@ fn frame_deadline(len: usize) -> Duration {
     FRAME_DEADLINE + Duration::from_secs((len >> 16) as u64)
 }
 
+/// Reads the rest of a frame of `len` bytes whose first bytes `head` have
+/// arrived, by `deadline`. The buffer grows a piece at a time as bytes
+/// arrive, so that it holds what has arrived, give or take a piece, not
+/// what was announced. A frame of more than one piece is copied into one
+/// buffer at the end, each piece freed as it is copied: one copy of the
+/// frame, where growing one buffer by pieces would copy it over and over.
+fn read_body(
+    stream: &mut TcpStream,
+    head: Vec<u8>,
+    len: usize,
+    deadline: Instant,
+) -> io::Result<Vec<u8>> {
+    let mut full: Vec<Vec<u8>> = Vec::new();
+    let mut piece = head;
+    let mut got = piece.len();
+    while got < len {
+        if piece.len() == READ_CHUNK {
+            full.push(std::mem::take(&mut piece));
+        }
+        let n = (READ_CHUNK - piece.len()).min(len - got);
+        let at = piece.len();
+        piece.reserve_exact(n);
+        piece.resize(at + n, 0);
+        read_by(stream, &mut piece[at..], deadline)?;
+        got += n;
+    }
+    if full.is_empty() {
+        return Ok(piece);
+    }
+    let mut bytes = Vec::with_capacity(len);
+    for full in full {
+        bytes.extend_from_slice(&full);
+    }
+    bytes.extend_from_slice(&piece);
+    Ok(bytes)
+}
+
 fn read_frames(
     mut stream: TcpStream,
     inbound: &Inbound,
@@ -307,12 +346,10 @@ fn read_frames(
         if !trusted {
             untrusted.take(len);
         }
-        let head_len = bytes.len();
-        bytes.resize(len, 0);
-        if read_by(&mut stream, &mut bytes[head_len..], deadline).is_err() {
+        let Ok(bytes) = read_body(&mut stream, bytes, len, deadline) else {
             counters.bump("drop_truncated_frame");
             return;
-        }
+        };
         counters.bump("net_frames_received");
         counters.add("net_bytes_received", 4 + len as i64);
         let opened = inbound.open(from, bytes);
