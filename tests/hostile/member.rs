@@ -3,7 +3,7 @@
 //! frames with the host's own library.
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -397,4 +397,84 @@ fn events_of_hostile_types_and_authors_are_refused_or_shown_escaped() {
         );
     }
     assert!(listed.contains("a short author"), "{listed}");
+}
+
+#[test]
+fn a_connection_that_authenticated_keeps_a_members_size_limit_after_a_frame_that_fails() {
+    let bin = crate::bin();
+    let (a_dirs, a) = quiet_test_support::peers::sync_host(&bin);
+    let (_invite, net) = quiet_test_support::peers::create_network(&bin, &a_dirs.data);
+    let status = a.status();
+    let target = Target {
+        addr: status["listen_addr"].as_str().unwrap().to_owned(),
+        key: event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap(),
+        net_key: event_crypto::NetworkKey(
+            std::fs::read(a_dirs.data.join("keys").join(format!("{net}.key")))
+                .unwrap()
+                .try_into()
+                .unwrap(),
+        ),
+        net,
+    };
+    let member = Mallory::new();
+    let request = |n: i64, padding: usize| {
+        member.request(
+            &target,
+            &Value::map([
+                ("type", Value::from("sync_request")),
+                ("n", Value::from(n)),
+                ("timestamp_ms", Value::from(now_ms())),
+                ("padding", Value::from(vec![0x5au8; padding])),
+            ]),
+        )
+    };
+    let mut s = TcpStream::connect(&target.addr).unwrap();
+    // A fresh request authenticates the connection; then a frame that does
+    // not open, as a late response to an expired request does not.
+    write_frame(&mut s, &request(1, 0));
+    let mut junk = vec![0x33u8; 1000];
+    junk[0] = transit::REQUEST;
+    write_frame(&mut s, &junk);
+    // Then a request past a stranger's 64 KiB, within a member's 1 MiB,
+    // and one more after it on the same connection.
+    let large = request(2, 300 << 10);
+    assert!(
+        (64 << 10..=1 << 20).contains(&large.len()),
+        "{}",
+        large.len()
+    );
+    write_frame(&mut s, &large);
+    write_frame(&mut s, &request(3, 0));
+
+    // A has no peer: every frame it reads is one of these four.
+    let counter = |c: &serde_json::Value, name: &str| c[name].as_i64().unwrap_or(0);
+    let counters = quiet_test_support::wait_for(Duration::from_secs(10), || {
+        let c = a.status()["counters"].clone();
+        (counter(&c, "net_frames_received") >= 4).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("A did not read all four: {}", a.status()["counters"]));
+    assert_eq!(counter(&counters, "net_frames_received"), 4, "{counters:#}");
+    assert_eq!(
+        counter(&counters, "drop_oversized_frame"),
+        0,
+        "{counters:#}"
+    );
+    // The junk, and nothing else, failed to open.
+    let failed: i64 = [
+        "drop_bad_seal",
+        "drop_malformed_payload",
+        "drop_malformed_frame",
+    ]
+    .iter()
+    .map(|c| counter(&counters, c))
+    .sum();
+    assert_eq!(failed, 1, "{counters:#}");
+    // And A has kept the connection open: a read waits rather than ends.
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    match s.read(&mut [0u8; 1]) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("A closed the connection: {other:?}; {counters:#}"),
+    }
+    a.stop();
 }
