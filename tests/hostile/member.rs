@@ -478,3 +478,80 @@ fn a_connection_that_authenticated_keeps_a_members_size_limit_after_a_frame_that
     }
     a.stop();
 }
+
+/// A small request, fresh, that makes Mallory's connection trusted.
+fn hello(mallory: &Mallory, target: &Target, n: i64) -> Vec<u8> {
+    mallory.request(
+        target,
+        &Value::map([
+            ("type", Value::from("sync_request")),
+            ("n", Value::from(n)),
+            ("timestamp_ms", Value::from(now_ms())),
+        ]),
+    )
+}
+
+#[test]
+fn members_trickling_large_requests_hold_at_most_the_read_budget() {
+    /// Members' connections, each its own identity.
+    const TRICKLERS: usize = 200;
+    /// What each sends of its 1 MiB request at once, before it trickles
+    /// the rest a byte every half second: 200 of them send 188 MiB.
+    const SENT_AT_ONCE: usize = 960 << 10;
+    let attacked = under_attack(
+        "200 members trickling 1 MiB requests",
+        Bounds {
+            cpu: 1.0,
+            // The read budget is 64 MiB; the rest is room for the
+            // allocator and 200 more readers' stacks. Before it, the
+            // members held 1 MiB each (35 -> 257 MiB).
+            rss_growth_mib: 96,
+            threads: crate::MAX_THREADS,
+        },
+        |target, stop| {
+            let members: Vec<_> = (0..TRICKLERS)
+                .map(|_| {
+                    let (target, stop) = (target.clone(), stop.clone());
+                    // Joined one by one, so that at most a few at once are
+                    // strangers to A (it holds 64 of those).
+                    thread::sleep(Duration::from_millis(10));
+                    thread::spawn(move || {
+                        let mallory = Mallory::new();
+                        let mut n = 0;
+                        while !stop.now() {
+                            n += 1;
+                            let Ok(mut s) = TcpStream::connect(&target.addr) else {
+                                thread::sleep(Duration::from_millis(500));
+                                continue;
+                            };
+                            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                            let mut head = (1u32 << 20).to_be_bytes().to_vec();
+                            head.push(transit::REQUEST);
+                            let sent = write_frame(&mut s, &hello(&mallory, &target, n))
+                                && s.write_all(&head).is_ok()
+                                && s.write_all(&vec![n as u8; SENT_AT_ONCE]).is_ok();
+                            while sent && !stop.now() && s.write_all(&[0]).is_ok() {
+                                thread::sleep(Duration::from_millis(500));
+                            }
+                            thread::sleep(Duration::from_millis(500));
+                        }
+                    })
+                })
+                .collect();
+            for m in members {
+                m.join().unwrap();
+            }
+        },
+    );
+    assert!(
+        attacked.counter("drop_read_budget") > 0,
+        "{:#}",
+        attacked.counters
+    );
+    assert_eq!(
+        attacked.counter("drop_oversized_frame"),
+        0,
+        "{:#}",
+        attacked.counters
+    );
+}
