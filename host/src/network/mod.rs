@@ -31,7 +31,8 @@
 //! a later sync round.
 //!
 //! The modules, in the order a frame from a peer meets them: [`listener`]
-//! (sockets, connection slots, the budget of opens for strangers),
+//! (sockets, connection slots, the budget of opens for strangers, the
+//! budget of bytes of frames being read),
 //! [`inbound`] (frame → authenticated envelope), then the engine's inbox;
 //! and on the way out [`outbound`] (envelope → sealed frame, sent once its
 //! transaction commits) and [`tcp`] (a sender thread per destination).

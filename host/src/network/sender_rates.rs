@@ -7,10 +7,10 @@
 //! The rates are far above what sync needs (a catch-up's requester sends
 //! one request per response, some tens a second), so an honest peer never
 //! meets them. A member can make more identities to get more buckets; what
-//! bounds all of them together is the connection slots and the engine's
-//! queue budget, of which each sender may hold at most 16 frames (see
-//! `engine::inbox::QueueBudget`), so an honest peer's frame waits behind at
-//! most that many of each identity's.
+//! bounds all of them together is the connection slots, the listener's
+//! read budget and the engine's queue budget, of which each sender may hold
+//! at most 16 frames (see `engine::inbox::QueueBudget`), so an honest peer's
+//! frame waits behind at most that many of each identity's.
 
 use std::{collections::HashMap, sync::Mutex};
 
