@@ -69,6 +69,20 @@ pub struct Target {
     pub net_key: NetworkKey,
 }
 
+impl Target {
+    /// What a member of `net` knows of the host `a`, running on `dirs`.
+    pub fn of(dirs: &HostDirs, a: &HostProcess, net: &str) -> Self {
+        let status = a.status();
+        let key_file = dirs.data.join("keys").join(format!("{net}.key"));
+        Self {
+            addr: status["listen_addr"].as_str().unwrap().to_owned(),
+            key: event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap(),
+            net_key: NetworkKey(std::fs::read(key_file).unwrap().try_into().unwrap()),
+            net: net.to_owned(),
+        }
+    }
+}
+
 /// What an attack may cost A.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -182,18 +196,7 @@ pub fn under_attack(
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let bin = bin();
     let (a_dirs, a, b_dirs, b, net) = peers::synced_pair(&bin);
-    let status = a.status();
-    let target = Target {
-        addr: status["listen_addr"].as_str().unwrap().to_owned(),
-        key: event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap(),
-        net_key: NetworkKey(
-            std::fs::read(a_dirs.data.join("keys").join(format!("{net}.key")))
-                .unwrap()
-                .try_into()
-                .unwrap(),
-        ),
-        net: net.clone(),
-    };
+    let target = Target::of(&a_dirs, &a, &net);
     let before = event_ids(&a_dirs.data, &net);
     let rss_before = a.rss_kib();
     let cpu_before = a.cpu_seconds();

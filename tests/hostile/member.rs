@@ -404,18 +404,7 @@ fn a_connection_that_authenticated_keeps_a_members_size_limit_after_a_frame_that
     let bin = crate::bin();
     let (a_dirs, a) = quiet_test_support::peers::sync_host(&bin);
     let (_invite, net) = quiet_test_support::peers::create_network(&bin, &a_dirs.data);
-    let status = a.status();
-    let target = Target {
-        addr: status["listen_addr"].as_str().unwrap().to_owned(),
-        key: event_crypto::peer_key(status["peer_id"].as_str().unwrap()).unwrap(),
-        net_key: event_crypto::NetworkKey(
-            std::fs::read(a_dirs.data.join("keys").join(format!("{net}.key")))
-                .unwrap()
-                .try_into()
-                .unwrap(),
-        ),
-        net,
-    };
+    let target = Target::of(&a_dirs, &a, &net);
     let member = Mallory::new();
     let request = |n: i64, padding: usize| {
         member.request(

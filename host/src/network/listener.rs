@@ -17,7 +17,7 @@
 //!
 //! Members are not strangers, and a member can make any number of
 //! identities; so what frames being read hold is bounded for everyone
-//! together, by the [`ReadBudget`]. A frame's buffer grows by
+//! together, by the `ReadBudget`. A frame's buffer grows by
 //! `READ_CHUNK` as its bytes arrive, each piece booked before it is read
 //! into, so a frame holds what it has sent, not what it announced; the
 //! bytes go back when the frame has been opened, or is dropped. When the
