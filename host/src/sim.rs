@@ -718,7 +718,7 @@ impl Sim {
         }
         let from = self.hosts[f.from].addr;
         let host = &mut self.hosts[f.to];
-        if let Some(envelope) = host.inbound.open(from, f.frame) {
+        if let Ok(envelope) = host.inbound.open(from, f.frame) {
             host.inbox.push(Received::new(envelope));
         }
     }

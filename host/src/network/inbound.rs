@@ -154,20 +154,17 @@ impl Inbound {
         true
     }
 
-    /// The envelope in a frame that came `from` a socket address, or `None`
-    /// (counted) if it does not authenticate or decode.
-    pub fn open(&self, from: SocketAddr, frame: Vec<u8>) -> Option<Envelope> {
+    /// The envelope in a frame that came `from` a socket address, or the
+    /// counter it was dropped under (and counted) if it does not
+    /// authenticate or decode.
+    pub fn open(&self, from: SocketAddr, frame: Vec<u8>) -> Result<Envelope, &'static str> {
         if self.other_version(from, frame.first().copied().unwrap_or(0)) {
-            return None;
+            return Err("drop_wire_version");
         }
-        match self.try_open(frame) {
-            Ok(envelope) => Some(envelope),
-            Err(counter) => {
-                tracing::debug!(%from, "dropped frame: {counter}");
-                self.wire.counters.bump(counter);
-                None
-            }
-        }
+        self.try_open(frame).inspect_err(|counter| {
+            tracing::debug!(%from, "dropped frame: {counter}");
+            self.wire.counters.bump(counter);
+        })
     }
 
     fn try_open(&self, frame: Vec<u8>) -> Result<Envelope, &'static str> {

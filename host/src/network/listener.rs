@@ -63,6 +63,7 @@ use crate::{
     engine::inbox::{QueueBudget, Received, Signal},
     network::{
         inbound::Inbound,
+        sender_rates,
         wire::{MAX_FRAME, MAX_REQUEST_FRAME},
     },
     storage::counters::Counters,
@@ -778,14 +779,22 @@ fn read_frames(
         // Handed off: from here its bytes are the engine's queue budget's
         // to bound.
         drop(booking);
-        let fresh = opened.as_ref().is_some_and(|e| inbound.grants_trust(e));
+        let fresh = opened.as_ref().is_ok_and(|e| inbound.grants_trust(e));
         if fresh && !proven {
             trust();
             proven = true;
         }
         trusted = fresh;
-        let Some(envelope) = opened else {
-            continue;
+        let envelope = match opened {
+            Ok(envelope) => envelope,
+            // A member past its rate: its connection is not read until the
+            // rate allows another frame, so it cannot make the host open
+            // frames faster than that only to drop them.
+            Err("drop_sender_over_rate") => {
+                thread::sleep(sender_rates::refill_time(len));
+                continue;
+            }
+            Err(_) => continue,
         };
         // Booked once authenticated: a stranger's announced lengths book
         // nothing.

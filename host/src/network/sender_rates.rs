@@ -29,6 +29,11 @@ const BYTES_BURST: f64 = (32 << 20) as f64;
 /// not limited until one has.
 const MAX_SENDERS: usize = 4096;
 
+/// How long one sender's buckets take to refill a request of `bytes`.
+pub fn refill_time(bytes: usize) -> std::time::Duration {
+    std::time::Duration::from_secs_f64((1.0 / FRAMES_PER_SEC).max(bytes as f64 / BYTES_PER_SEC))
+}
+
 struct Bucket {
     frames: f64,
     bytes: f64,
