@@ -19,7 +19,11 @@ use quiet_host::{
     encoding::codec,
     engine::jobs,
     network::{inbound::Inbound, wire::Wire},
-    storage::{counters::Counters, db, networks::NetworkKeys},
+    storage::{
+        counters::{self, Counters},
+        db,
+        networks::NetworkKeys,
+    },
     testing::TestHost,
 };
 use quiet_plugin_api::{export_plugin, Context, Envelope, Handler, PluginError, Value};
@@ -296,7 +300,7 @@ impl Receiver {
     /// The drops counted so far, by reason, and resets them.
     fn drops(&self) -> BTreeMap<String, i64> {
         let conn = db::open_in_memory().unwrap();
-        self.counters.flush(&conn).unwrap();
+        counters::write(&conn, &self.counters.take()).unwrap();
         let mut stmt = conn.prepare("SELECT name, value FROM counters").unwrap();
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         rows.map(Result::unwrap).collect()

@@ -50,7 +50,11 @@ use crate::{
         handler::{CallError, LoadedHandler},
         registry::{Plugins, Registry},
     },
-    storage::{counters::Counters, db, statements::Statements},
+    storage::{
+        counters::{self, Counters},
+        db,
+        statements::Statements,
+    },
 };
 
 /// The longest the scheduler sleeps before looking again: the latency of a
@@ -284,8 +288,14 @@ impl Scheduler {
             sleep = Duration::ZERO;
         }
         if !self.counters.is_empty() {
-            self.services
-                .write_tx(&self.conn, |c| self.counters.flush(c))?;
+            let pending = self.counters.take();
+            let written = self
+                .services
+                .write_tx(&self.conn, |c| counters::write(c, &pending));
+            if let Err(e) = written {
+                self.counters.restore(pending);
+                return Err(e);
+            }
         }
         Ok(sleep)
     }

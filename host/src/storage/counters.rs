@@ -36,15 +36,34 @@ impl Counters {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    /// Adds the pending counts to the `counters` table (inside the caller's
-    /// transaction) and resets them.
-    pub fn flush(&self, conn: &Connection) -> rusqlite::Result<()> {
-        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        for (name, n) in pending {
-            add(conn, name, n)?;
-        }
-        Ok(())
+    /// Takes the pending counts, to be written with [`write`]; give them
+    /// back with [`restore`](Self::restore) if that transaction fails.
+    pub fn take(&self) -> Pending {
+        Pending(std::mem::take(
+            &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()),
+        ))
     }
+
+    /// Puts counts that could not be written back with those counted since,
+    /// so that a failed commit (a full disk) loses none of them.
+    pub fn restore(&self, pending: Pending) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, n) in pending.0 {
+            *counts.entry(name).or_default() += n;
+        }
+    }
+}
+
+/// Counts taken from [`Counters`] on their way to the table.
+#[derive(Debug, Default)]
+pub struct Pending(HashMap<&'static str, i64>);
+
+/// Adds `pending` to the `counters` table, inside the caller's transaction.
+pub fn write(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
+    for (name, n) in &pending.0 {
+        add(conn, name, *n)?;
+    }
+    Ok(())
 }
 
 /// Adds `n` to counter `name`.
@@ -104,5 +123,16 @@ mod tests {
         ] {
             assert_eq!(kind(name), want, "{name}");
         }
+    }
+
+    #[test]
+    fn counts_given_back_after_a_failed_write_join_those_counted_since() {
+        let counters = Counters::default();
+        counters.add("drop_bad_seal", 3);
+        let pending = counters.take();
+        assert!(counters.is_empty());
+        counters.bump("drop_bad_seal");
+        counters.restore(pending);
+        assert_eq!(counters.take().0.get("drop_bad_seal"), Some(&4));
     }
 }
