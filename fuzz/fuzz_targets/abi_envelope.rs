@@ -4,8 +4,9 @@
 //! the envelope must arrive unchanged; the input is a codec-encoded map.
 #![no_main]
 
-use quiet_host::{encoding::codec, testing::TestHost};
+use quiet_host::encoding::codec;
 use quiet_plugin_api::{export_plugin, Context, Envelope, Handler, PluginError, Value};
+use quiet_plugin_test_support::TestHost;
 
 struct Mirror;
 

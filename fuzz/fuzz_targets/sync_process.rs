@@ -8,8 +8,9 @@
 //! that the checks below rule out.
 #![no_main]
 
-use quiet_host::{encoding::codec, testing::TestHost};
+use quiet_host::encoding::codec;
 use quiet_plugin_api::{Envelope, Value};
+use quiet_plugin_test_support::TestHost;
 
 const NET: &str = "0123456789abcdef0123456789abcdef";
 const PEER_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

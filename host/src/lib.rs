@@ -15,5 +15,4 @@ pub mod engine; // jobs, the scheduler, the pipeline, hot reload, the watchdog
 pub mod network; // frames over TCP, between a socket and the engine
 pub mod cli; // the commands: run a host, send, list, status, the demo
 
-pub mod testing; // a plugin's handlers on an in-memory host, for unit tests
 pub mod sim; // many real hosts on virtual time over a simulated network

@@ -24,9 +24,9 @@ use quiet_host::{
         db,
         networks::NetworkKeys,
     },
-    testing::TestHost,
 };
 use quiet_plugin_api::{export_plugin, Context, Envelope, Handler, PluginError, Value};
+use quiet_plugin_test_support::TestHost;
 use quiet_test_support::hostile::{check, envelope, key, proptest::prelude::*, value as any_value};
 
 /// The network our test host is a member of.

@@ -154,7 +154,7 @@ fn load_copy(
 }
 
 /// Reads a plugin's root module, however it was obtained: from a library
-/// (above) or in-process, as [`crate::testing::TestHost`] does.
+/// (above) or in-process, as `quiet_plugin_test_support::TestHost` does.
 pub fn from_module(
     module: PluginModRef,
     file: &Path,

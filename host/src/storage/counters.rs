@@ -36,7 +36,7 @@ impl Counters {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    /// Takes the pending counts, to be written with [`write`]; give them
+    /// Takes the pending counts, to be written with [`write()`]; give them
     /// back with [`restore`](Self::restore) if that transaction fails.
     pub fn take(&self) -> Pending {
         Pending(std::mem::take(

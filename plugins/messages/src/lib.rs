@@ -118,8 +118,9 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::{storage::db, testing::TestHost};
+    use quiet_host::storage::db;
     use quiet_plugin_api::{envelope, Envelope, Value};
+    use quiet_plugin_test_support::TestHost;
 
     fn message(id: u8, plaintext: Value) -> Envelope {
         envelope! {

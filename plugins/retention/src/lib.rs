@@ -85,14 +85,17 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::testing::TestHost;
     use quiet_plugin_api::Value;
+    use quiet_plugin_test_support::TestHost;
 
     const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
     fn host_with_dead_letters(ages_ms: &[i64]) -> TestHost {
         let host = TestHost::new(super::plugin_module()).unwrap();
-        let now = quiet_host::storage::db::now_ms();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         for age in ages_ms {
             host.db()
                 .execute(

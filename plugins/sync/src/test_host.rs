@@ -8,12 +8,10 @@ use std::{
     sync::atomic::{AtomicI64, Ordering},
 };
 
+pub(crate) use quiet_host::storage::db::{now_ms, set_thread_clock};
 use quiet_host::{plugins::context::HostContext, storage::statements::Statements};
-pub(crate) use quiet_host::{
-    storage::db::{now_ms, set_thread_clock},
-    testing::TestHost,
-};
 use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
+pub(crate) use quiet_plugin_test_support::TestHost;
 
 use crate::{limits::FRAME_SIZE_LIMIT, session::WINDOW, wire::random_bytes, SyncHandler};
 

@@ -9,8 +9,8 @@
 //! it. `fuzz/fuzz_targets/sync_process.rs` drives the same paths with
 //! libFuzzer (see FUZZING.md).
 
-use quiet_host::testing::TestHost;
 use quiet_plugin_api::{Envelope, Value};
+use quiet_plugin_test_support::TestHost;
 use quiet_test_support::hostile::{check, key, proptest::prelude::*, value as any_value};
 
 const NET: &str = "0123456789abcdef0123456789abcdef";

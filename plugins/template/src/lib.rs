@@ -103,8 +103,8 @@ export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use quiet_host::testing::TestHost;
     use quiet_plugin_api::{envelope, Value};
+    use quiet_plugin_test_support::TestHost;
 
     #[test]
     fn the_jobs_greeting_is_recorded() {

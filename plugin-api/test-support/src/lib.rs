@@ -1,5 +1,9 @@
 //! [`TestHost`]: unit-test a plugin's handlers without a running host.
 //!
+//! A crate of its own, apart from the host, so that a plugin author's tests
+//! depend on this and `quiet-plugin-api`, not on the host's internals; as
+//! nushell's `nu-plugin-test-support` is to its engine.
+//!
 //! A `TestHost` uses the plugin's root module in-process (no `dlopen`), an
 //! in-memory SQLite database with the host's schema and the plugin's
 //! migrations, and the host's real pipeline and job runner. So a test sees
@@ -7,10 +11,11 @@
 //! back failures, dead letters and the envelopes that would leave the host.
 //!
 //! ```ignore
-//! // plugins/my-plugin/src/lib.rs, with `quiet-host` as a dev-dependency
+//! // plugins/my-plugin/src/lib.rs, with `quiet-plugin-test-support` as a
+//! // dev-dependency
 //! #[cfg(test)]
 //! mod tests {
-//!     use quiet_host::testing::TestHost;
+//!     use quiet_plugin_test_support::TestHost;
 //!     use quiet_plugin_api::{envelope, Value};
 //!
 //!     #[test]
@@ -31,7 +36,7 @@ use std::{
 use quiet_plugin_api::{Envelope, Identity, PluginModRef, Value};
 use rusqlite::Connection;
 
-use crate::{
+use quiet_host::{
     engine::{
         jobs::JobSpec,
         pipeline::{Outbox, Pipeline, Report, Services, Source},
