@@ -309,11 +309,12 @@ pub fn spawn_checkpointer(conn: Connection, stop: Arc<AtomicBool>) -> JoinHandle
                     continue;
                 }
                 let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                // Log a failure once, not ten times a second.
-                if let Err(e) = &done {
-                    if !failing {
-                        tracing::warn!("checkpoint failed: {e}");
-                    }
+                // Log a failure once, not ten times a second, and its end:
+                // otherwise the last word in the log is the failure.
+                match &done {
+                    Err(e) if !failing => tracing::warn!("checkpoint failed: {e}"),
+                    Ok(()) if failing => tracing::info!("checkpoints work again"),
+                    _ => {}
                 }
                 failing = done.is_err();
                 thread::sleep(CHECKPOINT_EVERY);
