@@ -50,7 +50,7 @@ impl<'a, 'c> HostContext<'a, 'c> {
     }
 
     fn prepare(&self, sql: &str) -> Result<Held<'a, 'c>, String> {
-        self.statements.get(sql, plugin_sql::prepare)
+        self.statements.get_for_plugin(sql, plugin_sql::prepare)
     }
 
     fn query_rows(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {

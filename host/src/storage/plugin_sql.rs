@@ -40,6 +40,12 @@ const READ_PRAGMAS: &[&str] = &[
     "foreign_key_list",
 ];
 
+/// Put in front of a plugin statement's text, so that it has an entry of
+/// its own in rusqlite's statement cache: a statement the host compiled
+/// from the same text was never judged, and one compiled for a plugin
+/// must not serve the host.
+const PLUGIN_KEY: &str = "/* plugin */ ";
+
 thread_local! {
     /// Set while a plugin's statement compiles on this thread.
     static COMPILING_PLUGIN_SQL: Cell<bool> = const { Cell::new(false) };
@@ -111,14 +117,15 @@ fn judge(sql: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Prepares (through rusqlite's statement cache) the plugin statement
-/// `sql` on `conn`, or says why it is refused. A cached statement that
-/// SQLite re-prepares later (after a schema change) is the same text,
-/// already judged.
+/// Prepares (through rusqlite's statement cache, under a key of its own:
+/// see `PLUGIN_KEY`) the plugin statement `sql` on `conn`, or says why it
+/// is refused. A cached statement that SQLite re-prepares later (after a
+/// schema change) is the same text, already judged.
 pub fn prepare<'c>(conn: &'c Connection, sql: &str) -> Result<CachedStatement<'c>, String> {
     judge(sql)?;
+    let key = format!("{PLUGIN_KEY}{sql}");
     COMPILING_PLUGIN_SQL.set(true);
-    let stmt = conn.prepare_cached(sql);
+    let stmt = conn.prepare_cached(&key);
     COMPILING_PLUGIN_SQL.set(false);
     stmt.map_err(|e| e.to_string())
 }

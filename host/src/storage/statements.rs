@@ -8,6 +8,11 @@
 //! found by comparing their text, and hands them back to rusqlite's cache
 //! when it ends.
 //!
+//! A run holds the host's statements and the plugins' apart: a plugin
+//! sending the text of a host statement (the event store's insert) must get
+//! a statement compiled, and judged, for it (see
+//! [`crate::storage::plugin_sql`]), not the host's.
+//!
 //! A held statement is always reset by the time it is held again: rusqlite
 //! resets a statement after `execute` and when a query's rows are dropped.
 //! Its bindings are not cleared, and need not be: rusqlite binds every
@@ -24,10 +29,13 @@ use rusqlite::{CachedStatement, Connection};
 /// rusqlite's cache. Runs use a handful.
 const HELD: usize = 16;
 
+/// One held statement: its text, whether a plugin sent it, the statement.
+type Entry<'c> = (Box<str>, bool, CachedStatement<'c>);
+
 /// The statements of one run over `conn`; see the [module docs](self).
 pub struct Statements<'c> {
     conn: &'c Connection,
-    held: RefCell<Vec<(Box<str>, CachedStatement<'c>)>>,
+    held: RefCell<Vec<Entry<'c>>>,
 }
 
 impl<'c> Statements<'c> {
@@ -39,22 +47,44 @@ impl<'c> Statements<'c> {
         }
     }
 
-    /// The statement for `sql`: the one this run used before, or else what
-    /// `prepare` makes of it (only then is `prepare` called, so checks in it
-    /// run once per run and text).
+    /// The host's statement for `sql`: the one this run used before, or else
+    /// what `prepare` makes of it.
     pub fn get<E>(
         &self,
         sql: &str,
         prepare: impl FnOnce(&'c Connection, &str) -> Result<CachedStatement<'c>, E>,
     ) -> Result<Held<'_, 'c>, E> {
+        self.take(false, sql, prepare)
+    }
+
+    /// A plugin's statement for `sql`: the one this run prepared for a
+    /// plugin before, or else what `prepare` makes of it (only then is
+    /// `prepare` called, so checks in it run once per run and text). Never
+    /// one of the host's.
+    pub fn get_for_plugin<E>(
+        &self,
+        sql: &str,
+        prepare: impl FnOnce(&'c Connection, &str) -> Result<CachedStatement<'c>, E>,
+    ) -> Result<Held<'_, 'c>, E> {
+        self.take(true, sql, prepare)
+    }
+
+    fn take<E>(
+        &self,
+        plugin: bool,
+        sql: &str,
+        prepare: impl FnOnce(&'c Connection, &str) -> Result<CachedStatement<'c>, E>,
+    ) -> Result<Held<'_, 'c>, E> {
         let found = {
             let mut held = self.held.borrow_mut();
-            let at = held.iter().rposition(|(text, _)| **text == *sql);
+            let at = held
+                .iter()
+                .rposition(|(text, by_plugin, _)| *by_plugin == plugin && **text == *sql);
             at.map(|i| held.remove(i))
         };
         let entry = match found {
             Some(entry) => entry,
-            None => (sql.into(), prepare(self.conn, sql)?),
+            None => (sql.into(), plugin, prepare(self.conn, sql)?),
         };
         Ok(Held {
             home: self,
@@ -66,20 +96,20 @@ impl<'c> Statements<'c> {
 /// A statement taken from [`Statements`]; it goes back when dropped.
 pub struct Held<'s, 'c> {
     home: &'s Statements<'c>,
-    entry: Option<(Box<str>, CachedStatement<'c>)>,
+    entry: Option<Entry<'c>>,
 }
 
 impl<'c> Deref for Held<'_, 'c> {
     type Target = CachedStatement<'c>;
 
     fn deref(&self) -> &Self::Target {
-        &self.entry.as_ref().expect("held until dropped").1
+        &self.entry.as_ref().expect("held until dropped").2
     }
 }
 
 impl DerefMut for Held<'_, '_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.entry.as_mut().expect("held until dropped").1
+        &mut self.entry.as_mut().expect("held until dropped").2
     }
 }
 
@@ -139,6 +169,26 @@ mod tests {
             assert!(matches!(refused, Err("refused")));
         }
         assert_eq!(statements.held.borrow().len(), 2);
+    }
+
+    #[test]
+    fn host_and_plugin_statements_of_one_text_are_held_apart() {
+        let conn = Connection::open_in_memory().unwrap();
+        let statements = Statements::new(&conn);
+        let (host, plugin) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        for _ in 0..2 {
+            let held = statements.get("SELECT 1", |conn, sql| {
+                host.set(host.get() + 1);
+                conn.prepare_cached(sql)
+            });
+            drop(held.unwrap());
+            let held = statements.get_for_plugin("SELECT 1", |conn, sql| {
+                plugin.set(plugin.get() + 1);
+                conn.prepare_cached(sql)
+            });
+            drop(held.unwrap());
+        }
+        assert_eq!((host.get(), plugin.get()), (1, 1));
     }
 
     #[test]
