@@ -4,8 +4,12 @@
 //! (two copies of SQLite in one process break its file locking). Instead the
 //! host lends SQL access through [`HostServices`], inside the transaction it
 //! opened for the call: if the handler fails, everything it wrote is rolled
-//! back. The context also carries the clock, logging and this host's public
-//! identity. Private keys never cross this boundary.
+//! back. Plugin SQL may read every table but write only the plugin's own
+//! (and tables it shares with the host, such as `addresses`): the host's
+//! tables (`events`, `dead_letters`, `counters`, …) change only through the
+//! host, so [`Context`] counts and prunes dead letters for plugins. The
+//! context also carries the clock, logging and this host's public identity.
+//! Private keys never cross this boundary.
 
 use abi_stable::{
     sabi_trait,
@@ -104,6 +108,16 @@ pub struct Identity {
     pub public_key: RVec<u8>,
 }
 
+/// What [`Context::prune_dead_letters`] deleted.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Dead letters recorded before the cut-off.
+    pub expired: u64,
+    /// Older dead letters past the newest ones kept.
+    pub excess: u64,
+}
+
 /// Log levels for [`Context::log`].
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +153,17 @@ pub trait HostServices {
     /// This host's public identity.
     #[sabi(last_prefix_field)]
     fn identity(&self) -> Identity;
+
+    // Appended after the prefix: plugins built before these existed still
+    // load.
+
+    /// Adds `n` to the counter `name`, which must start with the plugin's
+    /// name and `_`.
+    fn count(&mut self, name: RStr<'_>, n: u64) -> RResult<(), RString>;
+
+    /// Deletes the dead letters recorded before `before_ms`, then all but
+    /// the newest `keep`.
+    fn prune_dead_letters(&mut self, before_ms: i64, keep: u64) -> RResult<Pruned, RString>;
 }
 
 /// The FFI-safe handle to the host's services that crosses the boundary.
@@ -208,6 +233,29 @@ impl<'a> Context<'a> {
     /// This host's public identity.
     pub fn identity(&self) -> Identity {
         self.host.identity()
+    }
+
+    /// Adds `n` to the host's counter `name` (`quiet-host status` lists
+    /// it). A plugin's counters are named after it: `name` must start with
+    /// the plugin's name and `_` (`sync_rejected_request`). The `counters`
+    /// table is the host's, and plugin SQL may not write it.
+    pub fn count(&mut self, name: &str, n: u64) -> Result<(), PluginError> {
+        self.host
+            .count(name.into(), n)
+            .into_result()
+            .map_err(|e| PluginError::msg(e.into_string()))
+    }
+
+    /// Deletes the host's dead letters recorded before `before_ms`, then
+    /// all but the newest `keep`, oldest first, and says how many went. The
+    /// `dead_letters` table is the host's: plugin SQL may read it, but not
+    /// write it, so that no plugin can forge or pick out dead letters; this
+    /// prunes by age and number only.
+    pub fn prune_dead_letters(&mut self, before_ms: i64, keep: u64) -> Result<Pruned, PluginError> {
+        self.host
+            .prune_dead_letters(before_ms, keep)
+            .into_result()
+            .map_err(|e| PluginError::msg(e.into_string()))
     }
 }
 

@@ -61,7 +61,9 @@ pub mod value;
 /// Re-exported so that host-side code can name the ABI types it needs.
 pub use abi_stable;
 
-pub use context::{Context, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Row, Rows};
+pub use context::{
+    Context, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Row, Rows,
+};
 pub use envelope::{field, Envelope};
 pub use error::PluginError;
 pub use handler::{

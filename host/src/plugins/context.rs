@@ -4,7 +4,8 @@
 //! opened a transaction, so everything a handler does in one call commits or
 //! rolls back together. Statements that would end or fork that transaction
 //! (`BEGIN`, `COMMIT`, `ATTACH`, …) are refused by
-//! [`crate::storage::plugin_sql`].
+//! [`crate::storage::plugin_sql`]. Counting and pruning dead letters, which
+//! write the host's own tables, plugins ask of the host here.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -13,7 +14,7 @@ use quiet_plugin_api::{
         sabi_trait::TD_Opaque,
         std_types::{RResult, RSlice, RStr, RString, RVec},
     },
-    HostRef, HostServices, HostServices_TO, Identity, LogLevel, Rows, Value,
+    HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Rows, Value,
 };
 use rusqlite::{
     types::{ToSqlOutput, ValueRef},
@@ -21,7 +22,7 @@ use rusqlite::{
 };
 
 use crate::storage::{
-    db, plugin_sql,
+    counters, db, dead_letters, plugin_sql,
     statements::{Held, Statements},
 };
 
@@ -79,6 +80,28 @@ impl<'a, 'c> HostContext<'a, 'c> {
             .map(|n| n as u64)
             .map_err(|e| e.to_string())
     }
+
+    /// Adds to a counter named after the plugin: no plugin may change the
+    /// host's counters (`drop_…`, `net_…`) or another plugin's.
+    fn add_to_counter(&self, name: &str, n: u64) -> Result<(), String> {
+        let own = name
+            .strip_prefix(self.plugin)
+            .is_some_and(|rest| rest.len() > 1 && rest.starts_with('_'));
+        if !own {
+            return Err(format!(
+                "counter `{name}`: a plugin's counters are named `{}_…`",
+                self.plugin
+            ));
+        }
+        let n = i64::try_from(n).map_err(|_| format!("counter `{name}`: {n} is too large"))?;
+        counters::add(self.statements.conn(), name, n).map_err(|e| e.to_string())
+    }
+
+    fn prune(&self, before_ms: i64, keep: u64) -> Result<Pruned, String> {
+        let (expired, excess) = dead_letters::prune(self.statements.conn(), before_ms, keep)
+            .map_err(|e| e.to_string())?;
+        Ok(Pruned { expired, excess })
+    }
 }
 
 /// Runs `f`, turning an error or a panic into the ABI's error string. A host
@@ -116,6 +139,14 @@ impl HostServices for HostContext<'_, '_> {
 
     fn identity(&self) -> Identity {
         self.identity.clone()
+    }
+
+    fn count(&mut self, name: RStr<'_>, n: u64) -> RResult<(), RString> {
+        abi_result(|| self.add_to_counter(name.as_str(), n))
+    }
+
+    fn prune_dead_letters(&mut self, before_ms: i64, keep: u64) -> RResult<Pruned, RString> {
+        abi_result(|| self.prune(before_ms, keep))
     }
 }
 
@@ -224,5 +255,46 @@ mod tests {
         assert!(!conn.is_autocommit());
         // The guard judges plugin statements only: the host's own still run.
         conn.execute_batch("SAVEPOINT host; RELEASE host").unwrap();
+    }
+
+    #[test]
+    fn plugins_count_and_prune_dead_letters_through_the_host() {
+        let conn = db::open_in_memory().unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let id = Identity::default();
+        let statements = Statements::new(&conn);
+        conn.execute("INSERT INTO counters VALUES ('drop_bad_seal', 1)", [])
+            .unwrap();
+        let mut host = HostContext::new(&statements, "p", &id);
+        let mut ctx = Context::new(host.as_abi());
+        ctx.count("p_seen", 2).unwrap();
+        ctx.count("p_seen", 1).unwrap();
+        for other in ["drop_bad_seal", "p_", "px_seen", "sync_seen"] {
+            let err = ctx.count(other, 1).unwrap_err();
+            assert!(err.message().contains("named `p_…`"), "{other}: {err}");
+        }
+        let value = |name: &str| -> i64 {
+            conn.query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!((value("p_seen"), value("drop_bad_seal")), (3, 1));
+
+        for at in [1, 2, 3] {
+            conn.execute(
+                "INSERT INTO dead_letters(at_ms, handler, reason, envelope) VALUES (?1, 'h', 'r', '{}')",
+                [at],
+            )
+            .unwrap();
+        }
+        let pruned = ctx.prune_dead_letters(2, 1).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                expired: 1,
+                excess: 1
+            }
+        );
     }
 }

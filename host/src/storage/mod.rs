@@ -6,13 +6,15 @@
 //! - [`statements`] holds a run's prepared statements, and [`plugin_sql`]
 //!   guards the statements plugins send;
 //! - [`event_store`] stores encrypted events once, [`networks`] keeps
-//!   membership and network keys, [`counters`] what was dropped and sent.
+//!   membership and network keys, [`counters`] what was dropped and sent,
+//!   and [`dead_letters`] prunes what could not be delivered.
 //!
 //! It may use [`crate::encoding`] and [`crate::crypto`]; it knows nothing of
 //! plugins, the engine or the network, which all write through it.
 
 pub mod counters;
 pub mod db;
+pub mod dead_letters;
 pub mod event_store;
 pub mod networks;
 pub mod plugin_sql;

@@ -47,6 +47,11 @@ impl<'c> Statements<'c> {
         }
     }
 
+    /// The connection the statements are of.
+    pub fn conn(&self) -> &'c Connection {
+        self.conn
+    }
+
     /// The host's statement for `sql`: the one this run used before, or else
     /// what `prepare` makes of it.
     pub fn get<E>(

@@ -12,11 +12,13 @@
 //! ```
 //!
 //! Each run deletes dead letters older than `dead_letter_max_age_ms`, then
-//! keeps only the newest `max_dead_letters` (by id). A run that deleted
-//! anything logs the count and records it in `retention_log`.
+//! keeps only the newest `max_dead_letters` (by id), through the host's
+//! `Context::prune_dead_letters` (the table is the host's: plugin SQL may
+//! only read it). A run that deleted anything logs the count and records it
+//! in `retention_log`.
 
 use quiet_plugin_api::{
-    bail, export_plugin, params, Context, Envelope, Handler, PluginError, Value,
+    bail, export_plugin, params, Context, Envelope, Handler, PluginError, Pruned, Value,
 };
 
 const DEFAULT_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -39,18 +41,9 @@ impl Handler for Retention {
         let max_rows = non_negative_param(params, "max_dead_letters", DEFAULT_MAX_DEAD_LETTERS)?;
         let now = ctx.now_ms();
 
-        let expired = ctx.execute(
-            "DELETE FROM dead_letters WHERE at_ms < ?1",
-            params![now.saturating_sub(max_age_ms)],
-        )?;
-        // Everything at or below the id of the first row past the newest
-        // `max_rows`; with fewer rows than that, the subquery is NULL and
-        // nothing matches.
-        let excess = ctx.execute(
-            "DELETE FROM dead_letters WHERE id <= \
-             (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-            params![max_rows],
-        )?;
+        // Through the host: plugin SQL may not write its `dead_letters`.
+        let Pruned { expired, excess } =
+            ctx.prune_dead_letters(now.saturating_sub(max_age_ms), max_rows as u64)?;
 
         let deleted = expired + excess;
         if deleted > 0 {
