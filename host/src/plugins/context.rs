@@ -3,9 +3,9 @@
 //! A [`HostContext`] borrows the connection on which the caller has already
 //! opened a transaction, so everything a handler does in one call commits or
 //! rolls back together. Statements that would end or fork that transaction
-//! (`BEGIN`, `COMMIT`, `ATTACH`, …) are refused by
-//! [`crate::storage::plugin_sql`]. Counting and pruning dead letters, which
-//! write the host's own tables, plugins ask of the host here.
+//! (`BEGIN`, `COMMIT`, `ATTACH`, …), or write the host's own tables, are
+//! refused by [`crate::storage::plugin_sql`]; what plugins need of those
+//! tables (counting, pruning dead letters) they ask of the host here.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -54,7 +54,13 @@ impl<'a, 'c> HostContext<'a, 'c> {
         self.statements.get_for_plugin(sql, plugin_sql::prepare)
     }
 
+    /// Runs a plugin's query, all of it (preparing, stepping, reading rows)
+    /// under the guard: SQLite may re-prepare the statement in a step.
     fn query_rows(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {
+        plugin_sql::as_plugin(|| self.query_rows_guarded(sql, params))
+    }
+
+    fn query_rows_guarded(&self, sql: &str, params: &[Value]) -> Result<Rows, String> {
         let mut stmt = self.prepare(sql)?;
         let columns: RVec<RString> = stmt.column_names().into_iter().map(RString::from).collect();
         let n = columns.len();
@@ -74,11 +80,13 @@ impl<'a, 'c> HostContext<'a, 'c> {
     }
 
     fn execute_stmt(&self, sql: &str, params: &[Value]) -> Result<u64, String> {
-        let mut stmt = self.prepare(sql)?;
-        let params = bind(params)?;
-        stmt.execute(rusqlite::params_from_iter(params))
-            .map(|n| n as u64)
-            .map_err(|e| e.to_string())
+        plugin_sql::as_plugin(|| {
+            let mut stmt = self.prepare(sql)?;
+            let params = bind(params)?;
+            stmt.execute(rusqlite::params_from_iter(params))
+                .map(|n| n as u64)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Adds to a counter named after the plugin: no plugin may change the
@@ -258,15 +266,30 @@ mod tests {
     }
 
     #[test]
-    fn plugins_count_and_prune_dead_letters_through_the_host() {
+    fn plugins_write_only_their_own_tables_and_count_through_the_host() {
         let conn = db::open_in_memory().unwrap();
-        conn.execute_batch("BEGIN").unwrap();
+        conn.execute_batch("CREATE TABLE p_seen(a); BEGIN").unwrap();
         let id = Identity::default();
         let statements = Statements::new(&conn);
-        conn.execute("INSERT INTO counters VALUES ('drop_bad_seal', 1)", [])
+        // A host statement this run holds, as the event store's insert is.
+        let host_sql = "INSERT INTO counters(name, value) VALUES (?1, ?2)";
+        statements
+            .get(host_sql, Connection::prepare_cached)
+            .unwrap()
+            .execute(("drop_bad_seal", 1))
             .unwrap();
         let mut host = HostContext::new(&statements, "p", &id);
         let mut ctx = Context::new(host.as_abi());
+        let err = ctx
+            .execute(host_sql, params!["drop_bad_seal", -1])
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "plugin SQL may not write the host's table `counters`"
+        );
+        ctx.execute("INSERT INTO p_seen SELECT value FROM counters", &[])
+            .unwrap();
+
         ctx.count("p_seen", 2).unwrap();
         ctx.count("p_seen", 1).unwrap();
         for other in ["drop_bad_seal", "p_", "px_seen", "sync_seen"] {
@@ -288,6 +311,8 @@ mod tests {
             )
             .unwrap();
         }
+        let err = ctx.execute("DELETE FROM dead_letters", &[]).unwrap_err();
+        assert!(err.message().contains("`dead_letters`"), "{err}");
         let pruned = ctx.prune_dead_letters(2, 1).unwrap();
         assert_eq!(
             pruned,

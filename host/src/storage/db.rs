@@ -447,8 +447,9 @@ pub fn with_savepoint<T, E: From<rusqlite::Error>>(
     result
 }
 
-/// Runs a plugin's migrations that this database has not run yet, in order.
-/// Call inside a write transaction.
+/// Runs a plugin's migrations that this database has not run yet, in order,
+/// under the guard on plugin SQL (they may not write the host's tables
+/// either). Call inside a write transaction.
 pub fn apply_plugin_migrations(
     conn: &Connection,
     plugin: &str,
@@ -471,7 +472,7 @@ pub fn apply_plugin_migrations(
         ));
     }
     for (i, sql) in migrations.iter().enumerate().skip(applied) {
-        conn.execute_batch(sql)
+        crate::storage::plugin_sql::execute_migration(conn, sql)
             .map_err(|e| format!("migration {} failed: {e}", i + 1))?;
     }
     conn.execute(
@@ -642,6 +643,53 @@ mod tests {
         .unwrap();
         assert_eq!(host_state(&conn, "kept").unwrap().as_deref(), Some("1"));
         assert_eq!(host_state(&conn, "dropped").unwrap(), None);
+    }
+
+    #[test]
+    fn every_table_of_the_hosts_schema_is_closed_to_plugin_writes() {
+        let conn = open_in_memory().unwrap();
+        let tables: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // The sync plugin's table of peers, which the host seeds.
+        let shared = ["addresses"];
+        for table in &tables {
+            assert!(
+                crate::storage::plugin_sql::is_host_table(table)
+                    || shared.contains(&table.as_str()),
+                "`{table}` is neither in plugin_sql::HOST_TABLES nor shared with plugins"
+            );
+        }
+        assert!(tables.len() > shared.len());
+    }
+
+    #[test]
+    fn plugin_migrations_may_not_write_the_hosts_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(dir.path()).unwrap();
+        let m = ["CREATE TABLE p_a(x); INSERT INTO submissions(envelope, submitted_ms) VALUES (x'00', 0)"];
+        let err = with_write_tx(&conn, |c| {
+            apply_plugin_migrations(c, "p", &m).map_err(Box::<dyn std::error::Error>::from)
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "migration 1 failed: plugin SQL may not write the host's table `submissions`"
+        );
+        let left: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM submissions) + (SELECT COUNT(*) FROM sqlite_schema WHERE name = 'p_a')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0);
     }
 
     #[test]
