@@ -611,3 +611,131 @@ fn a_host_that_could_not_commit_syncs_within_a_sync_interval_of_space_returning(
     a.stop();
     b.stop();
 }
+
+/// A job of faulty's `sql_runner` running `sql` every 200 ms.
+fn sql_job(name: &str, sql: &str) -> String {
+    format!(
+        "  - name: {name}
+    handler: sql_runner
+    frequency_ms: 200
+    params:
+      sql: \"{sql}\"
+"
+    )
+}
+
+#[test]
+fn plugin_sql_cannot_write_the_hosts_tables_and_the_host_keeps_serving() {
+    // What each job tries, and the one-line refusal it must fail with.
+    let attempts = [
+        (
+            "forge_event",
+            "INSERT INTO events VALUES (randomblob(32), 'net', 0, 'message', x'00', 0)",
+            "plugin SQL may not write the host's table `events`",
+        ),
+        (
+            "forge_submission",
+            "INSERT INTO submissions (envelope, submitted_ms) VALUES (x'00', 0)",
+            "plugin SQL may not write the host's table `submissions`",
+        ),
+        (
+            "wipe_dead_letters",
+            "DELETE FROM dead_letters",
+            "plugin SQL may not write the host's table `dead_letters`",
+        ),
+        (
+            "rewrite_counters",
+            "REPLACE INTO counters VALUES ('drop_bad_seal', 0)",
+            "plugin SQL may not write the host's table `counters`",
+        ),
+        (
+            "shadow_events",
+            "CREATE TEMP TABLE events (x)",
+            "plugin SQL may not create a table or view named like the host's table `events`",
+        ),
+        // Creating the trigger on its own table is allowed; firing it is not.
+        (
+            "fire_trigger",
+            "INSERT INTO faulty_writes (note) VALUES ('fire')",
+            "trigger `faulty_wipe` may not write the host's table `events`",
+        ),
+    ];
+    let mut jobs = String::from(
+        "jobs:
+  - name: tick
+    handler: ticker
+    frequency_ms: 100
+  - name: fail
+    handler: failer
+    frequency_ms: 300
+",
+    );
+    jobs += &sql_job(
+        "arm_trigger",
+        "CREATE TRIGGER IF NOT EXISTS faulty_wipe AFTER INSERT ON faulty_writes \
+         BEGIN DELETE FROM events; END",
+    );
+    for (name, sql, _) in &attempts {
+        jobs += &sql_job(name, sql);
+    }
+    let dirs = HostDirs::new(&jobs);
+    for (package, file) in [
+        ("ticker-plugin", "libticker.so"),
+        ("faulty-plugin", "libfaulty.so"),
+        ("quiet-messages-plugin", "libmessages.so"),
+    ] {
+        install(&plugin(package, "v1"), &dirs.plugins, file);
+    }
+    // Listening, so that it can make a network for its own messages.
+    let host = HostProcess::start_with(&bin(), &dirs, &["--listen", "127.0.0.1:0"]);
+    let (_, net) = create_network(&dirs.data);
+    let send = |texts: &[&str]| {
+        quiet_host::cli::commands::message_send_many(&dirs.data, &net, texts).unwrap();
+    };
+    send(&["one", "two", "three"]);
+
+    let s = eventually(
+        &host,
+        "every attempt fails with its refusal, twice",
+        Duration::from_secs(20),
+        |s| {
+            attempts.iter().all(|(name, _, why)| {
+                run_count(s, name) >= 2 && job(s, name).is_some_and(|j| j["last_error"] == *why)
+            }) && job(s, "arm_trigger").is_some_and(|j| j["last_error"].is_null())
+                && run_count(s, "fail") >= 2
+        },
+    );
+    let first_dead_letter = query_i64(&dirs.data, "SELECT MIN(id) FROM dead_letters");
+    assert!(first_dead_letter.is_some(), "{s:#}");
+    let seen_ticks = ticks_grow(&host, &dirs.data, 0, "while plugin SQL is refused");
+
+    // Nothing the attempts aimed at changed, and the host still stores
+    // events.
+    wait_for(Duration::from_secs(10), || {
+        (events(&dirs.data, &net) == 3).then_some(())
+    })
+    .expect("the host did not store its messages");
+    send(&["four"]);
+    wait_for(Duration::from_secs(10), || {
+        (events(&dirs.data, &net) == 4).then_some(())
+    })
+    .expect("the host stopped storing messages");
+    let ran = run_count(&host.status(), "wipe_dead_letters");
+    eventually(
+        &host,
+        "the attempts keep failing",
+        Duration::from_secs(10),
+        |s| run_count(s, "wipe_dead_letters") > ran + 1,
+    );
+    ticks_grow(&host, &dirs.data, seen_ticks, "after the attempts");
+    host.stop();
+    let one = |sql: &str| query_i64(&dirs.data, sql);
+    assert_eq!(one("SELECT COUNT(*) FROM events"), Some(4));
+    assert_eq!(one("SELECT COUNT(*) FROM messages"), Some(4));
+    assert_eq!(one("SELECT COUNT(*) FROM submissions"), Some(0));
+    assert_eq!(one("SELECT MIN(id) FROM dead_letters"), first_dead_letter);
+    assert_eq!(
+        one("SELECT COUNT(*) FROM counters WHERE name = 'drop_bad_seal' AND value = 0"),
+        Some(0)
+    );
+}

@@ -15,7 +15,9 @@
 //!   `hanger fixed`;
 //! - `flooder`'s job returns `n` envelopes at once, of type `event_type`
 //!   (default `flood`) with `seq` from `from` on; `flood_sink` records the
-//!   `seq` of each `flood` in `faulty_floods`.
+//!   `seq` of each `flood` in `faulty_floods`;
+//! - `sql_runner`'s job runs the statement in its `sql` param and fails
+//!   with its error: a plugin trying what the host must refuse.
 //!
 //! Build with `QUIET_TEST_VARIANT=fixed` for a build with another hash and
 //! a `hanger` that returns.
@@ -273,6 +275,24 @@ impl Handler for FloodSink {
     }
 }
 
+struct SqlRunner;
+
+impl Handler for SqlRunner {
+    fn name(&self) -> &str {
+        "sql_runner"
+    }
+
+    fn event_types(&self) -> &[&str] {
+        &[]
+    }
+
+    fn run_job(&self, ctx: &mut Context<'_>, params: &Value) -> Result<Vec<Envelope>, PluginError> {
+        let sql = params.str_or("sql", "")?;
+        ctx.execute(sql, params![])?;
+        Ok(vec![])
+    }
+}
+
 export_plugin! {
     name: "faulty",
     version: VARIANT,
@@ -281,5 +301,7 @@ export_plugin! {
         "CREATE TABLE faulty_done (note TEXT NOT NULL);
          CREATE TABLE faulty_floods (seq INTEGER PRIMARY KEY)",
     ],
-    handlers: [Panicker, Looper, JobPanicker, Failer, PanicAll, Hanger, Flooder, FloodSink],
+    handlers: [
+        Panicker, Looper, JobPanicker, Failer, PanicAll, Hanger, Flooder, FloodSink, SqlRunner,
+    ],
 }
