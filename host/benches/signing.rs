@@ -2,7 +2,8 @@
 //! signing one event costs, and verifying many, with the two libraries the
 //! plan weighs, measured in the same run.
 //!
-//! - `sign`: one signature over the 64 bytes an event's signature covers.
+//! - `sign`: one signature over the 64 bytes an event's signature covers,
+//!   by the host's `SigningIdentity` (dalek's hazmat `raw_sign`).
 //! - `dalek_verify_batch` / `zebra_batch`: a batch of `n` signatures by 1, 4
 //!   or up to 1,000 authors (a catch-up from one peer is mostly one author;
 //!   a busy network's, many). Zebra's batch coalesces the signatures of one
@@ -24,7 +25,10 @@ use criterion::{
     black_box, criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use quiet_host::crypto::entropy::{self, HostRng};
+use quiet_host::crypto::{
+    entropy::{self, HostRng},
+    identity::HostIdentity,
+};
 
 /// Authors in a batch: its signatures go round them.
 const AUTHORS: [usize; 3] = [1, 4, 1000];
@@ -84,9 +88,12 @@ fn signing(c: &mut Criterion) {
     entropy::seed_this_thread(Some(20));
 
     let mut group = c.benchmark_group("sign");
-    let key = SigningKey::generate(&mut HostRng);
+    let dir = tempfile::tempdir().unwrap();
+    let me = HostIdentity::load_or_create(dir.path()).unwrap();
     let message = [7u8; 64];
-    group.bench_function("64 B", |b| b.iter(|| key.sign(black_box(&message))));
+    group.bench_function("64 B", |b| {
+        b.iter(|| me.signing().sign(black_box(&message)))
+    });
     group.finish();
 
     let mut group = c.benchmark_group("single");

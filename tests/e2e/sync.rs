@@ -504,4 +504,31 @@ fn sealed_boxes_interoperate_with_libsodium() {
         event_crypto::open(me.secret_key(), &theirs).unwrap(),
         b"from libsodium"
     );
+
+    // Our signing key, derived from the X25519 key: libsodium verifies our
+    // signature, and maps the verifying key back to our peer id.
+    let message = b"signed by quiet-host";
+    let signature = me.signing().sign(message);
+    let check = format!(
+        "from nacl.signing import VerifyKey\n\
+         from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519\n\
+         vk = bytes.fromhex('{}')\n\
+         print(VerifyKey(vk).verify(b'signed by quiet-host', bytes.fromhex('{}')).decode())\n\
+         print(crypto_sign_ed25519_pk_to_curve25519(vk).hex())",
+        hex::encode(me.signing().verifying_key().as_bytes()),
+        hex::encode(signature.to_bytes()),
+    );
+    let out = Command::new("python3")
+        .args(["-c", &check])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "libsodium refused our signature: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(&String::from_utf8_lossy(message)[..]));
+    assert_eq!(lines.next(), Some(me.peer_id().as_str()));
 }
