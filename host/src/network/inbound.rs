@@ -14,12 +14,12 @@ use quiet_plugin_api::{field, Envelope, Value};
 
 use crate::{
     crypto::{event_crypto, transit},
-    encoding::codec,
+    encoding::{codec, event_type},
     network::{
         sender_rates::SenderRates,
         wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
     },
-    storage::{counters::Counters, db, event_store::event_type_of},
+    storage::{counters::Counters, db},
 };
 
 /// The receiving half of the crypto: frame → authenticated envelope.
@@ -224,7 +224,7 @@ impl Inbound {
             return Err("drop_sender_over_rate");
         }
         let plaintext = codec::decode(payload).map_err(|_| "drop_malformed_payload")?;
-        let event_type = event_type_of(&plaintext)
+        let event_type = event_type::of(&plaintext)
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)

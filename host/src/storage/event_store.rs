@@ -18,7 +18,7 @@ use rusqlite::Connection;
 
 use crate::{
     crypto::event_crypto::{self, NetworkKey},
-    encoding::codec,
+    encoding::{codec, event_type},
     storage::{counters::Counters, db, networks::NetworkKeys, statements::Statements},
 };
 
@@ -53,28 +53,6 @@ pub const STORE_EVENT: &str = "store_event";
 
 /// The largest event accepted, in bytes.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
-
-/// The longest event type accepted, in bytes.
-pub const MAX_EVENT_TYPE_LEN: usize = 64;
-
-/// The event type a plaintext names in its `type`, if it is one: 1 to
-/// [`MAX_EVENT_TYPE_LEN`] of `A-Z a-z 0-9 _ . : -`.
-pub fn event_type_of(plaintext: &Value) -> Option<&str> {
-    plaintext
-        .get("type")
-        .and_then(Value::as_str)
-        .filter(|t| valid_event_type(t))
-}
-
-/// Whether `t` may name an event type: 1 to [`MAX_EVENT_TYPE_LEN`] of
-/// `A-Z a-z 0-9 _ . : -`. A type comes from whoever wrote the plaintext,
-/// and ends up in dead letters, logs and `status`: a megabyte of it, or
-/// one with line breaks, must not.
-fn valid_event_type(t: &str) -> bool {
-    (1..=MAX_EVENT_TYPE_LEN).contains(&t.len())
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-}
 
 /// Stores events; see the [module docs](self).
 #[derive(Clone)]
@@ -122,7 +100,7 @@ impl EventStore {
         let (created_ms, plaintext) =
             event_crypto::decrypt_event(key, event).map_err(|_| "drop_undecryptable_event")?;
         let plaintext = codec::decode(&plaintext).map_err(|_| "drop_malformed_event")?;
-        let event_type = event_type_of(&plaintext)
+        let event_type = event_type::of(&plaintext)
             .ok_or("drop_malformed_event")?
             .into();
         Ok(Opened {
