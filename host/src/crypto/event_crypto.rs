@@ -20,7 +20,8 @@
 //!   The event id is that time followed by 24 bytes of the BLAKE3 hash of
 //!   the whole event: ids cannot be chosen to collide, and they sort by
 //!   time, so indexes keyed by id grow at their end instead of at a random
-//!   page (see [`event_id`]).
+//!   page (see [`event_id`]). Signed events, format 3, have a module of
+//!   their own ([`crate::crypto::signed_event`]).
 
 use crypto_box::{
     aead::{generic_array::GenericArray, Aead, AeadCore, AeadInPlace},
@@ -275,7 +276,10 @@ pub fn decrypt_event(key: &NetworkKey, event: &[u8]) -> Result<(i64, Vec<u8>), C
 }
 
 /// Opens secretbox's `nonce ‖ tag ‖ ciphertext` into one new buffer.
-fn open_in_place<C: KeyInit + AeadInPlace>(key: &NetworkKey, sealed: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn open_in_place<C: KeyInit + AeadInPlace>(
+    key: &NetworkKey,
+    sealed: &[u8],
+) -> Option<Vec<u8>> {
     if sealed.len() < NONCE + 16 {
         return None;
     }

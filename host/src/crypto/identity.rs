@@ -203,6 +203,9 @@ pub struct SigningIdentity {
     expanded: ExpandedSecretKey,
     /// `expanded.scalar · B`, of sign bit 0.
     verifying: VerifyingKey,
+    /// The X25519 public key: the peer id's bytes, which signed events name
+    /// as their author.
+    peer_id: [u8; 32],
 }
 
 impl SigningIdentity {
@@ -226,6 +229,7 @@ impl SigningIdentity {
                 hash_prefix,
             },
             verifying: VerifyingKey::from(point),
+            peer_id: *secret.public_key().as_bytes(),
         }
     }
 
@@ -238,6 +242,11 @@ impl SigningIdentity {
     /// The verifying key: what [`verifying_key_of`] gives for our peer id.
     pub fn verifying_key(&self) -> &VerifyingKey {
         &self.verifying
+    }
+
+    /// Our peer id's 32 bytes (the X25519 public key), as an author.
+    pub fn peer_id(&self) -> &[u8; 32] {
+        &self.peer_id
     }
 }
 
@@ -437,6 +446,7 @@ mod tests {
             // Its Montgomery form is the X25519 public key, and the peer id
             // alone gives it back, by the function and through the cache.
             assert_eq!(vk.to_montgomery().to_bytes(), *me.public_key().as_bytes());
+            assert_eq!(signing.peer_id(), me.public_key().as_bytes());
             assert_eq!(vk.as_bytes()[31] >> 7, 0);
             assert_eq!(verifying_key_of(me.public_key().as_bytes()), Some(vk));
             let cache = VerifyingKeys::default();
