@@ -1,6 +1,7 @@
 //! Hostile input to everything in the host that parses untrusted bytes:
-//! the TLV codec, sealed payloads, network events, transit frames, whole
-//! inbound frames, jobs.yaml, and envelopes crossing the plugin ABI.
+//! the TLV codec, sealed payloads, network events (signed ones too),
+//! transit frames, whole inbound frames, jobs.yaml, and envelopes crossing
+//! the plugin ABI.
 //!
 //! Each property runs a fixed number of cases from a fixed seed (see
 //! `quiet_test_support::hostile::check`); a failure prints the replay
@@ -13,10 +14,11 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc};
 use quiet_host::{
     crypto::{
         event_crypto::{self, CryptoError, NetworkKey},
-        identity::HostIdentity,
+        identity::{HostIdentity, VerifyingKeys},
+        signed_event::{self, EventError, MAX_DEPS, RESERVED_KEYS},
         transit::{self, LiveRequests, TransitError},
     },
-    encoding::codec,
+    encoding::{codec, event_type},
     engine::jobs,
     network::{inbound::Inbound, wire::Wire},
     storage::{
@@ -215,6 +217,178 @@ fn events_decrypt_only_unaltered_and_round_trip() {
             Ok(())
         },
     );
+}
+
+// ---- signed events (format 3) ---------------------------------------------
+
+/// A format 3 body as the plan writes it, encoded here on its own (not by
+/// the host), so that the parser is checked against the format.
+fn body_bytes(
+    created_ms: i64,
+    author: &[u8; 32],
+    event_type: &str,
+    deps: &[[u8; 32]],
+    content: &[u8],
+) -> Vec<u8> {
+    let mut b = created_ms.to_be_bytes().to_vec();
+    b.extend_from_slice(author);
+    b.push(event_type.len() as u8);
+    b.extend_from_slice(event_type.as_bytes());
+    b.push(deps.len() as u8);
+    deps.iter().for_each(|d| b.extend_from_slice(d));
+    b.extend_from_slice(content);
+    b
+}
+
+/// Content that is often a map, sometimes with a reserved key.
+fn event_content() -> impl Strategy<Value = Value> {
+    let field = prop::sample::select(vec![
+        "text",
+        "emoji",
+        "type",
+        "author",
+        "created_ms",
+        "deps",
+    ]);
+    prop_oneof![
+        3 => prop::collection::vec((field, any_value()), 0..4).prop_map(Value::map),
+        1 => any_value(),
+    ]
+}
+
+/// The parts of a body, valid or nearly: types, dep counts and orders on
+/// both sides of the rules.
+fn body_parts() -> impl Strategy<Value = (i64, [u8; 32], String, Vec<[u8; 32]>, Value)> {
+    let event_type = prop_oneof![
+        3 => "[a-z_.:-]{1,12}",
+        1 => prop::sample::select(vec!["", "a b", "é", "x\n"]).prop_map(str::to_owned),
+        1 => Just("t".repeat(65)),
+    ];
+    let deps = prop::collection::vec(any::<[u8; 32]>(), 0..MAX_DEPS + 3).prop_flat_map(|mut d| {
+        let sorted = {
+            d.sort_unstable();
+            d.dedup();
+            d.clone()
+        };
+        prop_oneof![3 => Just(sorted), 1 => Just(d).prop_shuffle()]
+    });
+    (
+        any::<i64>(),
+        any::<[u8; 32]>(),
+        event_type,
+        deps,
+        event_content(),
+    )
+}
+
+/// Whether parts follow the rules a body is held to.
+fn follows_rules(event_type: &str, deps: &[[u8; 32]], content: &Value) -> bool {
+    let map_without_reserved = match content {
+        Value::Map(fields) => fields
+            .iter()
+            .all(|f| !RESERVED_KEYS.contains(&f.key.as_str())),
+        _ => false,
+    };
+    event_type::is_valid(event_type)
+        && deps.len() <= MAX_DEPS
+        && deps.windows(2).all(|w| w[0] < w[1])
+        && map_without_reserved
+}
+
+/// Parsed, a body keeps to the rules and is exactly its parts' bytes.
+fn parses_to_its_rules(input: &[u8]) -> Result<(), TestCaseError> {
+    if let Ok(b) = signed_event::parse_body(input) {
+        prop_assert!(follows_rules(b.event_type, &b.deps, &b.content));
+        let again = body_bytes(
+            b.created_ms,
+            &b.author,
+            b.event_type,
+            &b.deps,
+            b.content_bytes,
+        );
+        prop_assert_eq!(again, input.to_vec());
+    }
+    Ok(())
+}
+
+#[test]
+fn signed_event_bodies_of_any_bytes_parse_to_their_rules_or_are_refused() {
+    let parsed_genuine = std::cell::Cell::new(0);
+    check(
+        "signed_event_bodies_of_any_bytes_parse_to_their_rules_or_are_refused",
+        2000,
+        (bytes(300), body_parts(), mutation()),
+        |(raw, (created_ms, author, event_type, deps, content), (at, with, how))| {
+            parses_to_its_rules(&raw)?;
+            // Parts written as the format says parse exactly when they
+            // keep to the rules.
+            let genuine = body_bytes(created_ms, &author, &event_type, &deps, &encoded(&content));
+            let parsed = signed_event::parse_body(&genuine);
+            prop_assert_eq!(parsed.is_ok(), follows_rules(&event_type, &deps, &content));
+            if let Ok(b) = parsed {
+                parsed_genuine.set(parsed_genuine.get() + 1);
+                prop_assert_eq!(
+                    (b.created_ms, b.author, b.event_type, &b.deps),
+                    (created_ms, author, event_type.as_str(), &deps)
+                );
+            }
+            parses_to_its_rules(&genuine)?;
+            parses_to_its_rules(&mutate(genuine, at, with, how))
+        },
+    );
+    // Not vacuous: the rules pass often enough to test the parts' bytes.
+    assert!(parsed_genuine.get() > 200, "{}", parsed_genuine.get());
+}
+
+#[test]
+fn signed_events_open_only_unaltered() {
+    let (_d, author) = identity();
+    let key = NetworkKey([4; 32]);
+    let keys = VerifyingKeys::default();
+    check(
+        "signed_events_open_only_unaltered",
+        300,
+        (
+            any::<i64>(),
+            prop::collection::vec(any::<[u8; 32]>(), 0..4),
+            bytes(200),
+            mutation(),
+        ),
+        |(created_ms, deps, text, (at, with, how))| {
+            let content = encoded(&Value::map([("text", Value::from(text))]));
+            let (id, event) = signed_event::seal_event_v3(
+                author.signing(),
+                NET,
+                &key,
+                created_ms,
+                "message",
+                &deps,
+                &content,
+            )
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let open_in = |net: &str, event: &[u8]| {
+                signed_event::open_event_v3(net, &key, event, &keys)
+                    .and_then(signed_event::Unverified::verify)
+            };
+            let open = |event: &[u8]| open_in(NET, event);
+            let opened = open(&event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!((opened.id, opened.created_ms), (id, created_ms));
+            prop_assert_eq!(opened.author_peer_id(), author.peer_id());
+            let mutated = mutate(event.clone(), at, with, how);
+            if mutated != event {
+                prop_assert!(open(&mutated).is_err());
+            }
+            // Offered as another network's (whose key it happens to be): never.
+            prop_assert_eq!(open_in(NET_B, &event).err(), Some(EventError::BadSignature));
+            prop_assert!(open(&text_as_event(&content)).is_err());
+            Ok(())
+        },
+    );
+}
+
+/// Any bytes, offered as a signed event.
+fn text_as_event(bytes: &[u8]) -> Vec<u8> {
+    [&[0u8; 8][..], &[signed_event::FORMAT_3], bytes].concat()
 }
 
 // ---- transit frames ------------------------------------------------------
