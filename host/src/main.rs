@@ -319,9 +319,11 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
                 );
             } else {
                 for m in &list {
-                    // Author and text are a peer's to choose.
+                    // The text is a peer's to choose; an author from before
+                    // signatures was too, and is marked `?`.
+                    let mark = if m.verified { " " } else { "?" };
                     println!(
-                        "{}  {}  {}",
+                        "{}  {}{mark} {}",
                         m.created_ms,
                         terminal::short(&m.author, 12),
                         terminal::printable(&m.text)

@@ -33,8 +33,17 @@ pub mod field {
     pub const DEST_IP: &str = "dest_ip";
     /// Destination port of an outgoing envelope.
     pub const DEST_PORT: &str = "dest_port";
-    /// Event ids this event depends on (a list).
+    /// Event ids this event depends on (a list of 32-byte ids), on a stored
+    /// event that has any.
     pub const DEPS: &str = "deps";
+    /// On a stored event, the peer id (hex) of the author whose signature
+    /// the host verified. Only the host's event store sets it: the host
+    /// removes it from every envelope a plugin returns, so no plugin can
+    /// hand another a forged author.
+    pub const AUTHOR: &str = "author";
+    /// On a stored event, when its author created it (milliseconds since
+    /// the Unix epoch), as signed.
+    pub const CREATED_MS: &str = "created_ms";
     /// The network the event belongs to. On an envelope from the network,
     /// the host sets it to the network whose key proved the sender's
     /// membership; an outgoing envelope must carry it, and the host proves
@@ -130,6 +139,16 @@ impl Envelope {
     /// The `event_plaintext` field, usually a map.
     pub fn plaintext(&self) -> Option<&Value> {
         self.get(field::EVENT_PLAINTEXT)
+    }
+
+    /// The `author` field: on a stored event, the verified signer's peer id.
+    pub fn author(&self) -> Option<&str> {
+        self.str(field::AUTHOR)
+    }
+
+    /// The `created_ms` field: on a stored event, its signed creation time.
+    pub fn created_ms(&self) -> Option<i64> {
+        self.int(field::CREATED_MS)
     }
 
     /// All fields, in the order they were first set.

@@ -436,9 +436,10 @@ fn commands_that_only_read_never_create_a_data_folder() {
 }
 
 /// Queues, as a member gone bad would through the host's own library, a
-/// `message` event whose author and text it chose.
-fn queue_crafted_message(data: &Path, network: &str, author: &str, text: &str) {
+/// `message` event whose text it chose, signed by the host in `data`.
+fn queue_crafted_message(data: &Path, network: &str, text: &str) {
     use quiet_host::{
+        crypto::identity::HostIdentity,
         encoding::codec,
         storage::{event_store::EventStore, networks::NetworkKeys},
     };
@@ -447,13 +448,11 @@ fn queue_crafted_message(data: &Path, network: &str, author: &str, text: &str) {
         std::sync::Arc::new(NetworkKeys::new(data)),
         Default::default(),
     );
-    let plaintext = Value::map([
-        ("type", Value::from("message")),
-        ("text", Value::from(text)),
-        ("author", Value::from(author)),
-        ("created_ms", Value::from(quiet_host::storage::db::now_ms())),
-    ]);
-    let envelope = store.new_local_event(network, &plaintext).unwrap();
+    let me = HostIdentity::load(data).unwrap();
+    let content = Value::map([("text", Value::from(text))]);
+    let (_, envelope) = store
+        .new_local_event(me.signing(), network, "message", &content, &[])
+        .unwrap();
     quiet_host::storage::db::open(data)
         .unwrap()
         .execute(
@@ -467,15 +466,26 @@ fn queue_crafted_message(data: &Path, network: &str, author: &str, text: &str) {
 fn fields_a_peer_chose_never_crash_or_rewrite_the_terminal() {
     let (dirs, host) = sync_host();
     let (_, net) = create_network(&dirs.data);
-    // A one-letter author (`message list` cut every author to 12 bytes and
-    // panicked), and a text that would clear the line and forge another.
+    // A text that would clear the line and forge another.
     let forged = "hi\r\x1b[2Kquiet-host running (pid 1)\nDEAD LETTERS (0 total)\u{202e}";
-    queue_crafted_message(&dirs.data, &net, "x", forged);
-    queue_crafted_message(&dirs.data, &net, "ééé", "fine");
+    queue_crafted_message(&dirs.data, &net, forged);
     wait_for(Duration::from_secs(20), || {
-        (query_i64(&dirs.data, "SELECT COUNT(*) FROM messages") == Some(2)).then_some(())
+        (query_i64(&dirs.data, "SELECT COUNT(*) FROM messages") == Some(1)).then_some(())
     })
     .unwrap_or_else(|| panic!("not projected; log:\n{}", host.log().join("\n")));
+    // Authors are verified signers now, but messages projected before
+    // signatures kept the author their sender claimed: a one-letter one
+    // (`message list` cut every author to 12 bytes and panicked) and one
+    // of multi-byte characters.
+    let db = quiet_host::storage::db::open(&dirs.data).unwrap();
+    for (i, author) in ["x", "ééé"].iter().enumerate() {
+        db.execute(
+            "INSERT INTO messages (event_id, network_id, author, text, created_ms, verified) \
+             VALUES (?1, ?2, ?3, 'old', 1, 0)",
+            rusqlite::params![vec![i as u8; 32], net, author],
+        )
+        .unwrap();
+    }
     let list = quiet(&["message", "list", &net], &dirs.data);
     assert!(
         list.status.success(),
@@ -483,16 +493,23 @@ fn fields_a_peer_chose_never_crash_or_rewrite_the_terminal() {
         String::from_utf8_lossy(&list.stderr)
     );
     let text = String::from_utf8(list.stdout).unwrap();
-    assert_eq!(text.lines().count(), 2, "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
     assert!(!text.contains(['\x1b', '\r', '\u{202e}']), "{text:?}");
     assert!(
         text.contains("\\u{1b}[2Kquiet-host running (pid 1)\\nDEAD LETTERS"),
         "{text}"
     );
-    assert!(text.contains("  x  ") && text.contains("  ééé  "), "{text}");
+    // Claimed authors are marked `?`; the signer is this host.
+    assert!(text.contains("  x? ") && text.contains("  ééé? "), "{text}");
+    let me = &quiet_host::crypto::identity::HostIdentity::load(&dirs.data)
+        .unwrap()
+        .peer_id()[..12];
+    assert!(text.contains(&format!("  {me}  hi")), "{text}");
     // The JSON form keeps the text as it was written.
     let json = quiet(&["message", "list", &net, "--json"], &dirs.data);
-    assert!(String::from_utf8_lossy(&json.stdout).contains("\\u001b[2K"));
+    let json = String::from_utf8_lossy(&json.stdout);
+    assert!(json.contains("\\u001b[2K"), "{json}");
+    assert!(json.contains("\"verified\": false"), "{json}");
 
     // A dead letter's reason comes from a handler's error, which may quote
     // what a peer sent: status prints it on its one line.

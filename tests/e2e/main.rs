@@ -12,6 +12,7 @@ mod jobs;
 mod plugin_faults;
 mod reload;
 mod restart;
+mod signed;
 mod sync;
 
 use std::path::{Path, PathBuf};

@@ -319,8 +319,8 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
         s.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
         s.write_all(&[transit::RESPONSE]).unwrap();
     }
-    // A host of an older wire version (its tag had no version in it).
-    send_raw(&addr, &[0x01, 1, 2, 3]);
+    // A host of the wire version before signed events (its request tag).
+    send_raw(&addr, &[0x11, 1, 2, 3]);
     // Sealed to someone else.
     let stranger = event_crypto::peer_key(&"11".repeat(32)).unwrap();
     send_raw(
@@ -412,6 +412,11 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
     });
     let s = counted.unwrap_or_else(|| panic!("not all drops counted: {}", a.status()["counters"]));
     eprintln!("drop counters: {}", s["counters"]);
+    // The operator of a host of the old version is told why, in one line.
+    a.wait_log(
+        "an older quiet-host sends frames of wire protocol version 1, and this one speaks version 2",
+        Duration::from_secs(5),
+    );
     // Nothing was stored, nothing was dead-lettered, and A still serves.
     assert_eq!(
         query_i64(&a_dirs.data, "SELECT COUNT(*) FROM events").unwrap(),

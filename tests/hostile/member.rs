@@ -14,7 +14,7 @@ use std::{
 };
 
 use quiet_host::{
-    crypto::{event_crypto, identity::HostIdentity, transit},
+    crypto::{event_crypto, identity::HostIdentity, signed_event, transit},
     encoding::codec,
     storage::db::now_ms,
 };
@@ -325,31 +325,48 @@ fn a_member_answering_with_300_made_up_peers_adds_no_address() {
     assert!(attacked.a_query("SELECT COUNT(*) FROM sync_candidates") <= 16);
 }
 
-/// Events Mallory makes up: types a megabyte long would not fit in an
-/// event, so 60,000 bytes; types that break lines or hold escapes; and
-/// messages whose author and text try to rewrite the terminal.
+/// Events Mallory makes up: bodies whose types are too long, break lines
+/// or hold escapes (built by hand: the library refuses to sign them), and
+/// messages she signs whose text tries to rewrite the terminal.
 fn hostile_events(target: &Target) -> Vec<Value> {
-    let event = |plaintext: Value| {
-        Value::from(event_crypto::encrypt_event(
+    let author = Mallory::new();
+    let created_ms = now_ms();
+    let message = |text: &str| {
+        let content = codec::encode(&Value::map([("text", Value::from(text))]));
+        let (_, event) = signed_event::seal_event_v3(
+            author.me.signing(),
+            &target.net,
             &target.net_key,
-            now_ms(),
-            &codec::encode(&plaintext),
+            created_ms,
+            "message",
+            &[],
+            &content,
+        )
+        .unwrap();
+        Value::from(event)
+    };
+    // signature ‖ created_ms ‖ author ‖ type_len ‖ type ‖ no deps ‖ content,
+    // as docs/design/signed-events.md lays it out.
+    let of_type = |event_type: &[u8]| {
+        let mut inner = vec![0u8; 64];
+        inner.extend_from_slice(&created_ms.to_be_bytes());
+        inner.extend_from_slice(author.me.signing().peer_id());
+        inner.push(event_type.len() as u8);
+        inner.extend_from_slice(event_type);
+        inner.push(0);
+        inner.extend_from_slice(&codec::encode(&Value::map([("text", Value::from("x"))])));
+        Value::from(signed_event::seal_inner(
+            &target.net_key,
+            created_ms,
+            &inner,
         ))
     };
-    let message = |author: &str, text: &str| {
-        event(Value::map([
-            ("type", Value::from("message")),
-            ("author", Value::from(author)),
-            ("text", Value::from(text)),
-            ("created_ms", Value::from(now_ms())),
-        ]))
-    };
     vec![
-        event(Value::map([("type", Value::from("t".repeat(60_000)))])),
-        event(Value::map([("type", Value::from("message\nengine ok"))])),
-        event(Value::map([("type", Value::from("\u{1b}[2Jmessage"))])),
-        message("\u{1b}]0;owned\u{7}", "\r\u{1b}[1Ahello"),
-        message("x", "a short author"),
+        of_type(&[b't'; 255]),
+        of_type(b"message\nengine ok"),
+        of_type("\u{1b}[2Jmessage".as_bytes()),
+        message("\r\u{1b}[1Ahello"),
+        message("a short message"),
     ]
 }
 
@@ -397,7 +414,7 @@ fn events_of_hostile_types_and_authors_are_refused_or_shown_escaped() {
             "{what} printed a control character:\n{text:?}"
         );
     }
-    assert!(listed.contains("a short author"), "{listed}");
+    assert!(listed.contains("a short message"), "{listed}");
 }
 
 #[test]

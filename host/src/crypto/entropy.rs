@@ -69,6 +69,54 @@ impl RngCore for HostRng {
 
 impl CryptoRng for HostRng {}
 
+/// The random weights of one batch signature verification: drawn from the
+/// operating system once per batch, stretched with BLAKE3, so that an
+/// attacker cannot know them. Never from a seeded [`HostRng`]: which thread
+/// verifies which batch varies from run to run, and drawing from the
+/// simulator's stream would make its runs differ. The weights decide no
+/// outcome (ZIP215 batches accept exactly what single checks accept).
+pub struct BatchWeights(blake3::OutputReader);
+
+impl BatchWeights {
+    /// Weights for one batch.
+    pub fn new() -> Self {
+        let mut seed = [0u8; 32];
+        OsRng.fill_bytes(&mut seed);
+        Self(blake3::Hasher::new_keyed(&seed).finalize_xof())
+    }
+}
+
+impl Default for BatchWeights {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RngCore for BatchWeights {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.0.fill(&mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.0.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill(dest);
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Error> {
+        self.0.fill(dest);
+        Ok(())
+    }
+}
+
+impl CryptoRng for BatchWeights {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

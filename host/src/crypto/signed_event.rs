@@ -309,6 +309,40 @@ pub fn seal_event_v3(
     Ok((id_of(created_ms, &h), event))
 }
 
+/// Where the author's 32 bytes sit in an event's inner plaintext
+/// (`signature ‖ body`, see [`open_inner`]).
+pub const AUTHOR_IN_INNER: std::ops::Range<usize> = SIGNATURE + 8..SIGNATURE + 8 + 32;
+
+/// The inner plaintext (`signature ‖ body`) of a format 3 event, as any
+/// member holding the network key can read it; `None` if it does not
+/// decrypt. With [`seal_inner`], what a member can rewrite: tools, and
+/// tests that build the events a malicious member would.
+pub fn open_inner(key: &NetworkKey, event: &[u8]) -> Option<Vec<u8>> {
+    match event.get(8) {
+        Some(&FORMAT_3) => event_crypto::open_in_place::<XChaCha20Poly1305>(key, &event[9..]),
+        _ => None,
+    }
+}
+
+/// `inner` encrypted afresh under `key` as a format 3 event whose clear
+/// time is `created_ms`: what a member holding `key` can make of any inner
+/// plaintext. Nothing is checked: a host opens what this makes with
+/// [`open_event_v3`]'s checks, like any other event.
+pub fn seal_inner(key: &NetworkKey, created_ms: i64, inner: &[u8]) -> Vec<u8> {
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut HostRng);
+    let mut body = inner.to_vec();
+    let tag = XChaCha20Poly1305::new(&key.0.into())
+        .encrypt_in_place_detached(&nonce, b"", &mut body)
+        .expect("encrypting in memory cannot fail");
+    let mut event = Vec::with_capacity(HEAD + body.len());
+    event.extend_from_slice(&created_ms.to_be_bytes());
+    event.push(FORMAT_3);
+    event.extend_from_slice(&nonce);
+    event.extend_from_slice(&tag);
+    event.extend_from_slice(&body);
+    event
+}
+
 /// A signed event, opened (and, once out of [`Unverified`], verified).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SignedEvent {
@@ -487,27 +521,6 @@ mod tests {
         open_event_v3(net, key, event, &VerifyingKeys::default()).and_then(Unverified::verify)
     }
 
-    /// The inner plaintext, as any member can read it.
-    fn inner_of(key: &NetworkKey, event: &[u8]) -> Vec<u8> {
-        event_crypto::open_in_place::<XChaCha20Poly1305>(key, &event[9..]).unwrap()
-    }
-
-    /// What a member holding `key` can make of an inner plaintext: it
-    /// encrypted afresh, under the clear time `created_ms`.
-    fn encrypt(key: &NetworkKey, created_ms: i64, inner: &[u8]) -> Vec<u8> {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut HostRng);
-        let mut body = inner.to_vec();
-        let tag = XChaCha20Poly1305::new(&key.0.into())
-            .encrypt_in_place_detached(&nonce, b"", &mut body)
-            .unwrap();
-        let mut event = created_ms.to_be_bytes().to_vec();
-        event.push(FORMAT_3);
-        event.extend_from_slice(&nonce);
-        event.extend_from_slice(&tag);
-        event.extend_from_slice(&body);
-        event
-    }
-
     /// A body signed by `signer`, whatever it says: what a member with its
     /// own key can make, bypassing `seal_event_v3`'s checks.
     fn signed_inner(signer: &SigningIdentity, net: &str, body: &[u8]) -> Vec<u8> {
@@ -636,12 +649,12 @@ mod tests {
             &content("x"),
         )
         .unwrap();
-        let inner = inner_of(&key, &event);
+        let inner = open_inner(&key, &event).unwrap();
         let mut bad_signatures = 0;
         for at in 0..inner.len() {
             let mut changed = inner.clone();
             changed[at] ^= 0x01;
-            let result = open(NET, &key, &encrypt(&key, 77, &changed)).err();
+            let result = open(NET, &key, &seal_inner(&key, 77, &changed)).err();
             match at {
                 // The signature itself, the author, the type, the deps and
                 // the content's value: still well formed, not signed.
@@ -674,10 +687,10 @@ mod tests {
             &content("x"),
         )
         .unwrap();
-        let inner = inner_of(&key, &event);
+        let inner = open_inner(&key, &event).unwrap();
         let (signature, _) = inner.split_at(SIGNATURE);
         let resigned =
-            |body: Vec<u8>, clear_ms: i64| encrypt(&key, clear_ms, &[signature, &body].concat());
+            |body: Vec<u8>, clear_ms: i64| seal_inner(&key, clear_ms, &[signature, &body].concat());
         let author = *me.signing().peer_id();
         assert!(open(
             NET,
@@ -718,20 +731,25 @@ mod tests {
         let (me, key, key_b) = (identity(), NetworkKey::generate(), NetworkKey::generate());
         let (_, event) =
             seal_event_v3(me.signing(), NET, &key, 5, "message", &[], &content("x")).unwrap();
-        let copied = encrypt(&key_b, 5, &inner_of(&key, &event));
+        let copied = seal_inner(&key_b, 5, &open_inner(&key, &event).unwrap());
         assert_eq!(
             open(NET_B, &key_b, &copied).err(),
             Some(EventError::BadSignature)
         );
         // Under the right network's key and id, the same inner is fine.
-        assert!(open(NET, &key, &encrypt(&key, 5, &inner_of(&key, &event))).is_ok());
+        assert!(open(
+            NET,
+            &key,
+            &seal_inner(&key, 5, &open_inner(&key, &event).unwrap())
+        )
+        .is_ok());
     }
 
     #[test]
     fn a_claimed_author_that_did_not_sign_fails_and_one_naming_no_key_too() {
         let (alice, mallory, key) = (identity(), identity(), NetworkKey::generate());
         let claims_alice = body(alice.signing().peer_id(), "message", &[], &content("x"));
-        let forged = encrypt(
+        let forged = seal_inner(
             &key,
             1234,
             &signed_inner(mallory.signing(), NET, &claims_alice),
@@ -744,12 +762,12 @@ mod tests {
         let opened = open(
             NET,
             &key,
-            &encrypt(&key, 1234, &signed_inner(mallory.signing(), NET, &honest)),
+            &seal_inner(&key, 1234, &signed_inner(mallory.signing(), NET, &honest)),
         );
         assert_eq!(opened.unwrap().author_peer_id(), mallory.peer_id());
         // An author of small order would accept any signature: refused.
         let nobody = body(&[0; 32], "message", &[], &content("x"));
-        let event = encrypt(&key, 1234, &signed_inner(mallory.signing(), NET, &nobody));
+        let event = seal_inner(&key, 1234, &signed_inner(mallory.signing(), NET, &nobody));
         assert_eq!(
             open_event_v3(NET, &key, &event, &VerifyingKeys::default()).err(),
             Some(EventError::BadSignature)
@@ -779,7 +797,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let event = encrypt(&key, 1234, &signed_inner(me.signing(), NET, &b));
+            let event = seal_inner(&key, 1234, &signed_inner(me.signing(), NET, &b));
             assert_eq!(
                 open(NET, &key, &event).err(),
                 Some(EventError::Malformed),
@@ -823,7 +841,7 @@ mod tests {
         let (me, key) = (identity(), NetworkKey::generate());
         let (id, event) =
             seal_event_v3(me.signing(), NET, &key, 5, "message", &[], &content("x")).unwrap();
-        let again = encrypt(&key, 5, &inner_of(&key, &event));
+        let again = seal_inner(&key, 5, &open_inner(&key, &event).unwrap());
         assert_ne!(again, event);
         assert_eq!(open(NET, &key, &again).unwrap().id, id);
         // The same content sealed twice is signed twice alike, also one id.
@@ -862,9 +880,9 @@ mod tests {
                     // A signature byte changed; one of R, one of s; and one
                     // by another author than it names.
                     Some(k) if k < 2 => {
-                        let mut inner = inner_of(&key, &event);
+                        let mut inner = open_inner(&key, &event).unwrap();
                         inner[[3, 40][k]] ^= 0x04;
-                        encrypt(&key, i as i64, &inner)
+                        seal_inner(&key, i as i64, &inner)
                     }
                     Some(_) => {
                         let claims = body(
@@ -875,7 +893,7 @@ mod tests {
                         );
                         let mut claims = claims;
                         claims[..8].copy_from_slice(&(i as i64).to_be_bytes());
-                        encrypt(
+                        seal_inner(
                             &key,
                             i as i64,
                             &signed_inner(authors[1].signing(), NET, &claims),

@@ -27,7 +27,7 @@ use crypto_secretbox::{KeyInit, XChaCha20Poly1305};
 
 /// The wire protocol this build speaks. Raise it with any change that
 /// hosts of the previous version cannot read.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Frame tag: a sealed request.
 pub const REQUEST: u8 = WIRE_VERSION << 4 | 1;
 /// Frame tag: a response wrapped in a transit secret.

@@ -124,6 +124,29 @@ const MIGRATIONS: &[&str] = &[
     // the first 24 bytes of its BLAKE3 hash, which the old id was).
     // Projections keyed by the old ids map them by those 24 bytes.
     "UPDATE events SET event_id = unhex(hex(substr(event, 1, 8)) || hex(substr(event_id, 1, 24)));",
+    // 5: events become signed (format 3). Those stored before are moved
+    // here: their author is only what their sender wrote, so they are
+    // kept as this host's unverified history and never synced again
+    // (docs/design/signed-events.md, section 7). `routed` keeps their
+    // order for the plugins that will be offered them.
+    "CREATE TABLE legacy_events (
+        event_id BLOB PRIMARY KEY,
+        network_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        event BLOB NOT NULL,
+        received_ms INTEGER NOT NULL,
+        routed INTEGER NOT NULL
+     );
+     INSERT INTO legacy_events
+        SELECT event_id, network_id, created_ms, event_type, event, received_ms, rowid
+        FROM events ORDER BY rowid;
+     DELETE FROM events;
+     -- Queued by an older CLI, unsigned: no host would take them.
+     INSERT INTO counters(name, value)
+        SELECT 'drop_unsigned_event', COUNT(*) FROM submissions WHERE true HAVING COUNT(*) > 0
+        ON CONFLICT(name) DO UPDATE SET value = value + excluded.value;
+     DELETE FROM submissions;",
 ];
 
 thread_local! {
@@ -554,11 +577,53 @@ mod tests {
         .unwrap();
 
         migrate(&conn).unwrap();
+        // Kept, as legacy history since migration 5.
         let id: Vec<u8> = conn
-            .query_row("SELECT event_id FROM events", [], |r| r.get(0))
+            .query_row("SELECT event_id FROM legacy_events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(id, crate::crypto::event_crypto::event_id(&event));
         assert_eq!(id[8..], old_id[..24]);
+    }
+
+    #[test]
+    fn events_stored_before_signatures_become_legacy_and_stay_listed() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        for i in 0..3u8 {
+            conn.execute(
+                "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms)
+                 VALUES (?1, 'net', ?2, 'message', x'00', 0)",
+                rusqlite::params![vec![9 - i; 32], i64::from(i)],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO submissions (envelope, submitted_ms) VALUES (x'00', 0), (x'01', 0)",
+            [],
+        )
+        .unwrap();
+
+        migrate(&conn).unwrap();
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT COUNT(*) FROM events"), 0, "none synced again");
+        assert_eq!(count("SELECT COUNT(*) FROM submissions"), 0);
+        assert_eq!(
+            count("SELECT value FROM counters WHERE name = 'drop_unsigned_event'"),
+            2,
+            "unsigned submissions are counted, not silently lost"
+        );
+        // Every one kept, in the order it was stored.
+        let kept: Vec<(i64, i64)> = conn
+            .prepare("SELECT created_ms, routed FROM legacy_events ORDER BY routed")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, [(0, 1), (1, 2), (2, 3)]);
     }
 
     #[test]

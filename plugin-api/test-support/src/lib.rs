@@ -121,7 +121,11 @@ impl TestHost {
         }
     }
 
-    /// Runs `envelopes` through the pipeline, as if they had arrived.
+    /// Runs `envelopes` through the pipeline, as the host routes events
+    /// its event store has stored: their `author` and `created_ms` are
+    /// kept as given, where a real host sets them from the verified
+    /// signature. Envelopes the plugin returns lose their `author`, as on
+    /// a real host: only the event store vouches for one.
     pub fn deliver(&mut self, envelopes: Vec<Envelope>) -> Result<Report, String> {
         let source = Source {
             plugin: None,
@@ -129,7 +133,7 @@ impl TestHost {
         };
         self.services
             .write_tx(&self.conn, |conn| {
-                Pipeline::new(conn, &self.registry, &self.services).run(envelopes, source)
+                Pipeline::new(conn, &self.registry, &self.services).run_as_routed(envelopes, source)
             })
             .map_err(|e| format!("database error: {e}"))
     }

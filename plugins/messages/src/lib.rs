@@ -1,13 +1,18 @@
 //! Messages: projects decrypted `message` events into a `messages` table
 //! that commands and UIs can query.
 //!
-//! The host's event store is the source of truth: it verifies, decrypts,
+//! The host's event store is the source of truth: it decrypts, verifies,
 //! dedups and stores every event, then routes the decrypted event here as
 //!
 //! ```text
 //! { event_type: "message", event_id: Bytes, network_id: Text,
-//!   event_plaintext: { type: "message", text, author, created_ms } }
+//!   author: Text, created_ms: Int, event_plaintext: { text } }
 //! ```
+//!
+//! `author` is the peer whose signature the host verified and `created_ms`
+//! the time it signed: neither is a field the author wrote, so no member
+//! can post as another. Rows projected before events were signed keep the
+//! author their sender claimed, with `verified = 0`.
 //!
 //! The projection is idempotent (`INSERT OR IGNORE` on the unique
 //! `(network_id, created_ms, event_id)`, which the event id alone
@@ -44,18 +49,13 @@ impl Handler for Messages {
     fn process(&self, env: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
         let event_id = required(env.get(field::EVENT_ID), "event_id", Value::as_bytes)?;
         let network_id = required(env.get(field::NETWORK_ID), "network_id", Value::as_str)?;
-        let message = env.plaintext();
-        let field = |name| message.and_then(|m| m.get(name));
-        let text = required(field("text"), "event_plaintext.text", Value::as_str)?;
-        let author = required(field("author"), "event_plaintext.author", Value::as_str)?;
-        let created_ms = required(
-            field("created_ms"),
-            "event_plaintext.created_ms",
-            Value::as_int,
-        )?;
+        let author = required(env.get(field::AUTHOR), "author", Value::as_str)?;
+        let created_ms = required(env.get(field::CREATED_MS), "created_ms", Value::as_int)?;
+        let text = env.plaintext().and_then(|m| m.get("text"));
+        let text = required(text, "event_plaintext.text", Value::as_str)?;
         ctx.execute(
-            "INSERT OR IGNORE INTO messages (event_id, network_id, author, text, created_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR IGNORE INTO messages (event_id, network_id, author, text, created_ms, verified) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
             params![event_id, network_id, author, text, created_ms],
         )?;
         Ok(Vec::new())
@@ -112,6 +112,8 @@ export_plugin! {
             (SELECT event_id FROM id_map WHERE tail = substr(messages.event_id, 1, 24)),
             event_id);
          DROP TABLE temp.id_map;",
+        // 4: events are signed; rows from before keep their claimed author.
+        "ALTER TABLE messages ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;",
     ],
     handlers: [Messages],
 }
@@ -122,22 +124,20 @@ mod tests {
     use quiet_plugin_api::{envelope, Envelope, Value};
     use quiet_plugin_test_support::TestHost;
 
+    /// A message as the host's event store routes it.
     fn message(id: u8, plaintext: Value) -> Envelope {
         envelope! {
             "event_type" => "message",
             "event_id" => vec![id; 32],
             "network_id" => "net-1",
+            "author" => "alice",
+            "created_ms" => 1_000,
             "event_plaintext" => plaintext,
         }
     }
 
     fn plaintext(text: &str) -> Value {
-        Value::map([
-            ("type", Value::from("message")),
-            ("text", Value::from(text)),
-            ("author", Value::from("alice")),
-            ("created_ms", Value::from(1_000)),
-        ])
+        Value::map([("text", Value::from(text))])
     }
 
     #[test]
@@ -148,28 +148,48 @@ mod tests {
             .unwrap();
         assert!(host.dead_letters().is_empty(), "{:?}", host.dead_letters());
         assert_eq!(host.count("SELECT COUNT(*) FROM messages"), 2);
-        let (author, text, created): (String, String, i64) = host
+        let (author, text, created, verified): (String, String, i64, i64) = host
             .db()
             .query_row(
-                "SELECT author, text, created_ms FROM messages WHERE event_id = ?1",
+                "SELECT author, text, created_ms, verified FROM messages WHERE event_id = ?1",
                 [vec![1u8; 32]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .unwrap();
         assert_eq!(
-            (author.as_str(), text.as_str(), created),
-            ("alice", "hello", 1_000)
+            (author.as_str(), text.as_str(), created, verified),
+            ("alice", "hello", 1_000, 1)
         );
+    }
+
+    #[test]
+    fn the_author_is_the_verified_signer_never_a_field_of_the_content() {
+        let mut host = TestHost::new(super::plugin_module()).unwrap();
+        // Content naming another author: the host drops such events, and
+        // were one to get here, its field would not be read.
+        let claims = Value::map([
+            ("text", Value::from("hi")),
+            ("author", Value::from("mallory")),
+        ]);
+        host.deliver(vec![message(4, claims)]).unwrap();
+        let author: String = host
+            .db()
+            .query_row("SELECT author FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(author, "alice");
     }
 
     #[test]
     fn a_malformed_message_is_a_dead_letter_naming_the_field() {
         let mut host = TestHost::new(super::plugin_module()).unwrap();
-        let no_author = Value::map([("type", "message"), ("text", "hi")]);
-        host.deliver(vec![message(3, no_author)]).unwrap();
+        let mut no_author = message(3, plaintext("hi"));
+        no_author.remove("author");
+        let no_text = message(5, Value::map([("txt", "hi")]));
+        host.deliver(vec![no_author, no_text]).unwrap();
         let dead = host.dead_letters();
-        assert_eq!(dead.len(), 1);
-        assert!(dead[0].1.contains("event_plaintext.author"), "{dead:?}");
+        assert_eq!(dead.len(), 2);
+        assert!(dead[0].1.contains("'author'"), "{dead:?}");
+        assert!(dead[1].1.contains("event_plaintext.text"), "{dead:?}");
         assert_eq!(host.count("SELECT COUNT(*) FROM messages"), 0);
     }
 
