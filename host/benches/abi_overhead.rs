@@ -67,7 +67,7 @@ fn envelope_through_handler(c: &mut Criterion) {
     conn.execute_batch("BEGIN").expect("BEGIN");
     let identity = Identity::default();
     let statements = Statements::new(&conn);
-    let mut host = HostContext::new(&statements, &plugin.name, &identity);
+    let mut host = HostContext::new(&statements, &plugin.name, &identity, None);
     let env = ping();
 
     // Both paths must do the same work before their times are compared.

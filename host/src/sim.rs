@@ -426,7 +426,7 @@ impl Sim {
         let services = Services {
             identity: identity.public(),
             outbox: Box::new(NetworkOutbox::new(wire.clone(), Box::new(nic.clone()))),
-            store: Some(EventStore::new(keys, counters.clone())),
+            store: Some(EventStore::new(keys, counters.clone()).signing_as(identity.clone())),
         };
         let scheduler = Scheduler::new(
             db::open(&data).map_err(db_err)?,

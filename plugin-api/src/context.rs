@@ -18,7 +18,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{PluginError, Value};
+use crate::{EventId, PluginError, Value};
 
 /// The result of a query: column names and rows of values.
 #[repr(C)]
@@ -164,6 +164,17 @@ pub trait HostServices {
     /// Deletes the dead letters recorded before `before_ms`, then all but
     /// the newest `keep`.
     fn prune_dead_letters(&mut self, before_ms: i64, keep: u64) -> RResult<Pruned, RString>;
+
+    /// Creates a signed event of `event_type` in `network_id` whose content
+    /// is `content`, depending on `deps` (32 bytes per id, concatenated);
+    /// returns its id (32 bytes). See [`Context::create_event`].
+    fn create_event(
+        &mut self,
+        network_id: RStr<'_>,
+        event_type: RStr<'_>,
+        content: &Value,
+        deps: RSlice<'_, u8>,
+    ) -> RResult<RVec<u8>, RString>;
 }
 
 /// The FFI-safe handle to the host's services that crosses the boundary.
@@ -256,6 +267,45 @@ impl<'a> Context<'a> {
             .prune_dead_letters(before_ms, keep)
             .into_result()
             .map_err(|e| PluginError::msg(e.into_string()))
+    }
+
+    /// Creates an event of `event_type` in `network_id`, signed by this
+    /// host, whose content is the map `content`, depending on `deps` (at
+    /// most 16 events of the same network). Returns its id at once, so that
+    /// the same call can create events that depend on it.
+    ///
+    /// The host signs, encrypts, stores and syncs it; on every member host,
+    /// the handlers subscribed to `event_type` receive it, with this host
+    /// as its verified `author` and its signed `created_ms`, as they
+    /// receive events from `quiet-host message send`. It belongs to this
+    /// call: if the call fails, the event never existed. `content` may not
+    /// use the keys the host sets (`type`, `author`, `created_ms`, `deps`);
+    /// an event must fit in 64 KiB; this host must be a member of the
+    /// network. An event with the same type, content, deps and millisecond
+    /// as another of this host's is that event, stored once.
+    ///
+    /// ```ignore
+    /// let id = ctx.create_event(network_id, "reaction", &Value::map([("emoji", "👍")]), &[message])?;
+    /// ```
+    pub fn create_event(
+        &mut self,
+        network_id: &str,
+        event_type: &str,
+        content: &Value,
+        deps: &[EventId],
+    ) -> Result<EventId, PluginError> {
+        let deps: Vec<u8> = deps.iter().flat_map(|d| d.0).collect();
+        let id = self
+            .host
+            .create_event(
+                network_id.into(),
+                event_type.into(),
+                content,
+                deps.as_slice().into(),
+            )
+            .into_result()
+            .map_err(|e| PluginError::msg(e.into_string()))?;
+        EventId::from_bytes(&id).ok_or_else(|| PluginError::msg("the host returned no event id"))
     }
 }
 

@@ -53,6 +53,31 @@ pub mod field {
     pub const PEER_ID: &str = "peer_id";
 }
 
+/// A stored event's id: its creation time (8 bytes, big-endian, so ids
+/// sort by time), then the first 24 bytes of a hash of what its author
+/// signed. Returned by [`Context::create_event`](crate::Context::create_event),
+/// read with [`Envelope::event_id`], named in another event's deps.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct EventId(pub [u8; 32]);
+
+impl EventId {
+    /// The id in `bytes`, if they are 32.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(EventId)
+    }
+
+    /// The id's creation time, milliseconds since the Unix epoch.
+    pub fn created_ms(&self) -> i64 {
+        i64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
+    }
+}
+
+impl From<EventId> for Value {
+    fn from(id: EventId) -> Self {
+        Value::from(id.0)
+    }
+}
+
 /// A self-describing bag of named values; see the [module docs](self).
 ///
 /// ```
@@ -149,6 +174,24 @@ impl Envelope {
     /// The `created_ms` field: on a stored event, its signed creation time.
     pub fn created_ms(&self) -> Option<i64> {
         self.int(field::CREATED_MS)
+    }
+
+    /// The `event_id` field, if it is an event id (32 bytes).
+    pub fn event_id(&self) -> Option<EventId> {
+        self.bytes(field::EVENT_ID).and_then(EventId::from_bytes)
+    }
+
+    /// The ids in the `deps` field: on a stored event, the events it
+    /// depends on, strictly ascending; empty if it has none.
+    pub fn deps(&self) -> Vec<EventId> {
+        self.get(field::DEPS)
+            .and_then(Value::as_list)
+            .map(|deps| {
+                deps.iter()
+                    .filter_map(|d| d.as_bytes().and_then(EventId::from_bytes))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// All fields, in the order they were first set.

@@ -64,7 +64,7 @@ pub use abi_stable;
 pub use context::{
     Context, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Row, Rows,
 };
-pub use envelope::{field, Envelope};
+pub use envelope::{field, Envelope, EventId};
 pub use error::PluginError;
 pub use handler::{
     into_abi, AbiHandler, AbiHandler_TO, Handler, HandlerBox, HandlerSpec, ANY_EVENT_TYPE,

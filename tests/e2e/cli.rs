@@ -105,6 +105,17 @@ fn an_incompatible_plugin_is_refused_by_plugins_check() {
         .output()
         .unwrap();
     one_line_error(&out, &["incompatible plugin-api", "rebuild it"]);
+    // One built before signed events, against plugin-api 0.1.
+    let old = plugin("abi-mismatch-plugin", "plugin-api-0.1");
+    let out = Command::new(bin())
+        .args(["plugins", "check"])
+        .arg(&old)
+        .output()
+        .unwrap();
+    one_line_error(
+        &out,
+        &["built against plugin-api 0.1.0, but this host uses plugin-api 0.2.0; rebuild the plugin"],
+    );
     let good = plugin("ticker-plugin", "v1");
     let out = Command::new(bin())
         .args(["plugins", "check"])

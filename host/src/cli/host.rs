@@ -251,6 +251,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     // its own connection and outbox, and shares everything else.
     let make_engine = {
         let (data, plugins, counters) = (data.clone(), plugins.clone(), counters.clone());
+        let me = identity.clone();
         let identity = identity.public();
         let wire = listen_addr.map(|_| wire.clone());
         move || {
@@ -264,7 +265,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
             let services = Services {
                 identity: identity.clone(),
                 outbox,
-                store: Some(EventStore::new(keys.clone(), counters.clone())),
+                store: Some(EventStore::new(keys.clone(), counters.clone()).signing_as(me.clone())),
             };
             Ok(Scheduler::new(
                 db::open_engine(&data)?,

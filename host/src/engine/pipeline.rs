@@ -31,7 +31,7 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use quiet_plugin_api::{field, Envelope, Identity};
+use quiet_plugin_api::{abi_stable::std_types::RVec, field, Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
@@ -130,6 +130,11 @@ impl Queued {
 /// The most `store_event` envelopes opened together; see
 /// [`Pipeline::open_ahead`].
 const OPEN_AHEAD: usize = 1024;
+
+/// Events whose deps have all been routed that one run routes at most, and
+/// how many it takes from the event store at a time.
+const READY_PER_RUN: usize = 1_000;
+const READY_BATCH: usize = 256;
 
 /// How a handler call's writes are kept apart from the others'.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -247,7 +252,19 @@ impl<'a> Pipeline<'a> {
             .collect();
         let mut report = Report::default();
         let mut steps = 0;
-        while let Some(mut item) = queue.pop_front() {
+        let mut ready_budget = READY_PER_RUN;
+        loop {
+            let Some(mut item) = queue.pop_front() else {
+                // Events whose deps have now all been routed, a batch at a
+                // time: a long cascade continues in the next runs.
+                match self.take_ready(&mut ready_budget)? {
+                    Some(ready) => {
+                        queue.extend(ready);
+                        continue;
+                    }
+                    None => break,
+                }
+            };
             if item.is_unopened_event() {
                 self.open_ahead(&mut item, &mut queue);
             }
@@ -285,6 +302,33 @@ impl<'a> Pipeline<'a> {
             );
         }
         Ok(report)
+    }
+
+    /// Up to `budget` events made ready to route (their last dep was
+    /// routed), queued as the event store routes a new event; `None` when
+    /// there are none or the budget is spent.
+    fn take_ready(&self, budget: &mut usize) -> rusqlite::Result<Option<Vec<Queued>>> {
+        let Some(store) = &self.services.store else {
+            return Ok(None);
+        };
+        if *budget == 0 {
+            return Ok(None);
+        }
+        let ready = store.take_ready(&self.statements, (*budget).min(READY_BATCH))?;
+        if ready.is_empty() {
+            return Ok(None);
+        }
+        *budget = budget.saturating_sub(ready.len());
+        let source = Arc::new(Source {
+            plugin: None,
+            handler: "event store".into(),
+        });
+        Ok(Some(
+            ready
+                .into_iter()
+                .map(|envelope| Queued::new(envelope, 0, source.clone()))
+                .collect(),
+        ))
     }
 
     /// Opens `item`, a `store_event`, together with the `store_event`s that
@@ -454,8 +498,12 @@ impl<'a> Pipeline<'a> {
                     continue;
                 }
             }
-            let mut ctx =
-                HostContext::new(&self.statements, &handler.plugin, &self.services.identity);
+            let mut ctx = HostContext::new(
+                &self.statements,
+                &handler.plugin,
+                &self.services.identity,
+                self.services.store.as_ref(),
+            );
             let outcome = match isolation {
                 Isolation::Own => {
                     db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx))
@@ -463,7 +511,7 @@ impl<'a> Pipeline<'a> {
                 Isolation::Shared => handler.process(envelope, &mut ctx),
             };
             let produced = match outcome {
-                Ok(produced) => produced,
+                Ok(produced) => with_created(ctx.take_created(), produced),
                 Err(CallError::Sql(e)) => return Err(e),
                 Err(CallError::Handler(_)) if !own => return Ok(false),
                 Err(CallError::Handler(e)) => {
@@ -511,6 +559,16 @@ impl<'a> Pipeline<'a> {
         }
         record_dead_letter(self.conn, source, reason, envelope)
     }
+}
+
+/// The events a call created, then the envelopes it returned: its
+/// subscribers see an event before any envelope about it. A failed call's
+/// created events are dropped with it, so they never existed.
+pub fn with_created(created: Vec<Envelope>, produced: RVec<Envelope>) -> RVec<Envelope> {
+    if created.is_empty() {
+        return produced;
+    }
+    created.into_iter().chain(produced).collect()
 }
 
 /// `envelope` without the fields only the host's event store may set

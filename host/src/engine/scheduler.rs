@@ -41,7 +41,7 @@ use crate::{
         health::{self, Health},
         inbox::{Received, Signal, Signals},
         jobs::{JobSpec, JobsConfig},
-        pipeline::{Pipeline, Services, Source},
+        pipeline::{self, Pipeline, Services, Source},
         watch::EngineWatch,
     },
     plugins::{
@@ -334,6 +334,7 @@ impl Scheduler {
             .query_map([SUBMISSION_BATCH as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         let Some(&(last, _)) = queued.last() else {
+            self.route_ready(registry)?;
             return Ok(0);
         };
         let source = Source {
@@ -353,6 +354,29 @@ impl Scheduler {
             Pipeline::new(conn, registry, &self.services).run(envelopes, source)?;
             conn.execute("DELETE FROM submissions WHERE id <= ?", [last])?;
             Ok(queued.len())
+        })
+    }
+
+    /// Routes events whose deps have all been routed but that no run has
+    /// taken yet: the rest of a long cascade, or one a crash interrupted.
+    /// Every run takes some ([`Pipeline`]); this is for a host with nothing
+    /// else to do.
+    fn route_ready(&mut self, registry: &Registry) -> rusqlite::Result<()> {
+        let any: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM event_ready)")?
+            .query_row([], |r| r.get(0))?;
+        if !any {
+            return Ok(());
+        }
+        let source = Source {
+            plugin: None,
+            handler: "event store".into(),
+        };
+        self.services.write_tx(&self.conn, |conn| {
+            Pipeline::new(conn, registry, &self.services)
+                .run([], source)
+                .map(drop)
         })
     }
 
@@ -395,10 +419,16 @@ pub fn execute_job(
     };
     services.write_tx(conn, |conn| {
         let statements = Statements::new(conn);
-        let mut ctx = HostContext::new(&statements, &handler.plugin, &services.identity);
+        let mut ctx = HostContext::new(
+            &statements,
+            &handler.plugin,
+            &services.identity,
+            services.store.as_ref(),
+        );
         let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params));
         let error = match result {
             Ok(envelopes) => {
+                let envelopes = pipeline::with_created(ctx.take_created(), envelopes);
                 let report = Pipeline::new(conn, registry, services).run(envelopes, source)?;
                 tracing::debug!(job = %job.name, ?report, "job ran");
                 None

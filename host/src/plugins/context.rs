@@ -14,7 +14,7 @@ use quiet_plugin_api::{
         sabi_trait::TD_Opaque,
         std_types::{RResult, RSlice, RStr, RString, RVec},
     },
-    HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Rows, Value,
+    Envelope, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Rows, Value,
 };
 use rusqlite::{
     types::{ToSqlOutput, ValueRef},
@@ -22,27 +22,72 @@ use rusqlite::{
 };
 
 use crate::storage::{
-    counters, db, dead_letters, plugin_sql,
+    counters, db, dead_letters,
+    event_store::EventStore,
+    plugin_sql,
     statements::{Held, Statements},
 };
+
+/// The most events one handler call may create: the run's envelope budget
+/// bounds them too, and this gives the plugin a clear error first.
+pub const MAX_CREATED_PER_CALL: usize = 10_000;
 
 /// What a handler call may use of the host.
 pub struct HostContext<'a, 'c> {
     statements: &'a Statements<'c>,
     plugin: &'a str,
     identity: &'a Identity,
+    /// Signs the events the call creates; `None` on a host without events.
+    store: Option<&'a EventStore>,
+    /// The `store_event`s of the events the call created, for the pipeline
+    /// to store once the call succeeds.
+    created: Vec<Envelope>,
 }
 
 impl<'a, 'c> HostContext<'a, 'c> {
     /// A context over the connection of `statements`, which must be inside a
-    /// transaction. Plugin statements are judged and prepared once per
-    /// `statements`, so a pipeline run shares one among its calls.
-    pub fn new(statements: &'a Statements<'c>, plugin: &'a str, identity: &'a Identity) -> Self {
+    /// transaction, for a call of `plugin` on the host of `identity`, whose
+    /// event store (if it keeps events) is `store`. Plugin statements are
+    /// judged and prepared once per `statements`, so a pipeline run shares
+    /// one among its calls.
+    pub fn new(
+        statements: &'a Statements<'c>,
+        plugin: &'a str,
+        identity: &'a Identity,
+        store: Option<&'a EventStore>,
+    ) -> Self {
         Self {
             statements,
             plugin,
             identity,
+            store,
+            created: Vec::new(),
         }
+    }
+
+    /// The `store_event` envelopes of the events the call created, in
+    /// order: they go through the pipeline before what the call returned,
+    /// so that its subscribers see an event before any envelope about it.
+    pub fn take_created(&mut self) -> Vec<Envelope> {
+        std::mem::take(&mut self.created)
+    }
+
+    fn create(
+        &mut self,
+        network_id: &str,
+        event_type: &str,
+        content: &Value,
+        deps: &[u8],
+    ) -> Result<RVec<u8>, String> {
+        if self.created.len() >= MAX_CREATED_PER_CALL {
+            return Err(format!(
+                "a call may create at most {MAX_CREATED_PER_CALL} events"
+            ));
+        }
+        let store = self.store.ok_or("this host keeps no events")?;
+        let (id, envelope) = store.create_event(network_id, event_type, content, deps)?;
+        self.created.push(envelope);
+        Ok(id.to_vec().into())
     }
 
     /// The FFI-safe handle to pass into a plugin.
@@ -156,6 +201,23 @@ impl HostServices for HostContext<'_, '_> {
     fn prune_dead_letters(&mut self, before_ms: i64, keep: u64) -> RResult<Pruned, RString> {
         abi_result(|| self.prune(before_ms, keep))
     }
+
+    fn create_event(
+        &mut self,
+        network_id: RStr<'_>,
+        event_type: RStr<'_>,
+        content: &Value,
+        deps: RSlice<'_, u8>,
+    ) -> RResult<RVec<u8>, RString> {
+        abi_result(|| {
+            self.create(
+                network_id.as_str(),
+                event_type.as_str(),
+                content,
+                deps.as_slice(),
+            )
+        })
+    }
 }
 
 /// SQL parameters borrowed from plugin values.
@@ -217,7 +279,7 @@ mod tests {
             .unwrap();
         let id = Identity::default();
         let statements = Statements::new(&conn);
-        let mut host = HostContext::new(&statements, "test", &id);
+        let mut host = HostContext::new(&statements, "test", &id, None);
         let mut ctx = Context::new(host.as_abi());
         ctx.execute(
             "INSERT INTO t VALUES (?, ?, ?)",
@@ -278,7 +340,7 @@ mod tests {
             .unwrap()
             .execute(("drop_bad_seal", 1))
             .unwrap();
-        let mut host = HostContext::new(&statements, "p", &id);
+        let mut host = HostContext::new(&statements, "p", &id, None);
         let mut ctx = Context::new(host.as_abi());
         let err = ctx
             .execute(host_sql, params!["drop_bad_seal", -1])

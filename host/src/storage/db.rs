@@ -147,6 +147,25 @@ const MIGRATIONS: &[&str] = &[
         SELECT 'drop_unsigned_event', COUNT(*) FROM submissions WHERE true HAVING COUNT(*) > 0
         ON CONFLICT(name) DO UPDATE SET value = value + excluded.value;
      DELETE FROM submissions;",
+    // 6: dependencies. An event is stored when it arrives, and routed to
+    // handlers once every event it depends on has been; `routed` numbers
+    // events in the order they were routed (NULL while one waits).
+    // `event_waits` holds what each waiting event still waits for;
+    // `event_ready` the events whose last dep came, for the engine to route
+    // (a cascade is then routed a batch per transaction, and survives a
+    // crash). Events stored so far were routed as they arrived.
+    "ALTER TABLE events ADD COLUMN routed INTEGER;
+     UPDATE events SET routed = rowid;
+     CREATE INDEX events_routed ON events(routed);
+     CREATE TABLE event_waits (
+        dep_id BLOB NOT NULL,
+        event_id BLOB NOT NULL,
+        network_id TEXT NOT NULL,
+        since_ms INTEGER NOT NULL,
+        PRIMARY KEY (dep_id, event_id)
+     ) WITHOUT ROWID;
+     CREATE INDEX event_waits_by_event ON event_waits(event_id);
+     CREATE TABLE event_ready (event_id BLOB PRIMARY KEY) WITHOUT ROWID;",
 ];
 
 thread_local! {

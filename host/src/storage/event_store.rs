@@ -24,13 +24,13 @@ use quiet_plugin_api::{
     abi_stable::std_types::{RString, RVec},
     field, Envelope, Value,
 };
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::{
     crypto::{
         entropy::BatchWeights,
         event_crypto::NetworkKey,
-        identity::{SigningIdentity, VerifyingKeys},
+        identity::{HostIdentity, SigningIdentity, VerifyingKeys},
         signed_event::{self, EventError, EventId, SignedEvent, Unverified},
     },
     storage::{counters::Counters, db, networks::NetworkKeys, statements::Statements},
@@ -73,6 +73,9 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct EventStore {
     keys: Arc<NetworkKeys>,
+    /// This host, which signs the events plugins create; `None` on a store
+    /// that only receives.
+    me: Option<Arc<HostIdentity>>,
     /// Authors' verifying keys, derived from their peer ids once.
     authors: Arc<VerifyingKeys>,
     counters: Arc<Counters>,
@@ -83,9 +86,38 @@ impl EventStore {
     pub fn new(keys: Arc<NetworkKeys>, counters: Arc<Counters>) -> Self {
         Self {
             keys,
+            me: None,
             authors: Arc::default(),
             counters,
         }
+    }
+
+    /// This store, signing the events plugins create
+    /// ([`create_event`](Self::create_event)) as `me`.
+    pub fn signing_as(mut self, me: Arc<HostIdentity>) -> Self {
+        self.me = Some(me);
+        self
+    }
+
+    /// [`new_local_event`](Self::new_local_event), signed by this host: an
+    /// event a plugin creates through its `Context`. `deps` are 32 bytes
+    /// each.
+    pub fn create_event(
+        &self,
+        network_id: &str,
+        event_type: &str,
+        content: &Value,
+        deps: &[u8],
+    ) -> Result<(EventId, Envelope), String> {
+        let me = self
+            .me
+            .as_ref()
+            .ok_or("this host has no identity to sign events with")?;
+        let deps: Vec<EventId> = deps
+            .chunks(32)
+            .map(|d| d.try_into().map_err(|_| "a dep is a 32-byte event id"))
+            .collect::<Result<_, _>>()?;
+        self.new_local_event(me.signing(), network_id, event_type, content, &deps)
     }
 
     /// Stores the event in `envelope`. Returns the decrypted event to route
@@ -227,10 +259,12 @@ impl EventStore {
         ) else {
             return Ok(self.refuse("drop_malformed_store_event"));
         };
+        let waits_for = self.unrouted(statements, &network_id, &event.deps)?;
         let inserted = statements
             .get(
-                "INSERT OR IGNORE INTO events(event_id, network_id, created_ms, event_type, event, received_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO events(event_id, network_id, created_ms, event_type, event, received_ms, routed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+                         CASE WHEN ?7 THEN (SELECT COALESCE(MAX(routed), 0) + 1 FROM events) END)",
                 Connection::prepare_cached,
             )?
             .execute(rusqlite::params![
@@ -239,12 +273,139 @@ impl EventStore {
                 event.created_ms,
                 event.event_type.as_str(),
                 bytes.as_slice(),
-                db::now_ms()
+                db::now_ms(),
+                waits_for.is_empty(),
             ])?;
         if inserted == 0 {
             return Ok(self.refuse("duplicate_events"));
         }
+        if !waits_for.is_empty() {
+            // Stored, so that sync converges; routed when its deps are.
+            let mut wait = statements.get(
+                "INSERT OR IGNORE INTO event_waits(dep_id, event_id, network_id, since_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                Connection::prepare_cached,
+            )?;
+            for dep in &waits_for {
+                wait.execute(rusqlite::params![
+                    &dep[..],
+                    &event.id[..],
+                    network_id.as_str(),
+                    db::now_ms()
+                ])?;
+            }
+            self.counters.bump("events_waited");
+            return Ok(None);
+        }
+        self.release_waiters(statements, &event.id)?;
         Ok(Some(routed(event, network_id, bytes)))
+    }
+
+    /// Which of `deps` have not been routed in `network_id`: not stored
+    /// yet, waiting themselves, or of another network (never satisfied:
+    /// an id covers its network, so such an event waits on every host).
+    fn unrouted(
+        &self,
+        statements: &Statements<'_>,
+        network_id: &str,
+        deps: &[EventId],
+    ) -> rusqlite::Result<Vec<EventId>> {
+        if deps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut routed = statements.get(
+            "SELECT routed IS NOT NULL FROM events WHERE event_id = ?1 AND network_id = ?2",
+            Connection::prepare_cached,
+        )?;
+        let mut out = Vec::new();
+        for dep in deps {
+            let done: Option<bool> = routed
+                .query_row(rusqlite::params![&dep[..], network_id], |r| r.get(0))
+                .optional()?;
+            if done != Some(true) {
+                out.push(*dep);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Now that `id` is routed, its waiters no longer wait for it; those
+    /// that wait for nothing else are ready ([`take_ready`](Self::take_ready)).
+    fn release_waiters(&self, statements: &Statements<'_>, id: &EventId) -> rusqlite::Result<()> {
+        let waiters: Vec<Vec<u8>> = statements
+            .get(
+                "DELETE FROM event_waits WHERE dep_id = ?1 RETURNING event_id",
+                Connection::prepare_cached,
+            )?
+            .query_map([&id[..]], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if waiters.is_empty() {
+            return Ok(());
+        }
+        let mut ready = statements.get(
+            "INSERT OR IGNORE INTO event_ready(event_id)
+             SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM event_waits WHERE event_id = ?1)",
+            Connection::prepare_cached,
+        )?;
+        for waiter in waiters {
+            ready.execute([waiter])?;
+        }
+        Ok(())
+    }
+
+    /// Routes up to `limit` events whose deps have all been routed, oldest
+    /// first: numbers them, releases their own waiters (which may then be
+    /// ready in turn), and returns them decrypted, as `store` returns a new
+    /// event. A cascade is so routed a batch at a time, in the engine's
+    /// turns, however long it is.
+    pub fn take_ready(
+        &self,
+        statements: &Statements<'_>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<Envelope>> {
+        let ready: Vec<(Vec<u8>, String, Vec<u8>)> = statements
+            .get(
+                "SELECT r.event_id, e.network_id, e.event FROM event_ready r
+                 JOIN events e ON e.event_id = r.event_id
+                 ORDER BY r.event_id LIMIT ?1",
+                Connection::prepare_cached,
+            )?
+            .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ready.len());
+        for (id, network_id, bytes) in ready {
+            statements
+                .get(
+                    "DELETE FROM event_ready WHERE event_id = ?1",
+                    Connection::prepare_cached,
+                )?
+                .execute([&id])?;
+            let envelope = Envelope::of_type(STORE_EVENT)
+                .with(field::NETWORK_ID, network_id.as_str())
+                .with(field::EVENT_CIPHERTEXT, bytes);
+            // It opened when it was stored; only the host writes `events`.
+            let event = match self.open(&envelope) {
+                Ok(Opened(event)) => event,
+                Err(counter) => {
+                    tracing::warn!(
+                        event_id = %hex::encode(&id),
+                        "a stored event no longer opens ({counter}): it stays stored, unrouted"
+                    );
+                    self.counters.bump("drop_unopenable_stored_event");
+                    continue;
+                }
+            };
+            statements
+                .get(
+                    "UPDATE events SET routed = (SELECT COALESCE(MAX(routed), 0) + 1 FROM events)
+                     WHERE event_id = ?1",
+                    Connection::prepare_cached,
+                )?
+                .execute([&id])?;
+            self.release_waiters(statements, &event.id)?;
+            out.push(routed(event, network_id.into(), bytes_of(envelope)));
+        }
+        Ok(out)
     }
 
     fn refuse(&self, counter: &'static str) -> Option<Envelope> {
@@ -297,6 +458,14 @@ impl EventStore {
     }
 }
 
+/// The event bytes of a `store_event` envelope made here.
+fn bytes_of(mut envelope: Envelope) -> RVec<u8> {
+    match envelope.remove(field::EVENT_CIPHERTEXT) {
+        Some(Value::Bytes(bytes)) => bytes,
+        _ => RVec::new(),
+    }
+}
+
 /// The envelope a stored event is routed on: its type, id, network, the
 /// verified author and signed time, its deps if it has any, its content
 /// and its bytes.
@@ -341,7 +510,6 @@ impl EventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::identity::HostIdentity;
 
     fn author(dir: &tempfile::TempDir) -> HostIdentity {
         HostIdentity::load_or_create(dir.path()).unwrap()
@@ -440,6 +608,102 @@ mod tests {
         assert_eq!(routed.get(field::DEPS), None, "no deps, no field");
         // Stored once: the same event again is a duplicate.
         assert!(store.store(&statements, envelope).unwrap().is_none());
+    }
+
+    /// A store with one network, its database, and a way to make events of
+    /// it depending on others.
+    fn deps_setup() -> (tempfile::TempDir, EventStore, Connection, String) {
+        let net = "ab".repeat(16);
+        let (dir, store) = EventStore::with_one_network(&net);
+        let conn = db::open(dir.path()).unwrap();
+        (dir, store, conn, net)
+    }
+
+    fn event_after(
+        store: &EventStore,
+        me: &HostIdentity,
+        net: &str,
+        text: &str,
+        deps: &[EventId],
+    ) -> (EventId, Envelope) {
+        store
+            .new_local_event(me.signing(), net, "message", &message(text), deps)
+            .unwrap()
+    }
+
+    fn routed_number(conn: &Connection, id: &EventId) -> Option<i64> {
+        conn.query_row(
+            "SELECT routed FROM events WHERE event_id = ?1",
+            [&id[..]],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_event_is_stored_at_once_and_routed_only_after_its_deps() {
+        let (dir, store, conn, net) = deps_setup();
+        let me = author(&dir);
+        let statements = Statements::new(&conn);
+        let (a, a_env) = event_after(&store, &me, &net, "a", &[]);
+        let (b, b_env) = event_after(&store, &me, &net, "b", &[a]);
+        let (c, c_env) = event_after(&store, &me, &net, "c", &[a, b]);
+        // C and B arrive first: stored, not routed, waiting.
+        assert!(store.store(&statements, c_env).unwrap().is_none());
+        assert!(store.store(&statements, b_env).unwrap().is_none());
+        assert_eq!(routed_number(&conn, &c), None);
+        let waits = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(waits("SELECT COUNT(*) FROM event_waits"), 3);
+        assert!(store.take_ready(&statements, 10).unwrap().is_empty());
+        // A comes: routed at once; B is ready, and once B is routed, C.
+        let routed_a = store.store(&statements, a_env).unwrap().unwrap();
+        assert_eq!(routed_a.event_id(), Some(quiet_plugin_api::EventId(a)));
+        let ready = store.take_ready(&statements, 10).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].event_id(), Some(quiet_plugin_api::EventId(b)));
+        assert_eq!(ready[0].deps(), [quiet_plugin_api::EventId(a)]);
+        assert_eq!(ready[0].author(), Some(me.peer_id().as_str()));
+        let ready = store.take_ready(&statements, 10).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].event_id(), Some(quiet_plugin_api::EventId(c)));
+        assert!(store.take_ready(&statements, 10).unwrap().is_empty());
+        // Routed in dependency order, whatever the order of arrival.
+        let order: Vec<i64> = [a, b, c]
+            .iter()
+            .map(|id| routed_number(&conn, id).unwrap())
+            .collect();
+        assert!(order[0] < order[1] && order[1] < order[2], "{order:?}");
+        assert_eq!(waits("SELECT COUNT(*) FROM event_waits"), 0);
+        assert_eq!(waits("SELECT COUNT(*) FROM event_ready"), 0);
+        crate::storage::counters::write(&conn, &store.counters.take()).unwrap();
+        assert_eq!(
+            waits("SELECT value FROM counters WHERE name = 'events_waited'"),
+            2
+        );
+    }
+
+    #[test]
+    fn a_dep_that_never_comes_or_is_of_another_network_keeps_an_event_waiting() {
+        let (dir, store, conn, net) = deps_setup();
+        let other = "cd".repeat(16);
+        store.keys.store(&other, &NetworkKey::generate()).unwrap();
+        let me = author(&dir);
+        let statements = Statements::new(&conn);
+        let (elsewhere, elsewhere_env) = event_after(&store, &me, &other, "there", &[]);
+        assert!(store.store(&statements, elsewhere_env).unwrap().is_some());
+        let (_, across) = event_after(&store, &me, &net, "across", &[elsewhere]);
+        let (_, missing) = event_after(&store, &me, &net, "missing", &[[7; 32]]);
+        assert!(store.store(&statements, across).unwrap().is_none());
+        assert!(store.store(&statements, missing).unwrap().is_none());
+        assert!(store.take_ready(&statements, 10).unwrap().is_empty());
+        let stored_unrouted: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE routed IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored_unrouted, 2, "kept, never dropped");
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! migrations, and the host's real pipeline and job runner. So a test sees
 //! exactly what a real host would do with the handler: transactions, rolled
 //! back failures, dead letters and the envelopes that would leave the host.
+//! It has an identity of its own and is a member of one network,
+//! [`TestHost::NETWORK_ID`], so that events a handler creates
+//! (`Context::create_event`) are signed, stored and routed to their
+//! subscribers as on a real host.
 //!
 //! ```ignore
 //! // plugins/my-plugin/src/lib.rs, with `quiet-plugin-test-support` as a
@@ -37,17 +41,27 @@ use quiet_plugin_api::{Envelope, Identity, PluginModRef, Value};
 use rusqlite::Connection;
 
 use quiet_host::{
+    crypto::{event_crypto::NetworkKey, identity::HostIdentity},
     engine::{
         jobs::JobSpec,
         pipeline::{Outbox, Pipeline, Report, Services, Source},
         scheduler,
     },
     plugins::{loader, registry::Registry},
-    storage::db,
+    storage::{
+        counters::{self, Counters},
+        db,
+        event_store::EventStore,
+        networks::NetworkKeys,
+    },
 };
 
 /// One plugin on an in-memory host. See the [module docs](self).
 pub struct TestHost {
+    /// The identity and network key, in files as a real host keeps them.
+    _data: tempfile::TempDir,
+    /// What the event store refused, written to `counters` after each run.
+    counters: Arc<Counters>,
     conn: Connection,
     registry: Registry,
     services: Services,
@@ -70,26 +84,41 @@ impl Outbox for Recorder {
 }
 
 impl TestHost {
+    /// The network a test host is a member of.
+    pub const NETWORK_ID: &'static str = "7e570000000000000000000000000000";
+
     /// Loads `module` (the `plugin_module()` that `export_plugin!` defines)
     /// and runs its migrations.
     pub fn new(module: PluginModRef) -> Result<Self, String> {
         let plugin = loader::from_module(module, Path::new("<in-process>"), 1, String::new())?;
         let conn = db::open_in_memory().map_err(|e| e.to_string())?;
         db::apply_plugin_migrations(&conn, &plugin.name, &plugin.migrations)?;
+        let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let me = Arc::new(HostIdentity::load_or_create(data.path()).map_err(|e| e.to_string())?);
+        let keys = NetworkKeys::new(data.path());
+        keys.store(Self::NETWORK_ID, &NetworkKey::generate())
+            .map_err(|e| e.to_string())?;
+        let counters = Arc::new(Counters::default());
+        let store = EventStore::new(Arc::new(keys), counters.clone()).signing_as(me.clone());
         let sent = Sent::default();
         Ok(Self {
+            _data: data,
+            counters,
             conn,
             registry: Registry::new(1, vec![plugin.into()]),
             services: Services {
-                identity: Identity {
-                    peer_id: "test-peer".into(),
-                    public_key: vec![0u8; 32].into(),
-                },
+                identity: me.public(),
                 outbox: Box::new(Recorder(sent.clone())),
-                store: None,
+                store: Some(store),
             },
             sent,
         })
+    }
+
+    /// This host's public identity: the `author` of the events its
+    /// handlers create.
+    pub fn identity(&self) -> &Identity {
+        &self.services.identity
     }
 
     /// Runs `handler`'s job once with `params` (a map, as jobs.yaml gives),
@@ -107,14 +136,16 @@ impl TestHost {
             enabled: true,
             params,
         };
-        match scheduler::execute_job(
+        let ran = scheduler::execute_job(
             &self.conn,
             &self.registry,
             &self.services,
             &h,
             &job,
             db::now_ms(),
-        ) {
+        );
+        self.write_counters();
+        match ran {
             Ok(None) => Ok(()),
             Ok(Some(error)) => Err(error),
             Err(e) => Err(format!("database error: {e}")),
@@ -131,11 +162,32 @@ impl TestHost {
             plugin: None,
             handler: "test".into(),
         };
-        self.services
+        let report = self
+            .services
             .write_tx(&self.conn, |conn| {
                 Pipeline::new(conn, &self.registry, &self.services).run_as_routed(envelopes, source)
             })
-            .map_err(|e| format!("database error: {e}"))
+            .map_err(|e| format!("database error: {e}"));
+        self.write_counters();
+        report
+    }
+
+    /// The host's counter `name`: what the event store refused
+    /// (`drop_undecryptable_event`, `duplicate_events`, …) and what the
+    /// plugin counted with `Context::count`; 0 if never counted.
+    pub fn counter(&self, name: &str) -> i64 {
+        self.conn
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Writes what the event store counted, as a real host does after each
+    /// commit.
+    fn write_counters(&self) {
+        let pending = self.counters.take();
+        counters::write(&self.conn, &pending).expect("writing counters");
     }
 
     /// Takes the outgoing envelopes the host would have sent so far.

@@ -302,7 +302,8 @@ mod tests {
         let mut host = host("127.0.0.1:7001");
         add_address(&host, PEER_B, 7002, true);
         add_address(&host, PEER_OFF, 7003, false);
-        add_address(&host, "test-peer", 7001, true);
+        let me = host.identity().peer_id.to_string();
+        add_address(&host, &me, 7001, true);
         add_events(&host, 1, 0..3);
         let other_network = Value::map([("network_id", "net-2")]);
         host.run_job("sync", other_network).unwrap();

@@ -184,7 +184,7 @@ impl Peer {
     /// the handler.
     pub(crate) fn with_ctx<T>(&self, f: impl FnOnce(&mut Context<'_>) -> T) -> T {
         let statements = Statements::new(self.host.db());
-        let mut services = HostContext::new(&statements, "sync", &self.identity);
+        let mut services = HostContext::new(&statements, "sync", &self.identity, None);
         let mut ctx = Context::new(services.as_abi());
         f(&mut ctx)
     }

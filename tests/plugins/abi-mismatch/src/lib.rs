@@ -6,6 +6,10 @@
 //! clear one-line error, not crash. (A cargo feature on quiet-plugin-api
 //! would do the same, but features unify across a workspace build and would
 //! change the host's own copy too.)
+//!
+//! Built with `QUIET_TEST_VARIANT=plugin-api-0.1`, it declares the interface
+//! version before signed events instead, as a plugin left over from before
+//! an upgrade does.
 
 // abi_stable's derives expand to impls inside a const block.
 #![allow(non_local_definitions)]
@@ -36,7 +40,13 @@ impl RootModule for OtherPluginModRef {
     declare_root_module_statics! {OtherPluginModRef}
     const BASE_NAME: &'static str = "quiet_plugin";
     const NAME: &'static str = "quiet_plugin";
-    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+    const VERSION_STRINGS: VersionStrings = match option_env!("QUIET_TEST_VARIANT") {
+        Some(v) => match v.as_bytes() {
+            b"plugin-api-0.1" => VersionStrings::new("0.1.0"),
+            _ => package_version_strings!(),
+        },
+        None => package_version_strings!(),
+    };
 }
 
 extern "C" fn handlers() -> RVec<RString> {
