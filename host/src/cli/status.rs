@@ -66,8 +66,21 @@ pub struct NetworkStatus {
     pub network_id: String,
     /// Events stored.
     pub events: i64,
+    /// Stored events not yet routed to handlers: they wait for deps.
+    pub waiting: Waiting,
     /// Known peers.
     pub peers: Vec<PeerStatus>,
+}
+
+/// Events that wait for their deps, in one network.
+#[derive(Debug, Default, Serialize)]
+pub struct Waiting {
+    /// How many.
+    pub events: i64,
+    /// Since when the oldest has waited (ms since the Unix epoch).
+    pub oldest_ms: Option<i64>,
+    /// The oldest's event id (hex).
+    pub oldest_event_id: Option<String>,
 }
 
 /// One peer of a network.
@@ -275,8 +288,21 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
         "SELECT peer_id, ip, port, is_active, last_seen_ms, last_sync_ms FROM addresses
          WHERE network_id = ? ORDER BY peer_id",
     )?;
+    let mut waiting = conn.prepare(
+        "SELECT COUNT(DISTINCT event_id), MIN(since_ms),
+                (SELECT event_id FROM event_waits w2 WHERE w2.network_id = ?1
+                 ORDER BY since_ms, event_id LIMIT 1)
+         FROM event_waits WHERE network_id = ?1",
+    )?;
     ids.into_iter()
         .map(|(network_id, events)| {
+            let waiting = waiting.query_row([&network_id], |r| {
+                Ok(Waiting {
+                    events: r.get(0)?,
+                    oldest_ms: r.get(1)?,
+                    oldest_event_id: r.get::<_, Option<Vec<u8>>>(2)?.map(hex::encode),
+                })
+            })?;
             let peers = peers
                 .query_map([&network_id], |r| {
                     Ok(PeerStatus {
@@ -292,6 +318,7 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
             Ok(NetworkStatus {
                 network_id,
                 events,
+                waiting,
                 peers,
             })
         })
@@ -414,6 +441,14 @@ pub fn render(s: &Status) -> String {
             n.events,
             n.peers.len()
         );
+        if n.waiting.events > 0 {
+            let since = n.waiting.oldest_ms.map_or("?".into(), |t| relative(t, now));
+            let _ = writeln!(
+                out,
+                "    WAITING {} events on missing deps, the oldest from {since}",
+                n.waiting.events
+            );
+        }
         for p in &n.peers {
             let _ = writeln!(
                 out,

@@ -4,7 +4,7 @@
 //!
 //! It opens the event with the network's key (so only members' events are
 //! kept), checks its author's signature (format 3,
-//! [`signed_event`](crate::crypto::signed_event)), stores it once
+//! [`crate::crypto::signed_event`]), stores it once
 //! (`events.event_id`, a hash of what was signed, is the primary key: a
 //! duplicate, even re-encrypted, stops here), and hands the decrypted event
 //! on to the plugins under its own type, such as `message`, with `author`
@@ -196,7 +196,7 @@ impl EventStore {
     }
 
     /// [`open`](Self::open) for each of `envelopes`, in order: the
-    /// signatures are checked in batches of [`VERIFY_CHUNK`], spread over
+    /// signatures are checked in batches of 128, spread over
     /// two threads when there are enough to pay for it. During a catch-up
     /// checking signatures is the largest part of a receiver's work after
     /// SQLite, and the other core is otherwise idle half the time.
