@@ -125,6 +125,44 @@ enum Command {
         #[command(subcommand)]
         command: MessageCommand,
     },
+    /// Send events of any type, signed by this host.
+    Event {
+        #[command(subcommand)]
+        command: EventCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventCommand {
+    /// Sign an event with this host's identity and queue it; prints its id.
+    ///
+    /// The running host (or its next start) stores and syncs it. Refused
+    /// in one line, with nothing queued: content that is not a JSON object
+    /// or uses a key the host sets (type, author, created_ms, deps), a bad
+    /// type or dep, more than 16 deps, an event over 64 KiB.
+    #[command(after_help = "Examples:
+  quiet-host event send NETWORK note '{\"text\": \"hi\", \"pinned\": true}'
+  quiet-host event send NETWORK reaction '{\"emoji\": \"👍\"}' --dep MESSAGE_ID
+  some-tool | quiet-host event send NETWORK note -")]
+    Send {
+        /// The network id.
+        network: String,
+        /// The event type: 1 to 64 of A-Z a-z 0-9 _ . : -
+        #[arg(value_name = "TYPE")]
+        event_type: String,
+        /// The content, a JSON object (bytes as {"$bytes": "<hex>"}; a
+        /// number with a fraction or exponent is a float, one without an
+        /// integer), or `-` to read it from standard input.
+        #[arg(value_name = "JSON")]
+        content: Option<String>,
+        /// Read the content from this file instead.
+        #[arg(long, conflicts_with = "content")]
+        file: Option<PathBuf>,
+        /// An event this one depends on, in the same network (its id, as
+        /// `event list` prints it); repeat for more, up to 16.
+        #[arg(long = "dep", value_name = "ID")]
+        deps: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +271,7 @@ fn main() -> ExitCode {
         } => demo(plugins_from, keep, timeout),
         Command::Network { command } => network(&data_dir, command),
         Command::Message { command } => message(&data_dir, command),
+        Command::Event { command } => event(&data_dir, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -330,6 +369,26 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn event(data: &Path, command: EventCommand) -> Result<(), String> {
+    match command {
+        EventCommand::Send {
+            network,
+            event_type,
+            content,
+            file,
+            deps,
+        } => {
+            let content =
+                commands::read_input(content.as_deref(), file.as_deref(), "the event content")?;
+            println!(
+                "{}",
+                commands::event_send(data, &network, &event_type, &content, &deps)?
+            );
         }
     }
     Ok(())

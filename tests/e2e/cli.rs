@@ -578,3 +578,93 @@ fn status_lists_traffic_apart_from_drops_and_a_stopped_hosts_jobs_run_at_start()
         .unwrap_or_else(|| panic!("{stopped}"));
     assert!(job.trim_end().ends_with("at start"), "{job}");
 }
+
+/// The trimmed stdout of a command that must succeed.
+fn succeeded(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn event_send_refuses_what_no_host_would_store_in_one_line_and_queues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, net) = offline_network(dir.path());
+    let long = dir.path().join("long.json");
+    fs::write(&long, format!("{{\"text\": \"{}\"}}", "x".repeat(70_000))).unwrap();
+    let many_deps: Vec<String> = (0..17)
+        .flat_map(|i| ["--dep".to_owned(), format!("{i:064x}")])
+        .collect();
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (
+            vec!["note", r#"{"type": "message"}"#],
+            &["may not have the key `type`"],
+        ),
+        (
+            vec!["note", r#"{"author": "me"}"#],
+            &["may not have the key `author`"],
+        ),
+        (vec!["note", r#"{"created_ms": 1}"#], &["`created_ms`"]),
+        (vec!["note", r#"{"deps": []}"#], &["`deps`"]),
+        (
+            vec!["note", "[1, 2]"],
+            &["must be a JSON object", "not an array"],
+        ),
+        (
+            vec!["note", "\"hi\""],
+            &["must be a JSON object", "not a string"],
+        ),
+        (
+            vec!["note", "{\"text\": "],
+            &["the event content is not JSON"],
+        ),
+        (
+            vec!["note", r#"{"n": [18446744073709551615]}"#],
+            &["at .n[0]", "beyond the 64-bit range"],
+        ),
+        (
+            vec!["note", "--file", long.to_str().unwrap()],
+            &["over the limit of 65536 bytes", "shorten it by at least"],
+        ),
+        (
+            vec!["bad type", "{}"],
+            &["\"bad type\" is not an event type"],
+        ),
+        (
+            vec!["two\nlines", "{}"],
+            &["\"two\\nlines\" is not an event type"],
+        ),
+        (
+            [
+                vec!["note", "{}"],
+                many_deps.iter().map(String::as_str).collect(),
+            ]
+            .concat(),
+            &["at most 16 deps"],
+        ),
+        (
+            vec!["note", "{}", "--dep", "abc"],
+            &["--dep \"abc\" is not an event id"],
+        ),
+        (vec!["note"], &["give the event content", "--file"]),
+    ];
+    for (args, needles) in cases {
+        let out = quiet(&[&["event", "send", &net][..], &args].concat(), dir.path());
+        one_line_error(&out, needles);
+        assert!(out.stdout.is_empty(), "{args:?} printed an id");
+    }
+    assert_eq!(
+        query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
+        Some(0)
+    );
+    // One that fits is taken, and gets its id.
+    let id = succeeded(quiet(&["event", "send", &net, "note", "{}"], dir.path()));
+    assert_eq!(id.len(), 64, "{id}");
+    assert_eq!(
+        query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
+        Some(1)
+    );
+}

@@ -1,5 +1,5 @@
 //! The CLI's commands that change or read a host's data folder directly:
-//! networks and messages. They work whether or not the host is running
+//! networks, events and messages. They work whether or not the host is running
 //! (SQLite in WAL mode, `BEGIN IMMEDIATE`, busy timeout). Work that needs
 //! the plugins, such as projecting a new message, is queued in
 //! `submissions` for the host, which picks it up within a fraction of a
@@ -10,10 +10,14 @@ use std::{io::Read, path::Path, sync::Arc};
 use quiet_plugin_api::Value;
 use rusqlite::Connection;
 use serde::Serialize;
+use serde_json::Value as Json;
 
 use crate::{
-    crypto::identity::{HostIdentity, IdentityError},
-    encoding::codec,
+    crypto::{
+        identity::{HostIdentity, IdentityError},
+        signed_event::EventId,
+    },
+    encoding::{codec, event_type, json},
     plugins::handler::CallError,
     storage::{
         db,
@@ -224,9 +228,8 @@ pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
     .map_err(|e| e.to_string())
 }
 
-/// `message send`: signs and encrypts a message event and queues it for
-/// the host.
-/// Returns the event id (hex).
+/// `message send`: the friendly form of `event send NETWORK message
+/// {"text": TEXT}`. Returns the event id (hex).
 pub fn message_send(data_dir: &Path, network_id: &str, text: &str) -> Result<String, String> {
     let ids = message_send_many(data_dir, network_id, &[text])?;
     Ok(ids.into_iter().next().expect("one message, one id"))
@@ -239,6 +242,86 @@ pub fn message_send_many(
     network_id: &str,
     texts: &[&str],
 ) -> Result<Vec<String>, String> {
+    let contents = texts
+        .iter()
+        .map(|text| Value::map([("text", Value::from(*text))]));
+    queue_events(data_dir, network_id, "message", &[], contents)
+}
+
+/// `event send`: an event of `event_type` whose content is the JSON object
+/// `content` (read by [`json::json_to_value`]), depending on the events
+/// `deps` names (hex ids, as `event list` prints them). What is wrong with
+/// the input is refused in one line before the data folder is touched;
+/// what no host would store (a reserved key, too many deps, over 64 KiB)
+/// by the event store, before anything is queued. Returns the id (hex).
+pub fn event_send(
+    data_dir: &Path,
+    network_id: &str,
+    event_type: &str,
+    content: &str,
+    deps: &[String],
+) -> Result<String, String> {
+    check_type(event_type)?;
+    let deps = deps
+        .iter()
+        .map(|d| {
+            hex::decode(d)
+                .ok()
+                .and_then(|b| EventId::try_from(b).ok())
+                .ok_or_else(|| {
+                    format!("--dep {d:?} is not an event id (64 hex characters, as `event list` prints them)")
+                })
+        })
+        .collect::<Result<Vec<EventId>, String>>()?;
+    let json: Json =
+        serde_json::from_str(content).map_err(|e| format!("the event content is not JSON: {e}"))?;
+    let content = json::json_to_value(&json).map_err(|e| format!("the event content: {e}"))?;
+    if !matches!(content, Value::Map(_)) {
+        return Err(format!(
+            "the event content must be a JSON object, such as {{\"text\": \"hi\"}}, not {}",
+            kind_of(&json)
+        ));
+    }
+    let ids = queue_events(data_dir, network_id, event_type, &deps, [content])?;
+    Ok(ids.into_iter().next().expect("one event, one id"))
+}
+
+/// Refuses a type no event may have, quoting it escaped: it may come from
+/// anywhere, and the error must stay one line.
+fn check_type(event_type: &str) -> Result<(), String> {
+    match event_type::is_valid(event_type) {
+        true => Ok(()),
+        false => Err(format!(
+            "{event_type:?} is not an event type: 1 to {} of A-Z a-z 0-9 _ . : -",
+            event_type::MAX_LEN
+        )),
+    }
+}
+
+/// What `j` is, for an error that says what was given instead.
+fn kind_of(j: &Json) -> &'static str {
+    match j {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "bytes ({\"$bytes\": …})",
+    }
+}
+
+/// The one home of queueing: signs each of `contents` as an event of
+/// `event_type` by this data folder's identity, depending on `deps`, and
+/// queues them all in `submissions` in one transaction, for the host to
+/// store and sync. One refused (by [`EventStore::new_local_event`]'s
+/// rules) queues none. Returns their ids (hex), in order.
+fn queue_events(
+    data_dir: &Path,
+    network_id: &str,
+    event_type: &str,
+    deps: &[EventId],
+    contents: impl IntoIterator<Item = Value>,
+) -> Result<Vec<String>, String> {
     let conn = open(data_dir)?;
     require_member(&conn, network_id)?;
     let me = identity(data_dir)?;
@@ -246,12 +329,11 @@ pub fn message_send_many(
     db::with_write_tx(&conn, |c| {
         let mut insert =
             c.prepare_cached("INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)")?;
-        let mut ids = Vec::with_capacity(texts.len());
-        for text in texts {
+        let mut ids = Vec::new();
+        for content in contents {
             // The author and the time are the signature's, not fields.
-            let content = Value::map([("text", Value::from(*text))]);
             let (id, envelope) = store
-                .new_local_event(me.signing(), network_id, "message", &content, &[])
+                .new_local_event(me.signing(), network_id, event_type, &content, deps)
                 .map_err(CallError::Handler)?;
             ids.push(hex::encode(id));
             insert.execute(rusqlite::params![
