@@ -125,7 +125,7 @@ enum Command {
         #[command(subcommand)]
         command: MessageCommand,
     },
-    /// Send events of any type, signed by this host.
+    /// Send and list events of any type, signed by this host.
     Event {
         #[command(subcommand)]
         command: EventCommand,
@@ -162,6 +162,25 @@ enum EventCommand {
         /// `event list` prints it); repeat for more, up to 16.
         #[arg(long = "dep", value_name = "ID")]
         deps: Vec<String>,
+    },
+    /// List a network's stored events, oldest first.
+    ///
+    /// One line each: time, id, type, author (the signer's peer id, cut to
+    /// 12), the number of deps, the content as JSON, with control
+    /// characters escaped. Each is decrypted and its signature checked
+    /// again; one that fails is shown as an error line. Events stored
+    /// before signatures are listed too, their claimed author marked `?`.
+    List {
+        /// The network id.
+        network: String,
+        /// Only events of this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        event_type: Option<String>,
+        /// Print JSON: an array of {event_id, event_type, author, legacy,
+        /// created_ms, deps, content}, with claimed_author for legacy
+        /// events and error for rows that failed.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -390,8 +409,54 @@ fn event(data: &Path, command: EventCommand) -> Result<(), String> {
                 commands::event_send(data, &network, &event_type, &content, &deps)?
             );
         }
+        EventCommand::List {
+            network,
+            event_type,
+            json,
+        } => {
+            let list = commands::event_list(data, &network, event_type.as_deref())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).expect("serialises")
+                );
+            } else {
+                for e in &list {
+                    println!("{}", event_line(e));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// One line of `event list`. The content and a legacy event's claimed
+/// author are a peer's to choose: serde_json escapes what is below U+0020,
+/// and `printable` the rest that acts on a terminal.
+fn event_line(e: &commands::ListedEvent) -> String {
+    let head = format!(
+        "{}  {}  {}",
+        e.created_ms,
+        e.event_id,
+        terminal::printable(&e.event_type)
+    );
+    if let Some(error) = &e.error {
+        return format!("{head}  error: {}", terminal::printable(error));
+    }
+    let (author, mark) = match (&e.author, &e.claimed_author) {
+        (Some(a), _) => (terminal::short(a, 12), " "),
+        (None, Some(claimed)) => (terminal::short(claimed, 12), "?"),
+        (None, None) => ("".into(), "?"),
+    };
+    let content = serde_json::to_string(&e.content).expect("serialises");
+    let deps = match e.deps.len() {
+        1 => "1 dep".to_string(),
+        n => format!("{n} deps"),
+    };
+    format!(
+        "{head}  {author}{mark} {deps}  {}",
+        terminal::printable(&content)
+    )
 }
 
 fn run(

@@ -579,6 +579,20 @@ fn status_lists_traffic_apart_from_drops_and_a_stopped_hosts_jobs_run_at_start()
     assert!(job.trim_end().ends_with("at start"), "{job}");
 }
 
+/// `event list NETWORK [--type T] --json` of a data folder, parsed.
+fn event_list_json(data: &Path, network: &str, event_type: Option<&str>) -> Vec<serde_json::Value> {
+    let mut args = vec!["event", "list", network, "--json"];
+    args.extend(event_type.iter().flat_map(|t| ["--type", t]));
+    let json: serde_json::Value = serde_json::from_str(&cli(data, &args)).unwrap();
+    json.as_array().unwrap().clone()
+}
+
+fn peer_id(data: &Path) -> String {
+    quiet_host::crypto::identity::HostIdentity::load(data)
+        .unwrap()
+        .peer_id()
+}
+
 /// The trimmed stdout of a command that must succeed.
 fn succeeded(out: Output) -> String {
     assert!(
@@ -587,6 +601,103 @@ fn succeeded(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn event_send_takes_json_from_an_argument_a_file_or_stdin_and_event_list_reads_it_back() {
+    let (dirs, host) = sync_host();
+    let (_, net) = create_network(&dirs.data);
+    let from_arg = cli(
+        &dirs.data,
+        &[
+            "event",
+            "send",
+            &net,
+            "note",
+            r#"{"text": "from an argument", "n": 1, "f": 1.0, "raw": {"$bytes": "00ff"}}"#,
+        ],
+    );
+    let file = dirs.data.join("note.json");
+    fs::write(&file, "{\"text\": \"from a file\"}\n").unwrap();
+    let from_file = cli(
+        &dirs.data,
+        &[
+            "event",
+            "send",
+            &net,
+            "note",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let from_stdin = succeeded(quiet_with_stdin(
+        &["event", "send", &net, "note", "-", "--dep", &from_arg],
+        &dirs.data,
+        "{\"text\": \"from stdin\"}\n",
+    ));
+    // `message send` is the same path, for one type: a text that would
+    // clear the line and forge another.
+    let hostile = "hi\r\x1b[2Kquiet-host running (pid 1)\nDEAD LETTERS\u{202e}\u{7f}";
+    cli(&dirs.data, &["message", "send", &net, hostile]);
+    wait_for(Duration::from_secs(20), || {
+        (crate::sync::events(&dirs.data, &net) == 4).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not stored; log:\n{}", host.log().join("\n")));
+
+    let me = peer_id(&dirs.data);
+    let notes = event_list_json(&dirs.data, &net, Some("note"));
+    let ids: Vec<&str> = notes
+        .iter()
+        .map(|n| n["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [&from_arg, &from_file, &from_stdin], "oldest first");
+    // Integers, floats and bytes come back as they were sent.
+    assert_eq!(
+        notes[0]["content"],
+        serde_json::json!({"text": "from an argument", "n": 1, "f": 1.0, "raw": {"$bytes": "00ff"}})
+    );
+    assert_eq!(
+        notes[1]["content"],
+        serde_json::json!({"text": "from a file"})
+    );
+    assert_eq!(
+        notes[2]["content"],
+        serde_json::json!({"text": "from stdin"})
+    );
+    assert_eq!(notes[2]["deps"], serde_json::json!([from_arg]));
+    for n in &notes {
+        assert_eq!(n["author"], me.as_str(), "{n}");
+        assert_eq!(n["event_type"], "note");
+        assert_eq!(n["legacy"], false);
+        assert!(n.get("error").is_none(), "{n}");
+    }
+    // The JSON form keeps the text as written.
+    let messages = event_list_json(&dirs.data, &net, Some("message"));
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["content"]["text"], hostile);
+
+    // The text form: one line an event, nothing that acts on a terminal.
+    let text = cli(&dirs.data, &["event", "list", &net]);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(
+        !text.contains(['\x1b', '\r', '\u{202e}', '\u{7f}']),
+        "{text:?}"
+    );
+    let line = |id: &str| text.lines().find(|l| l.contains(id)).unwrap().to_owned();
+    assert!(
+        line(&from_stdin).ends_with(&format!(
+            "  {from_stdin}  note  {}  1 dep  {{\"text\":\"from stdin\"}}",
+            &me[..12]
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"{"text":"hi\r\u001b[2Kquiet-host running (pid 1)\nDEAD LETTERS\u{202e}\u{7f}"}"#
+        ),
+        "{text}"
+    );
+    host.stop();
 }
 
 #[test]
@@ -660,6 +771,11 @@ fn event_send_refuses_what_no_host_would_store_in_one_line_and_queues_nothing() 
         query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
         Some(0)
     );
+    // `event list` refuses a bad type as `event send` does.
+    one_line_error(
+        &quiet(&["event", "list", &net, "--type", "a b"], dir.path()),
+        &["\"a b\" is not an event type"],
+    );
     // One that fits is taken, and gets its id.
     let id = succeeded(quiet(&["event", "send", &net, "note", "{}"], dir.path()));
     assert_eq!(id.len(), 64, "{id}");
@@ -667,4 +783,152 @@ fn event_send_refuses_what_no_host_would_store_in_one_line_and_queues_nothing() 
         query_i64(dir.path(), "SELECT COUNT(*) FROM submissions"),
         Some(1)
     );
+}
+
+#[test]
+fn event_list_shows_a_row_that_fails_as_an_error_and_legacy_events_as_unverified() {
+    use quiet_host::{
+        crypto::{event_crypto, signed_event},
+        encoding::codec,
+        storage::{event_store::EventStore, networks::NetworkKeys},
+    };
+    use quiet_plugin_api::{field, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_, net) = offline_network(data);
+    let keys = NetworkKeys::new(data);
+    let key = keys.get(&net).unwrap();
+    let store = EventStore::new(std::sync::Arc::new(keys), Default::default());
+    let me = quiet_host::crypto::identity::HostIdentity::load(data).unwrap();
+    let conn = quiet_host::storage::db::open(data).unwrap();
+    let insert = |table: &str, id: &[u8], created_ms: i64, event_type: &str, event: &[u8]| {
+        let routed = if table == "legacy_events" { ", 1" } else { "" };
+        let columns = if table == "legacy_events" {
+            ", routed"
+        } else {
+            ""
+        };
+        conn.execute(
+            &format!(
+                "INSERT INTO {table} (event_id, network_id, created_ms, event_type, event, received_ms{columns})
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0{routed})"
+            ),
+            rusqlite::params![id, net, created_ms, event_type, event],
+        )
+        .unwrap();
+    };
+    // A legacy message, from before signatures: its author is what its
+    // sender wrote.
+    let plaintext = Value::map([
+        ("type", Value::from("message")),
+        ("author", Value::from("claimed-bob")),
+        ("created_ms", Value::from(1_000)),
+        ("text", Value::from("old")),
+    ]);
+    let legacy = event_crypto::encrypt_event(&key, 1_000, &codec::encode(&plaintext));
+    insert(
+        "legacy_events",
+        &event_crypto::event_id(&legacy),
+        1_000,
+        "message",
+        &legacy,
+    );
+    // Signed events, as the store would hold them; one has its signature
+    // changed on disk, one is stored under a type it was not signed as.
+    let mut signed = Vec::new();
+    for text in ["intact", "signature changed", "type changed"] {
+        let content = Value::map([("text", Value::from(text))]);
+        let (id, envelope) = store
+            .new_local_event(me.signing(), &net, "note", &content, &[])
+            .unwrap();
+        let event = envelope.bytes(field::EVENT_CIPHERTEXT).unwrap().to_vec();
+        signed.push((id, event));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let created = |event: &[u8]| i64::from_be_bytes(event[..8].try_into().unwrap());
+    let (intact, bad_signature, bad_type) = (&signed[0], &signed[1], &signed[2]);
+    insert("events", &intact.0, created(&intact.1), "note", &intact.1);
+    let mut inner = signed_event::open_inner(&key, &bad_signature.1).unwrap();
+    inner[0] ^= 1;
+    let resealed = signed_event::seal_inner(&key, created(&bad_signature.1), &inner);
+    insert(
+        "events",
+        &bad_signature.0,
+        created(&resealed),
+        "note",
+        &resealed,
+    );
+    insert(
+        "events",
+        &bad_type.0,
+        created(&bad_type.1),
+        "message",
+        &bad_type.1,
+    );
+    // And an intact event copied under an id that is not its own.
+    let later = created(&bad_type.1) + 10;
+    insert("events", &[0xff; 32], later, "note", &intact.1);
+
+    let text = cli(data, &["event", "list", &net]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines[0].ends_with("  message  claimed-bob? 0 deps  {\"text\":\"old\"}"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains(&format!(
+            "  {}  note  {}  0 deps",
+            hex::encode(intact.0),
+            &me.peer_id()[..12]
+        )),
+        "{text}"
+    );
+    assert!(
+        lines[2].ends_with("  note  error: signature does not verify"),
+        "{text}"
+    );
+    assert!(
+        lines[3].ends_with("  message  error: stored as type \"message\", signed as \"note\""),
+        "{text}"
+    );
+    assert!(
+        lines[4].ends_with("  note  error: its id is not the hash of its signed body"),
+        "{text}"
+    );
+    let json = event_list_json(data, &net, None);
+    assert_eq!(json[0]["legacy"], true);
+    assert_eq!(json[0]["author"], serde_json::Value::Null);
+    assert_eq!(json[0]["claimed_author"], "claimed-bob");
+    assert_eq!(json[0]["content"], serde_json::json!({"text": "old"}));
+    assert_eq!(json[1]["author"], me.peer_id().as_str());
+    assert!(json[1].get("error").is_none(), "{}", json[1]);
+    assert_eq!(json[2]["error"], "signature does not verify");
+    assert_eq!(json[2]["content"], serde_json::Value::Null);
+    // `--type` picks the rows by their stored type.
+    let messages = event_list_json(data, &net, Some("message"));
+    assert_eq!(messages.len(), 2);
+}
+
+#[test]
+fn a_note_sent_on_one_host_reaches_the_event_list_of_a_synced_peer() {
+    let (a_dirs, a, b_dirs, b, net) = synced_pair();
+    let content = r#"{"text": "a note for b", "tags": ["x", 2]}"#;
+    let id = cli(&a_dirs.data, &["event", "send", &net, "note", content]);
+    let notes = wait_for(Duration::from_secs(30), || {
+        let notes = event_list_json(&b_dirs.data, &net, Some("note"));
+        (!notes.is_empty()).then_some(notes)
+    })
+    .unwrap_or_else(|| panic!("B never got A's note; log of B:\n{}", b.log().join("\n")));
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0]["event_id"], id.as_str());
+    assert_eq!(notes[0]["author"], peer_id(&a_dirs.data).as_str());
+    assert_eq!(
+        notes[0]["content"],
+        serde_json::from_str::<serde_json::Value>(content).unwrap()
+    );
+    // B lists it as A does.
+    assert_eq!(notes, event_list_json(&a_dirs.data, &net, Some("note")));
+    a.stop();
+    b.stop();
 }

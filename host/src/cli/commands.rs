@@ -7,15 +7,17 @@
 
 use std::{io::Read, path::Path, sync::Arc};
 
-use quiet_plugin_api::Value;
+use quiet_plugin_api::{abi_stable::std_types::RVec, Field, Value};
 use rusqlite::Connection;
 use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::{
     crypto::{
-        identity::{HostIdentity, IdentityError},
-        signed_event::EventId,
+        entropy::BatchWeights,
+        event_crypto::{self, NetworkKey},
+        identity::{HostIdentity, IdentityError, VerifyingKeys},
+        signed_event::{self, EventId, Unverified},
     },
     encoding::{codec, event_type, json},
     plugins::handler::CallError,
@@ -132,6 +134,16 @@ fn require_member(conn: &Connection, network_id: &str) -> Result<(), String> {
     ))
 }
 
+/// The key of a network `require_member` found this host in.
+fn network_key(data_dir: &Path, network_id: &str) -> Result<NetworkKey, String> {
+    NetworkKeys::new(data_dir).get(network_id).ok_or_else(|| {
+        format!(
+            "the key of network {network_id} is missing from {}",
+            data_dir.join("keys").display()
+        )
+    })
+}
+
 /// `network create`: returns the invite line.
 pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, String> {
     let conn = open(data_dir)?;
@@ -149,12 +161,7 @@ pub fn network_invite(
     let conn = open(data_dir)?;
     require_member(&conn, network_id)?;
     let me = identity(data_dir)?;
-    let key = NetworkKeys::new(data_dir).get(network_id).ok_or_else(|| {
-        format!(
-            "the key of network {network_id} is missing from {}",
-            data_dir.join("keys").display()
-        )
-    })?;
+    let key = network_key(data_dir, network_id)?;
     let address = listen_address(&conn, address)?;
     networks::parse_address(&address)?;
     Ok(Invite {
@@ -402,4 +409,212 @@ pub fn message_list(data_dir: &Path, network_id: &str) -> Result<Vec<Message>, S
     })
     .and_then(|rows| rows.collect())
     .map_err(|e| e.to_string())
+}
+
+/// One stored event, as `event list` shows it.
+#[derive(Debug, Serialize)]
+pub struct ListedEvent {
+    /// The event id (hex).
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// The peer id of the key that signed it; `None` for a legacy event,
+    /// whose author is only claimed, and for one that did not open.
+    pub author: Option<String>,
+    /// For a legacy event, the author its sender wrote, not verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_author: Option<String>,
+    /// Whether it was stored before events were signed (`legacy_events`).
+    pub legacy: bool,
+    /// When its author created it, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// The ids (hex) of the events it depends on.
+    pub deps: Vec<String>,
+    /// Its content, as JSON (`null` if it did not open).
+    pub content: Json,
+    /// Why the stored row did not open or verify: the other fields are then
+    /// the row's own, unchecked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A row of `events` or `legacy_events`.
+struct StoredRow {
+    id: Vec<u8>,
+    created_ms: i64,
+    event_type: String,
+    event: Vec<u8>,
+    legacy: bool,
+}
+
+/// Signatures checked in one batch by `event list`: a batch costs about a
+/// fifth of single checks, and this bounds what is held for it.
+const LIST_VERIFY_BATCH: usize = 1024;
+
+/// `event list`: the stored events of a network (of `event_type` only, if
+/// given), oldest first, each opened and its signature checked again: the
+/// store verified it, but a row is only what the file holds now. One that
+/// fails comes back with [`ListedEvent::error`] set, not as an error of
+/// the whole command. Events stored before signatures are included, marked
+/// [`ListedEvent::legacy`], with the author they claim apart.
+pub fn event_list(
+    data_dir: &Path,
+    network_id: &str,
+    event_type: Option<&str>,
+) -> Result<Vec<ListedEvent>, String> {
+    if let Some(t) = event_type {
+        check_type(t)?;
+    }
+    let Some(conn) = open_to_read(data_dir)? else {
+        return Err(format!(
+            "{}: no quiet-host database here, so no networks and no events",
+            data_dir.display()
+        ));
+    };
+    require_member(&conn, network_id)?;
+    let key = network_key(data_dir, network_id)?;
+    let rows = stored_rows(&conn, network_id, event_type).map_err(|e| e.to_string())?;
+    let authors = VerifyingKeys::default();
+    let mut listed = Vec::with_capacity(rows.len());
+    // Signed events that opened, with where they go, await a batch check;
+    // until then their place holds an error, so none is shown unchecked.
+    let mut opened: Vec<(usize, Unverified)> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if row.legacy {
+            listed.push(open_legacy(&key, row).unwrap_or_else(|e| failed(row, e)));
+            continue;
+        }
+        listed.push(failed(row, "not verified".into()));
+        match signed_event::open_event_v3(network_id, &key, &row.event, &authors) {
+            Ok(u) if u.id()[..] == row.id[..] => opened.push((i, u)),
+            Ok(_) => listed[i] = failed(row, "its id is not the hash of its signed body".into()),
+            Err(e) => listed[i] = failed(row, e.to_string()),
+        }
+        if opened.len() == LIST_VERIFY_BATCH {
+            verify_into(&mut listed, &rows, std::mem::take(&mut opened));
+        }
+    }
+    verify_into(&mut listed, &rows, opened);
+    Ok(listed)
+}
+
+/// Checks the signatures of `opened` in one batch and puts each event, or
+/// why it failed, in its place in `listed`.
+fn verify_into(listed: &mut [ListedEvent], rows: &[StoredRow], opened: Vec<(usize, Unverified)>) {
+    let (at, events): (Vec<usize>, Vec<Unverified>) = opened.into_iter().unzip();
+    for (i, verified) in at
+        .into_iter()
+        .zip(signed_event::verify_batch(events, BatchWeights::new()))
+    {
+        let row = &rows[i];
+        listed[i] = match verified {
+            Ok(e) if e.event_type != row.event_type => failed(
+                row,
+                format!(
+                    "stored as type {:?}, signed as {:?}",
+                    row.event_type, e.event_type
+                ),
+            ),
+            Ok(e) => ListedEvent {
+                event_id: hex::encode(e.id),
+                author: Some(e.author_peer_id()),
+                claimed_author: None,
+                legacy: false,
+                created_ms: e.created_ms,
+                deps: e.deps.iter().map(hex::encode).collect(),
+                content: json::value_to_json(&e.content),
+                error: None,
+                event_type: e.event_type,
+            },
+            Err(e) => failed(row, e.to_string()),
+        };
+    }
+}
+
+/// A legacy event (format 1 or 2, unsigned): decrypted, its claimed
+/// author apart and its content without the fields the host now sets.
+fn open_legacy(key: &NetworkKey, row: &StoredRow) -> Result<ListedEvent, String> {
+    if event_crypto::event_id(&row.event)[..] != row.id[..] {
+        return Err("its id is not the hash of its bytes".into());
+    }
+    let (created_ms, plaintext) =
+        event_crypto::decrypt_event(key, &row.event).map_err(|e| e.to_string())?;
+    let plaintext = codec::decode(&plaintext).map_err(|e| e.to_string())?;
+    if event_type::of(&plaintext) != Some(row.event_type.as_str()) {
+        return Err("its plaintext does not name the type it is stored as".into());
+    }
+    let Value::Map(fields) = &plaintext else {
+        unreachable!("a value with a type is a map")
+    };
+    let content: RVec<Field> = fields
+        .iter()
+        .filter(|f| !signed_event::RESERVED_KEYS.contains(&f.key.as_str()))
+        .cloned()
+        .collect();
+    Ok(ListedEvent {
+        event_id: hex::encode(&row.id),
+        event_type: row.event_type.clone(),
+        author: None,
+        claimed_author: plaintext
+            .get("author")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        legacy: true,
+        created_ms,
+        deps: Vec::new(),
+        content: json::value_to_json(&Value::Map(content)),
+        error: None,
+    })
+}
+
+/// What is shown of a row that did not open or verify: its own columns.
+fn failed(row: &StoredRow, error: String) -> ListedEvent {
+    ListedEvent {
+        event_id: hex::encode(&row.id),
+        event_type: row.event_type.clone(),
+        author: None,
+        claimed_author: None,
+        legacy: row.legacy,
+        created_ms: row.created_ms,
+        deps: Vec::new(),
+        content: Json::Null,
+        error: Some(error),
+    }
+}
+
+/// The rows of `network_id` (of `event_type`, if given) in `events` and
+/// `legacy_events`, oldest first. A database no host has migrated to
+/// signed events yet has no `legacy_events`: all its `events` are legacy.
+fn stored_rows(
+    conn: &Connection,
+    network_id: &str,
+    event_type: Option<&str>,
+) -> rusqlite::Result<Vec<StoredRow>> {
+    let select = |table: &str, legacy: bool| {
+        format!(
+            "SELECT event_id, created_ms, event_type, event, {legacy} FROM {table}
+             WHERE network_id = ?1 AND (?2 IS NULL OR event_type = ?2)"
+        )
+    };
+    let migrated = format!(
+        "{} UNION ALL {} ORDER BY 2, 1",
+        select("events", false),
+        select("legacy_events", true)
+    );
+    let mut stmt = match conn.prepare(&migrated) {
+        Err(e) if e.to_string().contains("no such table: legacy_events") => {
+            conn.prepare(&format!("{} ORDER BY 2, 1", select("events", true)))?
+        }
+        other => other?,
+    };
+    let rows = stmt.query_map(rusqlite::params![network_id, event_type], |r| {
+        Ok(StoredRow {
+            id: r.get(0)?,
+            created_ms: r.get(1)?,
+            event_type: r.get(2)?,
+            event: r.get(3)?,
+            legacy: r.get(4)?,
+        })
+    })?;
+    rows.collect()
 }
