@@ -380,8 +380,13 @@ fn message(data: &Path, command: MessageCommand) -> Result<(), String> {
                     // The text is a peer's to choose; an author from before
                     // signatures was too, and is marked `?`.
                     let mark = if m.verified { " " } else { "?" };
+                    let reactions: String = m
+                        .reactions
+                        .iter()
+                        .map(|r| format!("  {} {}", terminal::printable(&r.emoji), r.count))
+                        .collect();
                     println!(
-                        "{}  {}{mark} {}",
+                        "{}  {}{mark} {}{reactions}",
                         m.created_ms,
                         terminal::short(&m.author, 12),
                         terminal::printable(&m.text)

@@ -11,6 +11,7 @@ mod faults;
 mod jobs;
 mod plugin_events;
 mod plugin_faults;
+mod reactions;
 mod reload;
 mod restart;
 mod signed;

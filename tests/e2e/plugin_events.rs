@@ -30,16 +30,13 @@ fn authoring_host() -> (HostDirs, HostProcess) {
 
 /// A host with the sync and authoring plugins, running `jobs`.
 fn authoring_host_with(jobs: &str) -> (HostDirs, HostProcess) {
-    let dirs = HostDirs::new(jobs);
-    for (package, file) in [
-        ("quiet-sync-plugin", "libsync.so"),
-        ("authoring-plugin", "libauthoring.so"),
-    ] {
-        install(&plugin(package, "v1"), &dirs.plugins, file);
-    }
-    let host = HostProcess::start_listening(&bin(), &dirs);
-    (dirs, host)
+    peers::host_with(&bin(), jobs, PLUGINS)
 }
+
+const PLUGINS: &[(&str, &str)] = &[
+    ("quiet-sync-plugin", "libsync.so"),
+    ("authoring-plugin", "libauthoring.so"),
+];
 
 #[test]
 fn events_a_plugin_creates_in_run_job_reach_every_member_and_their_subscribers() {
@@ -143,10 +140,7 @@ fn notes_that_arrive_before_the_note_they_follow_wait_and_are_projected_after_it
             .unwrap();
         }
     }
-    for (package, file) in [
-        ("quiet-sync-plugin", "libsync.so"),
-        ("authoring-plugin", "libauthoring.so"),
-    ] {
+    for (package, file) in PLUGINS {
         install(&plugin(package, "v1"), &m_dirs.plugins, file);
     }
     let m = HostProcess::start_listening(&bin(), &m_dirs);

@@ -367,6 +367,8 @@ pub struct Message {
     /// Whether `author` is the verified signer. `false` for messages
     /// received before events were signed, whose author is only claimed.
     pub verified: bool,
+    /// The reactions to it, by emoji (with the reactions plugin).
+    pub reactions: Vec<Reaction>,
 }
 
 /// `message list`: the projected messages of a network, oldest first.
@@ -398,9 +400,12 @@ pub fn message_list(data_dir: &Path, network_id: &str) -> Result<Vec<Message>, S
                 e.to_string()
             }
         })?;
+    let mut reactions = reactions_of(&conn, network_id).map_err(|e| e.to_string())?;
     stmt.query_map([network_id], |r| {
+        let id: Vec<u8> = r.get(0)?;
         Ok(Message {
-            event_id: hex::encode(r.get::<_, Vec<u8>>(0)?),
+            reactions: reactions.remove(&id).unwrap_or_default(),
+            event_id: hex::encode(id),
             author: r.get(1)?,
             text: r.get(2)?,
             created_ms: r.get(3)?,
@@ -409,6 +414,53 @@ pub fn message_list(data_dir: &Path, network_id: &str) -> Result<Vec<Message>, S
     })
     .and_then(|rows| rows.collect())
     .map_err(|e| e.to_string())
+}
+
+/// One emoji on a message, as `message list` shows it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Reaction {
+    /// The emoji.
+    pub emoji: String,
+    /// How many authors reacted with it.
+    pub count: usize,
+    /// Their peer ids, in the order they reacted.
+    pub authors: Vec<String>,
+}
+
+/// The reactions the reactions plugin projected in `network_id`, by
+/// message id; none if the plugin was never installed.
+fn reactions_of(
+    conn: &Connection,
+    network_id: &str,
+) -> rusqlite::Result<std::collections::HashMap<Vec<u8>, Vec<Reaction>>> {
+    let mut by_message: std::collections::HashMap<Vec<u8>, Vec<Reaction>> = Default::default();
+    let mut stmt = match conn.prepare(
+        "SELECT message_id, emoji, author FROM reactions WHERE network_id = ?1
+         ORDER BY message_id, emoji, created_ms, author",
+    ) {
+        Ok(stmt) => stmt,
+        Err(e) if e.to_string().contains("no such table") => return Ok(by_message),
+        Err(e) => return Err(e),
+    };
+    let rows = stmt.query_map([network_id], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+    })?;
+    for row in rows {
+        let (message, emoji, author) = row?;
+        let of_message = by_message.entry(message).or_default();
+        match of_message.last_mut() {
+            Some(last) if last.emoji == emoji => {
+                last.count += 1;
+                last.authors.push(author);
+            }
+            _ => of_message.push(Reaction {
+                emoji,
+                count: 1,
+                authors: vec![author],
+            }),
+        }
+    }
+    Ok(by_message)
 }
 
 /// One stored event, as `event list` shows it.

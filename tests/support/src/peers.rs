@@ -25,17 +25,23 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(3000);
 
 /// A listening host with the sync and messages plugins.
 pub fn sync_host(bin: &Path) -> (HostDirs, HostProcess) {
-    let dirs = HostDirs::new(SYNC_JOBS);
-    install(
-        &plugin("quiet-sync-plugin", "v1"),
-        &dirs.plugins,
-        "libsync.so",
-    );
-    install(
-        &plugin("quiet-messages-plugin", "v1"),
-        &dirs.plugins,
-        "libmessages.so",
-    );
+    host_with(
+        bin,
+        SYNC_JOBS,
+        &[
+            ("quiet-sync-plugin", "libsync.so"),
+            ("quiet-messages-plugin", "libmessages.so"),
+        ],
+    )
+}
+
+/// A listening host running `jobs`, with `plugins` (`(package, file)`,
+/// built as [`plugin`] builds them) installed before it starts.
+pub fn host_with(bin: &Path, jobs: &str, plugins: &[(&str, &str)]) -> (HostDirs, HostProcess) {
+    let dirs = HostDirs::new(jobs);
+    for (package, file) in plugins {
+        install(&plugin(package, "v1"), &dirs.plugins, file);
+    }
     let host = HostProcess::start_listening(bin, &dirs);
     (dirs, host)
 }
