@@ -251,6 +251,14 @@ enum PluginsCommand {
         /// The library file.
         file: PathBuf,
     },
+    /// Rebuild a plugin's projection from scratch: the host empties it
+    /// (the plugin's reset) and offers the plugin every stored event of its
+    /// types again, in order. Works whether the host runs or not; the
+    /// replay starts once the host runs with the plugin loaded.
+    Replay {
+        /// The plugin's name, as `status` lists it (such as `messages`).
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -283,6 +291,9 @@ fn main() -> ExitCode {
         Command::Plugins {
             command: PluginsCommand::Check { file },
         } => check(&file),
+        Command::Plugins {
+            command: PluginsCommand::Replay { name },
+        } => commands::plugins_replay(&data_dir, &name).map(|said| println!("{said}")),
         Command::Demo {
             plugins_from,
             keep,

@@ -81,6 +81,17 @@ pub trait Handler: Send + Sync + 'static {
             self.name()
         )))
     }
+
+    /// Empties what this handler projected from stored events, before the
+    /// host offers it every stored event of its types again
+    /// (`quiet-host plugins replay PLUGIN`). Keep state that does not come
+    /// from events. The default does nothing: the replay then runs over
+    /// what is there, which an idempotent projection (`INSERT OR IGNORE`
+    /// on the event id) absorbs.
+    fn reset(&self, ctx: &mut Context<'_>) -> Result<(), PluginError> {
+        let _ = ctx;
+        Ok(())
+    }
 }
 
 /// What a handler declares about itself, read once when the plugin loads.
@@ -109,6 +120,9 @@ pub trait AbiHandler: Send + Sync {
     /// See [`Handler::run_job`].
     #[sabi(last_prefix_field)]
     fn run_job(&self, host: HostRef<'_>, params: &Value) -> RResult<RVec<Envelope>, RString>;
+
+    /// See [`Handler::reset`].
+    fn reset(&self, host: HostRef<'_>) -> RResult<(), RString>;
 }
 
 /// An owned, type-erased handler as it crosses the boundary.
@@ -207,6 +221,10 @@ impl<H: Handler> AbiHandler for Guarded<H> {
             let mut ctx = Context::new(host);
             self.0.run_job(&mut ctx, params).map(RVec::from)
         })
+    }
+
+    fn reset(&self, host: HostRef<'_>) -> RResult<(), RString> {
+        guarded(|| self.0.reset(&mut Context::new(host)))
     }
 }
 

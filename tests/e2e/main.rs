@@ -13,6 +13,7 @@ mod plugin_events;
 mod plugin_faults;
 mod reactions;
 mod reload;
+mod replay;
 mod restart;
 mod signed;
 mod sync;

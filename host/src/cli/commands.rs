@@ -235,6 +235,35 @@ pub fn network_list(data_dir: &Path) -> Result<Vec<NetworkSummary>, String> {
     .map_err(|e| e.to_string())
 }
 
+/// `plugins replay NAME`: asks the host to rebuild plugin `name`'s
+/// projection from the stored events (see `engine::replay`). Returns what
+/// will happen, for the operator.
+pub fn plugins_replay(data_dir: &Path, name: &str) -> Result<String, String> {
+    let conn = open(data_dir)?;
+    let known: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM plugins WHERE name = ?1)
+                 OR EXISTS (SELECT 1 FROM plugin_cursors WHERE plugin = ?1)",
+            [name],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())?;
+    if !known {
+        return Err(format!(
+            "no plugin named {name:?} has been loaded in {}: `quiet-host status` lists the plugins",
+            data_dir.display()
+        ));
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO replay_requests (plugin, requested_ms) VALUES (?1, ?2)",
+        rusqlite::params![name, db::now_ms()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "asked: plugin '{name}' will be reset and offered every stored event again once the host runs with it loaded; `quiet-host status` shows the progress"
+    ))
+}
+
 /// `message send`: the friendly form of `event send NETWORK message
 /// {"text": TEXT}`. Returns the event id (hex).
 pub fn message_send(data_dir: &Path, network_id: &str, text: &str) -> Result<String, String> {

@@ -121,6 +121,19 @@ pub struct PluginStatus {
     pub disabled: Option<String>,
     /// When it was disabled.
     pub disabled_at_ms: Option<i64>,
+    /// While the plugin is behind in the stored events of its types (just
+    /// installed, back after an absence, or `plugins replay`): how far.
+    pub replay: Option<ReplayStatus>,
+}
+
+/// How far a plugin is behind in the stored events.
+#[derive(Debug, Serialize)]
+pub struct ReplayStatus {
+    /// Stored events after the furthest-behind of its cursors.
+    pub events_behind: i64,
+    /// Whether `quiet-host plugins replay` asked for it and the host has
+    /// not started yet.
+    pub requested: bool,
 }
 
 /// One job.
@@ -205,9 +218,16 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
                 error: r.get(5)?,
                 disabled: r.get(6)?,
                 disabled_at_ms: r.get(7)?,
+                replay: None,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut plugins = plugins;
+    for p in &mut plugins {
+        if let Some(name) = &p.name {
+            p.replay = missing_table_is_empty(read_replay(conn, name))?;
+        }
+    }
     let jobs = conn
         .prepare(
             "SELECT c.job_name, c.handler, c.frequency_ms, c.enabled, c.params, r.last_run_ms,
@@ -276,6 +296,34 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
     Ok(status)
 }
 
+/// `result`, or `None` if it failed for a table a host that has not run
+/// since an upgrade has yet to create: status reads without migrating.
+fn missing_table_is_empty<T>(result: rusqlite::Result<Option<T>>) -> rusqlite::Result<Option<T>> {
+    match result {
+        Err(e) if e.to_string().contains("no such table") => Ok(None),
+        other => other,
+    }
+}
+
+/// How far `plugin` is behind; `None` when it is caught up.
+fn read_replay(conn: &Connection, plugin: &str) -> rusqlite::Result<Option<ReplayStatus>> {
+    let requested: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM replay_requests WHERE plugin = ?1)",
+        [plugin],
+        |r| r.get(0),
+    )?;
+    let behind: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM events
+         WHERE routed > (SELECT MIN(offered) FROM plugin_cursors WHERE plugin = ?1)",
+        [plugin],
+        |r| r.get(0),
+    )?;
+    Ok((requested || behind > 0).then_some(ReplayStatus {
+        events_behind: behind,
+        requested,
+    }))
+}
+
 fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
     let ids: Vec<(String, i64)> = conn
         .prepare(
@@ -288,21 +336,27 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
         "SELECT peer_id, ip, port, is_active, last_seen_ms, last_sync_ms FROM addresses
          WHERE network_id = ? ORDER BY peer_id",
     )?;
-    let mut waiting = conn.prepare(
-        "SELECT COUNT(DISTINCT event_id), MIN(since_ms),
-                (SELECT event_id FROM event_waits w2 WHERE w2.network_id = ?1
-                 ORDER BY since_ms, event_id LIMIT 1)
-         FROM event_waits WHERE network_id = ?1",
+    let mut waiting = missing_table_is_empty(
+        conn.prepare(
+            "SELECT COUNT(DISTINCT event_id), MIN(since_ms),
+                    (SELECT event_id FROM event_waits w2 WHERE w2.network_id = ?1
+                     ORDER BY since_ms, event_id LIMIT 1)
+             FROM event_waits WHERE network_id = ?1",
+        )
+        .map(Some),
     )?;
     ids.into_iter()
         .map(|(network_id, events)| {
-            let waiting = waiting.query_row([&network_id], |r| {
-                Ok(Waiting {
-                    events: r.get(0)?,
-                    oldest_ms: r.get(1)?,
-                    oldest_event_id: r.get::<_, Option<Vec<u8>>>(2)?.map(hex::encode),
-                })
-            })?;
+            let waiting = match &mut waiting {
+                Some(stmt) => stmt.query_row([&network_id], |r| {
+                    Ok(Waiting {
+                        events: r.get(0)?,
+                        oldest_ms: r.get(1)?,
+                        oldest_event_id: r.get::<_, Option<Vec<u8>>>(2)?.map(hex::encode),
+                    })
+                })?,
+                None => Waiting::default(),
+            };
             let peers = peers
                 .query_map([&network_id], |r| {
                     Ok(PeerStatus {
@@ -391,6 +445,18 @@ pub fn render(s: &Status) -> String {
                 "  {:<28} DISABLED: {}; install another build to load it again",
                 "",
                 printable(why)
+            );
+        }
+        if let Some(r) = &p.replay {
+            let asked = if r.requested {
+                " (replay asked, not started)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "  {:<28} replaying: {} stored events to go{asked}",
+                "", r.events_behind
             );
         }
     }

@@ -384,6 +384,13 @@ impl Unverified {
         &self.event.id
     }
 
+    /// The event, its signature unchecked: only for an event this host
+    /// verified before storing it (only the host writes `events`; plugin
+    /// SQL may not), read back to be routed or replayed.
+    pub fn stored(self) -> SignedEvent {
+        self.event
+    }
+
     /// Checks the signature alone (ZIP215).
     pub fn verify(self) -> Result<SignedEvent, EventError> {
         match self.item.verify_single() {

@@ -7,6 +7,8 @@
 //!   received frames through the [`pipeline`], which hands each envelope to
 //!   the handlers that subscribe to it and sends what leaves through an
 //!   [`pipeline::Outbox`];
+//! - [`replay`] offers every handler the stored events of its types that
+//!   it has not seen, whenever it was installed;
 //! - [`health`] is whether the engine can commit, which `status` shows
 //!   even when the database cannot be written;
 //! - [`reload`] watches the plugin folder and `jobs.yaml`, and [`watchdog`]
@@ -22,6 +24,7 @@ pub mod inbox;
 pub mod jobs;
 pub mod pipeline;
 pub mod reload;
+pub mod replay;
 pub mod scheduler;
 pub mod watch;
 pub mod watchdog;

@@ -29,14 +29,20 @@
 //! the outbox refuses, and one past the hop limit (naming the handler that
 //! keeps producing them). The caller owns the transaction around all of it.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{cell::RefCell, collections::VecDeque, sync::Arc};
 
 use quiet_plugin_api::{abi_stable::std_types::RVec, field, Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
     encoding::json::envelope_to_json,
-    plugins::{call_budget, context::HostContext, handler::CallError, registry::Registry},
+    engine::replay::Cursors,
+    plugins::{
+        call_budget,
+        context::HostContext,
+        handler::{CallError, LoadedHandler},
+        registry::Registry,
+    },
     storage::{
         db,
         event_store::{EventStore, Opened, STORE_EVENT},
@@ -110,6 +116,9 @@ struct Queued {
     source: Arc<Source>,
     /// A `store_event` already opened by [`EventStore::open_all`].
     opened: Option<Result<Opened, &'static str>>,
+    /// A stored event the event store routes: offered only to the handlers
+    /// that are caught up with the stored events of its type.
+    stored: bool,
 }
 
 impl Queued {
@@ -119,6 +128,7 @@ impl Queued {
             hops,
             source,
             opened: None,
+            stored: false,
         }
     }
 
@@ -135,6 +145,14 @@ const OPEN_AHEAD: usize = 1024;
 /// how many it takes from the event store at a time.
 const READY_PER_RUN: usize = 1_000;
 const READY_BATCH: usize = 256;
+
+/// How an envelope is handed to its subscribers.
+#[derive(Clone, Copy)]
+struct Delivery {
+    isolation: Isolation,
+    /// A stored event: see [`Queued::stored`].
+    stored: bool,
+}
 
 /// How a handler call's writes are kept apart from the others'.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -179,6 +197,8 @@ pub struct Pipeline<'a> {
     registry: &'a Registry,
     services: &'a Services,
     hop_limit: u32,
+    /// Where handlers stand in the stored events, once the run routes one.
+    cursors: RefCell<Option<Cursors>>,
 }
 
 impl Services {
@@ -209,6 +229,7 @@ impl<'a> Pipeline<'a> {
             registry,
             services,
             hop_limit: DEFAULT_HOP_LIMIT,
+            cursors: RefCell::new(None),
         }
     }
 
@@ -246,11 +267,52 @@ impl<'a> Pipeline<'a> {
         source: Source,
     ) -> rusqlite::Result<Report> {
         let source = Arc::new(source);
-        let mut queue: VecDeque<Queued> = envelopes
+        let queue: VecDeque<Queued> = envelopes
             .into_iter()
             .map(|envelope| Queued::new(envelope, 0, source.clone()))
             .collect();
-        let mut report = Report::default();
+        self.drain(queue, Report::default())
+    }
+
+    /// Offers `events`, stored events as the event store routes them, to
+    /// `handler` alone, in order, each call in a savepoint of its own, and
+    /// runs what they produce: the replayer's turn (see
+    /// [`crate::engine::replay`]).
+    pub fn replay(
+        &self,
+        handler: &LoadedHandler,
+        events: impl IntoIterator<Item = Envelope>,
+    ) -> rusqlite::Result<Report> {
+        let (mut queue, mut report) = (VecDeque::new(), Report::default());
+        self.cursors()?;
+        for event in events {
+            self.offer(handler, &event, 0, Isolation::Own, &mut queue, &mut report)?;
+        }
+        self.drain(queue, report)
+    }
+
+    /// Calls `handler`'s `reset` in a savepoint: its projection is to be
+    /// rebuilt from the stored events. A failed reset is logged, and the
+    /// replay goes on (projections are idempotent).
+    pub fn reset(&self, handler: &LoadedHandler) -> rusqlite::Result<()> {
+        let mut ctx = HostContext::new(
+            &self.statements,
+            &handler.plugin,
+            &self.services.identity,
+            self.services.store.as_ref(),
+        );
+        match db::with_savepoint(self.conn, || handler.reset(&mut ctx)) {
+            Ok(()) => Ok(()),
+            Err(CallError::Sql(e)) => Err(e),
+            Err(CallError::Handler(e)) => {
+                tracing::warn!(handler = %handler.name, "reset failed, replaying anyway: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the queue until it is empty.
+    fn drain(&self, mut queue: VecDeque<Queued>, mut report: Report) -> rusqlite::Result<Report> {
         let mut steps = 0;
         let mut ready_budget = READY_PER_RUN;
         loop {
@@ -294,6 +356,9 @@ impl<'a> Pipeline<'a> {
             }
             self.step_events(batch, &mut queue, &mut report)?;
         }
+        if let Some(cursors) = self.cursors.borrow().as_ref() {
+            cursors.advance(&self.statements)?;
+        }
         if report.dead_letters > LOGGED_DEAD_LETTERS {
             tracing::warn!(
                 "{} dead letters in one run, {} of them not logged one by one (see `quiet-host status`)",
@@ -314,6 +379,7 @@ impl<'a> Pipeline<'a> {
         if *budget == 0 {
             return Ok(None);
         }
+        self.cursors()?;
         let ready = store.take_ready(&self.statements, (*budget).min(READY_BATCH))?;
         if ready.is_empty() {
             return Ok(None);
@@ -326,7 +392,10 @@ impl<'a> Pipeline<'a> {
         Ok(Some(
             ready
                 .into_iter()
-                .map(|envelope| Queued::new(envelope, 0, source.clone()))
+                .map(|envelope| Queued {
+                    stored: true,
+                    ..Queued::new(envelope, 0, source.clone())
+                })
                 .collect(),
         ))
     }
@@ -367,6 +436,7 @@ impl<'a> Pipeline<'a> {
             mut envelope,
             hops,
             source,
+            mut stored,
             ..
         } = item;
         if envelope.event_type() == Some(STORE_EVENT) {
@@ -378,13 +448,19 @@ impl<'a> Pipeline<'a> {
                     &envelope,
                 );
             };
+            self.cursors()?;
             envelope = match store.store(&self.statements, envelope)? {
                 Some(decrypted) => decrypted,
                 // A duplicate or a refused event, counted by the store.
                 None => return Ok(()),
             };
+            stored = true;
         }
-        self.deliver(&envelope, hops, &source, Isolation::Own, queue, report)
+        let delivery = Delivery {
+            isolation: Isolation::Own,
+            stored,
+        };
+        self.deliver(&envelope, hops, &source, delivery, queue, report)
             .map(drop)
     }
 
@@ -404,6 +480,7 @@ impl<'a> Pipeline<'a> {
             }
             return Ok(());
         };
+        self.cursors()?;
         let mut decrypted = Vec::with_capacity(batch.len());
         for item in batch {
             let Queued {
@@ -411,6 +488,7 @@ impl<'a> Pipeline<'a> {
                 hops,
                 source,
                 opened,
+                ..
             } = item;
             let stored = match opened {
                 Some(opened) => store.store_opened(&self.statements, envelope, opened)?,
@@ -425,8 +503,11 @@ impl<'a> Pipeline<'a> {
             let (queued, before) = (queue.len(), report.clone());
             let shared = db::with_savepoint(self.conn, || {
                 for (envelope, hops, source) in &decrypted {
-                    let done =
-                        self.deliver(envelope, *hops, source, Isolation::Shared, queue, report)?;
+                    let shared = Delivery {
+                        isolation: Isolation::Shared,
+                        stored: true,
+                    };
+                    let done = self.deliver(envelope, *hops, source, shared, queue, report)?;
                     if !done {
                         return Err(Batch::Abandoned);
                     }
@@ -444,24 +525,30 @@ impl<'a> Pipeline<'a> {
             }
         }
         for (envelope, hops, source) in &decrypted {
-            self.deliver(envelope, *hops, source, Isolation::Own, queue, report)?;
+            let own = Delivery {
+                isolation: Isolation::Own,
+                stored: true,
+            };
+            self.deliver(envelope, *hops, source, own, queue, report)?;
         }
         Ok(())
     }
 
     /// Sends `envelope` out if it is outgoing, or else hands it to each
-    /// handler that subscribes to it. Under [`Isolation::Shared`] it stops
-    /// and returns `false` where it would send, or write a dead letter.
+    /// handler that subscribes to it (for a stored event, each that is
+    /// caught up with its type: the replayer offers it to the others, in
+    /// order). Under [`Isolation::Shared`] it stops and returns `false`
+    /// where it would send, or write a dead letter.
     fn deliver(
         &self,
         envelope: &Envelope,
         hops: u32,
         source: &Source,
-        isolation: Isolation,
+        delivery: Delivery,
         queue: &mut VecDeque<Queued>,
         report: &mut Report,
     ) -> rusqlite::Result<bool> {
-        let own = isolation == Isolation::Own;
+        let own = delivery.isolation == Isolation::Own;
         if envelope.is_outgoing() {
             if !own {
                 return Ok(false);
@@ -475,75 +562,117 @@ impl<'a> Pipeline<'a> {
         let event_type = envelope.event_type().unwrap_or("");
         let subscribers = self.registry.subscribers(event_type);
         if subscribers.is_empty() {
-            if own {
+            // A stored event waits in the store for a plugin that wants it
+            // (its cursor starts at the beginning): not a dead letter.
+            if own && !delivery.stored {
                 let reason = format!("no loaded handler subscribes to event_type '{event_type}'");
                 self.dead_letter(report, source, &reason, envelope)?;
             }
             return Ok(own);
         }
         for handler in subscribers {
-            // Named only when something needs the name: most calls produce
-            // nothing and fail nothing.
-            let here = || Source {
-                plugin: Some(handler.plugin.to_string()),
-                handler: handler.name.clone(),
-            };
-            match handler.filter(envelope) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(CallError::Sql(e)) => return Err(e),
-                Err(CallError::Handler(_)) if !own => return Ok(false),
-                Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here(), &format!("filter failed: {e}"), envelope)?;
-                    continue;
-                }
-            }
-            let mut ctx = HostContext::new(
-                &self.statements,
-                &handler.plugin,
-                &self.services.identity,
-                self.services.store.as_ref(),
-            );
-            let outcome = match isolation {
-                Isolation::Own => {
-                    db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx))
-                }
-                Isolation::Shared => handler.process(envelope, &mut ctx),
-            };
-            let produced = match outcome {
-                Ok(produced) => with_created(ctx.take_created(), produced),
-                Err(CallError::Sql(e)) => return Err(e),
-                Err(CallError::Handler(_)) if !own => return Ok(false),
-                Err(CallError::Handler(e)) => {
-                    self.dead_letter(report, &here(), &e, envelope)?;
-                    continue;
-                }
-            };
-            report.processed += 1;
-            if !produced.is_empty() && hops + 1 > self.hop_limit {
-                if !own {
-                    return Ok(false);
-                }
-                let reason = format!(
-                    "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
-                    self.hop_limit, handler.name, handler.plugin
-                );
-                let here = here();
-                for env in &produced {
-                    self.dead_letter(report, &here, &reason, env)?;
-                }
+            if delivery.stored && self.is_behind(handler, event_type) {
                 continue;
             }
-            if !produced.is_empty() {
-                let here = Arc::new(here());
-                queue.extend(
-                    produced
-                        .into_iter()
-                        .map(|envelope| Queued::new(unvouched(envelope), hops + 1, here.clone())),
-                );
+            if !self.offer(handler, envelope, hops, delivery.isolation, queue, report)? {
+                return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Hands `envelope` to `handler`: its `filter`, then its `process`, whose
+    /// envelopes join the queue. Returns `false` where a shared batch must
+    /// be abandoned (a failure, or too many hops).
+    fn offer(
+        &self,
+        handler: &LoadedHandler,
+        envelope: &Envelope,
+        hops: u32,
+        isolation: Isolation,
+        queue: &mut VecDeque<Queued>,
+        report: &mut Report,
+    ) -> rusqlite::Result<bool> {
+        let own = isolation == Isolation::Own;
+        // Named only when something needs the name: most calls produce
+        // nothing and fail nothing.
+        let here = || Source {
+            plugin: Some(handler.plugin.to_string()),
+            handler: handler.name.clone(),
+        };
+        match handler.filter(envelope) {
+            Ok(true) => {}
+            Ok(false) => return Ok(true),
+            Err(CallError::Sql(e)) => return Err(e),
+            Err(CallError::Handler(_)) if !own => return Ok(false),
+            Err(CallError::Handler(e)) => {
+                self.dead_letter(report, &here(), &format!("filter failed: {e}"), envelope)?;
+                return Ok(true);
+            }
+        }
+        let mut ctx = HostContext::new(
+            &self.statements,
+            &handler.plugin,
+            &self.services.identity,
+            self.services.store.as_ref(),
+        );
+        let outcome = match isolation {
+            Isolation::Own => db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx)),
+            Isolation::Shared => handler.process(envelope, &mut ctx),
+        };
+        let produced = match outcome {
+            Ok(produced) => with_created(ctx.take_created(), produced),
+            Err(CallError::Sql(e)) => return Err(e),
+            Err(CallError::Handler(_)) if !own => return Ok(false),
+            Err(CallError::Handler(e)) => {
+                self.dead_letter(report, &here(), &e, envelope)?;
+                return Ok(true);
+            }
+        };
+        report.processed += 1;
+        if !produced.is_empty() && hops + 1 > self.hop_limit {
+            if !own {
+                return Ok(false);
+            }
+            let reason = format!(
+                "hop limit {} reached: handler '{}' (plugin '{}') keeps producing envelopes",
+                self.hop_limit, handler.name, handler.plugin
+            );
+            let here = here();
+            for env in &produced {
+                self.dead_letter(report, &here, &reason, env)?;
+            }
+            return Ok(true);
+        }
+        if !produced.is_empty() {
+            let here = Arc::new(here());
+            queue.extend(
+                produced
+                    .into_iter()
+                    .map(|envelope| Queued::new(unvouched(envelope), hops + 1, here.clone())),
+            );
+        }
+        Ok(true)
+    }
+
+    /// Loads, once per run and before its first stored event, where each
+    /// handler stands in the stored events of each type it subscribes to
+    /// (`plugin_cursors`); a pair seen for the first time (a plugin
+    /// installed, or subscribing to a new type) starts at the beginning.
+    fn cursors(&self) -> rusqlite::Result<()> {
+        if self.cursors.borrow().is_some() {
+            return Ok(());
+        }
+        let loaded = Cursors::load(&self.statements, self.registry)?;
+        *self.cursors.borrow_mut() = Some(loaded);
+        Ok(())
+    }
+
+    fn is_behind(&self, handler: &LoadedHandler, event_type: &str) -> bool {
+        self.cursors
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.is_behind(&handler.name, event_type))
     }
 
     fn dead_letter(
@@ -711,41 +840,106 @@ mod tests {
     /// arrive, through a host with an event store and the notes plugin.
     /// Returns the report and the database.
     fn deliver_notes(count: i64) -> (Report, Connection) {
-        let net = "ab".repeat(16);
-        let (dir, store) = EventStore::with_one_network(&net);
-        let me = crate::crypto::identity::HostIdentity::load_or_create(dir.path()).unwrap();
-        let events: Vec<Envelope> = (0..count)
-            .map(|n| {
-                let note = Value::map([("n", Value::from(n))]);
-                store
-                    .new_local_event(me.signing(), &net, "note", &note, &[])
-                    .unwrap()
-                    .1
-            })
-            .collect();
-        let plugin =
-            loader::from_module(notes_module(), Path::new("<test>"), 1, String::new()).unwrap();
-        let conn = db::open_in_memory().unwrap();
-        db::apply_plugin_migrations(&conn, &plugin.name, &plugin.migrations).unwrap();
-        let registry = Registry::new(1, vec![plugin.into()]);
-        let services = Services {
-            identity: Identity {
-                peer_id: "test-peer".into(),
-                public_key: vec![0u8; 32].into(),
-            },
-            outbox: Box::new(crate::engine::pipeline::NoTransport),
-            store: Some(store),
-        };
-        let source = Source {
-            plugin: None,
-            handler: "network".into(),
-        };
-        let report = services
-            .write_tx(&conn, |conn| {
-                Pipeline::new(conn, &registry, &services).run(events, source)
-            })
+        let notes = NotesHost::new();
+        let report = notes.run((0..count).map(|n| notes.note(n)).collect());
+        (report, notes.conn)
+    }
+
+    /// A host with an event store and the notes plugin.
+    struct NotesHost {
+        _dir: tempfile::TempDir,
+        me: crate::crypto::identity::HostIdentity,
+        net: String,
+        conn: Connection,
+        registry: Registry,
+        services: Services,
+    }
+
+    impl NotesHost {
+        fn new() -> Self {
+            let net = "ab".repeat(16);
+            let (dir, store) = EventStore::with_one_network(&net);
+            let me = crate::crypto::identity::HostIdentity::load_or_create(dir.path()).unwrap();
+            let plugin =
+                loader::from_module(notes_module(), Path::new("<test>"), 1, String::new()).unwrap();
+            let conn = db::open_in_memory().unwrap();
+            db::apply_plugin_migrations(&conn, &plugin.name, &plugin.migrations).unwrap();
+            let services = Services {
+                identity: me.public(),
+                outbox: Box::new(crate::engine::pipeline::NoTransport),
+                store: Some(store),
+            };
+            let registry = Registry::new(1, vec![plugin.into()]);
+            NotesHost {
+                _dir: dir,
+                me,
+                net,
+                conn,
+                registry,
+                services,
+            }
+        }
+
+        /// A `store_event` of note `n`.
+        fn note(&self, n: i64) -> Envelope {
+            let note = Value::map([("n", Value::from(n))]);
+            let store = self.services.store.as_ref().unwrap();
+            store
+                .new_local_event(self.me.signing(), &self.net, "note", &note, &[])
+                .unwrap()
+                .1
+        }
+
+        /// `events`, as if they had arrived from the network.
+        fn run(&self, events: Vec<Envelope>) -> Report {
+            let source = Source {
+                plugin: None,
+                handler: "network".into(),
+            };
+            self.services
+                .write_tx(&self.conn, |conn| {
+                    Pipeline::new(conn, &self.registry, &self.services).run(events, source)
+                })
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn a_handler_behind_gets_no_live_event_and_the_replayer_brings_it_up_in_order() {
+        let notes = NotesHost::new();
+        notes.run((0..3).map(|n| notes.note(n)).collect());
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2]
+        );
+        // As if the plugin had been away since the first note.
+        notes
+            .conn
+            .execute(
+                "UPDATE plugin_cursors SET offered = 1 WHERE handler = 'notes'",
+                [],
+            )
             .unwrap();
-        (report, conn)
+        notes.run(vec![notes.note(4), notes.note(5)]);
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2],
+            "offered live before older events it has not seen"
+        );
+        while crate::engine::replay::turn(&notes.conn, &notes.registry, &notes.services).unwrap() {}
+        // The events after its cursor, in the order they were routed.
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2, 1, 2, 4, 5]
+        );
+        let offered = column(
+            &notes.conn,
+            "SELECT offered FROM plugin_cursors WHERE handler = 'notes'",
+        );
+        assert_eq!(offered, [5], "caught up");
+        // Caught up, it gets the next one live.
+        notes.run(vec![notes.note(6)]);
+        assert_eq!(column(&notes.conn, "SELECT MAX(rowid) FROM notes"), [8]);
     }
 
     fn column(conn: &Connection, sql: &str) -> Vec<i64> {

@@ -42,6 +42,7 @@ use crate::{
         inbox::{Received, Signal, Signals},
         jobs::{JobSpec, JobsConfig},
         pipeline::{self, Pipeline, Services, Source},
+        replay,
         watch::EngineWatch,
     },
     plugins::{
@@ -285,6 +286,12 @@ impl Scheduler {
         call_budget::check_not_abandoned()?;
         if self.drain_submissions(&registry)? == SUBMISSION_BATCH {
             // More are queued: come straight back.
+            sleep = Duration::ZERO;
+        }
+        // A plugin behind in the stored events gets a batch a turn, in
+        // turns with frames and jobs.
+        call_budget::check_not_abandoned()?;
+        if replay::turn(&self.conn, &registry, &self.services)? {
             sleep = Duration::ZERO;
         }
         if !self.counters.is_empty() {

@@ -44,6 +44,8 @@ pub enum CallKind {
     Process,
     /// `run_job`.
     RunJob,
+    /// `reset`.
+    Reset,
 }
 
 impl fmt::Display for CallKind {
@@ -52,6 +54,7 @@ impl fmt::Display for CallKind {
             CallKind::Filter => "filter",
             CallKind::Process => "process",
             CallKind::RunJob => "run_job",
+            CallKind::Reset => "reset",
         })
     }
 }

@@ -105,6 +105,13 @@ impl LoadedHandler {
         .into_result()
         .map_err(|e| CallError::Handler(e.into()))
     }
+
+    /// The handler's `reset`, inside the caller's transaction.
+    pub fn reset(&self, ctx: &mut HostContext<'_, '_>) -> Result<(), CallError> {
+        call_budget::timed(&self.site, CallKind::Reset, || self.abi.reset(ctx.as_abi()))?
+            .into_result()
+            .map_err(|e| CallError::Handler(e.into()))
+    }
 }
 
 /// Why a handler call produced nothing: the handler failed (its savepoint is

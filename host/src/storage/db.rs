@@ -166,6 +166,20 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      CREATE INDEX event_waits_by_event ON event_waits(event_id);
      CREATE TABLE event_ready (event_id BLOB PRIMARY KEY) WITHOUT ROWID;",
+    // 7: replay for late plugins (engine/replay.rs): how far along the
+    // routed events each handler has been offered those of each type it
+    // subscribes to (`*` for all), and the replays `plugins replay` asked.
+    "CREATE TABLE plugin_cursors (
+        handler TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        plugin TEXT NOT NULL,
+        offered INTEGER NOT NULL,
+        PRIMARY KEY (handler, event_type)
+     );
+     CREATE TABLE replay_requests (
+        plugin TEXT PRIMARY KEY,
+        requested_ms INTEGER NOT NULL
+     );",
 ];
 
 thread_local! {

@@ -380,20 +380,8 @@ impl EventStore {
                     Connection::prepare_cached,
                 )?
                 .execute([&id])?;
-            let envelope = Envelope::of_type(STORE_EVENT)
-                .with(field::NETWORK_ID, network_id.as_str())
-                .with(field::EVENT_CIPHERTEXT, bytes);
-            // It opened when it was stored; only the host writes `events`.
-            let event = match self.open(&envelope) {
-                Ok(Opened(event)) => event,
-                Err(counter) => {
-                    tracing::warn!(
-                        event_id = %hex::encode(&id),
-                        "a stored event no longer opens ({counter}): it stays stored, unrouted"
-                    );
-                    self.counters.bump("drop_unopenable_stored_event");
-                    continue;
-                }
+            let Some(envelope) = self.reopen(&network_id, bytes) else {
+                continue;
             };
             statements
                 .get(
@@ -402,8 +390,9 @@ impl EventStore {
                     Connection::prepare_cached,
                 )?
                 .execute([&id])?;
-            self.release_waiters(statements, &event.id)?;
-            out.push(routed(event, network_id.into(), bytes_of(envelope)));
+            let id = EventId::try_from(&id[..]).expect("a stored id is 32 bytes");
+            self.release_waiters(statements, &id)?;
+            out.push(envelope);
         }
         Ok(out)
     }
@@ -411,6 +400,33 @@ impl EventStore {
     fn refuse(&self, counter: &'static str) -> Option<Envelope> {
         self.counters.bump(counter);
         None
+    }
+
+    /// A stored event of `network_id` whose bytes are `event`, decrypted to
+    /// be routed as [`store`](Self::store) routes a new one, its signature
+    /// not checked again: the store checked it, and only the host writes
+    /// `events`. `None`, logged and counted, if it no longer opens (its
+    /// network's key is gone).
+    pub fn reopen(&self, network_id: &str, event: Vec<u8>) -> Option<Envelope> {
+        let opened = self
+            .keys
+            .get(network_id)
+            .ok_or("drop_event_for_unknown_network")
+            .and_then(|key| {
+                signed_event::open_event_v3(network_id, &key, &event, &self.authors)
+                    .map_err(EventError::counter)
+            });
+        match opened {
+            Ok(unverified) => Some(routed(unverified.stored(), network_id.into(), event.into())),
+            Err(counter) => {
+                tracing::warn!(
+                    network = network_id,
+                    "a stored event no longer opens ({counter}): it stays stored, unrouted"
+                );
+                self.counters.bump("drop_unopenable_stored_event");
+                None
+            }
+        }
     }
 
     /// Signs and encrypts a new event of `event_type` in `network_id`,
@@ -455,14 +471,6 @@ impl EventStore {
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_CIPHERTEXT, event);
         Ok((id, envelope))
-    }
-}
-
-/// The event bytes of a `store_event` envelope made here.
-fn bytes_of(mut envelope: Envelope) -> RVec<u8> {
-    match envelope.remove(field::EVENT_CIPHERTEXT) {
-        Some(Value::Bytes(bytes)) => bytes,
-        _ => RVec::new(),
     }
 }
 

@@ -60,6 +60,13 @@ impl Handler for Messages {
         )?;
         Ok(Vec::new())
     }
+
+    /// Before a replay: the host offers every stored message again. Rows
+    /// from before signatures stay: their events are not replayed.
+    fn reset(&self, ctx: &mut Context<'_>) -> Result<(), PluginError> {
+        ctx.execute("DELETE FROM messages WHERE verified = 1", params![])?;
+        Ok(())
+    }
 }
 
 /// The value `read` finds in `value`, or an error naming the missing (or

@@ -40,6 +40,12 @@ impl Handler for Reactions {
         }
         .map(|()| Vec::new())
     }
+
+    /// Before a replay, which offers every stored reaction again.
+    fn reset(&self, ctx: &mut Context<'_>) -> Result<(), PluginError> {
+        ctx.execute("DELETE FROM reactions", params![])?;
+        Ok(())
+    }
 }
 
 /// A stored `reaction`, into `reactions`.

@@ -105,6 +105,11 @@ impl Handler for Notes {
         )?;
         Ok(Vec::new())
     }
+
+    fn reset(&self, ctx: &mut Context<'_>) -> Result<(), PluginError> {
+        ctx.execute("DELETE FROM authoring_notes", params![])?;
+        Ok(())
+    }
 }
 
 export_plugin! {
