@@ -8,7 +8,8 @@
 //!   the handlers that subscribe to it and sends what leaves through an
 //!   [`pipeline::Outbox`];
 //! - [`replay`] offers every handler the stored events of its types that
-//!   it has not seen, whenever it was installed;
+//!   it has not seen, whenever it was installed, from where [`cursors`]
+//!   says it stands;
 //! - [`health`] is whether the engine can commit, which `status` shows
 //!   even when the database cannot be written;
 //! - [`reload`] watches the plugin folder and `jobs.yaml`, and [`watchdog`]
@@ -19,6 +20,7 @@
 //! the network plugs into ([`inbox`], [`pipeline::Outbox`]) and names no
 //! transport: [`crate::network`] and the simulator sit above it.
 
+pub mod cursors;
 pub mod health;
 pub mod inbox;
 pub mod jobs;

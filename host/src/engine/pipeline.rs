@@ -36,7 +36,7 @@ use rusqlite::Connection;
 
 use crate::{
     encoding::json::envelope_to_json,
-    engine::replay::Cursors,
+    engine::cursors::Cursors,
     plugins::{
         call_budget,
         context::HostContext,
@@ -276,8 +276,7 @@ impl<'a> Pipeline<'a> {
 
     /// Offers `events`, stored events as the event store routes them, to
     /// `handler` alone, in order, each call in a savepoint of its own, and
-    /// runs what they produce: the replayer's turn (see
-    /// [`crate::engine::replay`]).
+    /// runs what they produce: the replayer's turn (`engine::replay`).
     pub fn replay(
         &self,
         handler: &LoadedHandler,
@@ -764,7 +763,7 @@ fn dead_letter_text(envelope: &Envelope) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use quiet_plugin_api::{
@@ -846,17 +845,17 @@ mod tests {
     }
 
     /// A host with an event store and the notes plugin.
-    struct NotesHost {
+    pub(crate) struct NotesHost {
         _dir: tempfile::TempDir,
         me: crate::crypto::identity::HostIdentity,
         net: String,
-        conn: Connection,
-        registry: Registry,
-        services: Services,
+        pub(crate) conn: Connection,
+        pub(crate) registry: Registry,
+        pub(crate) services: Services,
     }
 
     impl NotesHost {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let net = "ab".repeat(16);
             let (dir, store) = EventStore::with_one_network(&net);
             let me = crate::crypto::identity::HostIdentity::load_or_create(dir.path()).unwrap();
@@ -881,7 +880,7 @@ mod tests {
         }
 
         /// A `store_event` of note `n`.
-        fn note(&self, n: i64) -> Envelope {
+        pub(crate) fn note(&self, n: i64) -> Envelope {
             let note = Value::map([("n", Value::from(n))]);
             let store = self.services.store.as_ref().unwrap();
             store
@@ -891,7 +890,7 @@ mod tests {
         }
 
         /// `events`, as if they had arrived from the network.
-        fn run(&self, events: Vec<Envelope>) -> Report {
+        pub(crate) fn run(&self, events: Vec<Envelope>) -> Report {
             let source = Source {
                 plugin: None,
                 handler: "network".into(),
@@ -904,45 +903,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_handler_behind_gets_no_live_event_and_the_replayer_brings_it_up_in_order() {
-        let notes = NotesHost::new();
-        notes.run((0..3).map(|n| notes.note(n)).collect());
-        assert_eq!(
-            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
-            [0, 1, 2]
-        );
-        // As if the plugin had been away since the first note.
-        notes
-            .conn
-            .execute(
-                "UPDATE plugin_cursors SET offered = 1 WHERE handler = 'notes'",
-                [],
-            )
-            .unwrap();
-        notes.run(vec![notes.note(4), notes.note(5)]);
-        assert_eq!(
-            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
-            [0, 1, 2],
-            "offered live before older events it has not seen"
-        );
-        while crate::engine::replay::turn(&notes.conn, &notes.registry, &notes.services).unwrap() {}
-        // The events after its cursor, in the order they were routed.
-        assert_eq!(
-            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
-            [0, 1, 2, 1, 2, 4, 5]
-        );
-        let offered = column(
-            &notes.conn,
-            "SELECT offered FROM plugin_cursors WHERE handler = 'notes'",
-        );
-        assert_eq!(offered, [5], "caught up");
-        // Caught up, it gets the next one live.
-        notes.run(vec![notes.note(6)]);
-        assert_eq!(column(&notes.conn, "SELECT MAX(rowid) FROM notes"), [8]);
-    }
-
-    fn column(conn: &Connection, sql: &str) -> Vec<i64> {
+    pub(crate) fn column(conn: &Connection, sql: &str) -> Vec<i64> {
         let mut stmt = conn.prepare(sql).unwrap();
         let rows = stmt.query_map([], |r| r.get(0)).unwrap();
         rows.map(Result::unwrap).collect()

@@ -11,7 +11,7 @@
 //! - **Live:** a run hands a new stored event only to the handlers that
 //!   are caught up with its type (their cursor at the head when the run
 //!   began), and moves those cursors to the new head when it ends, in the
-//!   same transaction ([`Cursors`]).
+//!   same transaction ([`crate::engine::cursors`]).
 //! - **Behind:** the replayer, an engine unit taking turns with frames and
 //!   jobs ([`turn`]), offers a handler the next [`REPLAY_BATCH`] stored
 //!   events after its cursor, then moves the cursor; at the head, the
@@ -27,108 +27,20 @@
 //! their authors are only claimed, and the plugins projected them when
 //! they came.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use quiet_plugin_api::ANY_EVENT_TYPE;
 use rusqlite::Connection;
 
 use crate::{
-    engine::pipeline::{Pipeline, Services},
-    plugins::{handler::LoadedHandler, registry::Registry},
-    storage::statements::Statements,
+    engine::{
+        cursors::{head, pairs},
+        pipeline::{Pipeline, Services},
+    },
+    plugins::registry::Registry,
 };
 
 /// Stored events the replayer offers one handler in one turn.
 pub const REPLAY_BATCH: usize = 1_000;
-
-/// Where the loaded handlers stand, as a run began; see the module docs.
-pub struct Cursors {
-    /// The last routed number when the run began.
-    head: i64,
-    /// The pairs at the head: offered this run's events, moved on at its end.
-    caught_up: Vec<(String, String)>,
-    /// The pairs behind, which the replayer serves.
-    behind: HashSet<(String, String)>,
-}
-
-impl Cursors {
-    /// Reads the cursors of `registry`'s handlers, adding those first seen.
-    pub fn load(statements: &Statements<'_>, registry: &Registry) -> rusqlite::Result<Self> {
-        let conn = statements.conn();
-        let head = head(conn)?;
-        let known: HashMap<(String, String), i64> = conn
-            .prepare_cached("SELECT handler, event_type, offered FROM plugin_cursors")?
-            .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        let mut cursors = Cursors {
-            head,
-            caught_up: Vec::new(),
-            behind: HashSet::new(),
-        };
-        for (handler, event_type) in pairs(registry) {
-            let key = (handler.name.clone(), event_type.to_owned());
-            let offered = match known.get(&key) {
-                Some(&offered) => offered,
-                None => {
-                    conn.prepare_cached(
-                        "INSERT INTO plugin_cursors (handler, event_type, plugin, offered)
-                         VALUES (?1, ?2, ?3, 0)",
-                    )?
-                    .execute((&key.0, &key.1, &*handler.plugin))?;
-                    0
-                }
-            };
-            match offered >= head {
-                true => cursors.caught_up.push(key),
-                false => {
-                    cursors.behind.insert(key);
-                }
-            }
-        }
-        Ok(cursors)
-    }
-
-    /// Whether `handler` is behind in the stored events of `event_type`.
-    pub fn is_behind(&self, handler: &str, event_type: &str) -> bool {
-        !self.behind.is_empty()
-            && [event_type, ANY_EVENT_TYPE]
-                .iter()
-                .any(|t| self.behind.contains(&(handler.to_owned(), (*t).to_owned())))
-    }
-
-    /// Moves the caught-up pairs to the head the run ends at: they were
-    /// offered every event routed in it.
-    pub fn advance(&self, statements: &Statements<'_>) -> rusqlite::Result<()> {
-        let conn = statements.conn();
-        let now = head(conn)?;
-        if now == self.head {
-            return Ok(());
-        }
-        let mut update = conn.prepare_cached(
-            "UPDATE plugin_cursors SET offered = ?1
-             WHERE handler = ?2 AND event_type = ?3 AND offered = ?4",
-        )?;
-        for (handler, event_type) in &self.caught_up {
-            update.execute((now, handler, event_type, self.head))?;
-        }
-        Ok(())
-    }
-}
-
-/// The last routed number.
-fn head(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.prepare_cached("SELECT COALESCE(MAX(routed), 0) FROM events")?
-        .query_row([], |r| r.get(0))
-}
-
-/// Each loaded handler with each type it subscribes to.
-fn pairs(registry: &Registry) -> impl Iterator<Item = (&LoadedHandler, &str)> {
-    registry.plugins.iter().flat_map(|p| {
-        p.handlers
-            .iter()
-            .flat_map(|h| h.event_types.iter().map(move |t| (&**h, t.as_str())))
-    })
-}
 
 /// One turn of the replayer, in one transaction: first the replays that
 /// `quiet-host plugins replay` asked for (of loaded plugins), then the next
@@ -237,4 +149,48 @@ fn reset(
         .execute([plugin])?;
     tracing::info!(plugin, "replaying every stored event to it, as asked");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::pipeline::tests::{column, NotesHost};
+
+    #[test]
+    fn a_handler_behind_gets_no_live_event_and_the_replayer_brings_it_up_in_order() {
+        let notes = NotesHost::new();
+        notes.run((0..3).map(|n| notes.note(n)).collect());
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2]
+        );
+        // As if the plugin had been away since the first note.
+        notes
+            .conn
+            .execute(
+                "UPDATE plugin_cursors SET offered = 1 WHERE handler = 'notes'",
+                [],
+            )
+            .unwrap();
+        notes.run(vec![notes.note(4), notes.note(5)]);
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2],
+            "offered live before older events it has not seen"
+        );
+        while turn(&notes.conn, &notes.registry, &notes.services).unwrap() {}
+        // The events after its cursor, in the order they were routed.
+        assert_eq!(
+            column(&notes.conn, "SELECT n FROM notes ORDER BY rowid"),
+            [0, 1, 2, 1, 2, 4, 5]
+        );
+        let offered = column(
+            &notes.conn,
+            "SELECT offered FROM plugin_cursors WHERE handler = 'notes'",
+        );
+        assert_eq!(offered, [5], "caught up");
+        // Caught up, it gets the next one live.
+        notes.run(vec![notes.note(6)]);
+        assert_eq!(column(&notes.conn, "SELECT MAX(rowid) FROM notes"), [8]);
+    }
 }
