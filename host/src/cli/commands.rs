@@ -20,10 +20,9 @@ use crate::{
         signed_event::{self, EventId, Unverified},
     },
     encoding::{codec, event_type, json},
-    plugins::handler::CallError,
     storage::{
         db,
-        event_store::EventStore,
+        event_store::{self, EventStore},
         networks::{self, Invite, NetworkKeys},
     },
 };
@@ -362,24 +361,71 @@ fn queue_events(
     require_member(&conn, network_id)?;
     let me = identity(data_dir)?;
     let store = EventStore::new(Arc::new(NetworkKeys::new(data_dir)), Arc::default());
-    db::with_write_tx(&conn, |c| {
-        let mut insert =
-            c.prepare_cached("INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)")?;
-        let mut ids = Vec::new();
-        for content in contents {
-            // The author and the time are the signature's, not fields.
-            let (id, envelope) = store
-                .new_local_event(me.signing(), network_id, event_type, &content, deps)
-                .map_err(CallError::Handler)?;
-            ids.push(hex::encode(id));
-            insert.execute(rusqlite::params![
-                codec::encode_envelope(&envelope),
-                db::now_ms()
-            ])?;
-        }
-        Ok(ids)
+    let contents: Vec<Vec<u8>> = contents.into_iter().map(|c| codec::encode(&c)).collect();
+    // All checked before any is queued: one refused queues none.
+    for content in &contents {
+        store.check_local_event(network_id, event_type, content, deps)?;
+    }
+    let mut ids = Vec::with_capacity(contents.len());
+    // Committed a chunk at a time, so that the host stores the first while
+    // the next are signed.
+    for chunk in contents.chunks(QUEUE_CHUNK) {
+        let sealed = seal_all(&store, &me, network_id, event_type, deps, chunk)?;
+        db::with_write_tx(&conn, |c| {
+            let mut insert = c.prepare_cached(
+                "INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)",
+            )?;
+            for (_, envelope) in &sealed {
+                insert.execute(rusqlite::params![
+                    codec::encode_envelope(envelope),
+                    db::now_ms()
+                ])?;
+            }
+            Ok(())
+        })
+        .map_err(|e: rusqlite::Error| e.to_string())?;
+        ids.extend(sealed.into_iter().map(|(id, _)| hex::encode(id)));
+    }
+    Ok(ids)
+}
+
+/// Events queued per transaction.
+const QUEUE_CHUNK: usize = 1_000;
+
+/// Signs `contents` (checked already), on two threads when there are
+/// enough: signing is most of what sending costs. Each carries the local
+/// MAC that spares the host checking our own signature again.
+fn seal_all(
+    store: &EventStore,
+    me: &HostIdentity,
+    network_id: &str,
+    event_type: &str,
+    deps: &[EventId],
+    contents: &[Vec<u8>],
+) -> Result<Vec<(EventId, quiet_plugin_api::Envelope)>, String> {
+    let seal = |part: &[Vec<u8>]| {
+        part.iter()
+            .map(|content| {
+                let (id, mut envelope) =
+                    store.seal_checked(me.signing(), network_id, event_type, content, deps)?;
+                let event = envelope.bytes(quiet_plugin_api::field::EVENT_CIPHERTEXT);
+                let mac = me.local_mac(event.expect("just sealed"));
+                envelope.set(event_store::LOCAL_MAC, mac);
+                Ok((id, envelope))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    const ON_TWO_FROM: usize = 64;
+    if contents.len() < ON_TWO_FROM {
+        return seal(contents);
+    }
+    let (first, second) = contents.split_at(contents.len() / 2);
+    std::thread::scope(|s| {
+        let helper = s.spawn(|| seal(second));
+        let mut sealed = seal(first)?;
+        sealed.extend(helper.join().map_err(|_| "signing failed")??);
+        Ok(sealed)
     })
-    .map_err(|e: CallError| e.to_string())
 }
 
 /// One message, as `message list` shows it.

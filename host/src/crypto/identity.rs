@@ -160,6 +160,26 @@ impl HostIdentity {
         &self.public
     }
 
+    /// A MAC of `bytes` under a key derived from `identity.key`: the CLI
+    /// attaches it to the events it signs and queues for the host, which
+    /// then need not check their signatures again. Only a holder of
+    /// `identity.key` can make one: never a plugin, which may read but not
+    /// write the queue, nor a peer.
+    pub fn local_mac(&self, bytes: &[u8]) -> [u8; 32] {
+        *self.local_mac_hash(bytes).as_bytes()
+    }
+
+    /// Whether `mac` is [`local_mac`](Self::local_mac) of `bytes`, compared
+    /// in constant time.
+    pub fn is_local_mac(&self, bytes: &[u8], mac: &[u8]) -> bool {
+        <[u8; 32]>::try_from(mac).is_ok_and(|mac| self.local_mac_hash(bytes) == mac)
+    }
+
+    fn local_mac_hash(&self, bytes: &[u8]) -> blake3::Hash {
+        let key = blake3::derive_key("quiet-host 2026 local submission", &self.secret.to_bytes());
+        blake3::keyed_hash(&key, bytes)
+    }
+
     /// The secret key. Host-internal: never hand it to a plugin.
     pub fn secret_key(&self) -> &SecretKey {
         &self.secret

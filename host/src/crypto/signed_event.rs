@@ -259,6 +259,30 @@ fn id_of(created_ms: i64, h: &[u8; 32]) -> EventId {
     id
 }
 
+/// What [`seal_event_v3`] refuses, checked without signing: so that a
+/// command queueing many events can refuse them all before it queues any.
+/// Returns the length of the event it would make.
+pub fn check_parts(
+    network_id: &str,
+    event_type: &str,
+    deps: &[EventId],
+    content: &[u8],
+) -> Result<usize, BodyError> {
+    network_id_bytes(network_id).ok_or(BodyError::NetworkId)?;
+    if !event_type::is_valid(event_type) {
+        return Err(BodyError::Type);
+    }
+    let mut unique = deps.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() > MAX_DEPS {
+        return Err(BodyError::TooManyDeps);
+    }
+    checked_content(content)?;
+    let body_len = 8 + 32 + 1 + event_type.len() + 1 + 32 * unique.len() + content.len();
+    Ok(HEAD + SIGNATURE + body_len)
+}
+
 /// Makes a signed event of `event_type` in `network_id`, by `signing`,
 /// depending on `deps` (sorted and deduplicated here), whose content is
 /// `content`, a codec-encoded map without [`RESERVED_KEYS`]. Returns its id
@@ -273,17 +297,11 @@ pub fn seal_event_v3(
     deps: &[EventId],
     content: &[u8],
 ) -> Result<(EventId, Vec<u8>), BodyError> {
+    check_parts(network_id, event_type, deps, content)?;
     let network = network_id_bytes(network_id).ok_or(BodyError::NetworkId)?;
-    if !event_type::is_valid(event_type) {
-        return Err(BodyError::Type);
-    }
     let mut deps = deps.to_vec();
     deps.sort_unstable();
     deps.dedup();
-    if deps.len() > MAX_DEPS {
-        return Err(BodyError::TooManyDeps);
-    }
-    checked_content(content)?;
     let nonce = XChaCha20Poly1305::generate_nonce(&mut HostRng);
     let body_len = 8 + 32 + 1 + event_type.len() + 1 + 32 * deps.len() + content.len();
     let mut event = Vec::with_capacity(HEAD + SIGNATURE + body_len);
@@ -382,6 +400,11 @@ impl Unverified {
     /// signed body, so an event already stored need not be checked again).
     pub fn id(&self) -> &EventId {
         &self.event.id
+    }
+
+    /// The author it names, before its signature is checked.
+    pub fn author(&self) -> &[u8; 32] {
+        &self.event.author
     }
 
     /// The event, its signature unchecked: only for an event this host

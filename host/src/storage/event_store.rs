@@ -66,6 +66,10 @@ const VERIFY_CHUNK: usize = 128;
 /// The event type that asks the host to store an event.
 pub const STORE_EVENT: &str = "store_event";
 
+/// The field of a queued `store_event` that carries the CLI's
+/// [`local_mac`](HostIdentity::local_mac) of its event.
+pub const LOCAL_MAC: &str = "local_mac";
+
 /// The largest event accepted, in bytes.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
@@ -139,6 +143,22 @@ impl EventStore {
         unverified.verify().map(Opened).map_err(EventError::counter)
     }
 
+    /// Whether the event in `envelope` is one this host's CLI signed and
+    /// queued: it names us as author and carries our
+    /// [`local_mac`](HostIdentity::local_mac), which only a holder of
+    /// `identity.key` can make. Its signature is then ours, and not checked
+    /// again.
+    fn made_here(&self, envelope: &Envelope, event: &Unverified) -> bool {
+        let (Some(me), Some(mac), Some(bytes)) = (
+            &self.me,
+            envelope.bytes(LOCAL_MAC),
+            envelope.bytes(field::EVENT_CIPHERTEXT),
+        ) else {
+            return false;
+        };
+        event.author() == me.signing().peer_id() && me.is_local_mac(bytes, mac)
+    }
+
     /// Everything [`open`](Self::open) checks but the signature.
     fn open_unverified(
         &self,
@@ -175,8 +195,10 @@ impl EventStore {
         let (mut unverified, mut at) = (Vec::new(), Vec::new());
         let mut results: Vec<Option<Result<Opened, &'static str>>> = opened
             .into_iter()
+            .zip(envelopes)
             .enumerate()
-            .map(|(i, o)| match o {
+            .map(|(i, (o, envelope))| match o {
+                Ok(u) if self.made_here(envelope, &u) => Some(Ok(Opened(u.stored()))),
                 Ok(u) => {
                     unverified.push(u);
                     at.push(i);
@@ -443,6 +465,49 @@ impl EventStore {
         content: &Value,
         deps: &[EventId],
     ) -> Result<(EventId, Envelope), String> {
+        let content = crate::encoding::codec::encode(content);
+        self.check_local_event(network_id, event_type, &content, deps)?;
+        self.seal_checked(author, network_id, event_type, &content, deps)
+    }
+
+    /// What [`new_local_event`](Self::new_local_event) refuses, of content
+    /// already encoded, checked without signing: a command that queues many
+    /// events refuses them all before it queues any.
+    pub fn check_local_event(
+        &self,
+        network_id: &str,
+        event_type: &str,
+        content: &[u8],
+        deps: &[EventId],
+    ) -> Result<(), String> {
+        if self.keys.get(network_id).is_none() {
+            return Err(format!("not a member of network {network_id}"));
+        }
+        let len = signed_event::check_parts(network_id, event_type, deps, content)
+            .map_err(|e| format!("cannot make this {event_type} event: {e}"))?;
+        // Refused here, where it is made, rather than dropped by every
+        // store that would receive it, this one included.
+        if len > MAX_EVENT_BYTES {
+            return Err(format!(
+                "the event would be {len} bytes, over the limit of {MAX_EVENT_BYTES} bytes an event \
+                 may take: shorten it by at least {} bytes",
+                len - MAX_EVENT_BYTES
+            ));
+        }
+        Ok(())
+    }
+
+    /// Signs and encrypts an event that
+    /// [`check_local_event`](Self::check_local_event) accepted, created
+    /// now, in a `store_event` envelope.
+    pub fn seal_checked(
+        &self,
+        author: &SigningIdentity,
+        network_id: &str,
+        event_type: &str,
+        content: &[u8],
+        deps: &[EventId],
+    ) -> Result<(EventId, Envelope), String> {
         let key = self
             .keys
             .get(network_id)
@@ -454,19 +519,9 @@ impl EventStore {
             db::now_ms(),
             event_type,
             deps,
-            &crate::encoding::codec::encode(content),
+            content,
         )
         .map_err(|e| format!("cannot make this {event_type} event: {e}"))?;
-        // Refused here, where it is made, rather than dropped by every
-        // store that would receive it, this one included.
-        if event.len() > MAX_EVENT_BYTES {
-            return Err(format!(
-                "the event would be {} bytes, over the limit of {MAX_EVENT_BYTES} bytes an event \
-                 may take: shorten it by at least {} bytes",
-                event.len(),
-                event.len() - MAX_EVENT_BYTES
-            ));
-        }
         let envelope = Envelope::of_type(STORE_EVENT)
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_CIPHERTEXT, event);
@@ -592,6 +647,33 @@ mod tests {
         inner[signed_event::AUTHOR_IN_INNER].copy_from_slice(claimed);
         let created_ms = i64::from_be_bytes(event[..8].try_into().unwrap());
         signed_event::seal_inner(&key, created_ms, &inner)
+    }
+
+    #[test]
+    fn only_a_local_mac_made_with_this_hosts_key_spares_checking_its_signature() {
+        let net = "ab".repeat(16);
+        let (dir, store) = EventStore::with_one_network(&net);
+        let me = Arc::new(author(&dir));
+        let store = store.signing_as(me.clone());
+        let other = HostIdentity::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        // Naming us, signed by another: only a holder of our key could vouch
+        // for it, and then it could sign it too.
+        let forged = forge_author(&store, &net, other.signing(), me.signing().peer_id());
+        let queued = |mac: [u8; 32]| {
+            Envelope::of_type(STORE_EVENT)
+                .with(field::NETWORK_ID, net.as_str())
+                .with(field::EVENT_CIPHERTEXT, forged.clone())
+                .with(LOCAL_MAC, mac)
+        };
+        let ours = queued(me.local_mac(&forged));
+        let theirs = queued(other.local_mac(&forged));
+        let none = Envelope::of_type(STORE_EVENT)
+            .with(field::NETWORK_ID, net.as_str())
+            .with(field::EVENT_CIPHERTEXT, forged.clone());
+        let opened = store.open_all(&[&ours, &theirs, &none]);
+        assert!(opened[0].is_ok(), "our MAC: not checked again");
+        assert_eq!(opened[1].as_ref().err(), Some(&"drop_bad_signature"));
+        assert_eq!(opened[2].as_ref().err(), Some(&"drop_bad_signature"));
     }
 
     #[test]

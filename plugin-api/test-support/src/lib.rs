@@ -45,7 +45,7 @@ use quiet_host::{
     engine::{
         jobs::JobSpec,
         pipeline::{Outbox, Pipeline, Report, Services, Source},
-        scheduler,
+        replay, scheduler,
     },
     plugins::{loader, registry::Registry},
     storage::{
@@ -144,6 +144,7 @@ impl TestHost {
             &job,
             db::now_ms(),
         );
+        self.catch_up()?;
         self.write_counters();
         match ran {
             Ok(None) => Ok(()),
@@ -168,8 +169,19 @@ impl TestHost {
                 Pipeline::new(conn, &self.registry, &self.services).run_as_routed(envelopes, source)
             })
             .map_err(|e| format!("database error: {e}"));
+        self.catch_up()?;
         self.write_counters();
         report
+    }
+
+    /// Runs the replayer until every handler has been offered every stored
+    /// event of its types, as a host does between its other work: a
+    /// handler installed after events were stored sees them.
+    fn catch_up(&self) -> Result<(), String> {
+        while replay::turn(&self.conn, &self.registry, &self.services)
+            .map_err(|e| format!("database error: {e}"))?
+        {}
+        Ok(())
     }
 
     /// The host's counter `name`: what the event store refused

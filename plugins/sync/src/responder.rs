@@ -269,7 +269,8 @@ mod tests {
         let db = b.host.db();
         for i in 0..8u32 {
             db.execute(
-                "INSERT INTO events VALUES (?1, ?2, ?3, 'file', ?4, 0)",
+                "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms) \
+                 VALUES (?1, ?2, ?3, 'file', ?4, 0)",
                 (event_id(3, i), NET, i64::from(i), vec![i as u8; 1 << 20]),
             )
             .unwrap();
