@@ -248,6 +248,9 @@ struct SimHost {
     reader: Connection,
     next_wake_ms: i64,
     inbox: Vec<Received>,
+    /// How far this host's clock is ahead of the simulator's (behind if
+    /// negative): what it stamps its events and requests with.
+    skew_ms: i64,
 }
 
 /// A frame on its way; ordered by arrival, then by when it was sent.
@@ -445,6 +448,7 @@ impl Sim {
             inbound: Inbound::new(wire),
             nic,
             next_wake_ms: self.now,
+            skew_ms: 0,
             inbox: Vec::new(),
         });
         grow(&mut self.links, self.config.link.clone());
@@ -500,7 +504,39 @@ impl Sim {
     /// host's scheduler stores and projects it at its next tick, within
     /// 200 virtual ms. Returns the event id (hex).
     pub fn send_message(&mut self, i: usize, network: &str, text: &str) -> Result<String, String> {
-        commands::message_send(&self.hosts[i].data, network, text)
+        self.on_clock_of(i, |data| commands::message_send(data, network, text))
+    }
+
+    /// Queues an event on host `i`, as `quiet-host event send NETWORK TYPE
+    /// CONTENT --dep …` does (`content` is JSON). Returns the event id (hex).
+    pub fn send_event(
+        &mut self,
+        i: usize,
+        network: &str,
+        event_type: &str,
+        content: &str,
+        deps: &[String],
+    ) -> Result<String, String> {
+        self.on_clock_of(i, |data| {
+            commands::event_send(data, network, event_type, content, deps)
+        })
+    }
+
+    /// Sets host `i`'s clock `skew_ms` ahead of the simulator's (behind if
+    /// negative), as real hosts' clocks differ: the times it signs and
+    /// stamps requests with. Beyond the transit TTL (30 s), sync with it
+    /// fails, as it would.
+    pub fn set_clock_skew(&mut self, i: usize, skew_ms: i64) {
+        self.hosts[i].skew_ms = skew_ms;
+    }
+
+    /// Runs `f` on host `i`'s data folder with the thread's clock at that
+    /// host's time.
+    fn on_clock_of<T>(&mut self, i: usize, f: impl FnOnce(&Path) -> T) -> T {
+        db::set_thread_clock(Some(self.now + self.hosts[i].skew_ms));
+        let out = f(&self.hosts[i].data);
+        db::set_thread_clock(Some(self.now));
+        out
     }
 
     /// Like [`Sim::send_message`], for many messages in one transaction;
@@ -511,7 +547,7 @@ impl Sim {
         network: &str,
         texts: &[&str],
     ) -> Result<Vec<String>, String> {
-        commands::message_send_many(&self.hosts[i].data, network, texts)
+        self.on_clock_of(i, |data| commands::message_send_many(data, network, texts))
     }
 
     /// Sets both directions of the link between `a` and `b`.
@@ -686,6 +722,7 @@ impl Sim {
         }
         for i in 0..self.hosts.len() {
             let host = &mut self.hosts[i];
+            db::set_thread_clock(Some(t + host.skew_ms));
             if !host.inbox.is_empty() {
                 let batch = std::mem::take(&mut host.inbox);
                 if let Err(e) = host.scheduler.receive(batch) {
@@ -704,6 +741,7 @@ impl Sim {
                 self.transmit(i, addr, frame);
             }
         }
+        db::set_thread_clock(Some(t));
     }
 
     fn arrive(&mut self, f: InFlight) {
@@ -718,9 +756,11 @@ impl Sim {
         }
         let from = self.hosts[f.from].addr;
         let host = &mut self.hosts[f.to];
+        db::set_thread_clock(Some(self.now + host.skew_ms));
         if let Ok(envelope) = host.inbound.open(from, f.frame) {
             host.inbox.push(Received::new(envelope));
         }
+        db::set_thread_clock(Some(self.now));
     }
 
     fn transmit(&mut self, from: usize, addr: SocketAddr, frame: Vec<u8>) {

@@ -7,6 +7,7 @@
 //! it took (`sim: …` lines; BENCHMARKS.md, "Simulator").
 
 mod convergence;
+mod deps;
 mod edge_cases;
 mod idle;
 

@@ -15,7 +15,9 @@
 //!    from where they started.
 //!
 //! `store_event`s that arrive together (a sync response holds a thousand)
-//! are opened together, stored in queue order, and then handed to their
+//! are stored together, in queue order, as the event store's helper thread
+//! opens and checks them (so the engine runs only SQLite and plugins), and
+//! then handed to their
 //! handlers under **one** savepoint rather than one per call, which was 6 %
 //! of a receiver's instructions per event. That savepoint is optimistic: if
 //! any call of the batch fails, or anything would become a dead letter, the
@@ -45,7 +47,7 @@ use crate::{
     },
     storage::{
         db,
-        event_store::{EventStore, Opened, STORE_EVENT},
+        event_store::{EventStore, STORE_EVENT},
         statements::Statements,
     },
 };
@@ -114,8 +116,6 @@ struct Queued {
     /// Shared by everything one call produced: a sync response yields a
     /// thousand events, and a copy of the names each was two allocations.
     source: Arc<Source>,
-    /// A `store_event` already opened by [`EventStore::open_all`].
-    opened: Option<Result<Opened, &'static str>>,
     /// A stored event the event store routes: offered only to the handlers
     /// that are caught up with the stored events of its type.
     stored: bool,
@@ -127,18 +127,17 @@ impl Queued {
             envelope,
             hops,
             source,
-            opened: None,
             stored: false,
         }
     }
 
-    fn is_unopened_event(&self) -> bool {
-        self.opened.is_none() && self.envelope.event_type() == Some(STORE_EVENT)
+    fn is_event(&self) -> bool {
+        self.envelope.event_type() == Some(STORE_EVENT)
     }
 }
 
-/// The most `store_event` envelopes opened together; see
-/// [`Pipeline::open_ahead`].
+/// The most `store_event` envelopes stored together; see
+/// [`Pipeline::step_events`].
 const OPEN_AHEAD: usize = 1024;
 
 /// Events whose deps have all been routed that one run routes at most, and
@@ -315,7 +314,7 @@ impl<'a> Pipeline<'a> {
         let mut steps = 0;
         let mut ready_budget = READY_PER_RUN;
         loop {
-            let Some(mut item) = queue.pop_front() else {
+            let Some(item) = queue.pop_front() else {
                 // Events whose deps have now all been routed, a batch at a
                 // time: a long cascade continues in the next runs.
                 match self.take_ready(&mut ready_budget)? {
@@ -326,9 +325,6 @@ impl<'a> Pipeline<'a> {
                     None => break,
                 }
             };
-            if item.is_unopened_event() {
-                self.open_ahead(&mut item, &mut queue);
-            }
             steps += 1;
             if steps > MAX_ENVELOPES_PER_RUN {
                 // The hop limit bounds depth; this bounds breadth, so that one
@@ -342,13 +338,16 @@ impl<'a> Pipeline<'a> {
                 self.dead_letter(&mut report, &item.source, &reason, &item.envelope)?;
                 break;
             }
-            if item.opened.is_none() {
+            if !item.is_event() || self.services.store.is_none() {
                 self.step(item, &mut queue, &mut report)?;
                 continue;
             }
-            // The opened events right behind it, within the run's budget.
+            // The events right behind it (a sync response holds a thousand),
+            // within the run's budget, stored together.
             let mut batch = vec![item];
-            while steps < MAX_ENVELOPES_PER_RUN && queue.front().is_some_and(|q| q.opened.is_some())
+            while steps < MAX_ENVELOPES_PER_RUN
+                && batch.len() < OPEN_AHEAD
+                && queue.front().is_some_and(Queued::is_event)
             {
                 batch.extend(queue.pop_front());
                 steps += 1;
@@ -399,29 +398,6 @@ impl<'a> Pipeline<'a> {
         ))
     }
 
-    /// Opens `item`, a `store_event`, together with the `store_event`s that
-    /// follow it in the queue (a sync response yields a thousand at once),
-    /// so that their decryption runs in parallel; storing them stays in
-    /// queue order.
-    fn open_ahead(&self, item: &mut Queued, queue: &mut VecDeque<Queued>) {
-        let Some(store) = &self.services.store else {
-            return;
-        };
-        let mut run: Vec<&mut Queued> = std::iter::once(item)
-            .chain(
-                queue
-                    .iter_mut()
-                    .take_while(|q| q.is_unopened_event())
-                    .take(OPEN_AHEAD - 1),
-            )
-            .collect();
-        let envelopes: Vec<&Envelope> = run.iter().map(|q| &q.envelope).collect();
-        let opened = store.open_all(&envelopes);
-        for (q, o) in run.iter_mut().zip(opened) {
-            q.opened = Some(o);
-        }
-    }
-
     /// Takes one envelope through the pipeline: the event store first if it
     /// is a `store_event`, then the outbox or its handlers.
     fn step(
@@ -463,7 +439,7 @@ impl<'a> Pipeline<'a> {
             .map(drop)
     }
 
-    /// Stores a batch of opened `store_event`s in queue order, then hands
+    /// Stores a batch of `store_event`s in queue order, then hands
     /// the new ones to their handlers under one shared savepoint; see the
     /// module docs.
     fn step_events(
@@ -473,31 +449,23 @@ impl<'a> Pipeline<'a> {
         report: &mut Report,
     ) -> rusqlite::Result<()> {
         let Some(store) = &self.services.store else {
-            // Only an event store opens events, so this is not reached.
+            // Batches are made only on a host with an event store.
             for item in batch {
                 self.step(item, queue, report)?;
             }
             return Ok(());
         };
         self.cursors()?;
+        // Stored as the event store's helper thread opens them.
+        let envelopes: Vec<&Envelope> = batch.iter().map(|q| &q.envelope).collect();
         let mut decrypted = Vec::with_capacity(batch.len());
-        for item in batch {
-            let Queued {
-                envelope,
-                hops,
-                source,
-                opened,
-                ..
-            } = item;
-            let stored = match opened {
-                Some(opened) => store.store_opened(&self.statements, envelope, opened)?,
-                None => store.store(&self.statements, envelope)?,
-            };
+        store.open_each(&envelopes, |i, opened| {
             // `None`: a duplicate or a refused event, counted by the store.
-            if let Some(envelope) = stored {
-                decrypted.push((envelope, hops, source));
+            if let Some(envelope) = store.store_opened(&self.statements, envelopes[i], opened)? {
+                decrypted.push((envelope, batch[i].hops, batch[i].source.clone()));
             }
-        }
+            Ok::<(), rusqlite::Error>(())
+        })?;
         if decrypted.len() > 1 {
             let (queued, before) = (queue.len(), report.clone());
             let shared = db::with_savepoint(self.conn, || {

@@ -15,10 +15,7 @@
 //! Signatures are checked in batches (about a fifth of a single check's
 //! cost each), on both cores: [`EventStore::open_all`].
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc, OnceLock,
-};
+use std::sync::Arc;
 
 use quiet_plugin_api::{
     abi_stable::std_types::{RString, RVec},
@@ -132,7 +129,7 @@ impl EventStore {
         envelope: Envelope,
     ) -> rusqlite::Result<Option<Envelope>> {
         let opened = self.open(&envelope);
-        self.store_opened(statements, envelope, opened)
+        self.store_opened(statements, &envelope, opened)
     }
 
     /// The part of storing that needs no database: decrypting, decoding,
@@ -217,49 +214,74 @@ impl EventStore {
             .collect()
     }
 
-    /// [`open`](Self::open) for each of `envelopes`, in order: the
-    /// signatures are checked in batches of 128, spread over
-    /// two threads when there are enough to pay for it. During a catch-up
-    /// checking signatures is the largest part of a receiver's work after
-    /// SQLite, and the other core is otherwise idle half the time.
+    /// [`open`](Self::open) for each of `envelopes`, in order.
     pub fn open_all(&self, envelopes: &[&Envelope]) -> Vec<Result<Opened, &'static str>> {
-        if envelopes.len() <= VERIFY_CHUNK {
-            return self.open_chunk(envelopes, &mut LastKey::default());
+        let mut out = Vec::with_capacity(envelopes.len());
+        let _: Result<(), ()> = self.open_each(envelopes, |_, opened| {
+            out.push(opened);
+            Ok(())
+        });
+        out
+    }
+
+    /// [`open`](Self::open) for each of `envelopes`, handed to `each` in
+    /// order, on this thread, as soon as it is ready: a helper thread
+    /// opens and checks signatures a chunk at a time (in batches, a fifth
+    /// of the cost of single checks), at most two chunks ahead, while this
+    /// thread stores what it was handed. So a receiver's engine runs only
+    /// SQLite and plugins, and the other core checks signatures: during a
+    /// catch-up they are the two largest parts of its work. The first
+    /// chunk is small, so that storing starts at once. An error of `each`
+    /// stops it.
+    pub fn open_each<E>(
+        &self,
+        envelopes: &[&Envelope],
+        mut each: impl FnMut(usize, Result<Opened, &'static str>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        const ON_A_HELPER_FROM: usize = 64;
+        if envelopes.len() < ON_A_HELPER_FROM {
+            let opened = self.open_chunk(envelopes, &mut LastKey::default());
+            return opened
+                .into_iter()
+                .enumerate()
+                .try_for_each(|(i, o)| each(i, o));
         }
-        // Both threads take the next unopened chunk until none is left,
-        // rather than half each: on two busy cores the helper may start
-        // late or be descheduled, and the engine then opens what it has
-        // not taken instead of waiting for it.
-        let chunks: Vec<&[&Envelope]> = envelopes.chunks(VERIFY_CHUNK).collect();
-        let next = AtomicUsize::new(0);
-        let slots: Vec<OnceLock<Vec<Result<Opened, &'static str>>>> =
-            chunks.iter().map(|_| OnceLock::new()).collect();
-        let work = || {
-            let mut last = LastKey::default();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(chunk) = chunks.get(i) else {
-                    break;
-                };
-                let _ = slots[i].set(self.open_chunk(chunk, &mut last));
+        let mut handed = 0;
+        let result = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let helper = s.spawn(move || {
+                let mut last = LastKey::default();
+                let mut at = 0;
+                for size in std::iter::once(VERIFY_CHUNK / 2).chain(std::iter::repeat(VERIFY_CHUNK))
+                {
+                    let end = (at + size).min(envelopes.len());
+                    if at == end
+                        || tx
+                            .send(self.open_chunk(&envelopes[at..end], &mut last))
+                            .is_err()
+                    {
+                        break;
+                    }
+                    at = end;
+                }
+            });
+            for chunk in rx {
+                for opened in chunk {
+                    each(handed, opened)?;
+                    handed += 1;
+                }
             }
-        };
-        std::thread::scope(|s| {
-            let helper = s.spawn(work);
-            work();
             // Joined here, so that a panic in it does not become ours.
             let _ = helper.join();
+            Ok(())
         });
-        slots
-            .into_iter()
-            .zip(chunks)
-            // Opening does not panic on any input (fuzzed); if it ever did
-            // in the helper, the chunk it held is opened here instead.
-            .flat_map(|(slot, chunk)| {
-                slot.into_inner()
-                    .unwrap_or_else(|| self.open_chunk(chunk, &mut LastKey::default()))
-            })
-            .collect()
+        result?;
+        // Opening does not panic on any input (fuzzed); if it ever did on
+        // the helper, what it had not handed over is opened here.
+        for (i, envelope) in envelopes.iter().enumerate().skip(handed) {
+            each(i, self.open(envelope))?;
+        }
+        Ok(())
     }
 
     /// Stores what [`open`](Self::open) made of the event in `envelope`;
@@ -267,20 +289,22 @@ impl EventStore {
     pub fn store_opened(
         &self,
         statements: &Statements<'_>,
-        mut envelope: Envelope,
+        envelope: &Envelope,
         opened: Result<Opened, &'static str>,
     ) -> rusqlite::Result<Option<Envelope>> {
         let Opened(event) = match opened {
             Ok(opened) => opened,
             Err(counter) => return Ok(self.refuse(counter)),
         };
-        // Moved, not copied, into the decrypted event: `open` checked both.
-        let (Some(Value::Text(network_id)), Some(Value::Bytes(bytes))) = (
-            envelope.remove(field::NETWORK_ID),
-            envelope.remove(field::EVENT_CIPHERTEXT),
+        // Copied into the decrypted event (a thread may still be reading
+        // the envelope); `open` checked both.
+        let (Some(network_id), Some(bytes)) = (
+            envelope.str(field::NETWORK_ID),
+            envelope.bytes(field::EVENT_CIPHERTEXT),
         ) else {
             return Ok(self.refuse("drop_malformed_store_event"));
         };
+        let (network_id, bytes) = (RString::from(network_id), RVec::from(bytes));
         let waits_for = self.unrouted(statements, &network_id, &event.deps)?;
         let inserted = statements
             .get(
