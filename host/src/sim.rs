@@ -391,7 +391,7 @@ impl Sim {
             db::set_host_state(&conn, "listen_addr", Some(&addr.to_string())).map_err(db_err)?;
         }
         let plugins = Plugins::default();
-        let config = Arc::new(ArcSwap::from_pointee(JobsConfig { jobs: Vec::new() }));
+        let config = Arc::new(ArcSwap::from_pointee(JobsConfig::default()));
         // The reloader's wake-ups go nowhere: the simulator ticks every
         // scheduler itself.
         let (wake, signals) = mpsc::sync_channel(1);

@@ -48,6 +48,10 @@ pub struct Field {
 }
 
 impl Value {
+    /// An empty map, borrowed for as long as needed: the settings of a
+    /// plugin that `jobs.yaml` gives none.
+    pub const EMPTY_MAP: &'static Value = &Value::Map(RVec::new());
+
     /// The text, if this is [`Value::Text`].
     pub fn as_str(&self) -> Option<&str> {
         match self {

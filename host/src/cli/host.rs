@@ -196,7 +196,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     }
 
     let plugins = Plugins::default();
-    let config = Arc::new(ArcSwap::from_pointee(JobsConfig { jobs: Vec::new() }));
+    let config = Arc::new(ArcSwap::from_pointee(JobsConfig::default()));
     // Bounded: under a flood, frames are dropped (and counted) at the
     // socket instead of piling up in memory.
     let (to_scheduler, signals) = mpsc::sync_channel(ENGINE_QUEUE);

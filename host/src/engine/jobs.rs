@@ -1,4 +1,5 @@
-//! Parsing and validation of `jobs.yaml`, the list of jobs the host runs.
+//! Parsing and validation of `jobs.yaml`: the jobs the host runs, and each
+//! plugin's `settings`.
 //!
 //! Operators edit this file while the host runs. An invalid edit must be
 //! refused with a `file:line:column` message they can act on, and the host
@@ -10,7 +11,8 @@
 //! This is the only module that knows serde_yaml (deprecated upstream), so
 //! replacing it later touches this one file.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -30,12 +32,23 @@ pub const MAX_FILE_BYTES: usize = 1 << 20;
 /// grows with the square of the depth: a line of 100,000 brackets (200 KB)
 /// took 61 s of CPU to refuse, and held up shutdown and the next edit.
 pub const MAX_FLOW_DEPTH: usize = 64;
+/// The most one plugin's settings may hold, counting each key and text by
+/// its length and every value as 8 bytes more: they stay in memory, and
+/// `status` shows them.
+pub const MAX_SETTINGS_BYTES: usize = 64 << 10;
+/// How deeply one plugin's settings may nest, its own map being level 1.
+pub const MAX_SETTINGS_DEPTH: usize = 16;
 
-/// A valid `jobs.yaml`: the jobs in file order, names unique.
-#[derive(Clone, Debug, PartialEq)]
+/// A valid `jobs.yaml`: the jobs in file order, names unique, and the
+/// plugins' settings.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobsConfig {
     /// Every job, enabled or not, in file order.
     pub jobs: Vec<JobSpec>,
+    /// The top-level `settings:` map: plugin name to that plugin's
+    /// settings, each a [`Value::Map`] within [`MAX_SETTINGS_BYTES`] and
+    /// [`MAX_SETTINGS_DEPTH`]. It may name plugins that are not loaded.
+    pub settings: BTreeMap<String, Value>,
 }
 
 /// One entry of `jobs.yaml`.
@@ -62,6 +75,12 @@ impl JobsConfig {
     /// The enabled jobs, in file order.
     pub fn enabled(&self) -> impl Iterator<Item = &JobSpec> {
         self.jobs.iter().filter(|j| j.enabled)
+    }
+
+    /// The settings of the plugin called `plugin`; an empty map if the file
+    /// gives it none.
+    pub fn settings_of(&self, plugin: &str) -> &Value {
+        self.settings.get(plugin).unwrap_or(Value::EMPTY_MAP)
     }
 }
 
@@ -146,9 +165,14 @@ fn parse_bounded(text: &str, path: &Path) -> Result<JobsConfig, ConfigError> {
     serde_yaml::from_str::<de::IgnoredAny>(text).map_err(|e| config_error(&e, path))?;
     let (dup, first) = match run_pass(text, None) {
         (Ok(file), _) => {
-            let jobs = file.and_then(|f| f.jobs).unwrap_or_default();
+            let JobsFile { jobs, settings } = file.unwrap_or_default();
             return Ok(JobsConfig {
-                jobs: jobs.into_iter().map(Job::into_spec).collect(),
+                jobs: jobs
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Job::into_spec)
+                    .collect(),
+                settings,
             });
         }
         (Err(e), None) => return Err(config_error(&e, path)),
@@ -282,11 +306,13 @@ fn config_error(err: &serde_yaml::Error, path: &Path) -> ConfigError {
 
 // ---- the file's shape ----------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobsFile {
     #[serde(default)]
     jobs: Option<Vec<Job>>,
+    #[serde(default, deserialize_with = "de_settings")]
+    settings: BTreeMap<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -458,14 +484,68 @@ fn de_frequency<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     d.deserialize_any(Frequency)
 }
 
-// ---- params: YAML -> Value -----------------------------------------------
+// ---- params and settings: YAML -> Value ----------------------------------
 
 /// Any YAML value; with `top`, only a mapping (or null, meaning empty).
-struct AnyValue {
+/// With a `bound`, one plugin's settings: checked as they are read, so that
+/// an error points at the value that went too far.
+#[derive(Clone, Copy)]
+struct AnyValue<'b> {
     top: bool,
+    /// Collections around this value, this one included if it is one.
+    depth: usize,
+    bound: Option<&'b Bound>,
 }
 
-impl<'de> DeserializeSeed<'de> for AnyValue {
+/// What one plugin's settings may still hold.
+struct Bound {
+    plugin: String,
+    bytes_left: Cell<usize>,
+}
+
+impl AnyValue<'_> {
+    const PARAMS: AnyValue<'static> = AnyValue {
+        top: true,
+        depth: 1,
+        bound: None,
+    };
+
+    fn inner(self) -> Self {
+        AnyValue {
+            top: false,
+            depth: self.depth + 1,
+            ..self
+        }
+    }
+
+    /// Takes `bytes` (and 8 for the value) from the bound, if there is one.
+    fn charge<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let Some(b) = self.bound else { return Ok(()) };
+        let left = b.bytes_left.get().checked_sub(bytes.saturating_add(8));
+        let left = left.ok_or_else(|| {
+            E::custom(format!(
+                "the settings of plugin '{}' are over the {} KiB a plugin's settings may have",
+                b.plugin,
+                MAX_SETTINGS_BYTES >> 10
+            ))
+        })?;
+        b.bytes_left.set(left);
+        Ok(())
+    }
+
+    /// Checks a collection's depth, and charges it.
+    fn enter<E: de::Error>(&self) -> Result<(), E> {
+        if let Some(b) = self.bound.filter(|_| self.depth > MAX_SETTINGS_DEPTH) {
+            return Err(E::custom(format!(
+                "the settings of plugin '{}' nest more than {MAX_SETTINGS_DEPTH} levels deep",
+                b.plugin
+            )));
+        }
+        self.charge(0)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for AnyValue<'_> {
     type Value = Value;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
@@ -473,10 +553,10 @@ impl<'de> DeserializeSeed<'de> for AnyValue {
 }
 
 fn de_params<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
-    AnyValue { top: true }.deserialize(d)
+    AnyValue::PARAMS.deserialize(d)
 }
 
-impl AnyValue {
+impl AnyValue<'_> {
     fn leaf<E: de::Error>(&self, v: Value, unexpected: de::Unexpected) -> Result<Value, E> {
         if self.top {
             Err(E::invalid_type(unexpected, self))
@@ -486,7 +566,7 @@ impl AnyValue {
     }
 }
 
-impl<'de> Visitor<'de> for AnyValue {
+impl<'de> Visitor<'de> for AnyValue<'_> {
     type Value = Value;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         let what = if self.top {
@@ -497,6 +577,7 @@ impl<'de> Visitor<'de> for AnyValue {
         f.write_str(what)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.charge(0)?;
         Ok(if self.top { empty_map() } else { Value::Null })
     }
     fn visit_none<E: de::Error>(self) -> Result<Value, E> {
@@ -506,9 +587,11 @@ impl<'de> Visitor<'de> for AnyValue {
         d.deserialize_any(self)
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.charge(0)?;
         self.leaf(Value::Bool(v), de::Unexpected::Bool(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.charge(0)?;
         self.leaf(Value::Int(v), de::Unexpected::Signed(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
@@ -527,25 +610,30 @@ impl<'de> Visitor<'de> for AnyValue {
         Err(E::custom(format!("integer {v} does not fit in 64 bits")))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.charge(0)?;
         self.leaf(Value::Float(v), de::Unexpected::Float(v))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.charge(v.len())?;
         self.leaf(Value::from(v), de::Unexpected::Str(v))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         if self.top {
             return Err(de::Error::invalid_type(de::Unexpected::Seq, &self));
         }
+        self.enter()?;
         let mut items = Vec::new();
-        while let Some(v) = seq.next_element_seed(AnyValue { top: false })? {
+        while let Some(v) = seq.next_element_seed(self.inner())? {
             items.push(v);
         }
         Ok(Value::from(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.enter()?;
         let mut fields: Vec<Field> = Vec::new();
         while let Some(key) = map.next_key_seed(Key(&fields))? {
-            let value = map.next_value_seed(AnyValue { top: false })?;
+            self.charge(key.len())?;
+            let value = map.next_value_seed(self.inner())?;
             let key = key.into();
             fields.push(Field { key, value });
         }
@@ -555,6 +643,48 @@ impl<'de> Visitor<'de> for AnyValue {
         let (tag, _) = data.variant::<String>()?;
         let msg = format!("YAML tags are not supported (found !{tag})");
         Err(de::Error::custom(msg))
+    }
+}
+
+// ---- settings: plugin name -> its settings map ---------------------------
+
+fn de_settings<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Value>, D::Error> {
+    d.deserialize_any(SettingsMap)
+}
+
+struct SettingsMap;
+
+impl<'de> Visitor<'de> for SettingsMap {
+    type Value = BTreeMap<String, Value>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mapping from plugin names to their settings")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BTreeMap::new())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut names: Vec<Field> = Vec::new();
+        let mut out = BTreeMap::new();
+        while let Some(plugin) = map.next_key_seed(Key(&names))? {
+            if plugin.is_empty() {
+                return Err(de::Error::custom("a plugin name must not be empty"));
+            }
+            let bound = Bound {
+                plugin: plugin.clone(),
+                bytes_left: Cell::new(MAX_SETTINGS_BYTES),
+            };
+            let seed = AnyValue {
+                bound: Some(&bound),
+                ..AnyValue::PARAMS
+            };
+            let settings = map.next_value_seed(seed)?;
+            names.push(Field {
+                key: plugin.as_str().into(),
+                value: Value::Null,
+            });
+            out.insert(plugin, settings);
+        }
+        Ok(out)
     }
 }
 
@@ -639,7 +769,8 @@ jobs:
         assert_eq!(
             cfg,
             JobsConfig {
-                jobs: vec![want.clone()]
+                jobs: vec![want.clone()],
+                settings: BTreeMap::new(),
             }
         );
         assert_eq!(cfg.get("sync_with_peers"), Some(&want));
@@ -834,6 +965,139 @@ jobs:
             .map(|f| f.key.as_str())
             .collect();
         assert_eq!(keys, ["list", "map", "empty"], "file order is kept");
+    }
+
+    #[test]
+    fn settings_are_a_map_per_plugin_and_empty_for_the_others() {
+        let text = "settings:\n  template:\n    keyword: apple\n    keep: 3\n  other.plugin:\n  \
+                    nested:\n    a: {b: [1, {c: ~}]}\n"
+            .to_owned()
+            + &job("");
+        let cfg = parse_str(&text).unwrap();
+        assert_eq!(cfg.jobs.len(), 1);
+        assert_eq!(
+            cfg.settings_of("template"),
+            &Value::map([("keyword", Value::from("apple")), ("keep", 3.into())])
+        );
+        // Named without a map: empty, like a plugin the file does not name.
+        assert_eq!(cfg.settings_of("other.plugin"), &empty());
+        assert_eq!(cfg.settings_of("absent"), &empty());
+        let inner = Value::from(vec![1.into(), Value::map([("c", Value::Null)])]);
+        assert_eq!(
+            cfg.settings_of("nested"),
+            &Value::map([("a", Value::map([("b", inner)]))])
+        );
+        let names: Vec<&str> = cfg.settings.keys().map(String::as_str).collect();
+        assert_eq!(names, ["nested", "other.plugin", "template"]);
+        for text in ["settings:\n", "settings: {}\n", "jobs: []\n", ""] {
+            assert!(parse_str(text).unwrap().settings.is_empty(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn settings_errors_name_the_plugin_and_the_line() {
+        refused(
+            "jobs: []\nsettings: [1]\n",
+            2,
+            "settings: invalid type: sequence, expected a mapping from plugin names",
+        );
+        refused(
+            "settings:\n  template: [1]\n",
+            2,
+            "settings.template: invalid type: sequence, expected a mapping",
+        );
+        refused("settings:\n  template: 3\n", 2, "expected a mapping");
+        refused(
+            "settings:\n  template: {}\n  other: {}\n  template: {}\n",
+            4,
+            "duplicate key \"template\"",
+        );
+        refused(
+            "settings:\n  '': {}\n",
+            2,
+            "a plugin name must not be empty",
+        );
+        refused(
+            "settings:\n  template:\n    n: 9223372036854775808\n",
+            3,
+            "settings.template.n: integer 9223372036854775808 is too large",
+        );
+        refused(
+            "settings:\n  template:\n    k: !tag 1\n",
+            3,
+            "YAML tags are not supported",
+        );
+    }
+
+    #[test]
+    fn settings_are_bounded_in_depth_and_size_per_plugin() {
+        // `depth` maps inside each other, the plugin's own the first; the
+        // innermost holds `x` on line `depth + 2`.
+        let nested = |depth: usize| {
+            let mut text = "settings:\n  template:\n".to_owned();
+            for level in 1..depth {
+                text += &format!("{}k{level}:\n", " ".repeat(2 + 2 * level));
+            }
+            text + &format!("{}x: 1\n", " ".repeat(2 + 2 * depth))
+        };
+        assert!(parse_str(&nested(MAX_SETTINGS_DEPTH)).is_ok());
+        let e = refused(
+            &nested(MAX_SETTINGS_DEPTH + 1),
+            MAX_SETTINGS_DEPTH + 3,
+            "the settings of plugin 'template' nest more than 16 levels deep",
+        );
+        assert!(e.message.starts_with("settings.template.k1.k2."), "{e}");
+        let flow = format!(
+            "settings:\n  p:\n    a: {}1{}\n",
+            "[".repeat(16),
+            "]".repeat(16)
+        );
+        refused(
+            &flow,
+            3,
+            "the settings of plugin 'p' nest more than 16 levels",
+        );
+
+        // One long text; then many small values, refused at the one that
+        // goes over, on its own line.
+        let long = format!(
+            "settings:\n  template:\n    big: {}\n",
+            "x".repeat(MAX_SETTINGS_BYTES)
+        );
+        let e = refused(
+            &long,
+            3,
+            "settings.template.big: the settings of plugin 'template' are over the 64 KiB",
+        );
+        assert_eq!(
+            e.to_string(),
+            "jobs.yaml:3:10: settings.template.big: the settings of plugin 'template' are over \
+             the 64 KiB a plugin's settings may have"
+        );
+        let items: String = (0..9000).map(|i| format!("      - {i}\n")).collect();
+        let many = format!("settings:\n  p:\n    list:\n{items}");
+        let e = parse_str(&many).unwrap_err();
+        let line = e.line.unwrap();
+        assert!((8000..9000).contains(&line), "{e}");
+        assert!(e.message.contains("plugin 'p' are over the 64 KiB"), "{e}");
+        // Aliases count as often as they are used.
+        let anchor = format!("[{}]", vec!["x".repeat(100); 100].join(", "));
+        let aliased =
+            format!("settings:\n  p:\n    a: &a {anchor}\n    b: [*a, *a, *a, *a, *a, *a]\n");
+        let e = parse_str(&aliased).unwrap_err();
+        assert!(e.message.contains("settings.p.b["), "{e}");
+        assert!(e.message.contains("plugin 'p' are over"), "{e}");
+
+        // The bound is per plugin: two plugins of 40 KiB each are fine.
+        let big = |p: &str| format!("  {p}:\n    t: {}\n", "y".repeat(40 << 10));
+        let two = format!("settings:\n{}{}", big("a"), big("b"));
+        assert_eq!(parse_str(&two).unwrap().settings.len(), 2);
+        // Params have no such bound.
+        let params = job(&format!(
+            "    params:\n      big: {}\n",
+            "z".repeat(MAX_SETTINGS_BYTES)
+        ));
+        assert!(parse_str(&params).is_ok());
     }
 
     #[test]

@@ -347,6 +347,7 @@ mod tests {
         plugins.swap(Registry::new(1, vec![plugin("steady", Steady), sticky]));
         let config = Arc::new(ArcSwap::from_pointee(JobsConfig {
             jobs: vec![job("sticky"), job("steady")],
+            ..Default::default()
         }));
         let (to_engine, signals) = mpsc::sync_channel(16);
         let signals = Arc::new(Mutex::new(signals));
