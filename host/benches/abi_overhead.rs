@@ -32,7 +32,7 @@ use quiet_host::{
     plugins::{context::HostContext, loader},
     storage::statements::Statements,
 };
-use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity};
+use quiet_plugin_api::{envelope, Context, Envelope, FilterContext, Handler, Identity, Value};
 use rusqlite::Connection;
 
 fn plugin_library() -> PathBuf {
@@ -69,16 +69,22 @@ fn envelope_through_handler(c: &mut Criterion) {
     let statements = Statements::new(&conn);
     let mut host = HostContext::new(&statements, &plugin.name, &identity, None);
     let env = ping();
+    // A plugin's settings as the pipeline lends them, whether jobs.yaml
+    // gives any or not.
+    let settings = Value::EMPTY_MAP;
+    let no_settings = FilterContext::new(settings);
 
     // Both paths must do the same work before their times are compared.
     let direct = Echo
-        .process(&env, &mut Context::new(host.as_abi()))
+        .process(&env, &mut Context::new(host.as_abi(), settings))
         .expect("direct process");
-    let abi = handler.process(&env, &mut host).expect("abi process");
+    let abi = handler
+        .process(&env, &mut host, settings)
+        .expect("abi process");
     assert_eq!(direct.as_slice(), abi.as_slice());
     assert_eq!(direct.len(), 1);
     assert_eq!(direct[0].bytes("payload").map(<[u8]>::len), Some(1024));
-    assert!(Echo.filter(&env) && handler.filter(&env).expect("abi filter"));
+    assert!(Echo.filter(&env, &no_settings) && handler.filter(&env, settings).expect("abi filter"));
 
     let mut group = c.benchmark_group("envelope_through_handler");
     group.measurement_time(Duration::from_secs(8));
@@ -86,9 +92,9 @@ fn envelope_through_handler(c: &mut Criterion) {
     group.bench_function("direct_rust_call", |b| {
         b.iter(|| {
             let env = black_box(&env);
-            if Echo.filter(env) {
+            if Echo.filter(env, &no_settings) {
                 let out = Echo
-                    .process(env, &mut Context::new(host.as_abi()))
+                    .process(env, &mut Context::new(host.as_abi(), settings))
                     .expect("direct process");
                 drop(black_box(out));
             }
@@ -98,19 +104,27 @@ fn envelope_through_handler(c: &mut Criterion) {
     group.bench_function("through_abi", |b| {
         b.iter(|| {
             let env = black_box(&env);
-            if handler.filter(env).expect("abi filter") {
-                let out = handler.process(env, &mut host).expect("abi process");
+            if handler.filter(env, settings).expect("abi filter") {
+                let out = handler
+                    .process(env, &mut host, settings)
+                    .expect("abi process");
                 drop(black_box(out));
             }
         })
     });
 
     group.bench_function("filter_only_direct", |b| {
-        b.iter(|| black_box(Echo.filter(black_box(&env))))
+        b.iter(|| black_box(Echo.filter(black_box(&env), &no_settings)))
     });
 
     group.bench_function("filter_only_abi", |b| {
-        b.iter(|| black_box(handler.filter(black_box(&env)).expect("abi filter")))
+        b.iter(|| {
+            black_box(
+                handler
+                    .filter(black_box(&env), settings)
+                    .expect("abi filter"),
+            )
+        })
     });
 
     group.finish();

@@ -430,6 +430,7 @@ impl Sim {
             identity: identity.public(),
             outbox: Box::new(NetworkOutbox::new(wire.clone(), Box::new(nic.clone()))),
             store: Some(EventStore::new(keys, counters.clone()).signing_as(identity.clone())),
+            config: config.clone(),
         };
         let scheduler = Scheduler::new(
             db::open(&data).map_err(db_err)?,

@@ -8,8 +8,12 @@
 //! (and tables it shares with the host, such as `addresses`): the host's
 //! tables (`events`, `dead_letters`, `counters`, …) change only through the
 //! host, so [`Context`] counts and prunes dead letters for plugins. The
-//! context also carries the clock, logging and this host's public identity.
-//! Private keys never cross this boundary.
+//! context also carries the clock, logging, this host's public identity and
+//! the plugin's settings from `jobs.yaml`. Private keys never cross this
+//! boundary.
+//!
+//! `filter` gets a [`FilterContext`] instead: the settings, and nothing that
+//! reaches the database.
 
 use abi_stable::{
     sabi_trait,
@@ -184,12 +188,25 @@ pub type HostRef<'a> = HostServices_TO<'a, RMut<'a, ()>>;
 /// [`crate::Handler::run_job`]. See the [module docs](self).
 pub struct Context<'a> {
     host: HostRef<'a>,
+    settings: &'a Value,
 }
 
 impl<'a> Context<'a> {
-    /// Wraps the host's services. The plugin-api glue does this for you.
-    pub fn new(host: HostRef<'a>) -> Self {
-        Self { host }
+    /// Wraps the host's services and the plugin's settings. The plugin-api
+    /// glue does this for you; a harness without settings passes
+    /// [`Value::EMPTY_MAP`].
+    pub fn new(host: HostRef<'a>, settings: &'a Value) -> Self {
+        Self { host, settings }
+    }
+
+    /// This plugin's settings: its map under `settings:` in `jobs.yaml`
+    /// (an empty map if there is none), as of the start of the host's unit
+    /// of work. The operator edits them while the host runs, and the next
+    /// unit of work sees the edit: read them where they are used, rather
+    /// than keeping a copy. Read them as job params are read:
+    /// `ctx.settings().str_or("keyword", "")?`.
+    pub fn settings(&self) -> &'a Value {
+        self.settings
     }
 
     /// Runs `sql` with positional parameters (`?1`, `?2`, … or `?`) and
@@ -306,6 +323,27 @@ impl<'a> Context<'a> {
             .into_result()
             .map_err(|e| PluginError::msg(e.into_string()))?;
         EventId::from_bytes(&id).ok_or_else(|| PluginError::msg("the host returned no event id"))
+    }
+}
+
+/// What [`crate::Handler::filter`] gets of the host: the plugin's settings,
+/// and nothing that reaches the database, since a filter is a cheap look
+/// outside any transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterContext<'a> {
+    settings: &'a Value,
+}
+
+impl<'a> FilterContext<'a> {
+    /// A filter's context over `settings`. The plugin-api glue does this for
+    /// you.
+    pub fn new(settings: &'a Value) -> Self {
+        Self { settings }
+    }
+
+    /// This plugin's settings, as [`Context::settings`] gives them.
+    pub fn settings(&self) -> &'a Value {
+        self.settings
     }
 }
 

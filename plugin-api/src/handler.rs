@@ -7,6 +7,11 @@
 //! A handler also lists the event types it subscribes to, so the host only
 //! crosses the ABI for envelopes the handler can want.
 //!
+//! All three see the plugin's settings from `jobs.yaml`: `filter` through
+//! its [`FilterContext`], the others through [`Context::settings`]. Across
+//! the ABI they are one more `&Value` argument of each call: the host lends
+//! its own copy, taken once per unit of work, and nothing is copied per call.
+//!
 //! Every call into a plugin runs under `catch_unwind`: a panic becomes an
 //! error value the host reports, because a panic that reached the ABI would
 //! end the whole host process.
@@ -24,7 +29,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{Context, Envelope, HostRef, PluginError, Value};
+use crate::{Context, Envelope, FilterContext, HostRef, PluginError, Value};
 
 /// The subscription that matches every event type.
 pub const ANY_EVENT_TYPE: &str = "*";
@@ -54,9 +59,10 @@ pub trait Handler: Send + Sync + 'static {
     fn event_types(&self) -> &[&str];
 
     /// Whether to process `envelope`, which has one of the subscribed event
-    /// types. Runs outside any transaction. Defaults to `true`.
-    fn filter(&self, envelope: &Envelope) -> bool {
-        let _ = envelope;
+    /// types. Runs outside any transaction; `ctx` holds the plugin's
+    /// settings ([`FilterContext::settings`]). Defaults to `true`.
+    fn filter(&self, envelope: &Envelope, ctx: &FilterContext<'_>) -> bool {
+        let _ = (envelope, ctx);
         true
     }
 
@@ -111,18 +117,28 @@ pub trait AbiHandler: Send + Sync {
     /// See [`HandlerSpec`].
     fn spec(&self) -> RResult<HandlerSpec, RString>;
 
-    /// See [`Handler::filter`].
-    fn filter(&self, envelope: &Envelope) -> RResult<bool, RString>;
+    /// See [`Handler::filter`]; `settings` are the plugin's.
+    fn filter(&self, envelope: &Envelope, settings: &Value) -> RResult<bool, RString>;
 
-    /// See [`Handler::process`].
-    fn process(&self, envelope: &Envelope, host: HostRef<'_>) -> RResult<RVec<Envelope>, RString>;
+    /// See [`Handler::process`]; `settings` are the plugin's.
+    fn process<'a>(
+        &self,
+        envelope: &Envelope,
+        host: HostRef<'a>,
+        settings: &'a Value,
+    ) -> RResult<RVec<Envelope>, RString>;
 
-    /// See [`Handler::run_job`].
+    /// See [`Handler::run_job`]; `settings` are the plugin's.
     #[sabi(last_prefix_field)]
-    fn run_job(&self, host: HostRef<'_>, params: &Value) -> RResult<RVec<Envelope>, RString>;
+    fn run_job<'a>(
+        &self,
+        host: HostRef<'a>,
+        params: &Value,
+        settings: &'a Value,
+    ) -> RResult<RVec<Envelope>, RString>;
 
     /// See [`Handler::reset`].
-    fn reset(&self, host: HostRef<'_>) -> RResult<(), RString>;
+    fn reset<'a>(&self, host: HostRef<'a>, settings: &'a Value) -> RResult<(), RString>;
 }
 
 /// An owned, type-erased handler as it crosses the boundary.
@@ -205,32 +221,147 @@ impl<H: Handler> AbiHandler for Guarded<H> {
         })
     }
 
-    fn filter(&self, envelope: &Envelope) -> RResult<bool, RString> {
-        guarded(|| Ok(self.0.filter(envelope)))
+    fn filter(&self, envelope: &Envelope, settings: &Value) -> RResult<bool, RString> {
+        guarded(|| Ok(self.0.filter(envelope, &FilterContext::new(settings))))
     }
 
-    fn process(&self, envelope: &Envelope, host: HostRef<'_>) -> RResult<RVec<Envelope>, RString> {
+    fn process<'a>(
+        &self,
+        envelope: &Envelope,
+        host: HostRef<'a>,
+        settings: &'a Value,
+    ) -> RResult<RVec<Envelope>, RString> {
         guarded(|| {
-            let mut ctx = Context::new(host);
+            let mut ctx = Context::new(host, settings);
             self.0.process(envelope, &mut ctx).map(RVec::from)
         })
     }
 
-    fn run_job(&self, host: HostRef<'_>, params: &Value) -> RResult<RVec<Envelope>, RString> {
+    fn run_job<'a>(
+        &self,
+        host: HostRef<'a>,
+        params: &Value,
+        settings: &'a Value,
+    ) -> RResult<RVec<Envelope>, RString> {
         guarded(|| {
-            let mut ctx = Context::new(host);
+            let mut ctx = Context::new(host, settings);
             self.0.run_job(&mut ctx, params).map(RVec::from)
         })
     }
 
-    fn reset(&self, host: HostRef<'_>) -> RResult<(), RString> {
-        guarded(|| self.0.reset(&mut Context::new(host)))
+    fn reset<'a>(&self, host: HostRef<'a>, settings: &'a Value) -> RResult<(), RString> {
+        guarded(|| self.0.reset(&mut Context::new(host, settings)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use abi_stable::std_types::{RSlice, RStr};
+
     use super::*;
+    use crate::{envelope, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Rows};
+
+    /// Passes envelopes whose `text` holds the `keyword` setting, and
+    /// returns the setting from `process` and `run_job`.
+    struct Keyword;
+
+    impl Handler for Keyword {
+        fn name(&self) -> &str {
+            "keyword"
+        }
+        fn event_types(&self) -> &[&str] {
+            &["note"]
+        }
+        fn filter(&self, env: &Envelope, ctx: &FilterContext<'_>) -> bool {
+            let keyword = ctx.settings().str_or("keyword", "").unwrap_or("");
+            env.str("text").is_some_and(|t| t.contains(keyword))
+        }
+        fn process(
+            &self,
+            _: &Envelope,
+            ctx: &mut Context<'_>,
+        ) -> Result<Vec<Envelope>, PluginError> {
+            Ok(vec![
+                envelope! { "keyword" => ctx.settings().str_or("keyword", "-")? },
+            ])
+        }
+        fn run_job(&self, ctx: &mut Context<'_>, _: &Value) -> Result<Vec<Envelope>, PluginError> {
+            self.process(&Envelope::of_type("x"), ctx)
+        }
+    }
+
+    /// A host that serves nothing: these calls only read their settings.
+    struct NoHost;
+
+    impl HostServices for NoHost {
+        fn query(&mut self, _: RStr<'_>, _: RSlice<'_, Value>) -> RResult<Rows, RString> {
+            RResult::RErr("no host".into())
+        }
+        fn execute(&mut self, _: RStr<'_>, _: RSlice<'_, Value>) -> RResult<u64, RString> {
+            RResult::RErr("no host".into())
+        }
+        fn now_ms(&self) -> i64 {
+            0
+        }
+        fn log(&self, _: LogLevel, _: RStr<'_>) {}
+        fn identity(&self) -> Identity {
+            Identity::default()
+        }
+        fn count(&mut self, _: RStr<'_>, _: u64) -> RResult<(), RString> {
+            ROk(())
+        }
+        fn prune_dead_letters(&mut self, _: i64, _: u64) -> RResult<Pruned, RString> {
+            ROk(Pruned::default())
+        }
+        fn create_event(
+            &mut self,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: &Value,
+            _: RSlice<'_, u8>,
+        ) -> RResult<RVec<u8>, RString> {
+            RResult::RErr("no host".into())
+        }
+    }
+
+    #[test]
+    fn settings_reach_filter_process_and_run_job_across_the_abi() {
+        let abi = into_abi(Keyword);
+        let settings = Value::map([("keyword", "apple")]);
+        let apple = envelope! { "event_type" => "note", "text" => "an apple" };
+        let pear = envelope! { "event_type" => "note", "text" => "a pear" };
+        assert!(abi.filter(&apple, &settings).unwrap());
+        assert!(!abi.filter(&pear, &settings).unwrap());
+        assert!(abi.filter(&pear, Value::EMPTY_MAP).unwrap());
+
+        let mut host = NoHost;
+        let keyword = |out: RResult<RVec<Envelope>, RString>| {
+            out.unwrap()[0].str("keyword").map(str::to_owned)
+        };
+        let ran = abi.process(
+            &apple,
+            HostServices_TO::from_ptr(&mut host, TD_Opaque),
+            &settings,
+        );
+        assert_eq!(keyword(ran).as_deref(), Some("apple"));
+        let ran = abi.run_job(
+            HostServices_TO::from_ptr(&mut host, TD_Opaque),
+            Value::EMPTY_MAP,
+            Value::EMPTY_MAP,
+        );
+        assert_eq!(keyword(ran).as_deref(), Some("-"));
+        // A setting of the wrong type is the call's error, naming it.
+        let wrong = Value::map([("keyword", 3)]);
+        let ran = abi.process(
+            &apple,
+            HostServices_TO::from_ptr(&mut host, TD_Opaque),
+            &wrong,
+        );
+        assert_eq!(
+            ran.unwrap_err().as_str(),
+            "param 'keyword' must be text, got integer"
+        );
+    }
 
     #[test]
     fn panics_become_one_line_errors_with_their_location() {

@@ -9,7 +9,9 @@
 //! A handler, as in the seed design:
 //!
 //! ```
-//! use quiet_plugin_api::{envelope, params, Context, Envelope, Handler, PluginError, Value};
+//! use quiet_plugin_api::{
+//!     envelope, params, Context, Envelope, FilterContext, Handler, PluginError, Value,
+//! };
 //!
 //! struct Sync;
 //!
@@ -17,7 +19,7 @@
 //!     fn name(&self) -> &str { "sync" }
 //!     fn event_types(&self) -> &[&str] { &["sync_request"] }
 //!
-//!     fn filter(&self, env: &Envelope) -> bool {
+//!     fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
 //!         env.plaintext().is_some() && !env.is_outgoing()
 //!     }
 //!
@@ -62,7 +64,8 @@ pub mod value;
 pub use abi_stable;
 
 pub use context::{
-    Context, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned, Row, Rows,
+    Context, FilterContext, HostRef, HostServices, HostServices_TO, Identity, LogLevel, Pruned,
+    Row, Rows,
 };
 pub use envelope::{field, Envelope, EventId};
 pub use error::PluginError;

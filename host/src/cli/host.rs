@@ -266,6 +266,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
                 identity: identity.clone(),
                 outbox,
                 store: Some(EventStore::new(keys.clone(), counters.clone()).signing_as(me.clone())),
+                config: config.clone(),
             };
             Ok(Scheduler::new(
                 db::open_engine(&data)?,

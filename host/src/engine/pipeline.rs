@@ -33,12 +33,13 @@
 
 use std::{cell::RefCell, collections::VecDeque, sync::Arc};
 
+use arc_swap::ArcSwap;
 use quiet_plugin_api::{abi_stable::std_types::RVec, field, Envelope, Identity};
 use rusqlite::Connection;
 
 use crate::{
     encoding::json::envelope_to_json,
-    engine::cursors::Cursors,
+    engine::{cursors::Cursors, jobs::JobsConfig},
     plugins::{
         call_budget,
         context::HostContext,
@@ -186,6 +187,9 @@ pub struct Services {
     /// The event store for `store_event` envelopes, on a host that keeps
     /// events.
     pub store: Option<EventStore>,
+    /// The configuration the reloader keeps current, for the plugins'
+    /// settings: a run reads it once, so that its calls agree.
+    pub config: Arc<ArcSwap<JobsConfig>>,
 }
 
 /// One pipeline run over a borrowed connection and registry generation.
@@ -195,6 +199,8 @@ pub struct Pipeline<'a> {
     statements: Statements<'a>,
     registry: &'a Registry,
     services: &'a Services,
+    /// Whose settings the run's calls get.
+    config: Arc<JobsConfig>,
     hop_limit: u32,
     /// Where handlers stand in the stored events, once the run routes one.
     cursors: RefCell<Option<Cursors>>,
@@ -227,6 +233,7 @@ impl<'a> Pipeline<'a> {
             statements: Statements::new(conn),
             registry,
             services,
+            config: services.config.load_full(),
             hop_limit: DEFAULT_HOP_LIMIT,
             cursors: RefCell::new(None),
         }
@@ -299,7 +306,8 @@ impl<'a> Pipeline<'a> {
             &self.services.identity,
             self.services.store.as_ref(),
         );
-        match db::with_savepoint(self.conn, || handler.reset(&mut ctx)) {
+        let settings = self.config.settings_of(&handler.plugin);
+        match db::with_savepoint(self.conn, || handler.reset(&mut ctx, settings)) {
             Ok(()) => Ok(()),
             Err(CallError::Sql(e)) => Err(e),
             Err(CallError::Handler(e)) => {
@@ -561,13 +569,14 @@ impl<'a> Pipeline<'a> {
         report: &mut Report,
     ) -> rusqlite::Result<bool> {
         let own = isolation == Isolation::Own;
+        let settings = self.config.settings_of(&handler.plugin);
         // Named only when something needs the name: most calls produce
         // nothing and fail nothing.
         let here = || Source {
             plugin: Some(handler.plugin.to_string()),
             handler: handler.name.clone(),
         };
-        match handler.filter(envelope) {
+        match handler.filter(envelope, settings) {
             Ok(true) => {}
             Ok(false) => return Ok(true),
             Err(CallError::Sql(e)) => return Err(e),
@@ -584,8 +593,10 @@ impl<'a> Pipeline<'a> {
             self.services.store.as_ref(),
         );
         let outcome = match isolation {
-            Isolation::Own => db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx)),
-            Isolation::Shared => handler.process(envelope, &mut ctx),
+            Isolation::Own => {
+                db::with_savepoint(self.conn, || handler.process(envelope, &mut ctx, settings))
+            }
+            Isolation::Shared => handler.process(envelope, &mut ctx, settings),
         };
         let produced = match outcome {
             Ok(produced) => with_created(ctx.take_created(), produced),

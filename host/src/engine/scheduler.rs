@@ -432,7 +432,9 @@ pub fn execute_job(
             &services.identity,
             services.store.as_ref(),
         );
-        let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params));
+        let config = services.config.load();
+        let settings = config.settings_of(&handler.plugin);
+        let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params, settings));
         let error = match result {
             Ok(envelopes) => {
                 let envelopes = pipeline::with_created(ctx.take_created(), envelopes);

@@ -358,6 +358,7 @@ mod tests {
                     identity: Identity::default(),
                     outbox: Box::new(NoTransport),
                     store: None,
+                    config: config.clone(),
                 };
                 Ok(Scheduler::new(
                     db::open_engine(&data)?,

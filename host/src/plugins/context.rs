@@ -280,7 +280,7 @@ mod tests {
         let id = Identity::default();
         let statements = Statements::new(&conn);
         let mut host = HostContext::new(&statements, "test", &id, None);
-        let mut ctx = Context::new(host.as_abi());
+        let mut ctx = Context::new(host.as_abi(), Value::EMPTY_MAP);
         ctx.execute(
             "INSERT INTO t VALUES (?, ?, ?)",
             params![1, "x", vec![0u8, 255]],
@@ -341,7 +341,7 @@ mod tests {
             .execute(("drop_bad_seal", 1))
             .unwrap();
         let mut host = HostContext::new(&statements, "p", &id, None);
-        let mut ctx = Context::new(host.as_abi());
+        let mut ctx = Context::new(host.as_abi(), Value::EMPTY_MAP);
         let err = ctx
             .execute(host_sql, params!["drop_bad_seal", -1])
             .unwrap_err();

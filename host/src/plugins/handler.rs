@@ -73,44 +73,53 @@ impl LoadedHandler {
         self.event_types.iter().any(|t| t == ANY_EVENT_TYPE)
     }
 
-    /// The handler's `filter`.
-    pub fn filter(&self, envelope: &Envelope) -> Result<bool, CallError> {
-        call_budget::timed(&self.site, CallKind::Filter, || self.abi.filter(envelope))?
-            .into_result()
-            .map_err(|e| CallError::Handler(e.into()))
+    /// The handler's `filter`, with its plugin's `settings`.
+    pub fn filter(&self, envelope: &Envelope, settings: &Value) -> Result<bool, CallError> {
+        call_budget::timed(&self.site, CallKind::Filter, || {
+            self.abi.filter(envelope, settings)
+        })?
+        .into_result()
+        .map_err(|e| CallError::Handler(e.into()))
     }
 
-    /// The handler's `process`, inside the caller's transaction.
+    /// The handler's `process`, inside the caller's transaction, with its
+    /// plugin's `settings`.
     pub fn process(
         &self,
         envelope: &Envelope,
         ctx: &mut HostContext<'_, '_>,
+        settings: &Value,
     ) -> Result<RVec<Envelope>, CallError> {
         call_budget::timed(&self.site, CallKind::Process, || {
-            self.abi.process(envelope, ctx.as_abi())
+            self.abi.process(envelope, ctx.as_abi(), settings)
         })?
         .into_result()
         .map_err(|e| CallError::Handler(e.into()))
     }
 
-    /// The handler's `run_job`, inside the caller's transaction.
+    /// The handler's `run_job`, inside the caller's transaction, with the
+    /// job's `params` and its plugin's `settings`.
     pub fn run_job(
         &self,
         ctx: &mut HostContext<'_, '_>,
         params: &Value,
+        settings: &Value,
     ) -> Result<RVec<Envelope>, CallError> {
         call_budget::timed(&self.site, CallKind::RunJob, || {
-            self.abi.run_job(ctx.as_abi(), params)
+            self.abi.run_job(ctx.as_abi(), params, settings)
         })?
         .into_result()
         .map_err(|e| CallError::Handler(e.into()))
     }
 
-    /// The handler's `reset`, inside the caller's transaction.
-    pub fn reset(&self, ctx: &mut HostContext<'_, '_>) -> Result<(), CallError> {
-        call_budget::timed(&self.site, CallKind::Reset, || self.abi.reset(ctx.as_abi()))?
-            .into_result()
-            .map_err(|e| CallError::Handler(e.into()))
+    /// The handler's `reset`, inside the caller's transaction, with its
+    /// plugin's `settings`.
+    pub fn reset(&self, ctx: &mut HostContext<'_, '_>, settings: &Value) -> Result<(), CallError> {
+        call_budget::timed(&self.site, CallKind::Reset, || {
+            self.abi.reset(ctx.as_abi(), settings)
+        })?
+        .into_result()
+        .map_err(|e| CallError::Handler(e.into()))
     }
 }
 

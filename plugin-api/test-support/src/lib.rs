@@ -12,7 +12,9 @@
 //! It has an identity of its own and is a member of one network,
 //! [`TestHost::NETWORK_ID`], so that events a handler creates
 //! (`Context::create_event`) are signed, stored and routed to their
-//! subscribers as on a real host.
+//! subscribers as on a real host. The plugin's settings are an empty map
+//! until [`TestHost::set_settings`], as on a host whose `jobs.yaml` names
+//! it not.
 //!
 //! ```ignore
 //! // plugins/my-plugin/src/lib.rs, with `quiet-plugin-test-support` as a
@@ -37,13 +39,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use arc_swap::ArcSwap;
 use quiet_plugin_api::{Envelope, Identity, PluginModRef, Value};
 use rusqlite::Connection;
 
 use quiet_host::{
     crypto::{event_crypto::NetworkKey, identity::HostIdentity},
     engine::{
-        jobs::JobSpec,
+        jobs::{JobSpec, JobsConfig},
         pipeline::{Outbox, Pipeline, Report, Services, Source},
         replay, scheduler,
     },
@@ -110,9 +113,27 @@ impl TestHost {
                 identity: me.public(),
                 outbox: Box::new(Recorder(sent.clone())),
                 store: Some(store),
+                config: Arc::new(ArcSwap::from_pointee(JobsConfig::default())),
             },
             sent,
         })
+    }
+
+    /// Gives the plugin `settings`, as `settings: <plugin>:` in jobs.yaml
+    /// would: its handlers' `filter`, `process` and `run_job` read them from
+    /// the next call on. Panics unless `settings` is a map.
+    pub fn set_settings(&mut self, settings: Value) {
+        assert!(
+            settings.as_map().is_some(),
+            "a plugin's settings are a map, not {}",
+            settings.kind()
+        );
+        let plugin = self.registry.plugins[0].name.to_string();
+        let settings = [(plugin, settings)].into();
+        self.services.config.store(Arc::new(JobsConfig {
+            settings,
+            ..Default::default()
+        }));
     }
 
     /// This host's public identity: the `author` of the events its

@@ -108,7 +108,9 @@ use crate::{
 /// How often the job forgets what has failed for long (`peers::prune`):
 /// the limit is a week, so once a minute is plenty.
 const PRUNE_EVERY_MS: i64 = 60_000;
-use quiet_plugin_api::{export_plugin, params, Context, Envelope, Handler, PluginError, Value};
+use quiet_plugin_api::{
+    export_plugin, params, Context, Envelope, FilterContext, Handler, PluginError, Value,
+};
 
 /// The `sync` handler; see the [module docs](self).
 #[derive(Default)]
@@ -133,7 +135,7 @@ impl Handler for SyncHandler {
 
     /// Only what arrived from peers; our own requests and responses leave
     /// through the host without visiting handlers.
-    fn filter(&self, env: &Envelope) -> bool {
+    fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
         !env.is_outgoing() && env.plaintext().is_some()
     }
 

@@ -10,7 +10,7 @@ use std::{
 
 pub(crate) use quiet_host::storage::db::{now_ms, set_thread_clock};
 use quiet_host::{plugins::context::HostContext, storage::statements::Statements};
-use quiet_plugin_api::{envelope, Context, Envelope, Handler, Identity, Value};
+use quiet_plugin_api::{envelope, Context, Envelope, FilterContext, Handler, Identity, Value};
 pub(crate) use quiet_plugin_test_support::TestHost;
 
 use crate::{limits::FRAME_SIZE_LIMIT, session::WINDOW, wire::random_bytes, SyncHandler};
@@ -175,7 +175,9 @@ impl Peer {
 
     pub(crate) fn process(&self, env: &Envelope) -> Vec<Envelope> {
         self.with_ctx(|ctx| {
-            assert!(self.handler.filter(env));
+            assert!(self
+                .handler
+                .filter(env, &FilterContext::new(Value::EMPTY_MAP)));
             self.handler.process(env, ctx).unwrap()
         })
     }
@@ -185,7 +187,7 @@ impl Peer {
     pub(crate) fn with_ctx<T>(&self, f: impl FnOnce(&mut Context<'_>) -> T) -> T {
         let statements = Statements::new(self.host.db());
         let mut services = HostContext::new(&statements, "sync", &self.identity, None);
-        let mut ctx = Context::new(services.as_abi());
+        let mut ctx = Context::new(services.as_abi(), Value::EMPTY_MAP);
         f(&mut ctx)
     }
 }

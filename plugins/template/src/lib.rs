@@ -22,7 +22,8 @@
 //! To make it yours, change everything marked `CHANGE:`.
 
 use quiet_plugin_api::{
-    bail, envelope, export_plugin, params, Context, Envelope, Handler, PluginError, Value,
+    bail, envelope, export_plugin, params, Context, Envelope, FilterContext, Handler, PluginError,
+    Value,
 };
 
 /// The `greeter` handler. A plugin may declare several handlers; each is a
@@ -50,7 +51,7 @@ impl Handler for Greeter {
     /// access; `false` skips it. Outgoing envelopes are for the network: this
     /// handler never processes them. (The host already sends `is_outgoing`
     /// envelopes out before any handler sees them; the check is a safeguard.)
-    fn filter(&self, env: &Envelope) -> bool {
+    fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
         !env.is_outgoing()
     }
 

@@ -4,7 +4,9 @@
 //! It never touches the context, so a benchmark calling it through the ABI
 //! and calling [`Echo`] directly measures only the cost of the boundary.
 
-use quiet_plugin_api::{envelope, export_plugin, Context, Envelope, Handler, PluginError};
+use quiet_plugin_api::{
+    envelope, export_plugin, Context, Envelope, FilterContext, Handler, PluginError,
+};
 
 /// The `echo` handler; public so that benchmarks can call it directly.
 #[derive(Clone, Copy, Debug, Default)]
@@ -19,7 +21,7 @@ impl Handler for Echo {
         &["ping"]
     }
 
-    fn filter(&self, env: &Envelope) -> bool {
+    fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
         !env.is_outgoing()
     }
 
