@@ -25,6 +25,9 @@ use crate::{
 /// The JSON schema version of [`Status`].
 pub const SCHEMA: u32 = 1;
 
+/// How much of a plugin's settings the text form shows; `--json` has all.
+const SETTINGS_CHARS: usize = 100;
+
 /// Everything `status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -48,6 +51,10 @@ pub struct Status {
     pub engine: Option<EngineState>,
     /// Plugin files, loaded or refused.
     pub plugins: Vec<PluginStatus>,
+    /// Each plugin's settings from jobs.yaml, by plugin name (plugins it
+    /// does not name have none); as of the last good configuration. Added
+    /// within schema 1.
+    pub settings: std::collections::BTreeMap<String, serde_json::Value>,
     /// Configured jobs.
     pub jobs: Vec<JobStatus>,
     /// Dead letters.
@@ -287,6 +294,9 @@ fn read_from(conn: &Connection, data_dir: &Path, recent: usize) -> rusqlite::Res
         config_error: db::host_state(conn, "config_error")?,
         engine: health::read(data_dir),
         plugins,
+        settings: db::host_state(conn, "settings")?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
         jobs,
         dead_letters: DeadLetters { total, recent },
         networks,
@@ -459,6 +469,26 @@ pub fn render(s: &Status) -> String {
                 "", r.events_behind
             );
         }
+    }
+
+    if !s.settings.is_empty() {
+        let _ = writeln!(out, "\nSETTINGS");
+    }
+    for (plugin, settings) in &s.settings {
+        let loaded = s
+            .plugins
+            .iter()
+            .any(|p| p.name.as_ref() == Some(plugin) && p.disabled.is_none());
+        let text = settings.to_string();
+        let cut = text.chars().count() > SETTINGS_CHARS;
+        let _ = writeln!(
+            out,
+            "  {:<28} {}{}{}",
+            printable(plugin),
+            short(&text, SETTINGS_CHARS),
+            if cut { "…" } else { "" },
+            if loaded { "" } else { "  (not loaded)" }
+        );
     }
 
     let _ = writeln!(out, "\nJOBS");

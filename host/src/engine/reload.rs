@@ -13,14 +13,16 @@
 //! with the other plugins as a new [`Registry`] generation. A library that
 //! fails any of this is refused with one line, and whatever generation was
 //! serving keeps serving. An invalid `jobs.yaml` is refused with its line,
-//! and the last good configuration keeps running.
+//! and the last good configuration keeps running, plugin settings included.
+//! Settings for a plugin that is not loaded are kept, with one warning: it
+//! may be installed later.
 //!
 //! Builds the watchdog disabled are recorded in the `plugins` table and
 //! dropped from what this reloader serves; the same build is not loaded
 //! again (until the host restarts), another build of the file is.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
     sync::{mpsc::SyncSender, Arc},
@@ -90,6 +92,8 @@ pub struct Reloader {
     generation: u64,
     /// How many of [`Plugins::disabled`] are recorded.
     disabled_recorded: usize,
+    /// Plugins named under `settings:` that were warned about as not loaded.
+    warned_settings: BTreeSet<String>,
 }
 
 impl Reloader {
@@ -116,6 +120,7 @@ impl Reloader {
             config_seen: None,
             generation: 0,
             disabled_recorded: 0,
+            warned_settings: BTreeSet::new(),
         })
     }
 
@@ -127,6 +132,7 @@ impl Reloader {
             false
         });
         let config_changed = self.sync_config();
+        self.warn_unloaded_settings();
         if plugins_changed || config_changed {
             // A full queue means the engine is busy and will look anyway;
             // a closed one means it is shutting down.
@@ -318,6 +324,20 @@ impl Reloader {
         }
     }
 
+    /// Warns, once per name, of settings for a plugin that no loaded plugin
+    /// has: a typo, or a plugin not installed yet.
+    fn warn_unloaded_settings(&mut self) {
+        let config = self.config.load();
+        for name in config.settings.keys() {
+            let loaded = self.loaded.values().any(|p| *p.name == **name);
+            if !loaded && self.warned_settings.insert(name.clone()) {
+                tracing::warn!(
+                    "jobs.yaml has settings for plugin '{name}', which is not loaded; they apply when it is"
+                );
+            }
+        }
+    }
+
     fn apply_config(&mut self, config: JobsConfig) -> rusqlite::Result<()> {
         db::with_write_tx(&self.conn, |c| {
             let names: Vec<&str> = config.jobs.iter().map(|j| j.name.as_str()).collect();
@@ -345,6 +365,13 @@ impl Reloader {
                     ],
                 )?;
             }
+            let settings: serde_json::Map<String, serde_json::Value> = config
+                .settings
+                .iter()
+                .map(|(plugin, s)| (plugin.clone(), value_to_json(s)))
+                .collect();
+            let settings = serde_json::Value::Object(settings).to_string();
+            db::set_host_state(c, "settings", Some(&settings))?;
             db::set_host_state(c, "config_error", None)
         })?;
         tracing::info!(
