@@ -7,16 +7,22 @@
 //!   `{event_type: "greeting", text, at_ms}`, where `text` is the job's
 //!   `text` param (default `"hello"`) and `at_ms` the host's clock;
 //! - as a subscriber to `greeting` (`process`), it records each greeting in
-//!   its own table, `template_greetings`.
+//!   its own table, `template_greetings`, and keeps the newest `keep`.
 //!
-//! Run it every ten seconds with this entry under `jobs:` in `jobs.yaml`:
+//! Run it every ten seconds, recording only greetings that contain
+//! `keyword` and keeping the newest 100, with this in `jobs.yaml`:
 //!
 //! ```yaml
-//! - name: greet
-//!   handler: greeter
-//!   frequency_ms: 10000
-//!   params:
-//!     text: hello from the template
+//! settings:              # per plugin, read by all its handlers
+//!   template:
+//!     keyword: hello     # optional: record only greetings containing it
+//!     keep: 100          # optional, default 1000
+//! jobs:
+//!   - name: greet
+//!     handler: greeter
+//!     frequency_ms: 10000
+//!     params:            # this job's own
+//!       text: hello from the template
 //! ```
 //!
 //! To make it yours, change everything marked `CHANGE:`.
@@ -51,8 +57,17 @@ impl Handler for Greeter {
     /// access; `false` skips it. Outgoing envelopes are for the network: this
     /// handler never processes them. (The host already sends `is_outgoing`
     /// envelopes out before any handler sees them; the check is a safeguard.)
-    fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
-        !env.is_outgoing()
+    ///
+    /// `ctx.settings()` is the plugin's `settings:` map in jobs.yaml (empty
+    /// if none); an edit applies from the next envelope. A filter cannot
+    /// fail, so a `keyword` that is not text lets everything through, and
+    /// `process` says what is wrong with it.
+    fn filter(&self, env: &Envelope, ctx: &FilterContext<'_>) -> bool {
+        let wanted = match ctx.settings().get("keyword") {
+            Some(Value::Text(keyword)) => env.str("text").is_some_and(|t| t.contains(&**keyword)),
+            _ => true,
+        };
+        wanted && !env.is_outgoing()
     }
 
     /// Records one greeting. Runs inside the host's transaction: if this
@@ -62,11 +77,22 @@ impl Handler for Greeter {
         let Some(text) = env.str("text") else {
             bail!("a greeting needs a text field 'text'");
         };
+        // Settings, like params, fail the call with a message naming the key
+        // when they have the wrong type.
+        ctx.settings().str_or("keyword", "")?;
+        let keep = ctx.settings().int_or("keep", 1000)?;
+        if keep < 1 {
+            bail!("setting 'keep' must be at least 1, got {keep}");
+        }
         // A greeting from elsewhere may come without a time: record it now.
         let at_ms = env.int("at_ms").unwrap_or_else(|| ctx.now_ms());
         ctx.execute(
             "INSERT INTO template_greetings (text, at_ms) VALUES (?1, ?2)",
             params![text, at_ms],
+        )?;
+        ctx.execute(
+            "DELETE FROM template_greetings WHERE id <= (SELECT MAX(id) FROM template_greetings) - ?1",
+            params![keep],
         )?;
         ctx.debug(&format!("recorded greeting {text:?}"));
         // Envelopes returned here go back into the pipeline, to whichever
@@ -156,6 +182,47 @@ mod tests {
             )]
         );
         assert_eq!(host.count("SELECT COUNT(*) FROM template_greetings"), 1);
+    }
+
+    #[test]
+    fn settings_choose_which_greetings_are_kept_and_how_many() {
+        let mut host = TestHost::new(super::plugin_module()).unwrap();
+        let greeting = |text: &str| envelope! { "event_type" => "greeting", "text" => text };
+        let texts = |host: &TestHost| -> Vec<String> {
+            let mut stmt = host
+                .db()
+                .prepare("SELECT text FROM template_greetings ORDER BY id")
+                .unwrap();
+            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+            rows.map(Result::unwrap).collect()
+        };
+        host.set_settings(Value::map([
+            ("keyword", Value::from("apple")),
+            ("keep", 2.into()),
+        ]));
+        host.deliver(
+            ["an apple", "a pear", "apple pie", "apple tart"]
+                .map(greeting)
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(texts(&host), ["apple pie", "apple tart"]);
+        // The job's greetings pass the same filter.
+        host.run_job("greeter", Value::map([("text", "a pear")]))
+            .unwrap();
+        assert_eq!(texts(&host), ["apple pie", "apple tart"]);
+
+        // A setting of the wrong type is a dead letter naming it.
+        host.set_settings(Value::map([("keep", "many")]));
+        host.deliver(vec![greeting("a pear")]).unwrap();
+        assert_eq!(
+            host.dead_letters(),
+            [(
+                "greeter".to_string(),
+                "param 'keep' must be an integer, got text".to_string()
+            )]
+        );
+        assert_eq!(texts(&host), ["apple pie", "apple tart"]);
     }
 
     #[test]
