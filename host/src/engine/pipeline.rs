@@ -846,6 +846,7 @@ pub(crate) mod tests {
                 identity: me.public(),
                 outbox: Box::new(crate::engine::pipeline::NoTransport),
                 store: Some(store),
+                config: Default::default(),
             };
             let registry = Registry::new(1, vec![plugin.into()]);
             NotesHost {
