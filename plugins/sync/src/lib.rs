@@ -136,7 +136,9 @@ impl Handler for SyncHandler {
     /// Only what arrived from peers; our own requests and responses leave
     /// through the host without visiting handlers.
     fn filter(&self, env: &Envelope, _ctx: &FilterContext<'_>) -> bool {
-        !env.is_outgoing() && env.plaintext().is_some()
+        // Frames only: any member can store an event typed `sync_request`,
+        // and a stored event (it has a verified author) is not a request.
+        !env.is_outgoing() && env.plaintext().is_some() && env.author().is_none()
     }
 
     fn process(&self, env: &Envelope, ctx: &mut Context<'_>) -> Result<Vec<Envelope>, PluginError> {
