@@ -82,7 +82,8 @@ fn a_plugin_removed_for_a_minute_of_sync_and_put_back_has_no_gap() {
         // A sends throughout: a batch of 20 every second, for 70 s.
         let sender = s.spawn(|| {
             for i in 0..BATCHES {
-                let texts: Vec<String> = (0..20).map(|j| format!("batch {i} message {j}")).collect();
+                let texts: Vec<String> =
+                    (0..20).map(|j| format!("batch {i} message {j}")).collect();
                 let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
                 quiet_host::cli::commands::message_send_many(&a_dirs.data, &net, &texts).unwrap();
                 std::thread::sleep(Duration::from_secs(1));
@@ -116,7 +117,11 @@ fn a_plugin_removed_for_a_minute_of_sync_and_put_back_has_no_gap() {
             messages(&b_dirs.data)
         )
     });
-    assert_eq!(dead_letters(&b_dirs.data), 0, "no event became a dead letter");
+    assert_eq!(
+        dead_letters(&b_dirs.data),
+        0,
+        "no event became a dead letter"
+    );
     a.stop();
     b.stop();
 }

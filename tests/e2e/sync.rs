@@ -451,6 +451,18 @@ fn bad_packets_are_dropped_counted_and_change_nothing() {
 /// Interop with libsodium through PyNaCl, when it is installed (CI installs
 /// it): our sealed box opens with `crypto_box_seal_open`, and theirs with
 /// ours.
+/// What the Python program `code` prints; panics with `what` and its
+/// error if it fails.
+fn python(code: &str, what: &str) -> String {
+    let out = Command::new("python3").args(["-c", code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn sealed_boxes_interoperate_with_libsodium() {
     use quiet_host::crypto::{event_crypto, identity::HostIdentity};
@@ -488,16 +500,7 @@ fn sealed_boxes_interoperate_with_libsodium() {
         hex::encode(&sealed),
         me.peer_id()
     );
-    let out = Command::new("python3")
-        .args(["-c", &check])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8(out.stdout).unwrap();
+    let out = python(&check, "libsodium refused our sealed box");
     let mut lines = out.lines();
     assert_eq!(
         lines.next(),
@@ -523,16 +526,7 @@ fn sealed_boxes_interoperate_with_libsodium() {
         hex::encode(me.signing().verifying_key().as_bytes()),
         hex::encode(signature.to_bytes()),
     );
-    let out = Command::new("python3")
-        .args(["-c", &check])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "libsodium refused our signature: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8(out.stdout).unwrap();
+    let out = python(&check, "libsodium refused our signature");
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(&String::from_utf8_lossy(message)[..]));
     assert_eq!(lines.next(), Some(me.peer_id().as_str()));

@@ -632,8 +632,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_byte_changed_outside_is_refused_by_the_aead_or_the_times() {
+    /// A message sealed at 77 ms with one dep, and its network's key.
+    fn a_message() -> (NetworkKey, Vec<u8>) {
         let (me, key) = (identity(), NetworkKey::generate());
         let (_, event) = seal_event_v3(
             me.signing(),
@@ -645,6 +645,12 @@ mod tests {
             &content("x"),
         )
         .unwrap();
+        (key, event)
+    }
+
+    #[test]
+    fn every_byte_changed_outside_is_refused_by_the_aead_or_the_times() {
+        let (key, event) = a_message();
         for at in 0..event.len() {
             let mut changed = event.clone();
             changed[at] ^= 0x10;
@@ -668,17 +674,7 @@ mod tests {
 
     #[test]
     fn every_byte_a_key_holder_changes_inside_fails_the_signature_or_the_rules() {
-        let (me, key) = (identity(), NetworkKey::generate());
-        let (_, event) = seal_event_v3(
-            me.signing(),
-            NET,
-            &key,
-            77,
-            "message",
-            &[[3; 32]],
-            &content("x"),
-        )
-        .unwrap();
+        let (key, event) = a_message();
         let inner = open_inner(&key, &event).unwrap();
         let mut bad_signatures = 0;
         for at in 0..inner.len() {
