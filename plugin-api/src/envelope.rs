@@ -51,6 +51,10 @@ pub mod field {
     pub const NETWORK_ID: &str = "network_id";
     /// A peer id.
     pub const PEER_ID: &str = "peer_id";
+    /// On an envelope from the network, the peer whose seal (or whose
+    /// request's transit secret) the host verified. Only the host sets it:
+    /// it is removed from every envelope a plugin returns.
+    pub const SENDER_PEER_ID: &str = "sender_peer_id";
 }
 
 /// A stored event's id: its creation time (8 bytes, big-endian, so ids

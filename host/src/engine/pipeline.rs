@@ -627,7 +627,7 @@ impl<'a> Pipeline<'a> {
             queue.extend(
                 produced
                     .into_iter()
-                    .map(|envelope| Queued::new(unvouched(envelope), hops + 1, here.clone())),
+                    .map(|envelope| Queued::new(from_plugin(envelope), hops + 1, here.clone())),
             );
         }
         Ok(true)
@@ -676,6 +676,15 @@ pub fn with_created(created: Vec<Envelope>, produced: RVec<Envelope>) -> RVec<En
         return produced;
     }
     created.into_iter().chain(produced).collect()
+}
+
+/// `envelope`, which a plugin returned (from `process` or `run_job`),
+/// without the fields only the host sets: the verified `author` of a
+/// stored event and the verified `sender_peer_id` of a frame. No plugin
+/// can hand another a forged author or sender.
+pub fn from_plugin(mut envelope: Envelope) -> Envelope {
+    envelope.remove(field::SENDER_PEER_ID);
+    unvouched(envelope)
 }
 
 /// `envelope` without the fields only the host's event store may set

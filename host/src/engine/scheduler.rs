@@ -437,6 +437,7 @@ pub fn execute_job(
         let result = db::with_savepoint(conn, || handler.run_job(&mut ctx, &job.params, settings));
         let error = match result {
             Ok(envelopes) => {
+                let envelopes = envelopes.into_iter().map(pipeline::from_plugin).collect();
                 let envelopes = pipeline::with_created(ctx.take_created(), envelopes);
                 let report = Pipeline::new(conn, registry, services).run(envelopes, source)?;
                 tracing::debug!(job = %job.name, ?report, "job ran");

@@ -228,7 +228,7 @@ impl Inbound {
             .ok_or("drop_malformed_payload")?
             .to_owned();
         let mut envelope = Envelope::of_type(&event_type)
-            .with("sender_peer_id", sender)
+            .with(field::SENDER_PEER_ID, sender)
             .with(field::NETWORK_ID, network_id)
             .with(field::EVENT_PLAINTEXT, plaintext);
         if let Some(id) = in_response_to {
