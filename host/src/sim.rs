@@ -426,10 +426,13 @@ impl Sim {
             counters: counters.clone(),
         };
         let nic = Nic::default();
+        // Shared with the inbound side, which opens responses' events
+        // ahead as a real host's reader thread does.
+        let store = EventStore::new(keys, counters.clone()).signing_as(identity.clone());
         let services = Services {
             identity: identity.public(),
             outbox: Box::new(NetworkOutbox::new(wire.clone(), Box::new(nic.clone()))),
-            store: Some(EventStore::new(keys, counters.clone()).signing_as(identity.clone())),
+            store: Some(store.clone()),
             config: config.clone(),
         };
         let scheduler = Scheduler::new(
@@ -446,7 +449,7 @@ impl Sim {
             addr,
             peer_id: identity.peer_id(),
             scheduler,
-            inbound: Inbound::new(wire),
+            inbound: Inbound::new(wire).opening_events_ahead(store),
             nic,
             next_wake_ms: self.now,
             skew_ms: 0,

@@ -216,6 +216,9 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         to_scheduler.clone(),
     )
     .map_err(db_err)?;
+    // One store, cloned: the network opens responses' events ahead into
+    // what it shares with every engine's.
+    let store = EventStore::new(keys.clone(), counters.clone()).signing_as(identity.clone());
     let wire = Wire {
         identity: identity.clone(),
         live: Arc::new(LiveRequests::default()),
@@ -224,17 +227,20 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     };
     let listen_addr = match &opts.listen {
         Some(address) => Some(
-            listener::listen(address, Inbound::new(wire.clone()), to_scheduler.clone()).map_err(
-                |e| StartError::Listen {
-                    address: address.clone(),
-                    message: match e.kind() {
-                        std::io::ErrorKind::AddrInUse => {
-                            "the port is in use; pick another --listen port".into()
-                        }
-                        _ => e.to_string(),
-                    },
+            listener::listen(
+                address,
+                Inbound::new(wire.clone()).opening_events_ahead(store.clone()),
+                to_scheduler.clone(),
+            )
+            .map_err(|e| StartError::Listen {
+                address: address.clone(),
+                message: match e.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        "the port is in use; pick another --listen port".into()
+                    }
+                    _ => e.to_string(),
                 },
-            )?,
+            })?,
         ),
         None => None,
     };
@@ -251,7 +257,6 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
     // its own connection and outbox, and shares everything else.
     let make_engine = {
         let (data, plugins, counters) = (data.clone(), plugins.clone(), counters.clone());
-        let me = identity.clone();
         let identity = identity.public();
         let wire = listen_addr.map(|_| wire.clone());
         move || {
@@ -265,7 +270,7 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
             let services = Services {
                 identity: identity.clone(),
                 outbox,
-                store: Some(EventStore::new(keys.clone(), counters.clone()).signing_as(me.clone())),
+                store: Some(store.clone()),
                 config: config.clone(),
             };
             Ok(Scheduler::new(

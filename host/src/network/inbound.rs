@@ -19,7 +19,7 @@ use crate::{
         sender_rates::SenderRates,
         wire::{Wire, DEFAULT_TRANSIT_TTL_MS},
     },
-    storage::{counters::Counters, db},
+    storage::{counters::Counters, db, event_store::EventStore},
 };
 
 /// The receiving half of the crypto: frame → authenticated envelope.
@@ -33,6 +33,9 @@ pub struct Inbound {
     seen: Mutex<Seen>,
     /// Each member's request rate.
     senders: SenderRates,
+    /// The engine's event store, when responses' events are to be opened
+    /// ahead of it ([`Inbound::opening_events_ahead`]).
+    store: Option<EventStore>,
 }
 
 /// How long a request is remembered against replays, and how far its
@@ -89,7 +92,17 @@ impl Inbound {
             warned: Mutex::default(),
             seen: Mutex::default(),
             senders: SenderRates::default(),
+            store: None,
         }
+    }
+
+    /// This, opening the events in each response it accepts for `store`
+    /// (the engine's, or a clone of it) on the thread that opens the frame:
+    /// [`EventStore::pre_open`]. Only responses: they answer our own
+    /// requests, and carry the events a catch-up stores.
+    pub fn opening_events_ahead(mut self, store: EventStore) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Where this side's drops are counted.
@@ -227,6 +240,9 @@ impl Inbound {
         let event_type = event_type::of(&plaintext)
             .ok_or("drop_malformed_payload")?
             .to_owned();
+        if let (Some(store), Some(_)) = (&self.store, &in_response_to) {
+            store.pre_open(&network_id, &plaintext);
+        }
         let mut envelope = Envelope::of_type(&event_type)
             .with(field::SENDER_PEER_ID, sender)
             .with(field::NETWORK_ID, network_id)

@@ -7,7 +7,9 @@
 //! [`Inbound::open`](inbound::Inbound::open): transit crypto unwraps a
 //! response with the transit secret of a live request of ours, event crypto
 //! opens the sealed box with our key and verifies the sender and its
-//! membership proof, and the decoded map becomes an envelope that names the
+//! membership proof (and, for a response, opens and checks the signed
+//! events in it for the event store, while the engine stores the frame
+//! before), and the decoded map becomes an envelope that names the
 //! verified sender (`sender_peer_id`) and network (`network_id`), so that
 //! payloads need not repeat them. Anything that fails is dropped and
 //! counted; nothing from the network reaches a plugin before it has been

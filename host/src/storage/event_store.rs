@@ -13,7 +13,10 @@
 //! never come here: they carry no event.
 //!
 //! Signatures are checked in batches (about a fifth of a single check's
-//! cost each), on both cores: [`EventStore::open_all`].
+//! cost each), off the engine thread: the events of a sync response by
+//! the network's reader as it accepts the frame
+//! ([`EventStore::pre_open`], [`crate::storage::pre_opened`]), the rest on
+//! a helper beside the engine ([`EventStore::open_all`]).
 
 use std::sync::Arc;
 
@@ -30,7 +33,10 @@ use crate::{
         identity::{HostIdentity, SigningIdentity, VerifyingKeys},
         signed_event::{self, EventError, EventId, SignedEvent, Unverified},
     },
-    storage::{counters::Counters, db, networks::NetworkKeys, statements::Statements},
+    storage::{
+        counters::Counters, db, networks::NetworkKeys, pre_opened::PreOpened,
+        statements::Statements,
+    },
 };
 
 /// An event opened and verified by [`EventStore::open`], not yet stored.
@@ -80,6 +86,9 @@ pub struct EventStore {
     /// Authors' verifying keys, derived from their peer ids once.
     authors: Arc<VerifyingKeys>,
     counters: Arc<Counters>,
+    /// Events the network opened ahead ([`pre_open`](Self::pre_open)),
+    /// shared by every clone of this store.
+    pre_opened: Arc<PreOpened>,
 }
 
 impl EventStore {
@@ -90,6 +99,7 @@ impl EventStore {
             me: None,
             authors: Arc::default(),
             counters,
+            pre_opened: Arc::default(),
         }
     }
 
@@ -224,6 +234,83 @@ impl EventStore {
         out
     }
 
+    /// Opens, ahead of the engine, the events in `plaintext`, the payload
+    /// of an authenticated frame about `network_id`: each byte string in
+    /// it (in its map, or in a list in its map) shaped like a signed event,
+    /// up to [`MAX_OPENED_AHEAD`]. Called by the network's reader thread,
+    /// so that the checks of a sync response's events overlap the engine's
+    /// storing of the one before; [`open_each`](Self::open_each) takes the
+    /// results. See [`crate::storage::pre_opened`].
+    pub fn pre_open(&self, network_id: &str, plaintext: &Value) {
+        let events: Vec<&[u8]> = event_shaped(plaintext).take(MAX_OPENED_AHEAD).collect();
+        let bytes = events.iter().map(|e| e.len()).sum();
+        if events.is_empty() || !self.pre_opened.has_room(events.len(), bytes) {
+            return;
+        }
+        let Some(key) = self.keys.get(network_id) else {
+            return;
+        };
+        let (mut unverified, mut opened) = (Vec::new(), Vec::new());
+        for event in events {
+            match signed_event::open_event_v3(network_id, &key, event, &self.authors) {
+                Ok(u) => {
+                    unverified.push(u);
+                    opened.push(event);
+                }
+                Err(e) => self.pre_opened.put(network_id, event, Err(e.counter())),
+            }
+        }
+        let verified = signed_event::verify_batch(unverified, BatchWeights::new());
+        for (event, outcome) in opened.into_iter().zip(verified) {
+            let outcome = outcome.map_err(EventError::counter);
+            self.pre_opened.put(network_id, event, outcome);
+        }
+    }
+
+    /// What the network opened ahead of the event in `envelope`, if it did.
+    fn take_pre_opened(&self, envelope: &Envelope) -> Option<Result<Opened, &'static str>> {
+        let network_id = envelope.str(field::NETWORK_ID)?;
+        let event = envelope.bytes(field::EVENT_CIPHERTEXT)?;
+        let outcome = self.pre_opened.take(network_id, event)?;
+        Some(outcome.map(Opened))
+    }
+
+    /// [`open`](Self::open) for each of `envelopes`, handed to `each` in
+    /// order, on this thread, as soon as it is ready. What the network
+    /// opened ahead ([`pre_open`](Self::pre_open)) is handed as it is;
+    /// the rest is opened here, checked in batches on a helper thread. An
+    /// error of `each` stops it.
+    pub fn open_each<E>(
+        &self,
+        envelopes: &[&Envelope],
+        mut each: impl FnMut(usize, Result<Opened, &'static str>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut ahead: Vec<Option<Result<Opened, &'static str>>> =
+            envelopes.iter().map(|e| self.take_pre_opened(e)).collect();
+        if ahead.iter().all(Option::is_none) {
+            return self.open_here(envelopes, each);
+        }
+        let rest: Vec<usize> = (0..envelopes.len())
+            .filter(|&i| ahead[i].is_none())
+            .collect();
+        let rest_envelopes: Vec<&Envelope> = rest.iter().map(|&i| envelopes[i]).collect();
+        // The next index to hand: those opened ahead go out between the
+        // ones opened here, in order.
+        let mut next = 0;
+        self.open_here(&rest_envelopes, |j, opened| {
+            for (i, opened) in ahead.iter_mut().enumerate().take(rest[j]).skip(next) {
+                each(i, opened.take().expect("opened ahead"))?;
+            }
+            each(rest[j], opened)?;
+            next = rest[j] + 1;
+            Ok(())
+        })?;
+        for (i, opened) in ahead.iter_mut().enumerate().skip(next) {
+            each(i, opened.take().expect("opened ahead"))?;
+        }
+        Ok(())
+    }
+
     /// [`open`](Self::open) for each of `envelopes`, handed to `each` in
     /// order, on this thread, as soon as it is ready: a helper thread
     /// opens and checks signatures a chunk at a time (in batches, a fifth
@@ -233,7 +320,7 @@ impl EventStore {
     /// catch-up they are the two largest parts of its work. The first
     /// chunk is small, so that storing starts at once. An error of `each`
     /// stops it.
-    pub fn open_each<E>(
+    fn open_here<E>(
         &self,
         envelopes: &[&Envelope],
         mut each: impl FnMut(usize, Result<Opened, &'static str>) -> Result<(), E>,
@@ -553,6 +640,26 @@ impl EventStore {
     }
 }
 
+/// The most events of one frame [`EventStore::pre_open`] opens: a frame
+/// holds up to 8 MiB, and a sync response up to a thousand events.
+pub const MAX_OPENED_AHEAD: usize = 2048;
+
+/// The byte strings in `payload` (in its map, or in a list in its map)
+/// shaped like a signed event: its format byte where format 3 puts it, and
+/// no longer than an event may be. What they hold is checked when they
+/// are opened.
+fn event_shaped(payload: &Value) -> impl Iterator<Item = &[u8]> {
+    let fields = payload.as_map().unwrap_or_default();
+    fields
+        .iter()
+        .flat_map(|f| match &f.value {
+            Value::List(items) => items.as_slice(),
+            v => std::slice::from_ref(v),
+        })
+        .filter_map(Value::as_bytes)
+        .filter(|b| b.get(8) == Some(&signed_event::FORMAT_3) && b.len() <= MAX_EVENT_BYTES)
+}
+
 /// The envelope a stored event is routed on: its type, id, network, the
 /// verified author and signed time, its deps if it has any, its content
 /// and its bytes.
@@ -606,36 +713,46 @@ mod tests {
         Value::map([("text", Value::from(text))])
     }
 
+    /// 600 events of `me`, of which these must be refused, each for its
+    /// own reason, in different chunks of a batch check: 7 does not
+    /// decrypt, 100 is of an unknown network, 150 is too large, and 300,
+    /// 301 and 599 (the same bytes) are signed by another author who claims
+    /// to be `me`, so they decrypt and fail the signature alone.
+    fn mixed_events(store: &EventStore, net: &str, me: &HostIdentity) -> Vec<Envelope> {
+        let mut envelopes: Vec<Envelope> = (0..600)
+            .map(|i| {
+                let (_, envelope) = store
+                    .new_local_event(me.signing(), net, "message", &message(&i.to_string()), &[])
+                    .unwrap();
+                envelope
+            })
+            .collect();
+        envelopes[7].set(field::EVENT_CIPHERTEXT, vec![0u8; 80]);
+        envelopes[100].set(field::NETWORK_ID, "cd".repeat(16));
+        envelopes[150].set(field::EVENT_CIPHERTEXT, vec![0u8; MAX_EVENT_BYTES + 1]);
+        let other = HostIdentity::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let forged = forge_author(store, net, other.signing(), me.signing().peer_id());
+        for i in [300, 301, 599] {
+            envelopes[i].set(field::EVENT_CIPHERTEXT, forged.clone());
+        }
+        envelopes
+    }
+
+    type Summary = Result<(EventId, i64, [u8; 32], Value), &'static str>;
+
+    fn summary(r: &Result<Opened, &'static str>) -> Summary {
+        match r {
+            Ok(Opened(e)) => Ok((e.id, e.created_ms, e.author, e.content.clone())),
+            Err(counter) => Err(*counter),
+        }
+    }
+
     #[test]
     fn opening_in_parallel_gives_what_opening_one_by_one_gives_in_order() {
         let net = "ab".repeat(16);
         let (dir, store) = EventStore::with_one_network(&net);
         let me = author(&dir);
-        let mut envelopes: Vec<Envelope> = (0..600)
-            .map(|i| {
-                let (_, envelope) = store
-                    .new_local_event(me.signing(), &net, "message", &message(&i.to_string()), &[])
-                    .unwrap();
-                envelope
-            })
-            .collect();
-        // Some that must be refused, each for its own reason, in different
-        // chunks of a batch check.
-        envelopes[7].set(field::EVENT_CIPHERTEXT, vec![0u8; 80]);
-        envelopes[100].set(field::NETWORK_ID, "cd".repeat(16));
-        envelopes[150].set(field::EVENT_CIPHERTEXT, vec![0u8; MAX_EVENT_BYTES + 1]);
-        // Signed by another author who claims to be `me`: it decrypts, and
-        // fails the signature alone.
-        let other = HostIdentity::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
-        let forged = forge_author(&store, &net, other.signing(), me.signing().peer_id());
-        for i in [300, 301, 599] {
-            envelopes[i].set(field::EVENT_CIPHERTEXT, forged.clone());
-        }
-
-        let summary = |r: &Result<Opened, &'static str>| match r {
-            Ok(Opened(e)) => Ok((e.id, e.created_ms, e.author, e.content.clone())),
-            Err(counter) => Err(*counter),
-        };
+        let envelopes = mixed_events(&store, &net, &me);
         let refs: Vec<&Envelope> = envelopes.iter().collect();
         let together: Vec<_> = store.open_all(&refs).iter().map(summary).collect();
         let one_by_one: Vec<_> = refs.iter().map(|e| summary(&store.open(e))).collect();
@@ -654,8 +771,55 @@ mod tests {
         );
     }
 
-    /// An event `signer` signs but whose body names `claimed` as author, as
-    /// a member forging another's message would build it.
+    #[test]
+    fn events_opened_ahead_are_taken_as_they_are_and_only_for_the_same_bytes() {
+        let net = "ab".repeat(16);
+        let (dir, store) = EventStore::with_one_network(&net);
+        let me = author(&dir);
+        let mut envelopes = mixed_events(&store, &net, &me);
+        let bytes = |e: &Envelope| Value::from(e.bytes(field::EVENT_CIPHERTEXT).unwrap().to_vec());
+        // A frame holding events 0..400 in a list, and 500 in a field of
+        // its own; 450..600 arrive some other way.
+        let frame = Value::map([
+            (
+                "events",
+                Value::from(envelopes[..400].iter().map(bytes).collect::<Vec<_>>()),
+            ),
+            ("one", bytes(&envelopes[500])),
+            ("not an event", Value::from(vec![1u8; 100])),
+        ]);
+        store.pre_open(&net, &frame);
+        // 7 and 150 are not shaped like events, and 301 shares 300's
+        // nonce. 100 is opened as of the frame's network, so it will not
+        // be taken for its envelope's.
+        assert_eq!(store.pre_opened.len(), 400 + 1 - 3);
+        // Event 60 changed after it was opened ahead: the same nonce, other
+        // bytes, so it is opened again, and refused.
+        let mut changed = envelopes[60]
+            .bytes(field::EVENT_CIPHERTEXT)
+            .unwrap()
+            .to_vec();
+        *changed.last_mut().unwrap() ^= 1;
+        envelopes[60].set(field::EVENT_CIPHERTEXT, changed);
+
+        let refs: Vec<&Envelope> = envelopes.iter().collect();
+        let mut order = Vec::new();
+        let mut got = Vec::new();
+        let _: Result<(), ()> = store.open_each(&refs, |i, opened| {
+            order.push(i);
+            got.push(summary(&opened));
+            Ok(())
+        });
+        assert_eq!(order, (0..600).collect::<Vec<_>>(), "handed in order");
+        let one_by_one: Vec<_> = refs.iter().map(|e| summary(&store.open(e))).collect();
+        assert_eq!(got, one_by_one);
+        assert_eq!(got[60], Err("drop_undecryptable_event"));
+        assert_eq!(got[300], Err("drop_bad_signature"));
+        // What was not taken (60's and 100's entries) stays until it is
+        // let go of; nothing else is left.
+        assert_eq!(store.pre_opened.len(), 2);
+    }
+
     fn forge_author(
         store: &EventStore,
         net: &str,

@@ -5,7 +5,8 @@
 //!   checkpoints the WAL, which [`wal_writes`] writes in large pieces;
 //! - [`statements`] holds a run's prepared statements, and [`plugin_sql`]
 //!   guards the statements plugins send;
-//! - [`event_store`] stores encrypted events once, [`networks`] keeps
+//! - [`event_store`] stores encrypted events once (taking what the
+//!   network opened ahead from [`pre_opened`]), [`networks`] keeps
 //!   membership and network keys, [`counters`] what was dropped and sent,
 //!   and [`dead_letters`] prunes what could not be delivered.
 //!
@@ -17,6 +18,7 @@ pub mod db;
 pub mod dead_letters;
 pub mod event_store;
 pub mod networks;
+pub mod pre_opened;
 pub mod plugin_sql;
 pub mod statements;
 pub mod wal_writes;
