@@ -16,9 +16,10 @@
 //! A result is taken only for the same bytes in the same network: an
 //! entry is found by the event's nonce and then compared by a BLAKE3 hash
 //! of all its bytes, as a member who holds the network key could make two
-//! events that share a nonce (and a Poly1305 tag, whose key it knows). What it holds is bounded ([`MAX_ENTRIES`], [`MAX_BYTES`]), and an
-//! entry nobody took (its frame was dropped before the engine saw it, or
-//! its plugin stored nothing) is let go after [`STALE_AFTER`].
+//! events that share a nonce (and a Poly1305 tag, whose key it knows).
+//! What it holds is bounded ([`MAX_ENTRIES`], [`MAX_BYTES`]), and an entry
+//! nobody took (its frame was dropped before the engine saw it, or its
+//! plugin stored nothing) is let go after [`STALE_AFTER`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -79,7 +80,7 @@ impl PreOpened {
     pub fn has_room(&self, count: usize, bytes: usize) -> bool {
         let mut held = self.lock();
         held.let_go_stale(Instant::now());
-        held.by_nonce.len() + count <= MAX_ENTRIES && held.bytes + bytes <= MAX_BYTES
+        held.fits(count, bytes)
     }
 
     /// Keeps what opening `event` of `network_id` gave, unless an event
@@ -88,11 +89,10 @@ impl PreOpened {
         let Some(nonce) = nonce_of(event) else {
             return;
         };
+        // Hashed before the lock, which the engine takes per event.
+        let digest = *blake3::hash(event).as_bytes();
         let mut held = self.lock();
-        if held.by_nonce.len() >= MAX_ENTRIES || held.bytes + event.len() > MAX_BYTES {
-            return;
-        }
-        if held.by_nonce.contains_key(&nonce) {
+        if !held.fits(1, event.len()) || held.by_nonce.contains_key(&nonce) {
             return;
         }
         let at = Instant::now();
@@ -101,7 +101,7 @@ impl PreOpened {
             nonce,
             Entry {
                 network_id: network_id.into(),
-                digest: *blake3::hash(event).as_bytes(),
+                digest,
                 len: event.len(),
                 outcome,
                 at,
@@ -149,6 +149,11 @@ impl PreOpened {
 }
 
 impl Held {
+    /// Whether `count` more events of `bytes` in all stay within bounds.
+    fn fits(&self, count: usize, bytes: usize) -> bool {
+        self.by_nonce.len() + count <= MAX_ENTRIES && self.bytes + bytes <= MAX_BYTES
+    }
+
     /// Drops the front of `order` while it names entries already taken.
     fn pop_taken(&mut self) {
         while let Some((nonce, at)) = self.order.front() {
