@@ -367,15 +367,12 @@ fn queue_events(
         store.check_local_event(network_id, event_type, content, deps)?;
     }
     let mut ids = Vec::with_capacity(contents.len());
-    // Committed a chunk at a time, so that the host stores the first while
-    // the next are signed.
-    for chunk in contents.chunks(QUEUE_CHUNK) {
-        let sealed = seal_all(&store, &me, network_id, event_type, deps, chunk)?;
+    let commit = |sealed: &[Signed]| {
         db::with_write_tx(&conn, |c| {
             let mut insert = c.prepare_cached(
                 "INSERT INTO submissions(envelope, submitted_ms) VALUES (?1, ?2)",
             )?;
-            for (_, envelope) in &sealed {
+            for (_, envelope) in sealed {
                 insert.execute(rusqlite::params![
                     codec::encode_envelope(envelope),
                     db::now_ms()
@@ -383,48 +380,99 @@ fn queue_events(
             }
             Ok(())
         })
-        .map_err(|e: rusqlite::Error| e.to_string())?;
-        ids.extend(sealed.into_iter().map(|(id, _)| hex::encode(id)));
-    }
-    Ok(ids)
-}
-
-/// Events queued per transaction.
-const QUEUE_CHUNK: usize = 1_000;
-
-/// Signs `contents` (checked already), on two threads when there are
-/// enough: signing is most of what sending costs. Each carries the local
-/// MAC that spares the host checking our own signature again.
-fn seal_all(
-    store: &EventStore,
-    me: &HostIdentity,
-    network_id: &str,
-    event_type: &str,
-    deps: &[EventId],
-    contents: &[Vec<u8>],
-) -> Result<Vec<(EventId, quiet_plugin_api::Envelope)>, String> {
-    let seal = |part: &[Vec<u8>]| {
-        part.iter()
+        .map_err(|e: rusqlite::Error| e.to_string())
+    };
+    let sign = |chunk: &[Vec<u8>]| {
+        chunk
+            .iter()
             .map(|content| {
                 let (id, mut envelope) =
                     store.seal_checked(me.signing(), network_id, event_type, content, deps)?;
+                // The local MAC spares the host checking our own signature.
                 let event = envelope.bytes(quiet_plugin_api::field::EVENT_CIPHERTEXT);
                 let mac = me.local_mac(event.expect("just sealed"));
                 envelope.set(event_store::LOCAL_MAC, mac);
                 Ok((id, envelope))
             })
-            .collect::<Result<Vec<_>, String>>()
+            .collect::<Result<Vec<Signed>, String>>()
     };
-    const ON_TWO_FROM: usize = 64;
-    if contents.len() < ON_TWO_FROM {
-        return seal(contents);
+    sign_and_commit(&contents, sign, |signed| {
+        commit(signed)?;
+        ids.extend(signed.iter().map(|(id, _)| hex::encode(id)));
+        Ok(())
+    })?;
+    Ok(ids)
+}
+
+/// An event signed and sealed for `submissions`, with its id.
+type Signed = (EventId, quiet_plugin_api::Envelope);
+
+/// Events one signer takes at a time.
+const SIGN_CHUNK: usize = 256;
+
+/// Signed chunks committed in one transaction at most.
+const COMMIT_CHUNKS: usize = 4;
+
+/// Signs `contents` (checked already) a chunk at a time on two threads and
+/// hands the signed chunks, in order, to `commit` on this one. Signing is
+/// most of what sending costs, so it never waits for SQLite: the signers run
+/// ahead of the commits (by the channel's few chunks, unless one signer
+/// falls behind the other), and a commit takes every
+/// chunk that is ready in order, so that a commit kept waiting by the
+/// host's transaction is followed by a larger one. The first error stops
+/// both.
+fn sign_and_commit<T: Send>(
+    contents: &[Vec<u8>],
+    sign: impl Fn(&[Vec<u8>]) -> Result<Vec<T>, String> + Sync,
+    mut commit: impl FnMut(&[T]) -> Result<(), String>,
+) -> Result<(), String> {
+    const SIGNERS: usize = 2;
+    let chunks: Vec<&[Vec<u8>]> = contents.chunks(SIGN_CHUNK).collect();
+    if chunks.len() <= 1 {
+        return match chunks.first() {
+            Some(chunk) => commit(&sign(chunk)?),
+            None => Ok(()),
+        };
     }
-    let (first, second) = contents.split_at(contents.len() / 2);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
-        let helper = s.spawn(|| seal(second));
-        let mut sealed = seal(first)?;
-        sealed.extend(helper.join().map_err(|_| "signing failed")??);
-        Ok(sealed)
+        let (tx, rx) = std::sync::mpsc::sync_channel(SIGNERS * COMMIT_CHUNKS);
+        for _ in 0..SIGNERS {
+            let (tx, next, chunks, sign) = (tx.clone(), &next, &chunks, &sign);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(i) else { break };
+                // An error ends the receiver, which stops the other signer.
+                if tx.send((i, sign(chunk))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut ready = std::collections::BTreeMap::new();
+        let mut committed = 0;
+        while committed < chunks.len() {
+            if !ready.contains_key(&committed) {
+                let (i, signed) = rx.recv().map_err(|_| "signing failed".to_string())?;
+                ready.insert(i, signed?);
+            }
+            // Everything already signed, too, without waiting for it.
+            while let Ok((i, signed)) = rx.try_recv() {
+                ready.insert(i, signed?);
+            }
+            let mut batch = Vec::new();
+            while batch.len() < COMMIT_CHUNKS * SIGN_CHUNK {
+                let Some(chunk) = ready.remove(&committed) else {
+                    break;
+                };
+                batch.extend(chunk);
+                committed += 1;
+            }
+            if !batch.is_empty() {
+                commit(&batch)?;
+            }
+        }
+        Ok(())
     })
 }
 
@@ -744,4 +792,67 @@ fn stored_rows(
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sign_and_commit;
+
+    fn contents(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| i.to_le_bytes().to_vec()).collect()
+    }
+
+    fn index(content: &[u8]) -> usize {
+        usize::from_le_bytes(content.try_into().expect("eight bytes"))
+    }
+
+    #[test]
+    fn commits_every_event_once_in_order() {
+        for n in [0, 1, 255, 256, 257, 5_000] {
+            let mut seen = Vec::new();
+            let sign = |chunk: &[Vec<u8>]| Ok(chunk.iter().map(|c| index(c)).collect());
+            sign_and_commit(&contents(n), sign, |batch: &[usize]| {
+                seen.extend_from_slice(batch);
+                Ok(())
+            })
+            .expect("no error");
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "{n} events");
+        }
+    }
+
+    #[test]
+    fn a_signing_error_stops_before_its_chunk_is_committed() {
+        let mut committed = 0;
+        let sign = |chunk: &[Vec<u8>]| {
+            if chunk.iter().any(|c| index(c) == 3_000) {
+                return Err("bad event 3000".to_string());
+            }
+            Ok(chunk.iter().map(|c| index(c)).collect())
+        };
+        let result = sign_and_commit(&contents(10_000), sign, |batch: &[usize]| {
+            assert!(batch.iter().all(|&i| i < 3_000), "committed past the error");
+            committed += batch.len();
+            Ok(())
+        });
+        assert_eq!(result, Err("bad event 3000".to_string()));
+        assert!(committed <= 3_000);
+    }
+
+    #[test]
+    fn a_commit_error_stops_the_signers() {
+        let signed = std::sync::atomic::AtomicUsize::new(0);
+        let sign = |chunk: &[Vec<u8>]| {
+            signed.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok(chunk.iter().map(|c| index(c)).collect())
+        };
+        let result = sign_and_commit(&contents(100_000), sign, |_: &[usize]| {
+            Err("disk full".to_string())
+        });
+        assert_eq!(result, Err("disk full".to_string()));
+        let signed = signed.into_inner();
+        assert!(
+            signed < 100_000,
+            "signed all {signed} after the first commit failed"
+        );
+    }
 }

@@ -284,8 +284,9 @@ impl Scheduler {
             sleep = sleep.min(wait);
         }
         call_budget::check_not_abandoned()?;
-        if self.drain_submissions(&registry)? == SUBMISSION_BATCH {
-            // More are queued: come straight back.
+        if self.drain_submissions(&registry)? > 0 {
+            // A CLI is queueing: more may have come meanwhile, so look
+            // again at once rather than after a sleep.
             sleep = Duration::ZERO;
         }
         // A plugin behind in the stored events gets a batch a turn, in
