@@ -7,7 +7,9 @@
 //!   guards the statements plugins send;
 //! - [`event_store`] stores encrypted events once (taking what the
 //!   network opened ahead from [`pre_opened`]), [`networks`] keeps
-//!   membership and network keys, [`counters`] what was dropped and sent,
+//!   network keys and invites, [`membership`] computes who is in a
+//!   network from its signed membership events, [`counters`] what was
+//!   dropped and sent,
 //!   and [`dead_letters`] prunes what could not be delivered.
 //!
 //! It may use [`crate::encoding`] and [`crate::crypto`]; it knows nothing of
@@ -17,6 +19,7 @@ pub mod counters;
 pub mod db;
 pub mod dead_letters;
 pub mod event_store;
+pub mod membership;
 pub mod networks;
 pub mod pre_opened;
 pub mod plugin_sql;

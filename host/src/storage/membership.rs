@@ -1,0 +1,728 @@
+//! Membership: who is in a network, computed from its membership events.
+//!
+//! Why a fold over signed events rather than a table admins edit: every
+//! host must reach the same member set from the same events, whatever
+//! order they arrived in, and a removal must not be undone by a clock.
+//! So each event is judged against its own causal past (the events its
+//! deps name, and theirs), never against what a host happened to hold
+//! when it arrived; and the set is defined by causality alone:
+//!
+//! - a peer is a member if a valid genesis or add names it, and every
+//!   valid removal (or leave) of it is in the causal past of a valid add
+//!   of it: a removal wins over an add it did not see;
+//! - a member is an admin if it is the creator, or a valid grant names it
+//!   and every valid revoke of its role, and every removal of it, is in
+//!   the causal past of a valid grant;
+//! - who may do what is in [`Op`]. The creator cannot be removed, so a
+//!   network always keeps an admin; two admins who remove each other at
+//!   once are both removed, as each removal was valid where it was made.
+//!
+//! The plan, and what builds on this (key rotation, invites, sync), is in
+//! `docs/design/membership.md`. This module is pure: it reads no database
+//! and no clock, so its property tests can permute arrival orders freely.
+//!
+//! Cost: the causal past of every event is kept as a bit set, n² bits for
+//! n membership events (a network with 2,000 membership events: 500 KB,
+//! for the length of a fold). Membership events are rare next to
+//! messages; a network that outgrows this needs snapshots.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::crypto::signed_event::EventId;
+
+/// A peer id's bytes: the X25519 public key, whose Ed25519 form signs.
+pub type Peer = [u8; 32];
+
+/// What a membership event does; see the module docs for the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Starts the network: its author is the creator and first admin;
+    /// `members` join with it. Only the genesis the network was created
+    /// with (see [`fold`]) counts.
+    Genesis {
+        /// The first members besides the creator.
+        members: Vec<Peer>,
+    },
+    /// An admin adds `peer`, admitted with the invite `invite`.
+    Add {
+        /// Who joins.
+        peer: Peer,
+        /// The invite's id, so that a revoked invite admits no one.
+        invite: [u8; 16],
+    },
+    /// An admin removes `peer`, a member and not the creator.
+    Remove {
+        /// Who goes.
+        peer: Peer,
+    },
+    /// A member other than the creator leaves.
+    Leave,
+    /// The creator makes `peer`, a member, an admin, or takes the role
+    /// back.
+    Admin {
+        /// Whose role changes.
+        peer: Peer,
+        /// Whether it is an admin after.
+        admin: bool,
+    },
+    /// An admin revokes an invite: adds made with it after this (with it
+    /// in their causal past) are not valid.
+    Revoke {
+        /// The invite's id.
+        invite: [u8; 16],
+    },
+    /// An admin rotates the network key (after a leave, or to merge
+    /// concurrent rotations).
+    Key,
+}
+
+/// One membership event, verified: its author is the signer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Its id.
+    pub id: EventId,
+    /// Its verified author.
+    pub author: Peer,
+    /// The events it depends on. Ids of events that are not membership
+    /// events are ignored here.
+    pub deps: Vec<EventId>,
+    /// What it does.
+    pub op: Op,
+}
+
+/// Why an event has no effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// A genesis other than the network's own.
+    NotTheGenesis,
+    /// Its author was not a member in its causal past.
+    NotAMember,
+    /// It needs an admin (or the creator), and its author was not one.
+    NotAllowed,
+    /// It removes, leaves, or changes the role of someone it cannot: the
+    /// creator, or a peer that was not a member.
+    BadTarget,
+    /// An add with an invite revoked in its causal past.
+    InviteRevoked,
+    /// Its deps go round in a circle, or through an event that does.
+    Cycle,
+}
+
+/// The member set, and what became of each event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    /// The creator, once the genesis is among the events.
+    pub creator: Option<Peer>,
+    /// The members, each with whether it is an admin.
+    pub members: BTreeMap<Peer, bool>,
+    /// Peers that were members and are no longer.
+    pub removed: BTreeSet<Peer>,
+    /// The events without effect, and why.
+    pub invalid: BTreeMap<EventId, Invalid>,
+    /// The events no other one names as a dep: what a new membership
+    /// event depends on.
+    pub heads: Vec<EventId>,
+}
+
+impl Membership {
+    /// Whether `peer` is a member.
+    pub fn is_member(&self, peer: &Peer) -> bool {
+        self.members.contains_key(peer)
+    }
+
+    /// Whether `peer` is an admin.
+    pub fn is_admin(&self, peer: &Peer) -> bool {
+        self.members.get(peer).copied().unwrap_or(false)
+    }
+}
+
+/// The membership that `events` give, for the network created by the
+/// genesis `genesis`. The order of `events` does not matter; an id given
+/// twice counts once.
+pub fn fold(genesis: &EventId, events: &[Event]) -> Membership {
+    let log = Log::new(events);
+    let mut valid = vec![false; log.events.len()];
+    let mut invalid = BTreeMap::new();
+    for &i in &log.order {
+        match log.check(i, genesis, &valid) {
+            Ok(()) => valid[i] = true,
+            Err(why) => {
+                invalid.insert(log.events[i].id, why);
+            }
+        }
+    }
+    for (i, e) in log.events.iter().enumerate() {
+        if !log.ordered[i] {
+            invalid.insert(e.id, Invalid::Cycle);
+        }
+    }
+    let everything = BitSet::full(log.events.len());
+    let view = View {
+        log: &log,
+        valid: &valid,
+        within: &everything,
+    };
+    let mut membership = Membership {
+        creator: view.creator(),
+        invalid,
+        heads: log.heads(),
+        ..Membership::default()
+    };
+    for peer in log.peers() {
+        if view.is_member(&peer) {
+            membership.members.insert(peer, view.is_admin(&peer));
+        } else if view.was_member(&peer) {
+            membership.removed.insert(peer);
+        }
+    }
+    membership
+}
+
+/// The events in a topological order, with their causal pasts.
+struct Log<'a> {
+    events: Vec<&'a Event>,
+    /// Indices in a topological order, ties broken by id.
+    order: Vec<usize>,
+    /// Whether an event is in `order` (not caught in a cycle).
+    ordered: Vec<bool>,
+    /// Each event's causal past: the events its deps name, and theirs.
+    past: Vec<BitSet>,
+    /// For each event, the indices of the events that name it as a dep.
+    named_by: Vec<Vec<usize>>,
+}
+
+impl<'a> Log<'a> {
+    fn new(given: &'a [Event]) -> Self {
+        let mut by_id: BTreeMap<EventId, &Event> = BTreeMap::new();
+        for e in given {
+            by_id.entry(e.id).or_insert(e);
+        }
+        let events: Vec<&Event> = by_id.into_values().collect();
+        let index: HashMap<EventId, usize> =
+            events.iter().enumerate().map(|(i, e)| (e.id, i)).collect();
+        let deps: Vec<BTreeSet<usize>> = events
+            .iter()
+            .map(|e| {
+                e.deps
+                    .iter()
+                    .filter_map(|d| index.get(d).copied())
+                    .collect()
+            })
+            .collect();
+        let mut named_by = vec![Vec::new(); events.len()];
+        for (i, ds) in deps.iter().enumerate() {
+            for &d in ds {
+                named_by[d].push(i);
+            }
+        }
+        // Kahn's algorithm; the ready set is ordered by index, which is
+        // the order of ids.
+        let mut waiting: Vec<usize> = deps.iter().map(BTreeSet::len).collect();
+        let mut ready: BTreeSet<usize> = (0..events.len()).filter(|&i| waiting[i] == 0).collect();
+        let mut order = Vec::with_capacity(events.len());
+        let mut past = vec![BitSet::empty(events.len()); events.len()];
+        while let Some(i) = ready.pop_first() {
+            let mut p = BitSet::empty(events.len());
+            for &d in &deps[i] {
+                p.union_with(&past[d]);
+                p.insert(d);
+            }
+            past[i] = p;
+            order.push(i);
+            for &j in &named_by[i] {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.insert(j);
+                }
+            }
+        }
+        let mut ordered = vec![false; events.len()];
+        for &i in &order {
+            ordered[i] = true;
+        }
+        Log {
+            events,
+            order,
+            ordered,
+            past,
+            named_by,
+        }
+    }
+
+    /// Whether event `i` is valid, judged by its causal past.
+    fn check(&self, i: usize, genesis: &EventId, valid: &[bool]) -> Result<(), Invalid> {
+        let e = self.events[i];
+        let before = View {
+            log: self,
+            valid,
+            within: &self.past[i],
+        };
+        let creator = before.creator();
+        let member = |p: &Peer| before.is_member(p);
+        let admin = |p: &Peer| before.is_admin(p);
+        let not_creator = |p: &Peer| creator.as_ref() != Some(p);
+        match &e.op {
+            Op::Genesis { .. } if e.id == *genesis => Ok(()),
+            Op::Genesis { .. } => Err(Invalid::NotTheGenesis),
+            _ if !member(&e.author) => Err(Invalid::NotAMember),
+            Op::Add { invite, .. } => {
+                if !admin(&e.author) {
+                    Err(Invalid::NotAllowed)
+                } else if before.revoked(invite) {
+                    Err(Invalid::InviteRevoked)
+                } else {
+                    Ok(())
+                }
+            }
+            Op::Remove { .. } if !admin(&e.author) => Err(Invalid::NotAllowed),
+            Op::Remove { peer } if member(peer) && not_creator(peer) => Ok(()),
+            Op::Remove { .. } => Err(Invalid::BadTarget),
+            Op::Leave if not_creator(&e.author) => Ok(()),
+            Op::Leave => Err(Invalid::BadTarget),
+            Op::Admin { .. } if creator != Some(e.author) => Err(Invalid::NotAllowed),
+            Op::Admin { peer, .. } if member(peer) && not_creator(peer) => Ok(()),
+            Op::Admin { .. } => Err(Invalid::BadTarget),
+            Op::Revoke { .. } | Op::Key if admin(&e.author) => Ok(()),
+            Op::Revoke { .. } | Op::Key => Err(Invalid::NotAllowed),
+        }
+    }
+
+    /// Every peer an event names.
+    fn peers(&self) -> BTreeSet<Peer> {
+        let mut peers = BTreeSet::new();
+        for e in &self.events {
+            peers.insert(e.author);
+            match &e.op {
+                Op::Genesis { members } => peers.extend(members.iter().copied()),
+                Op::Add { peer, .. } | Op::Remove { peer } | Op::Admin { peer, .. } => {
+                    peers.insert(*peer);
+                }
+                Op::Leave | Op::Revoke { .. } | Op::Key => {}
+            }
+        }
+        peers
+    }
+
+    fn heads(&self) -> Vec<EventId> {
+        (0..self.events.len())
+            .filter(|&i| self.ordered[i] && self.named_by[i].iter().all(|&j| !self.ordered[j]))
+            .map(|i| self.events[i].id)
+            .collect()
+    }
+}
+
+/// The valid events among `within`, a causally closed set of a log.
+struct View<'a> {
+    log: &'a Log<'a>,
+    valid: &'a [bool],
+    within: &'a BitSet,
+}
+
+impl View<'_> {
+    fn each(&self) -> impl Iterator<Item = (usize, &Event)> + '_ {
+        self.log
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| self.within.contains(i) && self.valid[i])
+            .map(|i| (i, self.log.events[i]))
+    }
+
+    fn creator(&self) -> Option<Peer> {
+        self.each().find_map(|(_, e)| match e.op {
+            Op::Genesis { .. } => Some(e.author),
+            _ => None,
+        })
+    }
+
+    /// Whether `peer` was ever let in.
+    fn was_member(&self, peer: &Peer) -> bool {
+        self.each().any(|(_, e)| lets_in(e, peer))
+    }
+
+    /// Let in, and every removal of it seen by a later add.
+    fn is_member(&self, peer: &Peer) -> bool {
+        let adds: Vec<usize> = self
+            .each()
+            .filter(|(_, e)| lets_in(e, peer))
+            .map(|(i, _)| i)
+            .collect();
+        !adds.is_empty()
+            && self
+                .each()
+                .filter(|(_, e)| lets_out(e, peer))
+                .all(|(r, _)| adds.iter().any(|&a| self.log.past[a].contains(r)))
+    }
+
+    /// The creator, or granted, and every revoke or removal of it seen by
+    /// a later grant.
+    fn is_admin(&self, peer: &Peer) -> bool {
+        if self.creator().as_ref() == Some(peer) {
+            return true;
+        }
+        if !self.is_member(peer) {
+            return false;
+        }
+        let grants: Vec<usize> = self
+            .each()
+            .filter(|(_, e)| matches!(e.op, Op::Admin { peer: p, admin: true } if p == *peer))
+            .map(|(i, _)| i)
+            .collect();
+        !grants.is_empty()
+            && self
+                .each()
+                .filter(|(_, e)| {
+                    lets_out(e, peer)
+                        || matches!(e.op, Op::Admin { peer: p, admin: false } if p == *peer)
+                })
+                .all(|(r, _)| grants.iter().any(|&g| self.log.past[g].contains(r)))
+    }
+
+    fn revoked(&self, invite: &[u8; 16]) -> bool {
+        self.each()
+            .any(|(_, e)| matches!(&e.op, Op::Revoke { invite: i } if i == invite))
+    }
+}
+
+/// Whether `e` lets `peer` in.
+fn lets_in(e: &Event, peer: &Peer) -> bool {
+    match &e.op {
+        Op::Genesis { members } => e.author == *peer || members.contains(peer),
+        Op::Add { peer: p, .. } => p == peer,
+        _ => false,
+    }
+}
+
+/// Whether `e` takes `peer` out.
+fn lets_out(e: &Event, peer: &Peer) -> bool {
+    match &e.op {
+        Op::Remove { peer: p } => p == peer,
+        Op::Leave => e.author == *peer,
+        _ => false,
+    }
+}
+
+/// A fixed-size set of indices.
+#[derive(Clone)]
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn empty(n: usize) -> Self {
+        BitSet(vec![0; n.div_ceil(64)])
+    }
+
+    fn full(n: usize) -> Self {
+        let mut s = BitSet::empty(n);
+        for i in 0..n {
+            s.insert(i);
+        }
+        s
+    }
+
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn union_with(&mut self, other: &BitSet) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: Peer = [1; 32];
+    const B: Peer = [2; 32];
+    const C: Peer = [3; 32];
+    const D: Peer = [4; 32];
+
+    /// Builds logs: ids in the order events are made.
+    #[derive(Default)]
+    struct Maker {
+        events: Vec<Event>,
+    }
+
+    impl Maker {
+        fn make(&mut self, author: Peer, deps: &[EventId], op: Op) -> EventId {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(self.events.len() as u64 + 1).to_be_bytes());
+            self.events.push(Event {
+                id,
+                author,
+                deps: deps.to_vec(),
+                op,
+            });
+            id
+        }
+
+        fn genesis(&mut self, creator: Peer, members: &[Peer]) -> EventId {
+            let members = members.to_vec();
+            self.make(creator, &[], Op::Genesis { members })
+        }
+
+        fn fold(&self) -> Membership {
+            fold(&self.events[0].id, &self.events)
+        }
+    }
+
+    fn add(peer: Peer) -> Op {
+        Op::Add {
+            peer,
+            invite: [9; 16],
+        }
+    }
+
+    fn members(m: &Membership) -> Vec<(Peer, bool)> {
+        m.members.iter().map(|(p, a)| (*p, *a)).collect()
+    }
+
+    #[test]
+    fn the_creator_adds_and_removes_and_a_removed_member_can_be_added_again() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[]);
+        let b = log.make(A, &[g], add(B));
+        let c = log.make(A, &[b], add(C));
+        let r = log.make(A, &[c], Op::Remove { peer: C });
+        let m = log.fold();
+        assert_eq!(m.creator, Some(A));
+        assert_eq!(members(&m), vec![(A, true), (B, false)]);
+        assert_eq!(m.removed, BTreeSet::from([C]));
+        assert_eq!(m.heads, vec![r]);
+        log.make(A, &[r], add(C));
+        let m = log.fold();
+        assert!(m.is_member(&C) && m.removed.is_empty());
+    }
+
+    #[test]
+    fn members_that_are_not_admins_cannot_add_remove_or_grant() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B, C]);
+        let add_d = log.make(B, &[g], add(D));
+        let remove_c = log.make(B, &[g], Op::Remove { peer: C });
+        let grant = log.make(
+            B,
+            &[g],
+            Op::Admin {
+                peer: B,
+                admin: true,
+            },
+        );
+        let by_stranger = log.make(D, &[g], Op::Key);
+        let m = log.fold();
+        assert_eq!(members(&m), vec![(A, true), (B, false), (C, false)]);
+        assert_eq!(m.invalid[&add_d], Invalid::NotAllowed);
+        assert_eq!(m.invalid[&remove_c], Invalid::NotAllowed);
+        assert_eq!(m.invalid[&grant], Invalid::NotAllowed);
+        assert_eq!(m.invalid[&by_stranger], Invalid::NotAMember);
+    }
+
+    #[test]
+    fn the_creator_cannot_be_removed_nor_leave_and_another_genesis_counts_for_nothing() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B]);
+        let grant = log.make(
+            A,
+            &[g],
+            Op::Admin {
+                peer: B,
+                admin: true,
+            },
+        );
+        let remove_a = log.make(B, &[grant], Op::Remove { peer: A });
+        let leave = log.make(A, &[grant], Op::Leave);
+        let other = log.genesis(B, &[]);
+        let m = log.fold();
+        assert_eq!(members(&m), vec![(A, true), (B, true)]);
+        assert_eq!(m.invalid[&remove_a], Invalid::BadTarget);
+        assert_eq!(m.invalid[&leave], Invalid::BadTarget);
+        assert_eq!(m.invalid[&other], Invalid::NotTheGenesis);
+    }
+
+    #[test]
+    fn two_admins_who_remove_each_other_at_once_are_both_removed() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B, C]);
+        let gb = log.make(
+            A,
+            &[g],
+            Op::Admin {
+                peer: B,
+                admin: true,
+            },
+        );
+        let gc = log.make(
+            A,
+            &[gb],
+            Op::Admin {
+                peer: C,
+                admin: true,
+            },
+        );
+        // Concurrent: neither names the other.
+        let b_removes_c = log.make(B, &[gc], Op::Remove { peer: C });
+        let c_removes_b = log.make(C, &[gc], Op::Remove { peer: B });
+        let m = log.fold();
+        assert_eq!(members(&m), vec![(A, true)]);
+        assert_eq!(m.removed, BTreeSet::from([B, C]));
+        assert!(m.invalid.is_empty());
+        assert_eq!(m.heads, vec![b_removes_c, c_removes_b]);
+    }
+
+    #[test]
+    fn a_removal_wins_over_what_it_did_not_see_and_acts_after_it_did_not_count() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B, C]);
+        let grant = log.make(
+            A,
+            &[g],
+            Op::Admin {
+                peer: B,
+                admin: true,
+            },
+        );
+        // Concurrent with B's removal: the creator grants C; B, not yet
+        // knowing, adds D.
+        let remove_b = log.make(A, &[grant], Op::Remove { peer: B });
+        log.make(
+            A,
+            &[grant],
+            Op::Admin {
+                peer: C,
+                admin: true,
+            },
+        );
+        let d = log.make(B, &[grant], add(D));
+        // After its removal, B's acts are not valid.
+        let late = log.make(B, &[remove_b, d], Op::Remove { peer: C });
+        let m = log.fold();
+        assert_eq!(members(&m), vec![(A, true), (C, true), (D, false)]);
+        assert_eq!(m.removed, BTreeSet::from([B]));
+        assert_eq!(m.invalid[&late], Invalid::NotAMember);
+    }
+
+    #[test]
+    fn an_add_concurrent_with_a_removal_does_not_undo_it_whatever_their_ids() {
+        for add_first in [true, false] {
+            let mut log = Maker::default();
+            let g = log.genesis(A, &[B, C]);
+            let grant = log.make(
+                A,
+                &[g],
+                Op::Admin {
+                    peer: B,
+                    admin: true,
+                },
+            );
+            // B adds C again while A removes C; neither saw the other.
+            if add_first {
+                log.make(B, &[grant], add(C));
+                log.make(A, &[grant], Op::Remove { peer: C });
+            } else {
+                log.make(A, &[grant], Op::Remove { peer: C });
+                log.make(B, &[grant], add(C));
+            }
+            let m = log.fold();
+            assert!(!m.is_member(&C), "add first: {add_first}");
+            assert_eq!(m.removed, BTreeSet::from([C]));
+        }
+    }
+
+    #[test]
+    fn a_revoked_invite_admits_no_one_after_the_revoke() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[]);
+        let revoke = log.make(A, &[g], Op::Revoke { invite: [9; 16] });
+        let before = log.make(A, &[g], add(B));
+        let after = log.make(A, &[revoke], add(C));
+        let m = log.fold();
+        assert!(m.is_member(&B), "{before:?} did not see the revoke");
+        assert_eq!(m.invalid[&after], Invalid::InviteRevoked);
+        assert!(!m.is_member(&C));
+    }
+
+    #[test]
+    fn events_in_a_circle_count_for_nothing() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[]);
+        let x = log.make(A, &[g], add(B));
+        let y = log.make(A, &[x], add(C));
+        // x names y as well: the two wait for each other.
+        log.events[1].deps.push(y);
+        let m = log.fold();
+        assert_eq!(members(&m), vec![(A, true)]);
+        assert_eq!(m.invalid[&x], Invalid::Cycle);
+        assert_eq!(m.invalid[&y], Invalid::Cycle);
+        assert_eq!(m.heads, vec![g]);
+    }
+
+    /// A log made by several admins and members acting on what each has
+    /// seen: a step takes an actor, the events it depends on (some of all
+    /// so far, as if others' had not reached it), and an op.
+    fn random_log(steps: Vec<(u8, Vec<prop::sample::Index>, u8, u8)>) -> Vec<Event> {
+        let peers = [A, B, C, D, [5; 32], [6; 32]];
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B, C]);
+        let mut ids = vec![g];
+        for (actor, deps, op, target) in steps {
+            let author = peers[actor as usize % peers.len()];
+            let target = peers[target as usize % peers.len()];
+            let mut deps: Vec<EventId> = deps.iter().map(|i| *i.get(&ids)).collect();
+            deps.sort();
+            deps.dedup();
+            let op = match op % 7 {
+                0 | 1 => add(target),
+                2 => Op::Remove { peer: target },
+                3 => Op::Leave,
+                4 => Op::Admin {
+                    peer: target,
+                    admin: target[0].is_multiple_of(2),
+                },
+                5 => Op::Revoke { invite: [9; 16] },
+                _ => Op::Key,
+            };
+            ids.push(log.make(author, &deps, op));
+        }
+        log.events
+    }
+
+    proptest! {
+        #[test]
+        fn every_arrival_order_gives_the_same_membership(
+            steps in prop::collection::vec(
+                (any::<u8>(), prop::collection::vec(any::<prop::sample::Index>(), 1..3), any::<u8>(), any::<u8>()),
+                1..40,
+            ),
+            shuffle in any::<u64>(),
+            again in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+        ) {
+            let events = random_log(steps);
+            let genesis = events[0].id;
+            let first = fold(&genesis, &events);
+            // Another order, some events twice.
+            let mut other = events.clone();
+            let mut state = shuffle | 1;
+            for i in (1..other.len()).rev() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                other.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            for i in &again {
+                other.push(i.get(&events).clone());
+            }
+            prop_assert_eq!(&fold(&genesis, &other), &first);
+            // The creator is always an admin, and no one is both a member
+            // and removed.
+            prop_assert!(first.is_admin(&A));
+            prop_assert!(first.members.keys().all(|p| !first.removed.contains(p)));
+        }
+    }
+}
