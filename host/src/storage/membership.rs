@@ -480,6 +480,10 @@ mod tests {
         }
     }
 
+    fn admin(peer: Peer) -> Op {
+        Op::Admin { peer, admin: true }
+    }
+
     fn members(m: &Membership) -> Vec<(Peer, bool)> {
         m.members.iter().map(|(p, a)| (*p, *a)).collect()
     }
@@ -507,14 +511,7 @@ mod tests {
         let g = log.genesis(A, &[B, C]);
         let add_d = log.make(B, &[g], add(D));
         let remove_c = log.make(B, &[g], Op::Remove { peer: C });
-        let grant = log.make(
-            B,
-            &[g],
-            Op::Admin {
-                peer: B,
-                admin: true,
-            },
-        );
+        let grant = log.make(B, &[g], admin(B));
         let by_stranger = log.make(D, &[g], Op::Key);
         let m = log.fold();
         assert_eq!(members(&m), vec![(A, true), (B, false), (C, false)]);
@@ -528,14 +525,7 @@ mod tests {
     fn the_creator_cannot_be_removed_nor_leave_and_another_genesis_counts_for_nothing() {
         let mut log = Maker::default();
         let g = log.genesis(A, &[B]);
-        let grant = log.make(
-            A,
-            &[g],
-            Op::Admin {
-                peer: B,
-                admin: true,
-            },
-        );
+        let grant = log.make(A, &[g], admin(B));
         let remove_a = log.make(B, &[grant], Op::Remove { peer: A });
         let leave = log.make(A, &[grant], Op::Leave);
         let other = log.genesis(B, &[]);
@@ -550,22 +540,8 @@ mod tests {
     fn two_admins_who_remove_each_other_at_once_are_both_removed() {
         let mut log = Maker::default();
         let g = log.genesis(A, &[B, C]);
-        let gb = log.make(
-            A,
-            &[g],
-            Op::Admin {
-                peer: B,
-                admin: true,
-            },
-        );
-        let gc = log.make(
-            A,
-            &[gb],
-            Op::Admin {
-                peer: C,
-                admin: true,
-            },
-        );
+        let gb = log.make(A, &[g], admin(B));
+        let gc = log.make(A, &[gb], admin(C));
         // Concurrent: neither names the other.
         let b_removes_c = log.make(B, &[gc], Op::Remove { peer: C });
         let c_removes_b = log.make(C, &[gc], Op::Remove { peer: B });
@@ -580,25 +556,11 @@ mod tests {
     fn a_removal_wins_over_what_it_did_not_see_and_acts_after_it_did_not_count() {
         let mut log = Maker::default();
         let g = log.genesis(A, &[B, C]);
-        let grant = log.make(
-            A,
-            &[g],
-            Op::Admin {
-                peer: B,
-                admin: true,
-            },
-        );
+        let grant = log.make(A, &[g], admin(B));
         // Concurrent with B's removal: the creator grants C; B, not yet
         // knowing, adds D.
         let remove_b = log.make(A, &[grant], Op::Remove { peer: B });
-        log.make(
-            A,
-            &[grant],
-            Op::Admin {
-                peer: C,
-                admin: true,
-            },
-        );
+        log.make(A, &[grant], admin(C));
         let d = log.make(B, &[grant], add(D));
         // After its removal, B's acts are not valid.
         let late = log.make(B, &[remove_b, d], Op::Remove { peer: C });
@@ -613,14 +575,7 @@ mod tests {
         for add_first in [true, false] {
             let mut log = Maker::default();
             let g = log.genesis(A, &[B, C]);
-            let grant = log.make(
-                A,
-                &[g],
-                Op::Admin {
-                    peer: B,
-                    admin: true,
-                },
-            );
+            let grant = log.make(A, &[g], admin(B));
             // B adds C again while A removes C; neither saw the other.
             if add_first {
                 log.make(B, &[grant], add(C));
