@@ -298,7 +298,8 @@ impl<'a> Context<'a> {
     /// call: if the call fails, the event never existed. `content` may not
     /// use the keys the host sets (`type`, `author`, `created_ms`, `deps`);
     /// an event must fit in 64 KiB; this host must be a member of the
-    /// network. An event with the same type, content, deps and millisecond
+    /// network. Types that begin with `quiet.` are the host's own (its
+    /// membership events) and are refused. An event with the same type, content, deps and millisecond
     /// as another of this host's is that event, stored once.
     ///
     /// ```ignore

@@ -749,6 +749,10 @@ fn event_send_refuses_what_no_host_would_store_in_one_line_and_queues_nothing() 
             &["\"two\\nlines\" is not an event type"],
         ),
         (
+            vec!["quiet.remove", "{}"],
+            &["\"quiet.remove\": types that begin with \"quiet.\" are the host's own"],
+        ),
+        (
             [
                 vec!["note", "{}"],
                 many_deps.iter().map(String::as_str).collect(),

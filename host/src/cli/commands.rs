@@ -297,6 +297,7 @@ pub fn event_send(
     deps: &[String],
 ) -> Result<String, String> {
     check_type(event_type)?;
+    event_type::check_not_hosts(event_type)?;
     let deps = deps
         .iter()
         .map(|d| {

@@ -18,6 +18,24 @@ pub fn is_valid(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
+/// What the types of the host's own events begin with: the membership
+/// events of `docs/design/membership.md`. Neither plugins nor
+/// `event send` may create one, so that who is in a network is decided by
+/// the host alone.
+pub const HOSTS_PREFIX: &str = "quiet.";
+
+/// Refuses, in one line, a type of the host's own ([`HOSTS_PREFIX`]) to
+/// whoever asked to create an event of it.
+pub fn check_not_hosts(t: &str) -> Result<(), String> {
+    match t.starts_with(HOSTS_PREFIX) {
+        false => Ok(()),
+        true => Err(format!(
+            "{t:?}: types that begin with {HOSTS_PREFIX:?} are the host's own; \
+             choose another type name"
+        )),
+    }
+}
+
 /// The event type a plaintext names in its `type`, if it is a map with a
 /// valid one.
 pub fn of(plaintext: &Value) -> Option<&str> {
@@ -58,5 +76,15 @@ mod tests {
         );
         assert_eq!(of(&Value::map([("type", Value::from(7))])), None);
         assert_eq!(of(&Value::from("message")), None);
+    }
+
+    #[test]
+    fn only_the_host_creates_types_of_its_prefix() {
+        for ok in ["message", "quiet", "quietly.add", "x.quiet.add"] {
+            assert_eq!(check_not_hosts(ok), Ok(()), "{ok}");
+        }
+        let err = check_not_hosts("quiet.remove").unwrap_err();
+        assert!(err.starts_with("\"quiet.remove\": types that begin with \"quiet.\""));
+        assert!(!err.contains('\n'));
     }
 }

@@ -111,8 +111,9 @@ impl EventStore {
     }
 
     /// [`new_local_event`](Self::new_local_event), signed by this host: an
-    /// event a plugin creates through its `Context`. `deps` are 32 bytes
-    /// each.
+    /// event a plugin creates through its `Context`, of any type but the
+    /// host's own ([`HOSTS_PREFIX`](crate::encoding::event_type::HOSTS_PREFIX)).
+    /// `deps` are 32 bytes each.
     pub fn create_event(
         &self,
         network_id: &str,
@@ -120,6 +121,7 @@ impl EventStore {
         content: &Value,
         deps: &[u8],
     ) -> Result<(EventId, Envelope), String> {
+        crate::encoding::event_type::check_not_hosts(event_type)?;
         let me = self
             .me
             .as_ref()
@@ -711,6 +713,20 @@ mod tests {
 
     fn message(text: &str) -> Value {
         Value::map([("text", Value::from(text))])
+    }
+
+    #[test]
+    fn plugins_cannot_create_events_of_the_hosts_own_types() {
+        let net = "ab".repeat(16);
+        let (dir, store) = EventStore::with_one_network(&net);
+        let store = store.signing_as(Arc::new(author(&dir)));
+        let err = store
+            .create_event(&net, "quiet.remove", &message("x"), &[])
+            .unwrap_err();
+        assert!(err.contains("are the host's own"), "{err}");
+        assert!(store
+            .create_event(&net, "quiet_remove", &message("x"), &[])
+            .is_ok());
     }
 
     /// 600 events of `me`, of which these must be refused, each for its
