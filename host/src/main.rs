@@ -176,6 +176,9 @@ enum EventCommand {
         /// Only events of this type.
         #[arg(long = "type", value_name = "TYPE")]
         event_type: Option<String>,
+        /// Only the newest N (still listed oldest first).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
         /// Print JSON: an array of {event_id, event_type, author, legacy,
         /// created_ms, deps, content}, with claimed_author for legacy
         /// events and error for rows that failed.
@@ -428,9 +431,10 @@ fn event(data: &Path, command: EventCommand) -> Result<(), String> {
         EventCommand::List {
             network,
             event_type,
+            limit,
             json,
         } => {
-            let list = commands::event_list(data, &network, event_type.as_deref())?;
+            let list = commands::event_list(data, &network, event_type.as_deref(), limit)?;
             if json {
                 println!(
                     "{}",

@@ -581,8 +581,13 @@ fn status_lists_traffic_apart_from_drops_and_a_stopped_hosts_jobs_run_at_start()
 
 /// `event list NETWORK [--type T] --json` of a data folder, parsed.
 fn event_list_json(data: &Path, network: &str, event_type: Option<&str>) -> Vec<serde_json::Value> {
-    let mut args = vec!["event", "list", network, "--json"];
-    args.extend(event_type.iter().flat_map(|t| ["--type", t]));
+    let by_type: Vec<&str> = event_type.iter().flat_map(|t| ["--type", t]).collect();
+    event_list_json_with(data, network, &by_type)
+}
+
+/// `event list NETWORK --json` with more `options`, parsed.
+fn event_list_json_with(data: &Path, network: &str, options: &[&str]) -> Vec<serde_json::Value> {
+    let args = [&["event", "list", network, "--json"][..], options].concat();
     let json: serde_json::Value = serde_json::from_str(&cli(data, &args)).unwrap();
     json.as_array().unwrap().clone()
 }
@@ -671,6 +676,21 @@ fn event_send_takes_json_from_an_argument_a_file_or_stdin_and_event_list_reads_i
         assert_eq!(n["legacy"], false);
         assert!(n.get("error").is_none(), "{n}");
     }
+    // --limit keeps the newest, still oldest first, with or without a type.
+    let newest = |options: &[&str]| -> Vec<String> {
+        let listed = event_list_json_with(&dirs.data, &net, options);
+        listed
+            .iter()
+            .map(|n| n["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        newest(&["--type", "note", "--limit", "2"]),
+        [from_file.clone(), from_stdin.clone()]
+    );
+    assert_eq!(newest(&["--limit", "0"]), Vec::<String>::new());
+    assert_eq!(newest(&["--limit", "9"]).len(), 4);
+    assert_eq!(newest(&["--limit", "1"]).len(), 1);
     // The JSON form keeps the text as written.
     let messages = event_list_json(&dirs.data, &net, Some("message"));
     assert_eq!(messages.len(), 1);

@@ -628,7 +628,7 @@ struct StoredRow {
 const LIST_VERIFY_BATCH: usize = 1024;
 
 /// `event list`: the stored events of a network (of `event_type` only, if
-/// given), oldest first, each opened and its signature checked again: the
+/// given; the newest `limit` only, if given), oldest first, each opened and its signature checked again: the
 /// store verified it, but a row is only what the file holds now. One that
 /// fails comes back with [`ListedEvent::error`] set, not as an error of
 /// the whole command. Events stored before signatures are included, marked
@@ -637,6 +637,7 @@ pub fn event_list(
     data_dir: &Path,
     network_id: &str,
     event_type: Option<&str>,
+    limit: Option<u32>,
 ) -> Result<Vec<ListedEvent>, String> {
     if let Some(t) = event_type {
         check_type(t)?;
@@ -649,7 +650,7 @@ pub fn event_list(
     };
     require_member(&conn, network_id)?;
     let key = network_key(data_dir, network_id)?;
-    let rows = stored_rows(&conn, network_id, event_type).map_err(|e| e.to_string())?;
+    let rows = stored_rows(&conn, network_id, event_type, limit).map_err(|e| e.to_string())?;
     let authors = VerifyingKeys::default();
     let mut listed = Vec::with_capacity(rows.len());
     // Signed events that opened, with where they go, await a batch check;
@@ -765,6 +766,7 @@ fn stored_rows(
     conn: &Connection,
     network_id: &str,
     event_type: Option<&str>,
+    limit: Option<u32>,
 ) -> rusqlite::Result<Vec<StoredRow>> {
     let select = |table: &str, legacy: bool| {
         format!(
@@ -772,18 +774,23 @@ fn stored_rows(
              WHERE network_id = ?1 AND (?2 IS NULL OR event_type = ?2)"
         )
     };
-    let migrated = format!(
-        "{} UNION ALL {} ORDER BY 2, 1",
+    // The newest `limit` (a negative LIMIT is none), put back oldest first.
+    let newest = |rows: String| {
+        format!("SELECT * FROM ({rows} ORDER BY 2 DESC, 1 DESC LIMIT ?3) ORDER BY 2, 1")
+    };
+    let migrated = newest(format!(
+        "{} UNION ALL {}",
         select("events", false),
         select("legacy_events", true)
-    );
+    ));
     let mut stmt = match conn.prepare(&migrated) {
         Err(e) if e.to_string().contains("no such table: legacy_events") => {
-            conn.prepare(&format!("{} ORDER BY 2, 1", select("events", true)))?
+            conn.prepare(&newest(select("events", true)))?
         }
         other => other?,
     };
-    let rows = stmt.query_map(rusqlite::params![network_id, event_type], |r| {
+    let limit = limit.map_or(-1, i64::from);
+    let rows = stmt.query_map(rusqlite::params![network_id, event_type, limit], |r| {
         Ok(StoredRow {
             id: r.get(0)?,
             created_ms: r.get(1)?,
