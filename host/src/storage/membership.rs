@@ -28,7 +28,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::crypto::signed_event::EventId;
+use quiet_plugin_api::Value;
+
+use crate::{
+    crypto::signed_event::{EventId, SignedEvent},
+    encoding::event_type::HOSTS_PREFIX,
+};
 
 /// A peer id's bytes: the X25519 public key, whose Ed25519 form signs.
 pub type Peer = [u8; 32];
@@ -88,6 +93,140 @@ pub struct Event {
     pub deps: Vec<EventId>,
     /// What it does.
     pub op: Op,
+}
+
+impl Op {
+    /// The event type it travels as: [`HOSTS_PREFIX`] and a name.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Op::Genesis { .. } => "quiet.network",
+            Op::Add { .. } => "quiet.add",
+            Op::Remove { .. } => "quiet.remove",
+            Op::Leave => "quiet.leave",
+            Op::Admin { .. } => "quiet.admin",
+            Op::Revoke { .. } => "quiet.revoke",
+            Op::Key => "quiet.key",
+        }
+    }
+
+    /// Its content, as signed.
+    pub fn content(&self) -> Value {
+        let peer = |p: &Peer| Value::from(&p[..]);
+        let fields: Vec<(&str, Value)> = match self {
+            Op::Genesis { members } => {
+                vec![(
+                    "members",
+                    Value::from(members.iter().map(peer).collect::<Vec<_>>()),
+                )]
+            }
+            Op::Add { peer: p, invite } => {
+                vec![("peer", peer(p)), ("invite", Value::from(&invite[..]))]
+            }
+            Op::Remove { peer: p } => vec![("peer", peer(p))],
+            Op::Admin { peer: p, admin } => vec![("peer", peer(p)), ("admin", Value::from(*admin))],
+            Op::Revoke { invite } => vec![("invite", Value::from(&invite[..]))],
+            Op::Leave | Op::Key => vec![],
+        };
+        Value::map(fields)
+    }
+
+    /// The op an event of `event_type` with `content` carries; `None` for
+    /// a type that is not a membership event. The error, one line, says
+    /// what is wrong with a membership event's content: it may come from
+    /// any member, so nothing in it is taken on trust.
+    pub fn decode(event_type: &str, content: &Value) -> Option<Result<Op, String>> {
+        let name = event_type.strip_prefix(HOSTS_PREFIX)?;
+        let fixed = |key: &str| -> Result<&[u8], String> {
+            content
+                .get(key)
+                .and_then(Value::as_bytes)
+                .ok_or_else(|| format!("{event_type}: `{key}` is missing or not bytes"))
+        };
+        let array = |key: &str, bytes: &[u8]| -> Result<[u8; 32], String> {
+            bytes
+                .try_into()
+                .map_err(|_| format!("{event_type}: `{key}` is {} bytes, not 32", bytes.len()))
+        };
+        let peer = || array("peer", fixed("peer")?);
+        let invite = || -> Result<[u8; 16], String> {
+            let bytes = fixed("invite")?;
+            bytes
+                .try_into()
+                .map_err(|_| format!("{event_type}: `invite` is {} bytes, not 16", bytes.len()))
+        };
+        let (op, keys): (Result<Op, String>, &[&str]) = match name {
+            "network" => (
+                content
+                    .get("members")
+                    .and_then(Value::as_list)
+                    .ok_or_else(|| format!("{event_type}: `members` is missing or not a list"))
+                    .and_then(|list| {
+                        let members = list.iter().map(|m| {
+                            let bytes = m
+                                .as_bytes()
+                                .ok_or_else(|| format!("{event_type}: a member is not bytes"))?;
+                            array("members", bytes)
+                        });
+                        Ok(Op::Genesis {
+                            members: members.collect::<Result<_, _>>()?,
+                        })
+                    }),
+                &["members"],
+            ),
+            "add" => (
+                peer().and_then(|peer| {
+                    Ok(Op::Add {
+                        peer,
+                        invite: invite()?,
+                    })
+                }),
+                &["peer", "invite"],
+            ),
+            "remove" => (peer().map(|peer| Op::Remove { peer }), &["peer"]),
+            "leave" => (Ok(Op::Leave), &[]),
+            "admin" => (
+                peer().and_then(|peer| {
+                    let admin = content
+                        .get("admin")
+                        .and_then(Value::as_bool)
+                        .ok_or_else(|| {
+                            format!("{event_type}: `admin` is missing or not a boolean")
+                        })?;
+                    Ok(Op::Admin { peer, admin })
+                }),
+                &["peer", "admin"],
+            ),
+            "revoke" => (invite().map(|invite| Op::Revoke { invite }), &["invite"]),
+            "key" => (Ok(Op::Key), &[]),
+            _ => {
+                return Some(Err(format!(
+                    "{event_type}: not a membership event this host knows"
+                )))
+            }
+        };
+        let fields = content.as_map().unwrap_or_default();
+        if let Some(f) = fields.iter().find(|f| !keys.contains(&f.key.as_str())) {
+            return Some(Err(format!(
+                "{event_type}: unexpected key {:?}",
+                f.key.as_str()
+            )));
+        }
+        Some(op)
+    }
+}
+
+impl Event {
+    /// The membership event `event` is, if its type is one; the error
+    /// says why its content is not one.
+    pub fn of(event: &SignedEvent) -> Option<Result<Event, String>> {
+        let op = Op::decode(&event.event_type, &event.content)?;
+        Some(op.map(|op| Event {
+            id: event.id,
+            author: event.author,
+            deps: event.deps.clone(),
+            op,
+        }))
+    }
 }
 
 /// Why an event has no effect.
@@ -616,6 +755,67 @@ mod tests {
         assert_eq!(m.invalid[&x], Invalid::Cycle);
         assert_eq!(m.invalid[&y], Invalid::Cycle);
         assert_eq!(m.heads, vec![g]);
+    }
+
+    #[test]
+    fn every_op_travels_as_its_content_and_comes_back() {
+        let ops = [
+            Op::Genesis {
+                members: vec![B, C],
+            },
+            Op::Genesis { members: vec![] },
+            add(D),
+            Op::Remove { peer: C },
+            Op::Leave,
+            admin(B),
+            Op::Admin {
+                peer: B,
+                admin: false,
+            },
+            Op::Revoke { invite: [7; 16] },
+            Op::Key,
+        ];
+        for op in ops {
+            let t = op.event_type();
+            assert!(t.starts_with(HOSTS_PREFIX), "{t}");
+            let bytes = crate::encoding::codec::encode(&op.content());
+            let content = crate::encoding::codec::decode(&bytes).unwrap();
+            assert_eq!(Op::decode(t, &content), Some(Ok(op)));
+        }
+        assert_eq!(Op::decode("message", Value::EMPTY_MAP), None);
+    }
+
+    #[test]
+    fn a_membership_event_with_bad_content_is_named_in_one_line() {
+        let bad = |t: &str, content: Value| Op::decode(t, &content).unwrap().unwrap_err();
+        let short = Value::map([("peer", Value::from(&[1u8; 31][..]))]);
+        assert_eq!(
+            bad("quiet.remove", short),
+            "quiet.remove: `peer` is 31 bytes, not 32"
+        );
+        let no_peer = Value::map([("invite", Value::from(&[1u8; 16][..]))]);
+        assert_eq!(
+            bad("quiet.add", no_peer),
+            "quiet.add: `peer` is missing or not bytes"
+        );
+        let extra = Value::map([("peer", Value::from(&B[..])), ("seals", Value::from(1))]);
+        assert_eq!(
+            bad("quiet.remove", extra),
+            "quiet.remove: unexpected key \"seals\""
+        );
+        let text_member = Value::map([("members", Value::from(vec![Value::from("b")]))]);
+        assert_eq!(
+            bad("quiet.network", text_member),
+            "quiet.network: a member is not bytes"
+        );
+        let admin_text = Value::map([("peer", Value::from(&B[..])), ("admin", Value::from("yes"))]);
+        assert!(bad("quiet.admin", admin_text).contains("`admin` is missing or not a boolean"));
+        assert_eq!(
+            bad("quiet.party", Value::map([("x", Value::from(1))])),
+            "quiet.party: not a membership event this host knows"
+        );
+        let forged = bad("quiet.leave", Value::map([("x\nforged", Value::from(1))]));
+        assert!(!forged.contains('\n'), "{forged}");
     }
 
     /// A log made by several admins and members acting on what each has
