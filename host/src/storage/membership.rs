@@ -258,8 +258,8 @@ pub struct Membership {
     pub removed: BTreeSet<Peer>,
     /// The events without effect, and why.
     pub invalid: BTreeMap<EventId, Invalid>,
-    /// The events no other one names as a dep: what a new membership
-    /// event depends on.
+    /// The valid events no other valid one names as a dep: what a new
+    /// membership event depends on.
     pub heads: Vec<EventId>,
 }
 
@@ -304,7 +304,7 @@ pub fn fold(genesis: &EventId, events: &[Event]) -> Membership {
     let mut membership = Membership {
         creator: view.creator(),
         invalid,
-        heads: log.heads(),
+        heads: log.heads(&valid),
         ..Membership::default()
     };
     for peer in log.peers() {
@@ -442,9 +442,12 @@ impl<'a> Log<'a> {
         peers
     }
 
-    fn heads(&self) -> Vec<EventId> {
+    /// The valid events no valid event names. Invalid ones are left out:
+    /// any member can make as many as it likes, and a new event's deps are
+    /// bounded.
+    fn heads(&self, valid: &[bool]) -> Vec<EventId> {
         (0..self.events.len())
-            .filter(|&i| self.ordered[i] && self.named_by[i].iter().all(|&j| !self.ordered[j]))
+            .filter(|&i| valid[i] && self.named_by[i].iter().all(|&j| !valid[j]))
             .map(|i| self.events[i].id)
             .collect()
     }
@@ -658,6 +661,9 @@ mod tests {
         assert_eq!(m.invalid[&remove_c], Invalid::NotAllowed);
         assert_eq!(m.invalid[&grant], Invalid::NotAllowed);
         assert_eq!(m.invalid[&by_stranger], Invalid::NotAMember);
+        // Events without effect are no heads: a member could make a
+        // thousand, and a new event names at most 16 deps.
+        assert_eq!(m.heads, vec![g]);
     }
 
     #[test]
