@@ -122,11 +122,12 @@ pub(crate) struct Session {
     expires_ms: i64,
     /// Whether any response of this session arrived.
     heard: bool,
-    /// When the latest response arrived (or the session started).
-    last_heard_ms: i64,
-    /// Whether the requests in flight were sent again for silence, since
-    /// the latest response; see [`RETRY_AFTER_MS`](retry::RETRY_AFTER_MS).
-    retried: bool,
+    /// When the latest response arrived, the session started, or its
+    /// requests were last sent again for silence.
+    quiet_since_ms: i64,
+    /// How many times the requests in flight were sent again for silence,
+    /// since the latest response; see [`RETRY_AFTER_MS`](retry::RETRY_AFTER_MS).
+    retries: u8,
 }
 
 impl Session {
@@ -217,8 +218,8 @@ impl State {
             sent_ms: 0,
             expires_ms: 0,
             heard: false,
-            last_heard_ms: now,
-            retried: false,
+            quiet_since_ms: now,
+            retries: 0,
         };
         self.sessions.insert(k.clone(), session);
         Ok(Some(self.send(&k, opening, now)))
