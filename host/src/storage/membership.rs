@@ -21,10 +21,13 @@
 //! `docs/design/membership.md`. This module is pure: it reads no database
 //! and no clock, so its property tests can permute arrival orders freely.
 //!
-//! Cost: the causal past of every event is kept as a bit set, n² bits for
-//! n membership events (a network with 2,000 membership events: 500 KB,
-//! for the length of a fold). Membership events are rare next to
-//! messages; a network that outgrows this needs snapshots.
+//! Cost: the causal past of every event judged is kept as a bit set, n²
+//! bits for n membership events (a network with 2,000 membership events:
+//! 500 KB, for the length of a fold), and judging is quadratic too. So
+//! what no causal past could make valid is set aside unjudged (see
+//! [`fold`]): only the creator and the admins it made can add to the
+//! cost, not any member. Membership events are rare next to messages; a
+//! network whose admins outgrow this needs snapshots.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -38,6 +41,12 @@ use crate::{
 /// A peer id's bytes: the X25519 public key, whose Ed25519 form signs.
 pub type Peer = [u8; 32];
 
+/// A peer id's bytes, from its hex form; `None` if it is not one.
+pub fn peer_of_hex(peer_id: &str) -> Option<Peer> {
+    let mut p = [0u8; 32];
+    hex::decode_to_slice(peer_id, &mut p).ok().map(|()| p)
+}
+
 /// What a membership event does; see the module docs for the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -47,6 +56,10 @@ pub enum Op {
     Genesis {
         /// The first members besides the creator.
         members: Vec<Peer>,
+        /// What the network id was derived from, with the creator's peer
+        /// id ([`network_id_of`]), so that any host can tell the real
+        /// genesis from one a member made up.
+        salt: [u8; 16],
     },
     /// An admin adds `peer`, admitted with the invite `invite`.
     Add {
@@ -113,12 +126,13 @@ impl Op {
     pub fn content(&self) -> Value {
         let peer = |p: &Peer| Value::from(&p[..]);
         let fields: Vec<(&str, Value)> = match self {
-            Op::Genesis { members } => {
-                vec![(
+            Op::Genesis { members, salt } => vec![
+                (
                     "members",
                     Value::from(members.iter().map(peer).collect::<Vec<_>>()),
-                )]
-            }
+                ),
+                ("salt", Value::from(&salt[..])),
+            ],
             Op::Add { peer: p, invite } => {
                 vec![("peer", peer(p)), ("invite", Value::from(&invite[..]))]
             }
@@ -142,18 +156,14 @@ impl Op {
                 .and_then(Value::as_bytes)
                 .ok_or_else(|| format!("{event_type}: `{key}` is missing or not bytes"))
         };
-        let array = |key: &str, bytes: &[u8]| -> Result<[u8; 32], String> {
+        fn sized<const N: usize>(of: &str, key: &str, bytes: &[u8]) -> Result<[u8; N], String> {
             bytes
                 .try_into()
-                .map_err(|_| format!("{event_type}: `{key}` is {} bytes, not 32", bytes.len()))
-        };
+                .map_err(|_| format!("{of}: `{key}` is {} bytes, not {N}", bytes.len()))
+        }
+        let array = |key: &str, bytes: &[u8]| sized::<32>(event_type, key, bytes);
         let peer = || array("peer", fixed("peer")?);
-        let invite = || -> Result<[u8; 16], String> {
-            let bytes = fixed("invite")?;
-            bytes
-                .try_into()
-                .map_err(|_| format!("{event_type}: `invite` is {} bytes, not 16", bytes.len()))
-        };
+        let invite = || sized::<16>(event_type, "invite", fixed("invite")?);
         let (op, keys): (Result<Op, String>, &[&str]) = match name {
             "network" => (
                 content
@@ -169,9 +179,10 @@ impl Op {
                         });
                         Ok(Op::Genesis {
                             members: members.collect::<Result<_, _>>()?,
+                            salt: sized(event_type, "salt", fixed("salt")?)?,
                         })
                     }),
-                &["members"],
+                &["members", "salt"],
             ),
             "add" => (
                 peer().and_then(|peer| {
@@ -275,14 +286,100 @@ impl Membership {
     }
 }
 
+/// The id of the network `creator` starts with `salt`: the first 16
+/// bytes of a keyed BLAKE3 of both, in hex. Deriving the id so binds a
+/// network to its creator: a `quiet.network` event whose author and salt
+/// do not give the network's id is not its genesis, so no member can make
+/// up another, and a host needs no word from anyone to know the real one.
+pub fn network_id_of(creator: &Peer, salt: &[u8; 16]) -> String {
+    let mut h = blake3::Hasher::new_derive_key("quiet-host 2026 network id");
+    h.update(creator);
+    h.update(salt);
+    hex::encode(&h.finalize().as_bytes()[..16])
+}
+
 /// The membership that `events` give, for the network created by the
 /// genesis `genesis`. The order of `events` does not matter; an id given
 /// twice counts once.
+///
+/// What a member can make cost: the fold is quadratic in the events it
+/// judges by their causal past, so it first sets aside, as invalid, every
+/// event that no causal past could make valid: a second genesis, an
+/// event whose causal past lacks the genesis, an event that needs an admin
+/// by an author no event by the creator ever made one, and a leave by a
+/// peer no genesis or add by such an author ever let in. So of the
+/// members, only the creator and those it ever made admins can add to the
+/// fold's cost, and every other member only with leaves that name the
+/// genesis in their past (each signed and sent, within what the network
+/// lets one peer send).
 pub fn fold(genesis: &EventId, events: &[Event]) -> Membership {
-    let log = Log::new(events);
+    fold_judging(genesis, events, &set_aside(genesis, events))
+}
+
+/// The events of `events` that no causal past could make valid, with why
+/// (see [`fold`]).
+fn set_aside(genesis: &EventId, events: &[Event]) -> BTreeMap<EventId, Invalid> {
+    let creator = events
+        .iter()
+        .find(|e| e.id == *genesis && matches!(e.op, Op::Genesis { .. }))
+        .map(|e| e.author);
+    // Who could ever be an admin: the creator, and whom it granted.
+    let mut admins: BTreeSet<Peer> = creator.into_iter().collect();
+    for e in events {
+        if let Op::Admin { peer, admin: true } = &e.op {
+            if Some(e.author) == creator {
+                admins.insert(*peer);
+            }
+        }
+    }
+    // Who could ever be a member: they, and whom a genesis or add of
+    // theirs let in.
+    let mut members = admins.clone();
+    for e in events.iter().filter(|e| admins.contains(&e.author)) {
+        match &e.op {
+            Op::Genesis { members: first, .. } if e.id == *genesis => {
+                members.extend(first.iter().copied())
+            }
+            Op::Add { peer, .. } => {
+                members.insert(*peer);
+            }
+            _ => {}
+        }
+    }
+    events
+        .iter()
+        .filter_map(|e| {
+            let why = match &e.op {
+                Op::Genesis { .. } if e.id == *genesis => None,
+                Op::Genesis { .. } => Some(Invalid::NotTheGenesis),
+                _ if !members.contains(&e.author) => Some(Invalid::NotAMember),
+                Op::Leave => None,
+                _ if !admins.contains(&e.author) => Some(Invalid::NotAllowed),
+                _ => None,
+            };
+            why.map(|why| (e.id, why))
+        })
+        .collect()
+}
+
+/// [`fold`], judging by its causal past every event but those in
+/// `set_aside`, which are invalid for the reason it gives. They stay in
+/// the log, since causality runs through them.
+fn fold_judging(
+    genesis: &EventId,
+    events: &[Event],
+    set_aside: &BTreeMap<EventId, Invalid>,
+) -> Membership {
+    let log = Log::new(events, genesis, set_aside);
     let mut valid = vec![false; log.events.len()];
-    let mut invalid = BTreeMap::new();
+    let mut invalid = set_aside.clone();
+    for e in log.rootless() {
+        invalid.entry(e.id).or_insert(Invalid::NotAMember);
+    }
     for &i in &log.order {
+        if log.slot[i].is_none() {
+            continue;
+        }
         match log.check(i, genesis, &valid) {
             Ok(()) => valid[i] = true,
             Err(why) => {
@@ -295,7 +392,7 @@ pub fn fold(genesis: &EventId, events: &[Event]) -> Membership {
             invalid.insert(e.id, Invalid::Cycle);
         }
     }
-    let everything = BitSet::full(log.events.len());
+    let everything = BitSet::full(log.judged);
     let view = View {
         log: &log,
         valid: &valid,
@@ -307,7 +404,7 @@ pub fn fold(genesis: &EventId, events: &[Event]) -> Membership {
         heads: log.heads(&valid),
         ..Membership::default()
     };
-    for peer in log.peers() {
+    for peer in log.peers(&valid) {
         if view.is_member(&peer) {
             membership.members.insert(peer, view.is_admin(&peer));
         } else if view.was_member(&peer) {
@@ -322,16 +419,30 @@ struct Log<'a> {
     events: Vec<&'a Event>,
     /// Indices in a topological order, ties broken by id.
     order: Vec<usize>,
+    /// The judged ones among them, in that order: what a [`View`] walks.
+    judged_order: Vec<usize>,
     /// Whether an event is in `order` (not caught in a cycle).
     ordered: Vec<bool>,
-    /// Each event's causal past: the events its deps name, and theirs.
+    /// Whether an event's causal past holds the genesis, or it is it.
+    rooted: Vec<bool>,
+    /// Each judged event's place in the bit sets of `past`; `None` for
+    /// one set aside or rootless.
+    slot: Vec<Option<usize>>,
+    /// How many events are judged.
+    judged: usize,
+    /// Each event's causal past (the events its deps name, and theirs), of
+    /// judged events only: a bit set as large as they are many, so that
+    /// events set aside cost a bit per judged event each, not per event.
     past: Vec<BitSet>,
     /// For each event, the indices of the events that name it as a dep.
     named_by: Vec<Vec<usize>>,
 }
 
 impl<'a> Log<'a> {
-    fn new(given: &'a [Event]) -> Self {
+    /// The log of `given`, judging all but the events `set_aside` names
+    /// and those whose causal past lacks `genesis` (no one is a member
+    /// there: see [`Log::rootless`]).
+    fn new(given: &'a [Event], genesis: &EventId, set_aside: &BTreeMap<EventId, Invalid>) -> Self {
         let mut by_id: BTreeMap<EventId, &Event> = BTreeMap::new();
         for e in given {
             by_id.entry(e.id).or_insert(e);
@@ -359,14 +470,9 @@ impl<'a> Log<'a> {
         let mut waiting: Vec<usize> = deps.iter().map(BTreeSet::len).collect();
         let mut ready: BTreeSet<usize> = (0..events.len()).filter(|&i| waiting[i] == 0).collect();
         let mut order = Vec::with_capacity(events.len());
-        let mut past = vec![BitSet::empty(events.len()); events.len()];
+        let mut rooted = vec![false; events.len()];
         while let Some(i) = ready.pop_first() {
-            let mut p = BitSet::empty(events.len());
-            for &d in &deps[i] {
-                p.union_with(&past[d]);
-                p.insert(d);
-            }
-            past[i] = p;
+            rooted[i] = events[i].id == *genesis || deps[i].iter().any(|&d| rooted[d]);
             order.push(i);
             for &j in &named_by[i] {
                 waiting[j] -= 1;
@@ -379,13 +485,56 @@ impl<'a> Log<'a> {
         for &i in &order {
             ordered[i] = true;
         }
+        let mut judged = 0;
+        let slot: Vec<Option<usize>> = (0..events.len())
+            .map(|i| {
+                (rooted[i] && !set_aside.contains_key(&events[i].id)).then(|| {
+                    judged += 1;
+                    judged - 1
+                })
+            })
+            .collect();
+        let mut past = vec![BitSet::empty(judged); events.len()];
+        for &i in &order {
+            let mut p = BitSet::empty(judged);
+            for &d in &deps[i] {
+                p.union_with(&past[d]);
+                if let Some(at) = slot[d] {
+                    p.insert(at);
+                }
+            }
+            past[i] = p;
+        }
+        let judged_order = order
+            .iter()
+            .copied()
+            .filter(|&i| slot[i].is_some())
+            .collect();
         Log {
             events,
             order,
+            judged_order,
             ordered,
+            rooted,
+            slot,
+            judged,
             past,
             named_by,
         }
+    }
+
+    /// The events whose causal past lacks the genesis (the genesis aside):
+    /// no one is a member there, so none is valid.
+    fn rootless(&self) -> impl Iterator<Item = &Event> + '_ {
+        self.order
+            .iter()
+            .filter(|&&i| !self.rooted[i])
+            .map(|&i| self.events[i])
+    }
+
+    /// Whether event `i`, a judged one, is in `past`.
+    fn in_past(&self, past: &BitSet, i: usize) -> bool {
+        self.slot[i].is_some_and(|at| past.contains(at))
     }
 
     /// Whether event `i` is valid, judged by its causal past.
@@ -426,13 +575,16 @@ impl<'a> Log<'a> {
         }
     }
 
-    /// Every peer an event names.
-    fn peers(&self) -> BTreeSet<Peer> {
+    /// Every peer a valid event names: no other can be a member.
+    fn peers(&self, valid: &[bool]) -> BTreeSet<Peer> {
         let mut peers = BTreeSet::new();
-        for e in &self.events {
+        for e in (0..self.events.len())
+            .filter(|&i| valid[i])
+            .map(|i| self.events[i])
+        {
             peers.insert(e.author);
             match &e.op {
-                Op::Genesis { members } => peers.extend(members.iter().copied()),
+                Op::Genesis { members, .. } => peers.extend(members.iter().copied()),
                 Op::Add { peer, .. } | Op::Remove { peer } | Op::Admin { peer, .. } => {
                     peers.insert(*peer);
                 }
@@ -463,10 +615,10 @@ struct View<'a> {
 impl View<'_> {
     fn each(&self) -> impl Iterator<Item = (usize, &Event)> + '_ {
         self.log
-            .order
+            .judged_order
             .iter()
             .copied()
-            .filter(|&i| self.within.contains(i) && self.valid[i])
+            .filter(|&i| self.valid[i] && self.log.in_past(self.within, i))
             .map(|i| (i, self.log.events[i]))
     }
 
@@ -493,7 +645,7 @@ impl View<'_> {
             && self
                 .each()
                 .filter(|(_, e)| lets_out(e, peer))
-                .all(|(r, _)| adds.iter().any(|&a| self.log.past[a].contains(r)))
+                .all(|(r, _)| adds.iter().any(|&a| self.log.in_past(&self.log.past[a], r)))
     }
 
     /// The creator, or granted, and every revoke or removal of it seen by
@@ -517,7 +669,11 @@ impl View<'_> {
                     lets_out(e, peer)
                         || matches!(e.op, Op::Admin { peer: p, admin: false } if p == *peer)
                 })
-                .all(|(r, _)| grants.iter().any(|&g| self.log.past[g].contains(r)))
+                .all(|(r, _)| {
+                    grants
+                        .iter()
+                        .any(|&g| self.log.in_past(&self.log.past[g], r))
+                })
     }
 
     fn revoked(&self, invite: &[u8; 16]) -> bool {
@@ -529,7 +685,7 @@ impl View<'_> {
 /// Whether `e` lets `peer` in.
 fn lets_in(e: &Event, peer: &Peer) -> bool {
     match &e.op {
-        Op::Genesis { members } => e.author == *peer || members.contains(peer),
+        Op::Genesis { members, .. } => e.author == *peer || members.contains(peer),
         Op::Add { peer: p, .. } => p == peer,
         _ => false,
     }
@@ -607,7 +763,14 @@ mod tests {
 
         fn genesis(&mut self, creator: Peer, members: &[Peer]) -> EventId {
             let members = members.to_vec();
-            self.make(creator, &[], Op::Genesis { members })
+            self.make(
+                creator,
+                &[],
+                Op::Genesis {
+                    members,
+                    salt: [0; 16],
+                },
+            )
         }
 
         fn fold(&self) -> Membership {
@@ -768,8 +931,12 @@ mod tests {
         let ops = [
             Op::Genesis {
                 members: vec![B, C],
+                salt: [3; 16],
             },
-            Op::Genesis { members: vec![] },
+            Op::Genesis {
+                members: vec![],
+                salt: [0; 16],
+            },
             add(D),
             Op::Remove { peer: C },
             Op::Leave,
@@ -822,6 +989,31 @@ mod tests {
         );
         let forged = bad("quiet.leave", Value::map([("x\nforged", Value::from(1))]));
         assert!(!forged.contains('\n'), "{forged}");
+    }
+
+    #[test]
+    fn what_no_causal_past_could_make_valid_is_set_aside_unjudged() {
+        let mut log = Maker::default();
+        let g = log.genesis(A, &[B, C]);
+        // C, a member but no admin, adds at will; a stranger signs a
+        // removal; B leaves, then signs leaves that name no genesis, and
+        // leaves after its leave (it is no longer a member there).
+        let by_c: Vec<EventId> = (0..50).map(|_| log.make(C, &[g], add(D))).collect();
+        let stranger = log.make([9; 32], &[g], Op::Remove { peer: B });
+        let leave = log.make(B, &[g], Op::Leave);
+        let rootless: Vec<EventId> = (0..20).map(|_| log.make(B, &[], Op::Leave)).collect();
+        let after: Vec<EventId> = (0..20).map(|_| log.make(B, &[leave], Op::Leave)).collect();
+        let m = fold(&g, &log.events);
+        assert!(by_c.iter().all(|e| m.invalid[e] == Invalid::NotAllowed));
+        assert_eq!(m.invalid[&stranger], Invalid::NotAMember);
+        assert!(rootless
+            .iter()
+            .chain(&after)
+            .all(|e| m.invalid[e] == Invalid::NotAMember));
+        // None of them undoes the one leave that counts.
+        assert!(!m.invalid.contains_key(&leave));
+        assert!(m.removed.contains(&B) && m.is_member(&C) && !m.is_member(&D));
+        assert_eq!(m.heads, vec![leave]);
     }
 
     /// A log made by several admins and members acting on what each has
@@ -880,6 +1072,20 @@ mod tests {
                 other.push(i.get(&events).clone());
             }
             prop_assert_eq!(&fold(&genesis, &other), &first);
+            // What the fold sets aside unjudged, it would have found
+            // invalid: judging everything gives the same set, and the same
+            // events without effect (for a reason that may differ: set
+            // aside, a non-admin's add is `NotAllowed` even where its
+            // author was not yet a member).
+            let all = fold_judging(&genesis, &events, &BTreeMap::new());
+            prop_assert_eq!(
+                (&all.creator, &all.members, &all.removed, &all.heads),
+                (&first.creator, &first.members, &first.removed, &first.heads)
+            );
+            prop_assert_eq!(
+                all.invalid.keys().collect::<Vec<_>>(),
+                first.invalid.keys().collect::<Vec<_>>()
+            );
             // The creator is always an admin, and no one is both a member
             // and removed.
             prop_assert!(first.is_admin(&A));
