@@ -212,6 +212,15 @@ enum NetworkCommand {
         #[arg(long, conflicts_with = "invite")]
         file: Option<PathBuf>,
     },
+    /// List a network's members, as this host knows them from the
+    /// network's membership events.
+    Members {
+        /// The network id.
+        network: String,
+        /// Print JSON: {known, members: [{peer_id, role}], events, invalid}.
+        #[arg(long)]
+        json: bool,
+    },
     /// List this host's networks.
     List {
         /// Print JSON.
@@ -344,6 +353,17 @@ fn network(data: &Path, command: NetworkCommand) -> Result<(), String> {
         NetworkCommand::Join { invite, file } => {
             let invite = commands::read_input(invite.as_deref(), file.as_deref(), "the invite")?;
             println!("{}", commands::network_join(data, &invite)?)
+        }
+        NetworkCommand::Members { network, json } => {
+            let roster = commands::network_members(data, &network)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&roster).expect("serialises")
+                );
+            } else {
+                print!("{}", commands::roster_text(&roster));
+            }
         }
         NetworkCommand::List { json } => {
             let list = commands::network_list(data)?;

@@ -655,19 +655,28 @@ impl Sim {
         }
     }
 
-    /// The event ids host `i` stores in `network`.
+    /// The event ids host `i` stores in `network`, but the membership
+    /// events hosts write themselves (`quiet.*`, such as its genesis):
+    /// what its members sent.
     pub fn events(&self, i: usize, network: &str) -> BTreeSet<Vec<u8>> {
+        self.event_ids(i, network, "AND event_type NOT LIKE 'quiet.%'")
+    }
+
+    fn event_ids(&self, i: usize, network: &str, only: &str) -> BTreeSet<Vec<u8>> {
         self.hosts[i]
             .reader
-            .prepare_cached("SELECT event_id FROM events WHERE network_id = ?")
+            .prepare_cached(&format!(
+                "SELECT event_id FROM events WHERE network_id = ? {only}"
+            ))
             .and_then(|mut s| s.query_map([network], |r| r.get(0))?.collect())
             .unwrap_or_else(|e| panic!("host {i}: reading events: {e}"))
     }
 
-    /// Whether every host stores the same events of `network`.
+    /// Whether every host stores the same events of `network`, membership
+    /// events too.
     pub fn converged(&self, network: &str) -> bool {
-        let first = self.events(0, network);
-        (1..self.hosts.len()).all(|i| self.events(i, network) == first)
+        let first = self.event_ids(0, network, "");
+        (1..self.hosts.len()).all(|i| self.event_ids(i, network, "") == first)
     }
 
     /// Whether every host stores every event id (hex) in `ids`.

@@ -50,9 +50,15 @@ fn seed() -> u64 {
     }
 }
 
+/// The ids of the events members sent (not the hosts' membership events).
 fn event_ids(data: &Path) -> HashSet<Vec<u8>> {
     let conn = db(data);
-    let mut stmt = conn.prepare("SELECT event_id FROM events").unwrap();
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT event_id FROM events WHERE {}",
+            quiet_test_support::peers::SENT_EVENTS
+        ))
+        .unwrap();
     let ids = stmt
         .query_map([], |r| r.get(0))
         .unwrap()

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod faults;
 mod jobs;
+mod membership;
 mod plugin_events;
 mod plugin_faults;
 mod reactions;

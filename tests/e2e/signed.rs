@@ -27,7 +27,7 @@ fn authors_and_texts(data: &Path, network: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn peer_id(data: &Path) -> String {
+pub(crate) fn peer_id(data: &Path) -> String {
     HostIdentity::load(data).unwrap().peer_id()
 }
 
@@ -71,18 +71,31 @@ fn a_message_signed_by_a_reaches_c_through_b_and_all_three_list_a_as_author() {
     c.stop();
 }
 
-/// A row in `data`'s own `events` table, written past its event store, as
-/// a member gone bad can: its sync plugin then offers it to every peer.
+/// A message row in `data`'s own `events` table; see [`plant_typed`].
 fn plant(data: &Path, network: &str, event_id: &[u8], event: &[u8]) {
+    plant_typed(data, network, "message", event_id, event)
+}
+
+/// A row of `event_type` in `data`'s own `events` table, written past its
+/// event store, as a member gone bad can: its sync plugin then offers it
+/// to every peer.
+pub(crate) fn plant_typed(
+    data: &Path,
+    network: &str,
+    event_type: &str,
+    event_id: &[u8],
+    event: &[u8],
+) {
     quiet_host::storage::db::open(data)
         .unwrap()
         .execute(
             "INSERT INTO events (event_id, network_id, created_ms, event_type, event, received_ms)
-             VALUES (?1, ?2, ?3, 'message', ?4, 0)",
+             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
             rusqlite::params![
                 event_id,
                 network,
                 i64::from_be_bytes(event[..8].try_into().unwrap()),
+                event_type,
                 event
             ],
         )
@@ -93,7 +106,7 @@ fn plant(data: &Path, network: &str, event_id: &[u8], event: &[u8]) {
 fn stored_event(data: &Path, network: &str) -> (Vec<u8>, Vec<u8>) {
     db(data)
         .query_row(
-            "SELECT event_id, event FROM events WHERE network_id = ?1",
+            "SELECT event_id, event FROM events WHERE network_id = ?1 AND event_type = 'message'",
             [network],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

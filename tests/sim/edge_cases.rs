@@ -78,11 +78,7 @@ fn duplicate_responses_store_each_event_once() {
     sim.run_for(1_000);
     assert!(sim.stats().duplicated > 0);
     for h in 0..3 {
-        assert_eq!(
-            sim.query_i64(h, "SELECT COUNT(*) FROM events"),
-            15,
-            "host {h}"
-        );
+        assert_eq!(sim.events(h, &net).len(), 15, "host {h}");
         assert_eq!(
             sim.query_i64(h, "SELECT COUNT(*) FROM messages"),
             15,
@@ -211,7 +207,11 @@ fn lost_responses_are_asked_for_again_at_once() {
 fn lost_requests_are_asked_for_again_at_once() {
     let (took, lost) = catch_up_losing("lost_requests_are_asked_for_again_at_once", (0.1, 0.0));
     assert!(lost > 0);
-    assert!(took < 15_000, "the catch-up took {took} virtual ms");
+    // Typically 3 s. A lost round 0, or a lost retry, each cost a retry
+    // interval (5 s) more; what must not happen is waiting out a session's
+    // transit TTL (30 s), as every request after a lost one did once, and
+    // as a lost retry did until a silent session sent again more than once.
+    assert!(took < 25_000, "the catch-up took {took} virtual ms");
 }
 
 /// A peer that goes away is tried less and less often, rather than every

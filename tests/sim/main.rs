@@ -40,6 +40,10 @@ fn network(sim: &mut Sim, n: usize, inviter: impl Fn(usize) -> usize) -> String 
     for &h in &hosts[1..] {
         sim.join(h, inviter(h), &net).expect("joining");
     }
+    // Every host holds the network's genesis before a test's own events, so
+    // that what a test measures is its own events' way (a session still
+    // fetching the genesis would carry them at once).
+    expect_within(sim, "the genesis everywhere", 60_000, |s| s.converged(&net));
     net
 }
 

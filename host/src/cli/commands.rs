@@ -23,6 +23,7 @@ use crate::{
     storage::{
         db,
         event_store::{self, EventStore},
+        members,
         networks::{self, Invite, NetworkKeys},
     },
 };
@@ -148,7 +149,18 @@ pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, 
     let conn = open(data_dir)?;
     let me = identity(data_dir)?;
     let address = listen_address(&conn, address)?;
-    Ok(networks::create(data_dir, &conn, &me.peer_id(), &address)?.encode())
+    let created = networks::create(data_dir, &conn, &me.peer_id(), &address)?;
+    let store = EventStore::new(Arc::new(NetworkKeys::new(data_dir)), Arc::default())
+        .signing_as(Arc::new(me));
+    // A genesis not written now is written when the host starts: the
+    // network exists either way, so its invite is printed.
+    let (_, failed) = members::ensure_geneses(&conn, &store);
+    for why in failed {
+        eprintln!(
+            "warning: membership genesis not written yet: {why}; the host writes it when it starts"
+        );
+    }
+    Ok(created.invite.encode())
 }
 
 /// `network invite`: an invite to an existing network, naming this host.
@@ -197,6 +209,46 @@ pub fn network_join(data_dir: &Path, invite: &str) -> Result<String, String> {
         &invite.peer_id[..16],
         invite.address
     ))
+}
+
+/// `network members`: what this host knows of a network's members.
+pub fn network_members(data_dir: &Path, network_id: &str) -> Result<members::Roster, String> {
+    let Some(conn) = open_to_read(data_dir)? else {
+        return Err(format!(
+            "{}: no quiet-host database here, so no networks",
+            data_dir.display()
+        ));
+    };
+    require_member(&conn, network_id)?;
+    members::roster(&conn, network_id).map_err(|e| e.to_string())
+}
+
+/// `network members` for a reader: one line a member, and a last line on
+/// what the list rests on.
+pub fn roster_text(roster: &members::Roster) -> String {
+    let mut out = String::new();
+    for m in &roster.members {
+        out.push_str(&format!("{}  {}\n", m.peer_id, m.role));
+    }
+    let current = roster
+        .members
+        .iter()
+        .filter(|m| m.role != "removed")
+        .count();
+    out.push_str(&match roster.known {
+        true => format!(
+            "{current} member{}, from {} membership events ({} without effect)\n",
+            if current == 1 { "" } else { "s" },
+            roster.events,
+            roster.invalid
+        ),
+        false => "membership not yet known: this host does not hold the network's genesis yet \
+                  (it comes with sync), or cannot tell it (a network made before membership, \
+                  joined through another than its creator); until then, whoever holds the \
+                  network key is a member\n"
+            .to_string(),
+    });
+    out
 }
 
 /// One network, as `network list` shows it.

@@ -45,7 +45,7 @@ use crate::{
     },
     network::{inbound::Inbound, listener, outbound::NetworkOutbox, tcp::Tcp, wire::Wire},
     plugins::registry::Plugins,
-    storage::{counters::Counters, db, event_store::EventStore, networks::NetworkKeys},
+    storage::{counters::Counters, db, event_store::EventStore, members, networks::NetworkKeys},
 };
 
 /// Signals (mostly network frames) the engine may have queued.
@@ -249,6 +249,14 @@ pub fn start(opts: &HostOptions) -> Result<RunningHost, StartError> {
         db::set_host_state(&conn, "peer_id", Some(&identity.peer_id())).map_err(db_err)?;
         let listen = listen_addr.map(|a| a.to_string());
         db::set_host_state(&conn, "listen_addr", listen.as_deref()).map_err(db_err)?;
+        // Networks this host created before membership get their genesis.
+        let (written, failed) = members::ensure_geneses(&conn, &store);
+        if !written.is_empty() {
+            tracing::info!(networks = ?written, "wrote the membership genesis of networks created here");
+        }
+        for why in failed {
+            tracing::warn!("membership genesis not written: {why}");
+        }
     }
     reloader.initial_config()?;
     reloader.sync();

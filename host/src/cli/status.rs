@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::{
@@ -75,6 +75,10 @@ pub struct NetworkStatus {
     pub events: i64,
     /// Stored events not yet routed to handlers: they wait for deps.
     pub waiting: Waiting,
+    /// Its members (not counting removed ones), as this host last folded
+    /// its membership events; `None` while the membership is not known
+    /// (see `network members`).
+    pub members: Option<i64>,
     /// Known peers.
     pub peers: Vec<PeerStatus>,
 }
@@ -355,8 +359,19 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
         )
         .map(Some),
     )?;
+    let mut members = missing_table_is_empty(
+        conn.prepare(
+            "SELECT (SELECT COUNT(*) FROM membership_roles m WHERE m.network_id = ?1 AND m.role != 'removed')
+             FROM membership WHERE network_id = ?1 AND genesis IS NOT NULL",
+        )
+        .map(Some),
+    )?;
     ids.into_iter()
         .map(|(network_id, events)| {
+            let members = match &mut members {
+                Some(stmt) => stmt.query_row([&network_id], |r| r.get(0)).optional()?,
+                None => None,
+            };
             let waiting = match &mut waiting {
                 Some(stmt) => stmt.query_row([&network_id], |r| {
                     Ok(Waiting {
@@ -383,6 +398,7 @@ fn read_networks(conn: &Connection) -> rusqlite::Result<Vec<NetworkStatus>> {
                 network_id,
                 events,
                 waiting,
+                members,
                 peers,
             })
         })
@@ -532,10 +548,15 @@ pub fn render(s: &Status) -> String {
     for n in &s.networks {
         let _ = writeln!(
             out,
-            "  {}  {} events  {} peers",
+            "  {}  {} events  {} peers  {}",
             printable(&n.network_id),
             n.events,
-            n.peers.len()
+            n.peers.len(),
+            n.members
+                .map_or("membership not yet known".into(), |m| format!(
+                    "{m} member{}",
+                    if m == 1 { "" } else { "s" }
+                ))
         );
         if n.waiting.events > 0 {
             let since = n.waiting.oldest_ms.map_or("?".into(), |t| relative(t, now));

@@ -49,6 +49,7 @@ use crate::{
     storage::{
         db,
         event_store::{EventStore, STORE_EVENT},
+        members,
         statements::Statements,
     },
 };
@@ -364,6 +365,10 @@ impl<'a> Pipeline<'a> {
         }
         if let Some(cursors) = self.cursors.borrow().as_ref() {
             cursors.advance(&self.statements)?;
+        }
+        // Once a run, however many membership events it routed.
+        if let Some(store) = &self.services.store {
+            members::refold(self.conn, store)?;
         }
         if report.dead_letters > LOGGED_DEAD_LETTERS {
             tracing::warn!(

@@ -206,6 +206,34 @@ const MIGRATIONS: &[&str] = &[
         plugin TEXT PRIMARY KEY,
         requested_ms INTEGER NOT NULL
      );",
+    // 8: membership (storage/members.rs, docs/design/membership.md). A
+    // network created here from now on keeps the `salt` its id was derived
+    // from; those created before have none, and random ids.
+    // `membership_roles` is the member set as this host last folded it from the
+    // membership events it routed; `membership_dirty` the networks to fold
+    // again, written with the event that changed them. The partial index
+    // finds a network's membership events among its messages.
+    "ALTER TABLE networks ADD COLUMN salt BLOB;
+     CREATE INDEX events_membership ON events(network_id, event_type)
+        WHERE event_type >= 'quiet.' AND event_type < 'quiet/';
+     CREATE TABLE membership_roles (
+        network_id TEXT NOT NULL,
+        peer_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('creator', 'admin', 'member', 'removed')),
+        PRIMARY KEY (network_id, peer_id)
+     ) WITHOUT ROWID;
+     CREATE TABLE membership (
+        network_id TEXT PRIMARY KEY,
+        genesis BLOB,
+        events INTEGER NOT NULL,
+        invalid INTEGER NOT NULL,
+        heads BLOB NOT NULL,
+        folded_ms INTEGER NOT NULL
+     );
+     CREATE TABLE membership_dirty (network_id TEXT PRIMARY KEY) WITHOUT ROWID;
+     INSERT OR IGNORE INTO membership_dirty
+        SELECT DISTINCT network_id FROM events
+        WHERE event_type >= 'quiet.' AND event_type < 'quiet/' AND routed IS NOT NULL;",
 ];
 
 thread_local! {

@@ -73,6 +73,9 @@ pub const STORE_EVENT: &str = "store_event";
 /// [`local_mac`](HostIdentity::local_mac) of its event.
 pub const LOCAL_MAC: &str = "local_mac";
 
+/// Marks a network for [`crate::storage::members`] to fold again.
+pub const MARK_MEMBERSHIP: &str = "INSERT OR IGNORE INTO membership_dirty(network_id) VALUES (?1)";
+
 /// The largest event accepted, in bytes.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
@@ -433,6 +436,7 @@ impl EventStore {
             return Ok(None);
         }
         self.release_waiters(statements, &event.id)?;
+        self.mark_membership(statements, &network_id, &event.event_type)?;
         Ok(Some(routed(event, network_id, bytes)))
     }
 
@@ -527,9 +531,26 @@ impl EventStore {
                 .execute([&id])?;
             let id = EventId::try_from(&id[..]).expect("a stored id is 32 bytes");
             self.release_waiters(statements, &id)?;
+            self.mark_membership(statements, &network_id, envelope.event_type().unwrap_or(""))?;
             out.push(envelope);
         }
         Ok(out)
+    }
+
+    /// Routing a membership event (`quiet.*`) marks its network for
+    /// [`crate::storage::members`] to fold again, in this transaction.
+    fn mark_membership(
+        &self,
+        statements: &Statements<'_>,
+        network_id: &str,
+        event_type: &str,
+    ) -> rusqlite::Result<()> {
+        if event_type.starts_with(crate::encoding::event_type::HOSTS_PREFIX) {
+            statements
+                .get(MARK_MEMBERSHIP, Connection::prepare_cached)?
+                .execute([network_id])?;
+        }
+        Ok(())
     }
 
     fn refuse(&self, counter: &'static str) -> Option<Envelope> {
@@ -543,16 +564,8 @@ impl EventStore {
     /// `events`. `None`, logged and counted, if it no longer opens (its
     /// network's key is gone).
     pub fn reopen(&self, network_id: &str, event: Vec<u8>) -> Option<Envelope> {
-        let opened = self
-            .keys
-            .get(network_id)
-            .ok_or("drop_event_for_unknown_network")
-            .and_then(|key| {
-                signed_event::open_event_v3(network_id, &key, &event, &self.authors)
-                    .map_err(EventError::counter)
-            });
-        match opened {
-            Ok(unverified) => Some(routed(unverified.stored(), network_id.into(), event.into())),
+        match self.reopen_event(network_id, &event) {
+            Ok(opened) => Some(routed(opened, network_id.into(), event.into())),
             Err(counter) => {
                 tracing::warn!(
                     network = network_id,
@@ -562,6 +575,27 @@ impl EventStore {
                 None
             }
         }
+    }
+
+    /// A stored event of `network_id`, opened as [`reopen`](Self::reopen)
+    /// opens it, but not routed: `None` if it no longer opens.
+    pub fn reopen_signed(&self, network_id: &str, event: &[u8]) -> Option<SignedEvent> {
+        self.reopen_event(network_id, event).ok()
+    }
+
+    fn reopen_event(&self, network_id: &str, event: &[u8]) -> Result<SignedEvent, &'static str> {
+        let key = self
+            .keys
+            .get(network_id)
+            .ok_or("drop_event_for_unknown_network")?;
+        signed_event::open_event_v3(network_id, &key, event, &self.authors)
+            .map(Unverified::stored)
+            .map_err(EventError::counter)
+    }
+
+    /// The host this store signs as, if it signs.
+    pub fn me(&self) -> Option<&HostIdentity> {
+        self.me.as_deref()
     }
 
     /// Signs and encrypts a new event of `event_type` in `network_id`,

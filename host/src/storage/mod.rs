@@ -8,7 +8,8 @@
 //! - [`event_store`] stores encrypted events once (taking what the
 //!   network opened ahead from [`pre_opened`]), [`networks`] keeps
 //!   network keys and invites, [`membership`] computes who is in a
-//!   network from its signed membership events, [`counters`] what was
+//!   network from its signed membership events and [`members`] keeps the
+//!   result as each is routed, [`counters`] what was
 //!   dropped and sent,
 //!   and [`dead_letters`] prunes what could not be delivered.
 //!
@@ -19,6 +20,7 @@ pub mod counters;
 pub mod db;
 pub mod dead_letters;
 pub mod event_store;
+pub mod members;
 pub mod membership;
 pub mod networks;
 pub mod pre_opened;

@@ -212,29 +212,44 @@ impl NetworkKeys {
     }
 }
 
-/// Creates a network; returns its invite.
+/// A network just created: its invite, and the salt its id was derived
+/// from, for its genesis.
+pub struct Created {
+    /// The invite naming this host.
+    pub invite: Invite,
+    /// With the creator's peer id, what the id was derived from
+    /// ([`network_id_of`](crate::storage::membership::network_id_of)).
+    pub salt: [u8; 16],
+}
+
+/// Creates a network whose id is derived from its creator `peer_id` (see
+/// [`crate::storage::members`]); the caller writes its genesis.
 pub fn create(
     data_dir: &Path,
     conn: &Connection,
     peer_id: &str,
     address: &str,
-) -> Result<Invite, String> {
+) -> Result<Created, String> {
     parse_address(address)?;
-    let mut id = [0u8; 16];
-    getrandom(&mut id);
-    let network_id = hex::encode(id);
+    let creator = crate::storage::membership::peer_of_hex(peer_id).ok_or("a malformed peer id")?;
+    let mut salt = [0u8; 16];
+    getrandom(&mut salt);
+    let network_id = crate::storage::membership::network_id_of(&creator, &salt);
     let key = NetworkKey::generate();
     NetworkKeys::new(data_dir).store(&network_id, &key)?;
     conn.execute(
-        "INSERT INTO networks(network_id, created_ms, invited_by) VALUES (?1, ?2, NULL)",
-        rusqlite::params![network_id, db::now_ms()],
+        "INSERT INTO networks(network_id, created_ms, invited_by, salt) VALUES (?1, ?2, NULL, ?3)",
+        rusqlite::params![network_id, db::now_ms(), &salt[..]],
     )
     .map_err(|e| e.to_string())?;
-    Ok(Invite {
-        network_id,
-        key: key.0,
-        peer_id: peer_id.to_owned(),
-        address: address.to_owned(),
+    Ok(Created {
+        invite: Invite {
+            network_id,
+            key: key.0,
+            peer_id: peer_id.to_owned(),
+            address: address.to_owned(),
+        },
+        salt,
     })
 }
 

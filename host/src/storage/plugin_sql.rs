@@ -70,6 +70,11 @@ pub const HOST_TABLES: &[&str] = &[
     "event_ready",
     "plugin_cursors",
     "replay_requests",
+    // Membership as folded from its signed events (storage/members.rs):
+    // a plugin that could write it would decide who is a member.
+    "membership",
+    "membership_roles",
+    "membership_dirty",
 ];
 
 /// Whether `table` is one of [`HOST_TABLES`]; SQLite's names are

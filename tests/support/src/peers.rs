@@ -116,20 +116,29 @@ pub fn query_i64(data: &Path, sql: &str) -> Option<i64> {
     db(data).query_row(sql, [], |r| r.get(0)).ok()
 }
 
-/// How many events of `network` the host of `data` has stored.
+/// The condition on `events` that leaves out the membership events hosts
+/// write themselves (`quiet.*`, such as a network's genesis): what is left
+/// is what members sent.
+pub const SENT_EVENTS: &str = "event_type NOT LIKE 'quiet.%'";
+
+/// How many events of `network` the host of `data` has stored, not
+/// counting the membership events hosts write themselves (its genesis).
 pub fn events(data: &Path, network: &str) -> i64 {
     query_i64(
         data,
-        &format!("SELECT COUNT(*) FROM events WHERE network_id = '{network}'"),
+        &format!("SELECT COUNT(*) FROM events WHERE network_id = '{network}' AND {SENT_EVENTS}"),
     )
     .unwrap_or(0)
 }
 
-/// The ids of the events of `network` the host of `data` has stored.
+/// The ids of the events of `network` the host of `data` has stored, but
+/// the membership events hosts write themselves, as [`events`] counts them.
 pub fn event_ids(data: &Path, network: &str) -> BTreeSet<Vec<u8>> {
     let conn = db(data);
     let mut stmt = conn
-        .prepare("SELECT event_id FROM events WHERE network_id = ?1")
+        .prepare(&format!(
+            "SELECT event_id FROM events WHERE network_id = ?1 AND {SENT_EVENTS}"
+        ))
         .unwrap();
     stmt.query_map([network], |r| r.get::<_, Vec<u8>>(0))
         .unwrap()
