@@ -149,7 +149,7 @@ pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, 
     let conn = open(data_dir)?;
     let me = identity(data_dir)?;
     let address = listen_address(&conn, address)?;
-    let created = networks::create(data_dir, &conn, &me.peer_id(), &address)?;
+    let invite = networks::create(data_dir, &conn, &me.peer_id(), &address)?;
     let store = EventStore::new(Arc::new(NetworkKeys::new(data_dir)), Arc::default())
         .signing_as(Arc::new(me));
     // A genesis not written now is written when the host starts: the
@@ -160,7 +160,7 @@ pub fn network_create(data_dir: &Path, address: Option<&str>) -> Result<String, 
             "warning: membership genesis not written yet: {why}; the host writes it when it starts"
         );
     }
-    Ok(created.invite.encode())
+    Ok(invite.encode())
 }
 
 /// `network invite`: an invite to an existing network, naming this host.

@@ -32,6 +32,13 @@ pub fn seed_this_thread(seed: Option<u64>) {
     SEEDED.with(|r| *r.borrow_mut() = reader);
 }
 
+/// `N` bytes from [`HostRng`].
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    HostRng.fill_bytes(&mut b);
+    b
+}
+
 /// The host's random number generator; see the [module docs](self).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostRng;

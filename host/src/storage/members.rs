@@ -37,7 +37,6 @@ use serde::Serialize;
 
 use crate::{
     crypto::{identity::HostIdentity, signed_event::EventId},
-    encoding::codec,
     storage::{
         db,
         event_store::{EventStore, MARK_MEMBERSHIP},
@@ -227,14 +226,16 @@ fn write_in(
     op: &Op,
 ) -> Result<EventId, Failed> {
     let me = signer(store)?;
-    let event_type = op.event_type();
-    let content = codec::encode(&op.content());
     let deps = heads(c, network_id)?;
-    store.check_local_event(network_id, event_type, &content, &deps)?;
-    let (id, envelope) =
-        store.seal_checked(me.signing(), network_id, event_type, &content, &deps)?;
+    let (id, envelope) = store.new_local_event(
+        me.signing(),
+        network_id,
+        op.event_type(),
+        &op.content(),
+        &deps,
+    )?;
     if store.store(&Statements::new(c), envelope)?.is_none() {
-        return Err(format!("this host's own {event_type} event was refused").into());
+        return Err(format!("this host's own {} event was refused", op.event_type()).into());
     }
     refold(c, store)?;
     Ok(id)
@@ -294,14 +295,7 @@ pub fn ensure_geneses(conn: &Connection, store: &EventStore) -> (Vec<String>, Ve
                 Some(Err(_)) => return Err(Failed("its stored salt is not 16 bytes".into())),
                 // Created before membership: its id says nothing, so any
                 // salt will do.
-                None => {
-                    let mut salt = [0u8; 16];
-                    crypto_box::aead::rand_core::RngCore::fill_bytes(
-                        &mut crate::crypto::entropy::HostRng,
-                        &mut salt,
-                    );
-                    salt
-                }
+                None => crate::crypto::entropy::random(),
             };
             let members = first_members(c, store, &network_id)?;
             write_in(c, store, &network_id, &Op::Genesis { members, salt })?;
@@ -524,7 +518,7 @@ mod tests {
             "127.0.0.1:1",
         )
         .unwrap();
-        let net = created.invite.network_id.clone();
+        let net = created.network_id.clone();
         assert_eq!(creator.ensure(), vec![net.clone()]);
         // Once written, never again.
         assert!(creator.ensure().is_empty());

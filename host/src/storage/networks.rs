@@ -212,28 +212,18 @@ impl NetworkKeys {
     }
 }
 
-/// A network just created: its invite, and the salt its id was derived
-/// from, for its genesis.
-pub struct Created {
-    /// The invite naming this host.
-    pub invite: Invite,
-    /// With the creator's peer id, what the id was derived from
-    /// ([`network_id_of`](crate::storage::membership::network_id_of)).
-    pub salt: [u8; 16],
-}
-
-/// Creates a network whose id is derived from its creator `peer_id` (see
-/// [`crate::storage::members`]); the caller writes its genesis.
+/// Creates a network whose id is derived from its creator `peer_id` and a
+/// salt it keeps (see [`crate::storage::members`]); returns its invite.
+/// The caller writes its genesis.
 pub fn create(
     data_dir: &Path,
     conn: &Connection,
     peer_id: &str,
     address: &str,
-) -> Result<Created, String> {
+) -> Result<Invite, String> {
     parse_address(address)?;
     let creator = crate::storage::membership::peer_of_hex(peer_id).ok_or("a malformed peer id")?;
-    let mut salt = [0u8; 16];
-    getrandom(&mut salt);
+    let salt = crate::crypto::entropy::random::<16>();
     let network_id = crate::storage::membership::network_id_of(&creator, &salt);
     let key = NetworkKey::generate();
     NetworkKeys::new(data_dir).store(&network_id, &key)?;
@@ -242,14 +232,11 @@ pub fn create(
         rusqlite::params![network_id, db::now_ms(), &salt[..]],
     )
     .map_err(|e| e.to_string())?;
-    Ok(Created {
-        invite: Invite {
-            network_id,
-            key: key.0,
-            peer_id: peer_id.to_owned(),
-            address: address.to_owned(),
-        },
-        salt,
+    Ok(Invite {
+        network_id,
+        key: key.0,
+        peer_id: peer_id.to_owned(),
+        address: address.to_owned(),
     })
 }
 
@@ -294,11 +281,6 @@ pub fn join(
 pub fn is_member(conn: &Connection, network_id: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT 1 FROM networks WHERE network_id = ?")?
         .exists([network_id])
-}
-
-fn getrandom(buf: &mut [u8]) {
-    use crypto_box::aead::rand_core::RngCore;
-    crate::crypto::entropy::HostRng.fill_bytes(buf);
 }
 
 #[cfg(test)]
